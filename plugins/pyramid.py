@@ -1,0 +1,32 @@
+"""Pyramid allocator (PyramidKV): budgets fall linearly with depth; the total is conserved."""
+
+from dataclasses import dataclass
+
+import torch
+
+import squeezekit
+from squeezekit.budget import distribute
+
+
+@dataclass
+class Pyramid(squeezekit.LayerBudgetAllocator):
+    """Budgets decrease linearly from the first layer to the last."""
+
+    name = "pyramid"
+    #: the last layer's target is mean / beta; the first layer's is 2 x mean - that
+    beta: float = 20.0
+
+    def __post_init__(self):
+        squeezekit.check("beta", self.beta, self.beta >= 1, "must be >= 1")
+
+    def allocate(self, request):
+        n_layers = request.importance.shape[1]
+        mean = request.total.double().view(-1, 1) / n_layers
+        low, high = mean / self.beta, 2 * mean - mean / self.beta
+        ramp = torch.linspace(0, 1, n_layers, dtype=torch.float64).view(1, -1)
+        return distribute(high + (low - high) * ramp, request.total, request.floor, request.cap)
+
+
+@squeezekit.hookimpl
+def register_allocators(register):
+    register(Pyramid)

@@ -1,0 +1,54 @@
+"""SnapKV evictor: score prompt tokens by the attention of an observation window of the last prompt queries.
+
+At the end of prefill, the last ``window`` prompt queries attend to every cached key; their attention, summed over
+the window and the query heads sharing a KV head and pooled over neighbouring tokens, ranks the prompt. The window
+itself is always kept. SnapKV selects once: while decoding, a full layer drops its oldest token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import squeezekit
+
+
+@dataclass
+class SnapKV(squeezekit.TokenEvictor):
+    """SnapKV: pooled attention of the last prompt queries, plus that window."""
+
+    name = "snapkv"
+    needs = squeezekit.Stat.WINDOW_QUERIES
+    #: observation window: the last prompt tokens whose queries score the rest (always kept)
+    window: int = 8
+    kernel_size: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self):
+        squeezekit.check("window", self.window, self.window >= 1, "must be an integer >= 1")
+        squeezekit.check("kernel_size", self.kernel_size, self.kernel_size >= 1 and self.kernel_size % 2 == 1, "must be an odd integer >= 1")
+        squeezekit.check("pooling", self.pooling, self.pooling in ("max", "avg"), "must be 'max' or 'avg'")
+
+    def floor(self):
+        return self.window
+
+    def score(self, view):
+        protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
+        if view.window_queries is None:  # decoding: oldest first
+            return view.positions.float().masked_fill(protected, float("inf"))
+        q = view.window_queries.float()  # (B, H, G, W, D)
+        logits = torch.einsum("bhgwd,bhsd->bhgws", q, view.keys.float()) * view.scaling
+        qpos = view.window_positions.view(q.shape[0], 1, 1, -1, 1)
+        allowed = view.valid[:, :, None, None, :] & (view.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        votes = probs.sum(dim=(2, 3))  # (B, H, S); at prefill, slots are in token order
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        B, H, S = votes.shape
+        pad = self.kernel_size // 2
+        pooled = pool(votes.view(B * H, 1, S), self.kernel_size, stride=1, padding=pad).view(B, H, S)
+        return pooled.masked_fill(protected, float("inf"))
+
+
+@squeezekit.hookimpl
+def register_evictors(register):
+    register(SnapKV)

@@ -1,0 +1,57 @@
+"""squeezekit: compress the KV cache of Hugging Face transformers models along two axes at once, which layers get
+how much cache (a `LayerBudgetAllocator`) and which tokens each layer keeps (a `TokenEvictor`).
+
+    import squeezekit
+    with squeezekit.compress(model, allocator="squeeze", evictor="h2o", budget=0.2):
+        model.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import (
+    BudgetError,
+    ConfigError,
+    InputError,
+    PluginError,
+    SqueezekitError,
+    UnknownPluginError,
+    UnsupportedModelError,
+)
+from .hookspecs import hookimpl
+from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, check
+from .registry import registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationRequest",
+    "BudgetError",
+    "Config",
+    "ConfigError",
+    "InputError",
+    "LayerBudgetAllocator",
+    "LayerView",
+    "PluginError",
+    "SqueezekitError",
+    "Stat",
+    "TokenEvictor",
+    "UnknownPluginError",
+    "UnsupportedModelError",
+    "check",
+    "compress",
+    "hookimpl",
+    "load_default_model",
+    "registry",
+]
+
+_LAZY = {"compress": ".compress", "Compressor": ".compress", "load_default_model": ".models", "load_model": ".models"}
+
+
+def __getattr__(name: str):
+    # The data path imports transformers (seconds); plugins and config tools do not need it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'squeezekit' has no attribute {name!r}")

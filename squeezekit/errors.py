@@ -1,0 +1,57 @@
+"""Every error squeezekit raises on purpose. Each renders as one line a user can act on.
+
+docs/errors.md lists each case with its exact message and the test that guards it.
+"""
+
+from __future__ import annotations
+
+
+class SqueezekitError(Exception):
+    """Base class: a documented, one-line error (never an unexplained traceback)."""
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(SqueezekitError, ValueError):
+    """A configuration key is unknown, mistyped or out of range.
+
+    The message names the key path (with its source, e.g. ``run.yaml: budget``), the value and the accepted range.
+    """
+
+    def __init__(self, key: str, value: object, accepted: str, source: str | None = None):
+        self.key, self.value, self.accepted, self.source = key, value, accepted, source
+        where = f"{source}: {key}" if source else key
+        super().__init__(f"config error: {where} = {value!r}: {accepted}")
+
+
+class UnknownPluginError(ConfigError):
+    """An allocator or evictor name that no installed plugin provides."""
+
+    def __init__(self, kind: str, name: object, installed: list[str], source: str | None = None):
+        import difflib
+
+        near = difflib.get_close_matches(str(name), installed, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        accepted = f"unknown {kind}; installed: {', '.join(sorted(installed)) or '(none)'}{hint}"
+        super().__init__(kind, name, accepted, source)
+
+
+class BudgetError(SqueezekitError, ValueError):
+    """A budget that cannot be honoured for this prompt (e.g. smaller than the evictor's floor)."""
+
+
+class PluginError(SqueezekitError, RuntimeError):
+    """A plugin failed to load, raised, or broke the hook contract. Names the plugin and its package."""
+
+    def __init__(self, plugin: str, origin: str, problem: str):
+        self.plugin, self.origin, self.problem = plugin, origin, problem
+        super().__init__(f"plugin {plugin!r} from {origin}: {problem}")
+
+
+class UnsupportedModelError(SqueezekitError, TypeError):
+    """The model's architecture, dtype or device cannot be served."""
+
+
+class InputError(SqueezekitError, ValueError):
+    """Bad inputs to a compressed forward / generate call (1-token prompt, all-padding row, too long)."""

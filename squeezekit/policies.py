@@ -1,0 +1,123 @@
+"""The two policy contracts a plugin implements: `LayerBudgetAllocator` and `TokenEvictor`.
+
+A plugin is a small dataclass: its fields are its parameters (config keys of the same name reach it), its
+``__post_init__`` validates them with `check`, and one method does the work. The engine (squeezekit.cache) owns
+all mechanics: measuring importance, calling the policies, validating what they return, shrinking tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .errors import ConfigError
+
+
+def check(key: str, value: object, ok: bool, accepted: str) -> None:
+    """Raise the one-line `ConfigError` for parameter ``key`` unless ``ok``. For plugins' ``__post_init__``."""
+    if not ok:
+        raise ConfigError(key, value, accepted)
+
+
+class Stat(enum.Enum):
+    """Statistics an evictor can ask the engine to collect (only what is asked for is computed)."""
+
+    NONE = "none"
+    #: per slot, the attention probability it received, summed over every query run so far (prefill in query
+    #: blocks, then one row per decode step) and over the query heads that share its KV head.
+    ATTENTION = "attention"
+    #: at the end of prefill, the (RoPE-applied) queries of the last ``window`` prompt tokens.
+    WINDOW_QUERIES = "window_queries"
+
+
+@dataclass
+class LayerView:
+    """One layer's cache as an evictor sees it. ``B`` sequences, ``H`` KV heads, ``S`` slots, ``D`` head dim.
+
+    Slots are unordered: use ``positions`` for token order. Invalid slots (free, padding) have ``valid`` False and
+    ``positions`` -1; never keep them.
+    """
+
+    keys: torch.Tensor  #: (B, H, S, D), RoPE already applied
+    values: torch.Tensor  #: (B, H, S, D)
+    valid: torch.Tensor  #: (B, H, S) bool
+    positions: torch.Tensor  #: (B, H, S) long, 0-based position of the token in its sequence (-1 if invalid)
+    seen: torch.Tensor  #: (B,) long, tokens of each sequence once this step is done (at decode: incl. the new one)
+    budget: torch.Tensor  #: (B,) long, the most tokens this layer may hold for each sequence
+    layer_idx: int
+    n_layers: int
+    phase: str  #: "prefill" (once, at the end of the prompt) or "decode" (making room for one new token)
+    attention: torch.Tensor | None = None  #: (B, H, S) float32 when the evictor needs Stat.ATTENTION
+    window_queries: torch.Tensor | None = None  #: (B, H, G, W, D) when it needs Stat.WINDOW_QUERIES (prefill)
+    window_positions: torch.Tensor | None = None  #: (B, W) long positions of those queries (-1 for padding)
+    scaling: float = 1.0  #: the attention's softmax scale, for evictors that recompute attention
+
+
+class TokenEvictor(ABC):
+    """Decides which cached tokens a layer keeps, per sequence and KV head.
+
+    Called by the engine once at the end of prefill (``phase="prefill"``, keep each layer's budget) and again
+    whenever a decode step would push a layer past its budget (``phase="decode"``, keep ``budget - 1`` so the new
+    token fits). Implement `score` (higher = keep); the engine keeps the top scores, breaking ties in favour of
+    more recent tokens, and always keeps the most recent token. Override `select` only for full control; what it
+    returns is validated (shape, range, duplicates, counts) and a violation stops the run naming the plugin.
+    """
+
+    #: the name users select it by (``evictor=NAME``)
+    name: ClassVar[str] = ""
+    #: which statistics the engine must collect for it
+    needs: ClassVar[Stat] = Stat.NONE
+
+    def floor(self) -> int:
+        """The smallest per-layer budget this evictor can honour (e.g. sinks + window). Allocators respect it."""
+        return 1
+
+    @abstractmethod
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Return a (B, H, S) float score per slot; higher is kept first. Invalid slots are ignored."""
+
+    def select(self, view: LayerView, keep: torch.Tensor) -> torch.Tensor:
+        """Return a (B, H, K) long tensor of slot indices to keep, ``K = keep.max()``.
+
+        ``keep`` is (B,): how many slots row ``b`` keeps (never more than it holds). Rows keeping fewer than ``K``
+        pad their tail with -1. Indices must be distinct valid slots.
+        """
+        from .selection import top_slots
+
+        return top_slots(self.score(view), view, keep)
+
+
+@dataclass
+class AllocationRequest:
+    """What an allocator sees at the end of prefill. ``B`` sequences, ``L`` compressible layers."""
+
+    #: (B, L) float: per sequence, the mean over its real tokens of the cosine similarity between each layer's
+    #: input hidden state and its hidden state after attention + residual. High = attention changed little =
+    #: a less important layer.
+    importance: torch.Tensor
+    #: (B,) long: exactly how many tokens the layers of each sequence hold together (round(mean budget x L))
+    total: torch.Tensor
+    #: the evictor's floor: every layer gets at least this many tokens
+    floor: int
+    #: (B,) long: no layer can hold more than this many tokens (the sequence's prompt length)
+    cap: torch.Tensor
+
+
+class LayerBudgetAllocator(ABC):
+    """Splits a total token budget across layers, per sequence.
+
+    Called once per prefill, after every layer's importance is known and before any token is evicted.
+    `allocate` returns integer budgets whose rows sum exactly to ``request.total`` with every entry in
+    ``[request.floor, request.cap]``; the engine checks this and stops the run naming the plugin otherwise.
+    `squeezekit.budget.distribute` turns real-valued targets into such budgets.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def allocate(self, request: AllocationRequest) -> torch.Tensor:
+        """Return (B, L) long per-layer token budgets (see the class docstring for the invariants)."""

@@ -1,0 +1,56 @@
+"""Turning evictor scores into kept slots, and checking what a plugin's `select` returned."""
+
+from __future__ import annotations
+
+import torch
+
+from .policies import LayerView
+
+
+def rank_key(score: torch.Tensor, view: LayerView) -> torch.Tensor:
+    """A float64 key that orders slots by score, then recency; invalid slots last; the newest token first."""
+    score = torch.nan_to_num(score.to(torch.float64), nan=float("-inf"))
+    pos = view.positions.to(torch.float64)
+    # Recency breaks ties: scale positions into (0, 1) so they never reorder distinct finite scores by much.
+    # Distinct scores that differ by less than this are exceedingly rare and then recency decides, by design.
+    tie = pos / (pos.amax(dim=-1, keepdim=True).clamp_min(1.0) + 1.0) * 1e-9
+    key = score + tie
+    newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
+    key = key.masked_fill(newest & view.valid, float("inf"))
+    return key.masked_fill(~view.valid, float("-inf"))
+
+
+def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch.Tensor:
+    """Indices (B, H, K) of the ``keep[b]`` best slots of each row, padded with -1, ``K = keep.max()``."""
+    key = rank_key(score, view)
+    k = int(keep.max())
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+    rank = torch.arange(k, device=key.device)
+    pad = rank.view(1, 1, k) >= keep.to(key.device).view(-1, 1, 1)
+    return order.masked_fill(pad, -1)
+
+
+def check_selection(idx: object, view: LayerView, keep: torch.Tensor) -> str | None:
+    """Return what is wrong with an evictor's selection, or None when it honours the contract."""
+    B, H, S = view.valid.shape
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        return f"select() must return a long tensor, got {type(idx).__name__}"
+    k = int(keep.max())
+    if tuple(idx.shape) != (B, H, k):
+        return f"select() returned shape {tuple(idx.shape)}, expected {(B, H, k)}"
+    idx = idx.long()
+    used = idx >= 0
+    counts = used.sum(-1)
+    want = keep.to(idx.device).view(B, 1).expand(B, H)
+    if not torch.equal(counts, want):
+        bad = (counts != want).nonzero()[0].tolist()
+        return f"select() kept {int(counts[bad[0], bad[1]])} slots in row {bad}, expected {int(want[bad[0], bad[1]])}"
+    if bool((idx >= S).any()) or bool((idx < -1).any()):
+        return f"select() returned indices outside [0, {S})"
+    safe = idx.clamp_min(0)
+    if not bool(torch.gather(view.valid, -1, safe)[used].all()):
+        return "select() kept an invalid (free or padding) slot"
+    srt = torch.sort(safe.masked_fill(~used, -1), dim=-1).values
+    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+        return "select() returned duplicate indices"
+    return None
