@@ -1,0 +1,1 @@
+"""squeezekit's evaluators: the lm-eval adapter, offline quality evaluation and the speed benchmark."""

@@ -1,0 +1,118 @@
+"""The ``squeezekit`` command line: ``generate``, ``eval``, ``bench``, ``plugins``, ``config check``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import SqueezekitError
+
+#: config keys that have a CLI flag of their own (all others: --set KEY=VALUE)
+FLAG_KEYS = ("allocator", "evictor", "budget", "p", "sinks", "window", "heavy_ratio")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The config schema as CLI flags: --config FILE, one flag per core key, --set KEY=VALUE for plugin keys."""
+    group = parser.add_argument_group("compression config (same keys as config files and lm-eval model_args)")
+    group.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file with config keys")
+    for key in FLAG_KEYS:
+        group.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar="VALUE", help=f"config key {key!r}")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other key (plugin parameters)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """Merge --config FILE, then flags, into one validated Config (flags win)."""
+    from .config import Config
+    from .errors import ConfigError
+
+    values = Config.from_file(args.config).as_dict() if args.config else {}
+    text: dict[str, str] = {}
+    for key in FLAG_KEYS:
+        if getattr(args, key, None) is not None:
+            text[key] = getattr(args, key)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(item, item, "expected --set KEY=VALUE", "--set")
+        text[key.strip()] = value
+    merged = {**values, **text}
+    # Values from flags are text; those from the file are typed already.
+    return Config.from_mapping(merged, source="command line", text=True)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import registry
+
+    reg = registry()
+    rows = [(p.name, p.kind, p.origin, p.doc) for p in reg.all()]
+    widths = [max(len(r[i]) for r in rows + [("name", "kind", "from", "")]) for i in range(3)]
+    print(f"{'name':<{widths[0]}}  {'kind':<{widths[1]}}  {'from':<{widths[2]}}  description")
+    for name, kind, origin, doc in rows:
+        print(f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {origin:<{widths[2]}}  {doc}")
+    for failure in reg.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if reg.failures and args.strict else 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import Config
+
+    config = Config.from_file(args.file)
+    print(f"{args.file}: ok: {config.describe()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="squeezekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed allocators and evictors, with their origin")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
+    p.set_defaults(func=_cmd_plugins)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a YAML/TOML/JSON config file")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_config_check)
+
+    for register in _SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+#: subcommands living in their own modules: each is a function(subparsers) that adds one parser
+_SUBCOMMANDS: list = []
+
+
+def _lazy_subcommands() -> None:
+    try:
+        from . import cli_generate
+
+        _SUBCOMMANDS.append(cli_generate.register)
+    except ImportError:
+        pass
+    try:
+        from .evaluators import cli as eval_cli
+    except ImportError:  # evaluators are optional in stripped-down installs
+        return
+    _SUBCOMMANDS.extend(eval_cli.SUBCOMMANDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not _SUBCOMMANDS:
+        _lazy_subcommands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SqueezekitError as exc:
+        print(f"squeezekit: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("squeezekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
