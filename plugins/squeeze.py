@@ -4,6 +4,10 @@ Per sequence, KMeans (k=3) groups the layers by the cosine similarity of their h
 attention. The group with the highest similarity (attention changed the least) gets ``p`` x the mean budget; the
 tokens it frees go to the other layers. No layer gets more than it holds; what that cap frees flows back to the
 others, so the total stays exact. Fewer than 3 distinct similarities: uniform.
+
+``per="batch"`` (default) clusters the batch's mean importance once, so every sequence of a batch shares the same
+layer shares and each layer's buffer is exactly as large as its budget; ``per="sequence"`` clusters each prompt on
+its own (the paper's batch-1 behaviour), at the price of buffers sized for the largest budget in the batch.
 """
 
 from dataclasses import dataclass
@@ -23,10 +27,12 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
     p: float = 0.4
     n_init: int = 10
     random_state: int = 0
+    per: str = "batch"
 
     def __post_init__(self):
         squeezekit.check("p", self.p, 0 < self.p <= 1, "must be in (0, 1]")
         squeezekit.check("n_init", self.n_init, self.n_init >= 1, "must be an integer >= 1")
+        squeezekit.check("per", self.per, self.per in ("batch", "sequence"), "must be 'batch' or 'sequence'")
 
     def groups(self, importance: np.ndarray) -> np.ndarray | None:
         """Boolean mask of the least important group of one sequence's layers, or None if degenerate."""
@@ -41,16 +47,23 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
     def allocate(self, request):
         importance = request.importance.detach().double().cpu().numpy()
         n_layers = importance.shape[1]
-        targets = []
-        for row, total in zip(importance, request.total.tolist()):
-            mean = total / n_layers
-            squeezed = self.groups(row)
-            target = np.full(n_layers, mean)
-            if squeezed is not None:
-                target[squeezed] = self.p * mean
-                target[~squeezed] = (total - squeezed.sum() * self.p * mean) / (~squeezed).sum()
-            targets.append(target)
-        return distribute(torch.as_tensor(np.stack(targets)), request.total, request.floor, request.cap)
+        if self.per == "batch":
+            shares = [self.shares(importance.mean(axis=0))] * importance.shape[0]
+        else:
+            shares = [self.shares(row) for row in importance]
+        totals = request.total.double().cpu().numpy()
+        targets = np.stack(shares) * totals[:, None] / n_layers
+        return distribute(torch.as_tensor(targets), request.total, request.floor, request.cap)
+
+    def shares(self, importance: np.ndarray) -> np.ndarray:
+        """Each layer's budget as a multiple of the mean budget (averaging 1)."""
+        n_layers = importance.size
+        out = np.ones(n_layers)
+        squeezed = self.groups(importance)
+        if squeezed is not None:
+            out[squeezed] = self.p
+            out[~squeezed] = (n_layers - squeezed.sum() * self.p) / (~squeezed).sum()
+        return out
 
 
 @squeezekit.hookimpl

@@ -1,0 +1,405 @@
+"""The compressed KV cache: a transformers `Cache` whose layers are slot buffers that really shrink.
+
+Each layer holds ``keys``/``values`` of shape (B, H, C, D) plus, per slot, whether it is ``valid`` and the
+``positions`` of the token it holds. Slots are unordered (RoPE is already applied to cached keys), so a decode step
+writes its token into a free slot, or into the slot of the token the evictor drops, instead of concatenating.
+
+One forward is one *step*: `SqueezeCache.begin_step` (called by the compressor's hook on the decoder stack) records
+which new tokens are real and their positions; every layer's `update` writes its new keys/values; the attention
+function (squeezekit.attention) masks each layer by its own slots; `SqueezeCache.end_step` then, on the first step
+(prefill), asks the allocator for per-layer budgets and, on every step, evicts each layer down to its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .budget import check_budgets
+from .errors import BudgetError, InputError, PluginError
+from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
+from .selection import check_selection, rank_key
+
+
+@dataclass
+class Step:
+    """What the current forward adds to every layer."""
+
+    new_valid: torch.Tensor  # (B, q) bool: real (non-padding) new tokens
+    new_pos: torch.Tensor  # (B, q) long: their positions in their sequences, -1 for padding
+    prefill: bool  # first step of this cache
+    counted: bool = False  # end_step has added the new tokens to `seen`
+    #: masks shared by layers whose slots are laid out alike in this step, keyed by (capacity, window)
+    shared_masks: dict = field(default_factory=dict)
+
+
+class SqueezeLayer(CacheLayerMixin):
+    """One decoder layer's compressed cache (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: SqueezeCache, layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.valid: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.attention: torch.Tensor | None = None  # accumulated attention, when the evictor needs it
+        self.window_queries: torch.Tensor | None = None
+        self.window_positions: torch.Tensor | None = None
+        self.budget: torch.Tensor | None = None  # (B,) long; None = unbounded
+        self.window: int | None = None  # the model's own sliding window for this layer, if any
+        self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
+        self.heads_differ = False  # once per-head eviction happened, masks are per KV head
+
+    # -- transformers' layer API ---------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Only used by transformers' own mask builders, which squeezekit's attention does not use.
+        return self.capacity + query_length, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("keys", "values", "valid", "positions", "attention", "budget"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in ("keys", "values", "valid", "positions", "attention", "budget"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.positions = self.attention = None
+        self.budget, self.is_initialized = None, False
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def counts(self) -> torch.Tensor:
+        """(B, H) number of valid slots."""
+        return self.valid.sum(-1)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (keys, values and bookkeeping)."""
+        tensors = (self.keys, self.values, self.valid, self.positions, self.attention)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def view(self, phase: str) -> LayerView:
+        cache = self.cache
+        B = self.keys.shape[0]
+        budget = self.budget if self.budget is not None else torch.full((B,), self.capacity, dtype=torch.long)
+        return LayerView(
+            keys=self.keys,
+            values=self.values,
+            valid=self.valid,
+            positions=self.positions,
+            seen=cache.seen_after_step().to(self.keys.device),
+            budget=budget.to(self.keys.device),
+            layer_idx=self.layer_idx,
+            n_layers=len(cache.layers),
+            phase=phase,
+            attention=self.attention,
+            window_queries=self.window_queries,
+            window_positions=self.window_positions,
+            scaling=cache.scaling.get(self.layer_idx, 1.0),
+        )
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Write one step's new keys/values into free slots and return the whole buffers."""
+        step = self.cache.step
+        B, H, q, _ = k.shape
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        if self.keys is None:  # first step: the projections become the buffers, slot i = token i (no copy)
+            self.keys, self.values = k, v
+            self.valid = step.new_valid.to(k.device)[:, None, :].expand(B, H, q).clone()
+            self.positions = step.new_pos.to(k.device)[:, None, :].expand(B, H, q).clone()
+            self.new_slots = torch.arange(q, device=k.device).expand(B, H, q)
+            if self.cache.evictor.needs is Stat.ATTENTION:
+                self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
+            return self.keys, self.values
+        if q == 1 and self.budget is not None:
+            self._make_room(step)
+        free = ~self.valid
+        need = q - int(free.sum(-1).min())
+        if need > 0:
+            self._grow(need)
+            free = ~self.valid
+        # The first q free slots of every row, in slot order.
+        slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
+        idx = slots[..., None].expand(B, H, q, k.shape[-1])
+        self.keys.scatter_(2, idx, k)
+        self.values.scatter_(2, idx, v)
+        self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
+        self.positions.scatter_(2, slots, step.new_pos.to(k.device)[:, None, :].expand(B, H, q))
+        if self.attention is not None:
+            self.attention.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.float32))
+        self.new_slots = slots
+        return self.keys, self.values
+
+    def _grow(self, need: int) -> None:
+        """Add free slots (amortised: at least double, capped near the budget for bounded layers)."""
+        cap = self.capacity
+        extra = max(need, cap if self.budget is None else min(cap, 64))
+        if self.budget is not None:
+            extra = max(need, min(extra, int(self.budget.max()) + need - cap))
+        B, H, _, D = self.keys.shape
+        pad = (0, 0, 0, extra)
+        self.keys = torch.nn.functional.pad(self.keys, pad)
+        self.values = torch.nn.functional.pad(self.values, pad)
+        self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
+        self.positions = torch.nn.functional.pad(self.positions, (0, extra), value=-1)
+        if self.attention is not None:
+            self.attention = torch.nn.functional.pad(self.attention, (0, extra))
+
+    def _make_room(self, step: Step) -> None:
+        """Before a one-token decode step: rows at their budget drop one token (the evictor picks which)."""
+        counts = self.counts()
+        full = (counts >= self.budget.to(counts.device).view(-1, 1)) & step.new_valid.to(counts.device)[:, :1]
+        if not bool(full.any()):
+            return
+        keep = torch.where(full, counts - 1, counts).amax(-1)  # counts are equal across heads of a row
+        self.evict(keep, "decode")
+
+    def evict(self, keep: torch.Tensor, phase: str, compact: bool = False) -> None:
+        """Keep ``keep[b]`` slots of each row, as chosen by the evictor. ``compact`` also shrinks the buffers."""
+        evictor = self.cache.evictor
+        view = self.view(phase)
+        keep = torch.minimum(keep.to(self.valid.device), self.counts().amin(-1))
+        if type(evictor).select is TokenEvictor.select:
+            score = self.cache.call_evictor(evictor.score, view)
+            if tuple(score.shape) != tuple(self.valid.shape):
+                raise PluginError(evictor.name, self.cache.origin("evictor"), f"score() returned shape {tuple(score.shape)}, expected {tuple(self.valid.shape)}")
+            if bool(torch.isnan(score.float())[self.valid].any()):
+                raise PluginError(evictor.name, self.cache.origin("evictor"), "score() returned NaN for a cached token")
+            if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
+                # The hot decode path: drop the lowest-ranked slot of each row that is over.
+                key = rank_key(score, view).masked_fill(~self.valid, float("inf"))
+                victim = key.argmin(-1, keepdim=True)
+                over = self.counts() > keep.view(-1, 1)
+                self.valid.scatter_(2, victim, ~over[..., None] & torch.gather(self.valid, 2, victim))
+                self.heads_differ = True
+                return
+            from .selection import top_slots
+
+            idx = top_slots(score, view, keep)
+        else:
+            idx = self.cache.call_evictor(evictor.select, view, keep)
+            problem = check_selection(idx, view, keep)
+            if problem:
+                raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
+        self._keep(idx.long(), compact)
+
+    def _keep(self, idx: torch.Tensor, compact: bool) -> None:
+        used = idx >= 0
+        safe = idx.clamp_min(0)
+        if compact:  # gather into new, smaller tensors: the old buffers are freed
+            D = self.keys.shape[-1]
+            gi = safe[..., None].expand(*safe.shape, D)
+            self.keys = torch.gather(self.keys, 2, gi)
+            self.values = torch.gather(self.values, 2, gi)
+            self.positions = torch.gather(self.positions, 2, safe).masked_fill(~used, -1)
+            if self.attention is not None:
+                self.attention = torch.gather(self.attention, 2, safe).masked_fill(~used, 0.0)
+            self.valid = used.clone()
+        else:
+            kept = torch.zeros_like(self.valid)
+            kept.scatter_(2, safe, used)
+            self.valid &= kept
+        self.heads_differ = True
+
+    def drop_out_of_window(self, compact: bool) -> None:
+        """Sliding-window layers: forget tokens no future query can attend to (after prefill, shrink to fit)."""
+        if self.window is None or self.keys is None:
+            return
+        horizon = (self.cache.seen.to(self.positions.device) - self.window).view(-1, 1, 1)
+        stale = self.valid & (self.positions <= horizon)
+        if bool(stale.any()):
+            self.valid &= ~stale
+            if compact:
+                from .selection import top_slots
+
+                counts = self.counts().amax(-1)
+                self._keep(top_slots(self.positions.float(), self.view("prefill"), counts), compact=True)
+
+
+class SqueezeCache(Cache):
+    """A transformers `Cache` of `SqueezeLayer`s driven by one `Compressor` (squeezekit.compress)."""
+
+    def __init__(self, compressor, n_layers: int):
+        self.compressor = compressor
+        self.allocator, self.evictor = compressor.allocator, compressor.evictor
+        super().__init__(layers=[SqueezeLayer(self, i) for i in range(n_layers)])
+        self.length = 0  # tokens processed per row, padding included (what DynamicCache would report)
+        self.seen: torch.Tensor | None = None  # (B,) real tokens per sequence
+        self.step: Step | None = None
+        self.prompt_len: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None  # (B, L) prefill cosine similarity
+        self.budgets: torch.Tensor | None = None  # (B, L) per-layer budgets (-1 = unbounded)
+        self.full_kv_bytes_prefill = 0
+        self.kv_bytes_prefill = 0
+        self.scaling: dict[int, float] = {}
+        self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
+
+    # -- transformers' cache API ---------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].append(key_states, value_states)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (evicted tokens are gone)")
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+    def begin_step(self, new_valid: torch.Tensor) -> Step:
+        B, q = new_valid.shape
+        new_valid = new_valid.bool()
+        if self.seen is None:
+            self.seen = torch.zeros(B, dtype=torch.long, device=new_valid.device)
+        elif self.seen.shape[0] != B:
+            raise InputError(f"batch size changed from {self.seen.shape[0]} to {B} within one compressed generation")
+        pos = self.seen.view(-1, 1) + new_valid.long().cumsum(-1) - 1
+        pos = pos.masked_fill(~new_valid, -1)
+        self.step = Step(new_valid=new_valid, new_pos=pos, prefill=self.length == 0)
+        return self.step
+
+    def seen_after_step(self) -> torch.Tensor:
+        """(B,) tokens per sequence once the current step is done."""
+        if self.step is not None and not self.step.counted:
+            return self.seen + self.step.new_valid.sum(-1)
+        return self.seen
+
+    def end_step(self) -> None:
+        step = self.step
+        self.length += step.new_valid.shape[1]
+        self.seen = self.seen + step.new_valid.sum(-1)
+        step.counted = True
+        if step.prefill:
+            self._finish_prefill()
+        else:
+            self._enforce_budgets(compact=False)
+        for layer in self.layers:
+            layer.drop_out_of_window(compact=step.prefill)
+            layer.window_queries = layer.window_positions = None
+        self.step = None
+
+    def _finish_prefill(self) -> None:
+        import time
+
+        self.prompt_len = self.seen.clone()
+        self.full_kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
+        n = self.prompt_len
+        if bool((n == 0).any()):
+            raise InputError(f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding")
+        config = self.compressor.config
+        layers = self.compressor.compressible
+        L = len(layers)
+        B = n.shape[0]
+        self.budgets = torch.full((B, len(self.layers)), -1, dtype=torch.long)
+        if not config.full:
+            t0 = time.perf_counter()
+            mean = n.double() * config.budget if not config.absolute else torch.full((B,), float(config.budget), dtype=torch.float64)
+            floor = int(self.evictor.floor())
+            total = torch.round(mean * L).long()
+            over = mean >= n.double().cpu()  # prompt not longer than the budget: nothing to evict at prefill
+            if bool((~over & (total < floor * L)).any()):
+                b = int((~over & (total < floor * L)).nonzero()[0])
+                raise BudgetError(
+                    f"budget {config.budget:g} gives {float(mean[b]):.1f} tokens per layer for a {int(n[b])}-token prompt, "
+                    f"smaller than evictor {self.evictor.name!r}'s floor of {floor} (sinks + window); "
+                    f"raise the budget or lower sinks/window"
+                )
+            if bool((~over & (mean < 1)).any()):
+                raise BudgetError(f"budget {config.budget:g} rounds to 0 tokens per layer for a prompt of {int(n.min())} tokens")
+            budgets = torch.empty(B, L, dtype=torch.long)
+            if bool(over.any()):
+                budgets[over] = torch.round(mean[over]).long().clamp_min(n.cpu()[over]).view(-1, 1).expand(-1, L)
+            squeeze_rows = (~over).nonzero().view(-1)
+            if squeeze_rows.numel():
+                request = AllocationRequest(
+                    importance=self.importance[squeeze_rows][:, layers].float(),
+                    total=total[squeeze_rows],
+                    floor=floor,
+                    cap=n.cpu()[squeeze_rows],
+                )
+                got = self.call_allocator(request)
+                problem = check_budgets(got, request.total, floor, request.cap, (squeeze_rows.numel(), L))
+                if problem:
+                    raise PluginError(self.allocator.name, self.origin("allocator"), problem)
+                budgets[squeeze_rows] = got.long().cpu()
+            self.budgets[:, layers] = budgets
+            t1 = time.perf_counter()
+            self.timings["allocation"] += t1 - t0
+            for j, li in enumerate(layers):
+                self.layers[li].budget = budgets[:, j].to(self.layers[li].keys.device)
+            self._enforce_budgets(compact=True)
+            self.timings["eviction"] += time.perf_counter() - t1
+        else:
+            for layer in self.layers:
+                layer.heads_differ = False
+        self.kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
+
+    def _enforce_budgets(self, compact: bool) -> None:
+        for layer in self.layers:
+            if layer.budget is None or layer.keys is None:
+                continue
+            counts = layer.counts().amax(-1)
+            if bool((counts > layer.budget).any()):
+                keep = torch.minimum(counts, layer.budget)
+                layer.evict(keep, "prefill" if compact else "decode", compact=compact)
+
+    # -- plugin calls ----------------------------------------------------------------------------------------------
+    def origin(self, kind: str) -> str:
+        return self.compressor.origins[kind]
+
+    def call_evictor(self, fn, *args):
+        try:
+            return fn(*args)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(self.evictor.name, self.origin("evictor"), f"{fn.__name__}() raised {type(exc).__name__}: {exc}") from exc
+
+    def call_allocator(self, request: AllocationRequest):
+        try:
+            return self.allocator.allocate(request)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(self.allocator.name, self.origin("allocator"), f"allocate() raised {type(exc).__name__}: {exc}") from exc
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def kv_nbytes(self) -> int:
+        """Bytes of keys and values held now, over all layers."""
+        return sum(layer.kv_nbytes() for layer in self.layers)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held now (keys, values and per-slot bookkeeping)."""
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,206 @@
+"""`compress(model, config)`: apply a squeezekit config to a loaded model for the duration of a ``with`` block.
+
+Inside the block every forward that starts a cache (``model.generate``, or a call with ``use_cache=True``) gets a
+`SqueezeCache` instead of transformers' DynamicCache, and runs squeezekit's attention. On exit, also after an
+exception or KeyboardInterrupt, the hooks are removed and the attention implementation is restored: the model is
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from . import attention
+from .architectures import resolve
+from .cache import SqueezeCache, Step
+from .config import Config
+from .errors import InputError, UnsupportedModelError
+from .registry import registry
+
+_BACKENDS = {"sdpa": "sdpa", "eager": "eager", None: "sdpa"}
+
+
+class Compressor:
+    """The state of one ``compress`` block: the policies, the hooks, and the last cache it built."""
+
+    def __init__(self, model: torch.nn.Module, config: Config):
+        self.model, self.config = model, config
+        self.resolved = resolve(model)
+        self.compressible = self.resolved.compressible
+        self.allocator = config.build_allocator()
+        self.evictor = config.build_evictor()
+        reg = registry()
+        self.origins = {k: reg.get(k, getattr(config, k)).origin for k in ("allocator", "evictor")}
+        self.original_attn = model.config._attn_implementation
+        self.backend = self._backend(self.original_attn)
+        self.cache: SqueezeCache | None = None  # the cache of the forward running now
+        self.last_cache: SqueezeCache | None = None  # the cache of the latest generation
+        self.step: Step | None = None
+        self._handles: list = []
+        self._x: dict[int, torch.Tensor] = {}
+        self._importance: dict[int, torch.Tensor] = {}
+        self._measuring = False
+
+    def _backend(self, impl: str | None) -> str:
+        if impl in _BACKENDS:
+            return _BACKENDS[impl]
+        if impl and impl.startswith("flash_attention"):
+            param = next(self.model.parameters())
+            if param.device.type != "cuda" or param.dtype not in (torch.float16, torch.bfloat16):
+                raise UnsupportedModelError(
+                    f"attn_implementation {impl!r} serves fp16/bf16 models on CUDA only; this model is {param.dtype} on "
+                    f"{param.device.type}: load it with attn_implementation='sdpa'"
+                )
+            return "sdpa"  # per-layer slot masks need SDPA's masked kernels; flash's varlen API cannot express them
+        raise UnsupportedModelError(f"attn_implementation {impl!r} is not supported by squeezekit; use 'sdpa' or 'eager'")
+
+    # -- install / uninstall -----------------------------------------------------------------------------------------
+    def __enter__(self) -> Compressor:
+        attention.register()
+        r = self.resolved
+        try:
+            for module in r.attentions:
+                attention.COMPRESSORS[module] = self
+            self._handles.append(r.decoder.register_forward_pre_hook(self._begin, with_kwargs=True))
+            self._handles.append(r.decoder.register_forward_hook(self._end, with_kwargs=True))
+            for i, (layer, attn) in enumerate(zip(r.layers, r.attentions, strict=True)):
+                self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+                self._handles.append(attn.register_forward_hook(self._attention_output(i, layer)))
+            self.model.set_attn_implementation(attention.NAME)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.resolved.attentions:
+            attention.COMPRESSORS.pop(module, None)
+        if self.model.config._attn_implementation != self.original_attn:
+            self.model.set_attn_implementation(self.original_attn)
+        self.cache, self.step, self._measuring = None, None, False
+        self._x.clear()
+        self._importance.clear()
+
+    # -- hooks ---------------------------------------------------------------------------------------------------------
+    def _begin(self, module, args, kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        B, q = tokens.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            raise InputError("squeezekit needs a 2D attention_mask (batch, tokens); got a prepared 4D mask")
+        new_valid = mask[:, -q:].bool() if mask is not None else torch.ones(B, q, dtype=torch.bool, device=tokens.device)
+        past = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True)
+        if isinstance(past, SqueezeCache) and past.compressor is self:
+            cache = past
+        elif past is None and not use_cache:
+            cache = None
+        elif past is None or (isinstance(past, Cache) and past.get_seq_length() == 0):
+            cache = SqueezeCache(self, len(self.resolved.layers))
+            kwargs["past_key_values"] = cache
+        else:
+            raise InputError("a non-empty cache not built by this squeezekit.compress block was passed to the model")
+        max_pos = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        seen = 0 if cache is None or cache.seen is None else int(cache.seen.max())
+        if max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
+            raise InputError(f"generation past the model's maximum of {max_pos} positions ({seen} + {q} tokens)")
+        if cache is None:
+            pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
+            self.step = Step(new_valid=new_valid, new_pos=pos, prefill=True)
+        else:
+            self.step = cache.begin_step(new_valid)
+            if self.step.prefill:
+                n = new_valid.sum(-1)
+                if bool((n == 0).any()):
+                    raise InputError(f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding")
+                if not self.config.full and bool((n < 2).any()):
+                    raise InputError("a prompt of 1 token has nothing to compress; give at least 2 tokens")
+        self.cache = cache
+        self._measuring = cache is not None and self.step.prefill
+        self._importance.clear()
+        return args, kwargs
+
+    def _end(self, module, args, kwargs, output):
+        cache = self.cache
+        if cache is not None:
+            if self._measuring:
+                layers = range(len(self.resolved.layers))
+                cache.importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
+            cache.end_step()
+            self.last_cache = cache
+        self._measuring = False
+        self._x.clear()
+        self.cache = self.step = None
+        return output
+
+    def _layer_input(self, i: int):
+        def hook(module, args, kwargs):
+            if self._measuring:
+                self._x[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _attention_output(self, i: int, layer: torch.nn.Module):
+        post_name = self.resolved.arch.post_attention
+
+        def hook(module, args, output):
+            if not self._measuring or i not in self._x:
+                return
+            t0 = time.perf_counter()
+            x = self._x.pop(i)
+            out = output[0] if isinstance(output, tuple) else output
+            if post_name:
+                out = getattr(layer, post_name)(out)
+            cos = F.cosine_similarity(x.float(), (x + out).float(), dim=-1)
+            valid = self.step.new_valid.to(cos.device).float()
+            self._importance[i] = (cos * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            if self.cache is not None:
+                self.cache.timings["importance"] += time.perf_counter() - t0
+
+        return hook
+
+    # -- results ---------------------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Budgets, importance and bytes of the latest generation's cache."""
+        cache = self.last_cache
+        if cache is None or cache.importance is None:
+            return {}
+        budgets = cache.budgets
+        comp = self.compressible
+        b = budgets[:, comp].double()
+        bounded = b >= 0
+        return {
+            "importance": cache.importance,
+            "budgets": budgets,
+            "prompt_len": cache.prompt_len.cpu(),
+            "kv_bytes_full": cache.full_kv_bytes_prefill,
+            "kv_bytes_kept": cache.kv_bytes_prefill,
+            "kv_bytes_now": cache.kv_nbytes(),
+            "mean_budget": float(b[bounded].mean()) if bool(bounded.any()) else float("nan"),
+            "min_budget": int(b[bounded].min()) if bool(bounded.any()) else -1,
+            "max_budget": int(b[bounded].max()) if bool(bounded.any()) else -1,
+            "timings": dict(cache.timings),
+        }
+
+
+@contextmanager
+def compress(model: torch.nn.Module, config: Config | dict | str | None = None, **kwargs):
+    """Apply a compression config to ``model`` inside a ``with`` block; yields the `Compressor`.
+
+    ``config`` may be a `Config`, a dict, a ``k=v,k=v`` string or a config file path; keyword arguments override it.
+    """
+    compressor = Compressor(model, Config.coerce(config, **kwargs))
+    with compressor:
+        yield compressor
