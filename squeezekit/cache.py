@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import check_budgets
-from .errors import BudgetError, InputError, PluginError
+from .errors import BudgetError, InputError, PluginError  # noqa: F401
 from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
 from .selection import check_selection, rank_key
 
@@ -139,7 +139,7 @@ class SqueezeLayer(CacheLayerMixin):
         if self.keys is None:  # first step: the projections become the buffers, slot i = token i (no copy)
             self.keys, self.values = k, v
             self.valid = step.new_valid.to(k.device)[:, None, :].expand(B, H, q).clone()
-            self.positions = step.new_pos.to(k.device)[:, None, :].expand(B, H, q).clone()
+            self.positions = step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q).clone()
             self.new_slots = torch.arange(q, device=k.device).expand(B, H, q)
             if self.cache.evictor.needs is Stat.ATTENTION:
                 self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
@@ -157,7 +157,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.keys.scatter_(2, idx, k)
         self.values.scatter_(2, idx, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
-        self.positions.scatter_(2, slots, step.new_pos.to(k.device)[:, None, :].expand(B, H, q))
+        self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
         if self.attention is not None:
             self.attention.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.float32))
         self.new_slots = slots
@@ -302,11 +302,14 @@ class SqueezeCache(Cache):
         self.seen = self.seen + step.new_valid.sum(-1)
         step.counted = True
         if step.prefill:
+            self.full_kv_bytes_prefill = self.kv_nbytes()
+        for layer in self.layers:
+            layer.drop_out_of_window(compact=step.prefill)
+        if step.prefill:
             self._finish_prefill()
         else:
             self._enforce_budgets(compact=False)
         for layer in self.layers:
-            layer.drop_out_of_window(compact=step.prefill)
             layer.window_queries = layer.window_positions = None
         self.step = None
 
@@ -314,10 +317,7 @@ class SqueezeCache(Cache):
         import time
 
         self.prompt_len = self.seen.clone()
-        self.full_kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
         n = self.prompt_len
-        if bool((n == 0).any()):
-            raise InputError(f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding")
         config = self.compressor.config
         layers = self.compressor.compressible
         L = len(layers)

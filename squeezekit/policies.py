@@ -45,7 +45,7 @@ class LayerView:
     keys: torch.Tensor  #: (B, H, S, D), RoPE already applied
     values: torch.Tensor  #: (B, H, S, D)
     valid: torch.Tensor  #: (B, H, S) bool
-    positions: torch.Tensor  #: (B, H, S) long, 0-based position of the token in its sequence (-1 if invalid)
+    positions: torch.Tensor  #: (B, H, S) int32, 0-based position of the token in its sequence (-1 if invalid)
     seen: torch.Tensor  #: (B,) long, tokens of each sequence once this step is done (at decode: incl. the new one)
     budget: torch.Tensor  #: (B,) long, the most tokens this layer may hold for each sequence
     layer_idx: int

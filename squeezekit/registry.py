@@ -118,7 +118,7 @@ def load() -> Registry:
             hook = getattr(pm.hook, f"register_{kind}s")
             for impl in [i for i in hook.get_hookimpls() if i.plugin is module]:
                 try:
-                    impl.function(register=lambda c, k=kind: found.append((k, c)))
+                    impl.function(register=lambda c, k=kind, out=found: out.append((k, c)))
                 except Exception as exc:
                     reg.failures.append(PluginError(ep.name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}"))
         for kind, cls in found:

