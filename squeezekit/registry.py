@@ -20,6 +20,7 @@ from .errors import PluginError, UnknownPluginError
 from .policies import LayerBudgetAllocator, Stat, TokenEvictor
 
 GROUP = "squeezekit"
+BUNDLED_PACKAGE = "squeezekit"  # its entry points load first
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -93,15 +94,23 @@ def load() -> Registry:
     pm.add_hookspecs(hookspecs)
     reg.manager = pm
     only = {n.strip() for n in os.environ.get("SQUEEZEKIT_PLUGINS", "").split(",") if n.strip()}
-    seen: set[str] = set()
-    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
-        if ep.name in seen or (only and ep.name not in only):
-            continue
-        seen.add(ep.name)
+    used: dict[str, tuple[str, str]] = {}  # entry-point name -> (package, origin) that took it
+
+    def package_of(ep) -> tuple[str, str]:
         dist = getattr(ep, "dist", None)
-        package = dist.metadata["Name"] if dist is not None else ep.value.split(":")[0]
-        version = dist.version if dist is not None else "?"
+        return (dist.metadata["Name"], dist.version) if dist is not None else (ep.value.split(":")[0], "?")
+
+    # Bundled policies first, so that no third-party plugin can take one of their names; then by entry-point name.
+    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: (package_of(e)[0] != BUNDLED_PACKAGE, e.name)):
+        if only and ep.name not in only:
+            continue
+        package, version = package_of(ep)
         origin = f"{package} {version}"
+        if ep.name in used:
+            if used[ep.name][0] != package:  # (the same package found twice on sys.path is no clash)
+                reg.failures.append(PluginError(ep.name, origin, f"entry point name {ep.name!r} is already used by {used[ep.name][1]}"))
+            continue
+        used[ep.name] = (package, origin)
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must not take the others down
@@ -113,6 +122,14 @@ def load() -> Registry:
         except Exception as exc:
             reg.failures.append(PluginError(ep.name, origin, f"is not a valid pluggy plugin: {exc}"))
             continue
+        callers = pm.get_hookcallers(module) or []
+        unknown = sorted(c.name for c in callers if c.spec is None)  # pluggy accepts these silently: a typo
+        if unknown:
+            reg.failures.append(
+                PluginError(ep.name, origin, f"implements unknown hook {', '.join(unknown)}; hooks are register_allocators, register_evictors")
+            )
+        elif not callers:
+            reg.failures.append(PluginError(ep.name, origin, "registers no allocator or evictor (it implements neither hook)"))
         for kind in ("allocator", "evictor"):
             # Call this plugin's implementation alone, so that one plugin raising cannot hide the others.
             hook = getattr(pm.hook, f"register_{kind}s")

@@ -1,0 +1,67 @@
+"""Shared fixtures. ``plugin_site``: install fake third-party plugins for one test (see tests/plugin_factory.py)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from plugin_factory import install_doc_example, make_plugin, purge_modules
+
+import squeezekit
+from squeezekit.registry import Registry
+
+
+@dataclass
+class PluginSite:
+    """A directory on ``sys.path`` that plays the role of site-packages for one test."""
+
+    path: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def add(self, module: str, source: str, **kwargs) -> PluginSite:
+        """Install a plugin module (see `plugin_factory.make_plugin` for the keyword arguments)."""
+        make_plugin(self.path, module, source, **kwargs)
+        importlib.invalidate_caches()
+        return self
+
+    def add_doc_example(self) -> dict:
+        """Install the example package of docs/plugins.md; return its pyproject ``[project]`` table."""
+        project = install_doc_example(self.path)
+        importlib.invalidate_caches()
+        return project
+
+    def setenv(self, name: str, value: str) -> None:
+        """Set an environment variable until the end of the test (undone before the registry is restored)."""
+        self.monkeypatch.setenv(name, value)
+
+    def reload(self) -> Registry:
+        """Reload the process-wide registry so that it sees what was installed; return it."""
+        return squeezekit.registry(reload=True)
+
+
+@pytest.fixture
+def plugin_site(tmp_path):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SQUEEZEKIT_PLUGINS", raising=False)
+        mp.syspath_prepend(str(site))
+        try:
+            yield PluginSite(site, mp)
+        finally:
+            purge_modules(site)
+    # sys.path and the environment are back to normal: restore the registry the rest of the suite sees.
+    importlib.invalidate_caches()
+    squeezekit.registry(reload=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_plugin_restriction():
+    """Tests see every installed plugin, whatever SQUEEZEKIT_PLUGINS the calling shell sets."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SQUEEZEKIT_PLUGINS", raising=False)
+        squeezekit.registry(reload=True)
+        yield
+    squeezekit.registry(reload=True)

@@ -1,0 +1,135 @@
+"""``squeezekit plugins`` and ``squeezekit config check``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from plugin_factory import BUNDLED, OLDEST_FIRST
+
+from squeezekit.cli import main
+
+BUNDLED_ROWS = {
+    "pyramid": "allocator",
+    "squeeze": "allocator",
+    "uniform": "allocator",
+    "h2o": "evictor",
+    "sliding_window": "evictor",
+    "snapkv": "evictor",
+    "streaming": "evictor",
+}
+
+
+def rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """name -> (kind, origin) from the ``squeezekit plugins`` table."""
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["name", "kind", "from", "description"]
+    out = {}
+    for line in lines[1:]:
+        name, kind, package, version, *_ = line.split()
+        out[name] = (kind, f"{package} {version}")
+    return out
+
+
+def assert_lists_bundled(stdout: str) -> None:
+    table = rows(stdout)
+    for name, kind in BUNDLED_ROWS.items():
+        assert table[name] == (kind, "squeezekit 0.1.0"), name
+    assert set(BUNDLED_ROWS) == set().union(*BUNDLED.values())
+
+
+# ---- squeezekit plugins ----------------------------------------------------------------------------------------
+
+
+def test_plugins_lists_the_bundled_seven(capsys):
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert_lists_bundled(out)
+    assert len(out.splitlines()) == 1 + 7
+    assert err == ""
+    assert "StreamingLLM: attention sinks plus the most recent tokens." in out
+
+
+def test_plugins_strict_passes_when_all_load(capsys):
+    assert main(["plugins", "--strict"]) == 0
+
+
+def test_plugins_console_script():
+    """The installed ``squeezekit`` executable, in a fresh process."""
+    exe = shutil.which("squeezekit") or shutil.which("squeezekit", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("the squeezekit console script is not installed (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if k != "SQUEEZEKIT_PLUGINS"}
+    proc = subprocess.run([exe, "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert_lists_bundled(proc.stdout)
+    assert proc.stderr == ""
+
+
+def test_plugins_shows_third_party_origin_and_failures(plugin_site, capsys):
+    plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", version="0.3.1")
+    plugin_site.add("sk_boom", "raise RuntimeError('boom at import')\n", package="sk-boom", version="2.0", entry_points={"boom": "sk_boom"})
+    plugin_site.reload()
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert_lists_bundled(out)
+    assert rows(out)["oldest_first"] == ("evictor", "squeezekit-testplugin 0.3.1")
+    assert err == "error: plugin 'boom' from sk-boom 2.0: failed to import: RuntimeError: boom at import\n"
+    assert main(["plugins", "--strict"]) == 1
+
+
+def test_plugins_honours_the_env_restriction(plugin_site, capsys):
+    plugin_site.setenv("SQUEEZEKIT_PLUGINS", "uniform,h2o")
+    plugin_site.reload()
+    assert main(["plugins"]) == 0
+    assert rows(capsys.readouterr().out) == {"uniform": ("allocator", "squeezekit 0.1.0"), "h2o": ("evictor", "squeezekit 0.1.0")}
+
+
+# ---- squeezekit config check -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "summary"),
+    [
+        ("run.yaml", "allocator: squeeze\nevictor: h2o\nbudget: 0.2\np: 0.3\n",
+         "squeeze(p=0.3, n_init=10, random_state=0, per=batch) + h2o(heavy_ratio=0.5, window=8) @ budget 0.2"),
+        ("run.toml", 'evictor = "snapkv"\nkernel_size = 5\nbudget = 512\n',
+         "squeeze(p=0.4, n_init=10, random_state=0, per=batch) + snapkv(window=8, kernel_size=5, pooling=max) @ 512 tokens"),
+        ("run.json", '{"allocator": "uniform", "budget": 1}', "uniform() + streaming(sinks=4, window=8) @ full cache"),
+    ],
+)
+def test_config_check_ok(tmp_path, capsys, name, text, summary):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}: ok: {summary}\n"
+    assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("run.yaml", "budget: 1.5\n", "config error: {path}: budget = 1.5: must be a fraction of the prompt in (0, 1]"),
+        ("run.yaml", "evictor: h20\n", "config error: {path}: evictor = 'h20': unknown evictor; installed: h2o, sliding_window, snapkv, streaming; did you mean 'h2o'?"),
+        ("run.yaml", "budgte: 0.2\n", "config error: {path}: budgte = 0.2: unknown key"),
+        ("run.toml", "sinks = true\n", "config error: {path}: sinks = True: expected an integer, got bool"),
+        ("run.json", '{"evictor": "snapkv", "kernel_size": 4}', "config error: {path}: kernel_size = 4: must be an odd integer >= 1"),
+        ("run.yaml", "budget: [0.2\n", "config error: (file) = '{path}': is not valid YAML: "),
+        ("run.json", "{", "config error: (file) = '{path}': is not valid JSON: "),
+        ("run.ini", "budget=0.2\n", "config error: (file) = '{path}': unsupported config file type"),
+        ("missing.yaml", None, "config error: (file) = '{path}': cannot be read: No such file or directory"),
+    ],
+)
+def test_config_check_bad(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    assert main(["config", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n")  # exactly one line
+    assert err.startswith("squeezekit: " + message.format(path=path)), err
