@@ -81,6 +81,9 @@ def _contract_problem(kind: str, cls: object) -> str | None:
         return f"{cls.__name__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
     if kind == "evictor" and not isinstance(cls.needs, Stat):
         return f"{cls.__name__}.needs must be a squeezekit.Stat, got {cls.needs!r}"
+    if kind == "evictor" and cls.needs is Stat.WINDOW_QUERIES and not hasattr(cls, "window"):
+        # the engine collects the queries of the last ``evictor.window`` prompt tokens
+        return f"{cls.__name__} needs Stat.WINDOW_QUERIES, so it must have a 'window' field (how many queries)"
     for f in dataclasses.fields(cls):
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             return f"{cls.__name__}.{f.name} needs a default value"

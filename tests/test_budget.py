@@ -17,7 +17,7 @@ import squeezekit
 from squeezekit import AllocationRequest
 from squeezekit.budget import check_budgets, distribute
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ALLOCATORS = ["uniform", "squeeze", "pyramid"]
 
 

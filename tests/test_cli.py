@@ -133,3 +133,54 @@ def test_config_check_bad(tmp_path, capsys, name, text, message):
     assert out == ""
     assert err.count("\n") == 1 and err.endswith("\n")  # exactly one line
     assert err.startswith("squeezekit: " + message.format(path=path)), err
+
+
+# ---- the command lines of docs/plugins.md ----------------------------------------------------------------------
+
+
+def _doc_console_lines() -> list[str]:
+    import re
+
+    from plugin_factory import DOC
+
+    blocks = re.findall(r"^```console\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
+    return [line for block in blocks for line in block.splitlines()]
+
+
+def test_doc_typo_message_is_exact(plugin_site, tmp_path, capsys, monkeypatch):
+    plugin_site.add_doc_example()
+    plugin_site.reload()
+    monkeypatch.chdir(tmp_path)
+    lines = _doc_console_lines()
+    i = lines.index("$ squeezekit config check run.yaml")
+    (tmp_path / "run.yaml").write_text("evictor: keynrom\n")
+    assert main(["config", "check", "run.yaml"]) == 2
+    assert capsys.readouterr().err == lines[i + 1] + "\n"
+
+
+def test_doc_config_file_and_generate_flags(plugin_site, tmp_path, capsys):
+    import re
+    import shlex
+
+    from plugin_factory import DOC
+
+    from squeezekit import Config
+    from squeezekit.cli import _SUBCOMMANDS, _lazy_subcommands, build_parser, config_from_args
+
+    plugin_site.add_doc_example()
+    plugin_site.reload()
+    expected = Config.from_kwargs(allocator="squeeze", evictor="keynorm", window=16, budget=0.2)
+
+    yaml_text = re.search(r"^```yaml\n(.*?)^```", DOC.read_text(), flags=re.S | re.M).group(1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    assert Config.from_file(path) == expected
+    assert main(["config", "check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: ok: squeeze(")
+
+    if not _SUBCOMMANDS:
+        _lazy_subcommands()
+    (line,) = [ln for ln in _doc_console_lines() if ln.startswith("$ squeezekit generate")]
+    args = build_parser().parse_args(shlex.split(line)[2:])
+    assert args.command == "generate"
+    assert config_from_args(args) == Config.from_kwargs(evictor="keynorm", window=16, budget=0.2)

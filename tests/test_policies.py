@@ -17,7 +17,7 @@ import squeezekit
 from squeezekit import LayerView, Stat, TokenEvictor
 from squeezekit.selection import check_selection, top_slots
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EVICTORS = ["streaming", "sliding_window", "h2o", "snapkv"]
 
 

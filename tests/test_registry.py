@@ -364,6 +364,25 @@ BROKEN = {
         """,
         "BadNeeds.needs must be a squeezekit.Stat, got 'attention'",
     ),
+    "window_queries_without_window": (
+        """
+        from dataclasses import dataclass
+        import squeezekit
+
+        @dataclass
+        class NoWindow(squeezekit.TokenEvictor):
+            name = "window_queries_without_window"
+            needs = squeezekit.Stat.WINDOW_QUERIES
+
+            def score(self, view):
+                return view.positions.float()
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(NoWindow)
+        """,
+        "NoWindow needs Stat.WINDOW_QUERIES, so it must have a 'window' field",
+    ),
     "hook_raises": (
         """
         import squeezekit
@@ -435,6 +454,38 @@ def test_selecting_a_broken_plugin_says_why(plugin_site):
     plugin_site.reload()
     with pytest.raises(PluginError, match=r"plugin 'not_a_dataclass' from sk-nd 1.0.0: Plain must be a dataclass"):
         Config.from_kwargs(evictor="not_a_dataclass")
+
+
+def test_constructor_raising_is_a_plugin_error(plugin_site):
+    plugin_site.add(
+        "sk_fragile",
+        """
+        from dataclasses import dataclass
+        import squeezekit
+
+        @dataclass
+        class Fragile(squeezekit.TokenEvictor):
+            name = "fragile"
+            level: int = 1
+
+            def __post_init__(self):
+                if self.level > 1:
+                    raise ValueError("level too high")
+
+            def score(self, view):
+                return view.positions.float()
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(Fragile)
+        """,
+        package="sk-fragile",
+    )
+    plugin_site.reload()
+    assert Config.from_kwargs(evictor="fragile").build_evictor().level == 1
+    with pytest.raises(PluginError) as excinfo:
+        Config.from_kwargs(evictor="fragile", level=2)
+    assert str(excinfo.value) == "plugin 'fragile' from sk-fragile 1.0.0: constructor raised ValueError: level too high"
 
 
 def test_missing_module(plugin_site):
