@@ -110,10 +110,13 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         layer.window_positions = q_pos[:, -w:].clone()
     want_probs = needs is Stat.ATTENTION
 
-    causal_only = fresh and bool(q_valid.all()) and (window is None or window >= q)
-    full_buffer = q == 1 and bool(kv_valid.all()) and (
-        window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, 1 << 62).min()) < window)
-    )
+    causal_only = fresh and step.all_valid and (window is None or window >= q)
+    if layer is not None and layer.steady and q == 1:
+        full_buffer = True  # host-known: every slot valid, no window (no sync on the hot path)
+    else:
+        full_buffer = q == 1 and bool(kv_valid.all()) and (
+            window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, 1 << 62).min()) < window)
+        )
 
     if compressor.backend == "eager" or want_probs or softcap:
         if full_buffer:
@@ -129,9 +132,9 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
     if causal_only:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    if full_buffer:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
+    if full_buffer:  # one query per sequence: fold the group into the query axis, no mask, no repeated K/V
+        out = F.scaled_dot_product_attention(_fold(query, H), key, value, scale=scaling)
+        return _unfold(out, Hq, q), None
     shared = step.shared_masks if (fresh and layer is not None) else None
     mask = shared.get(window) if shared is not None else None
     if mask is None:

@@ -30,6 +30,7 @@ class Step:
     new_valid: torch.Tensor  # (B, q) bool: real (non-padding) new tokens
     new_pos: torch.Tensor  # (B, q) long: their positions in their sequences, -1 for padding
     prefill: bool  # first step of this cache
+    all_valid: bool = False  # host-side: no padding among the new tokens (lets hot paths skip masks and syncs)
     counted: bool = False  # end_step has added the new tokens to `seen`
     #: masks shared by layers whose slots are laid out alike in this step, keyed by (capacity, window)
     shared_masks: dict = field(default_factory=dict)
@@ -54,6 +55,9 @@ class SqueezeLayer(CacheLayerMixin):
         self.window: int | None = None  # the model's own sliding window for this layer, if any
         self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
         self.heads_differ = False  # once per-head eviction happened, masks are per KV head
+        #: host-side: every slot of every row is valid and every row is at its budget. A decode step then evicts one
+        #: token and writes the new one in its slot: shapes never change, no mask, no host sync (CUDA-graph safe).
+        self.steady = False
 
     # -- transformers' layer API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -144,6 +148,9 @@ class SqueezeLayer(CacheLayerMixin):
             if self.cache.evictor.needs is Stat.ATTENTION:
                 self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
             return self.keys, self.values
+        if self.steady and q == 1 and step.all_valid:
+            return self._steady_append(k, v)
+        self.steady = False
         if q == 1 and self.budget is not None:
             self._make_room(step)
         free = ~self.valid
@@ -161,6 +168,34 @@ class SqueezeLayer(CacheLayerMixin):
         if self.attention is not None:
             self.attention.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.float32))
         self.new_slots = slots
+        return self.keys, self.values
+
+    def _steady_append(self, k: torch.Tensor, v: torch.Tensor):
+        """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
+        evictor = self.cache.evictor
+        view = self.view("decode")
+        if type(evictor).select is TokenEvictor.select:
+            score = self.cache.call_evictor(evictor.score, view)
+            self.cache.check_nan_later(score)
+            victim = rank_key(score, view).argmin(-1, keepdim=True)  # (B, H, 1)
+        else:  # a plugin's own select: generic path (validated)
+            keep = self.budget.to(self.valid.device) - 1
+            idx = self.cache.call_evictor(evictor.select, view, keep)
+            problem = check_selection(idx, view, keep)
+            if problem:
+                raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
+            dropped = torch.ones_like(self.valid)
+            dropped.scatter_(2, idx.long().clamp_min(0), False)
+            victim = dropped.to(torch.int8).argmax(-1, keepdim=True)
+        step = self.cache.step
+        B, H, _, D = self.keys.shape
+        self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
+        self.values.scatter_(2, victim[..., None].expand(B, H, 1, D), v)
+        self.positions.scatter_(2, victim, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, 1))
+        if self.attention is not None:
+            self.attention.scatter_(2, victim, torch.zeros(B, H, 1, device=k.device))
+        self.new_slots = victim
+        self.heads_differ = True
         return self.keys, self.values
 
     def _grow(self, need: int) -> None:
@@ -265,6 +300,8 @@ class SqueezeCache(Cache):
         self.full_kv_bytes_prefill = 0
         self.kv_bytes_prefill = 0
         self.scaling: dict[int, float] = {}
+        self.host_seen_max = 0  # host-side copy of seen.max(), so that hot paths never sync
+        self._nan_flag: torch.Tensor | None = None
         self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
 
     # -- transformers' cache API ---------------------------------------------------------------------------------
@@ -278,16 +315,21 @@ class SqueezeCache(Cache):
         raise NotImplementedError("a compressed cache cannot be cropped (evicted tokens are gone)")
 
     # -- steps -----------------------------------------------------------------------------------------------------
-    def begin_step(self, new_valid: torch.Tensor) -> Step:
+    def begin_step(self, new_valid: torch.Tensor, all_valid: bool | None = None) -> Step:
         B, q = new_valid.shape
         new_valid = new_valid.bool()
         if self.seen is None:
             self.seen = torch.zeros(B, dtype=torch.long, device=new_valid.device)
         elif self.seen.shape[0] != B:
             raise InputError(f"batch size changed from {self.seen.shape[0]} to {B} within one compressed generation")
-        pos = self.seen.view(-1, 1) + new_valid.long().cumsum(-1) - 1
-        pos = pos.masked_fill(~new_valid, -1)
-        self.step = Step(new_valid=new_valid, new_pos=pos, prefill=self.length == 0)
+        if all_valid is None:
+            all_valid = bool(new_valid.all())
+        if all_valid:
+            pos = self.seen.view(-1, 1) + torch.arange(q, device=new_valid.device)
+        else:
+            pos = self.seen.view(-1, 1) + new_valid.long().cumsum(-1) - 1
+            pos = pos.masked_fill(~new_valid, -1)
+        self.step = Step(new_valid=new_valid, new_pos=pos, prefill=self.length == 0, all_valid=all_valid)
         return self.step
 
     def seen_after_step(self) -> torch.Tensor:
@@ -299,8 +341,9 @@ class SqueezeCache(Cache):
     def end_step(self) -> None:
         step = self.step
         self.length += step.new_valid.shape[1]
-        self.seen = self.seen + step.new_valid.sum(-1)
+        self.seen.add_(step.new_valid.sum(-1))  # in place: CUDA graphs replay this
         step.counted = True
+        self.host_seen_max += step.new_valid.shape[1] if step.all_valid else int(step.new_valid.sum(-1).max())
         if step.prefill:
             self.full_kv_bytes_prefill = self.kv_nbytes()
         for layer in self.layers:
@@ -368,12 +411,26 @@ class SqueezeCache(Cache):
 
     def _enforce_budgets(self, compact: bool) -> None:
         for layer in self.layers:
-            if layer.budget is None or layer.keys is None:
+            if layer.budget is None or layer.keys is None or layer.steady:
                 continue
             counts = layer.counts().amax(-1)
             if bool((counts > layer.budget).any()):
                 keep = torch.minimum(counts, layer.budget)
                 layer.evict(keep, "prefill" if compact else "decode", compact=compact)
+            if layer.window is None:
+                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
+
+    def check_nan_later(self, score: torch.Tensor) -> None:
+        """Record, without a host sync, whether an evictor scored a cached token NaN (checked by `check_nan`)."""
+        if self._nan_flag is None:
+            self._nan_flag = torch.zeros((), dtype=torch.bool, device=score.device)
+        self._nan_flag.logical_or_(torch.isnan(score.float()).any())
+
+    def check_nan(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        if self._nan_flag is not None and bool(self._nan_flag):
+            raise PluginError(self.evictor.name, self.origin("evictor"), "score() returned NaN for a cached token")
 
     # -- plugin calls ----------------------------------------------------------------------------------------------
     def origin(self, kind: str) -> str:

@@ -98,7 +98,12 @@ class Compressor:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             raise InputError("squeezekit needs a 2D attention_mask (batch, tokens); got a prepared 4D mask")
-        new_valid = mask[:, -q:].bool() if mask is not None else torch.ones(B, q, dtype=torch.bool, device=tokens.device)
+        if mask is not None:
+            new_valid = mask[:, -q:].bool()
+            all_valid = None  # unknown until looked at (one host sync per step)
+        else:
+            new_valid = torch.ones(B, q, dtype=torch.bool, device=tokens.device)
+            all_valid = True
         past = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -113,14 +118,14 @@ class Compressor:
         else:
             raise InputError("a non-empty cache not built by this squeezekit.compress block was passed to the model")
         max_pos = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-        seen = 0 if cache is None or cache.seen is None else int(cache.seen.max())
-        if max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
+        seen = 0 if cache is None else cache.host_seen_max
+        if max_pos and seen + q > max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
             raise InputError(f"generation past the model's maximum of {max_pos} positions ({seen} + {q} tokens)")
         if cache is None:
             pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
-            self.step = Step(new_valid=new_valid, new_pos=pos, prefill=True)
+            self.step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
         else:
-            self.step = cache.begin_step(new_valid)
+            self.step = cache.begin_step(new_valid, all_valid)
             if self.step.prefill:
                 n = new_valid.sum(-1)
                 if bool((n == 0).any()):
@@ -140,6 +145,8 @@ class Compressor:
                 cache.importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
             cache.end_step()
             self.last_cache = cache
+            if cache.length % 32 == 0:
+                cache.check_nan()
         self._measuring = False
         self._x.clear()
         self.cache = self.step = None

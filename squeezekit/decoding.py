@@ -1,0 +1,63 @@
+"""A lean greedy decode loop over a compressed cache, optionally captured once in a CUDA graph.
+
+transformers' ``generate`` spends most of a small-batch decode step launching kernels from Python. Once every layer
+is *steady* (each row at its budget, all slots valid), a decode step has fixed shapes and no host syncs, so it can
+be captured in a CUDA graph and replayed: one launch per step instead of thousands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import SqueezeCache
+
+
+class GreedyDecoder:
+    """Greedy decoding of ``model`` from a prefilled `SqueezeCache` (inside its ``compress`` block)."""
+
+    def __init__(self, model, cache: SqueezeCache, first_tokens: torch.Tensor, cuda_graph: bool = True):
+        self.model, self.cache = model, cache
+        self.ids = first_tokens.view(-1, 1).clone()
+        self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
+        self.use_graph = cuda_graph and self.ids.is_cuda and all(
+            layer.steady for layer in cache.layers if layer.budget is not None
+        ) and all(layer.budget is not None for layer in cache.layers)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._next: torch.Tensor | None = None
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+        self.ids.copy_(nxt.view(-1, 1))
+        self.pos.add_(1)
+        return nxt
+
+    @torch.inference_mode()
+    def run(self, steps: int) -> torch.Tensor:
+        """Decode ``steps`` tokens; returns them (B, steps). The first input is ``first_tokens``."""
+        tokens: list[torch.Tensor] = []
+        if not self.use_graph:
+            tokens = [self._step().clone() for _ in range(steps)]
+        else:
+            if self.graph is None:
+                side = torch.cuda.Stream()  # warm up (real steps) off the default stream, as graph capture requires
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(min(2, steps)):
+                        tokens.append(self._step().clone())
+                torch.cuda.current_stream().wait_stream(side)
+            replays = steps - len(tokens)
+            if replays > 0 and self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._next = self._step()  # its host bookkeeping happens now, its GPU work at the first replay
+                self.graph.replay()
+                tokens.append(self._next.clone())
+                replays -= 1
+            for _ in range(replays):
+                self.cache.length += 1
+                self.cache.host_seen_max += 1
+                self.graph.replay()
+                tokens.append(self._next.clone())
+        self.cache.check_nan()
+        return torch.stack(tokens, dim=1)
