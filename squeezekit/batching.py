@@ -20,42 +20,66 @@ def _pad_slots(t: torch.Tensor | None, capacity: int, value) -> torch.Tensor | N
     return F.pad(t, pad, value=value)
 
 
-def merge(caches: list[SqueezeCache]) -> SqueezeCache:
-    """Concatenate compressed caches of the same compressor along the batch (same padded prompt width)."""
-    first = caches[0]
-    if len({c.length for c in caches}) != 1 or any(c.compressor is not first.compressor for c in caches):
-        raise ValueError("caches to merge must come from one compress() block and have the same padded length")
-    out = SqueezeCache(first.compressor, len(first.layers))
-    out.length = first.length
-    out.seen = torch.cat([c.seen for c in caches])
-    out.prompt_len = torch.cat([c.prompt_len for c in caches])
-    out.importance = torch.cat([c.importance for c in caches])
-    out.budgets = torch.cat([c.budgets for c in caches])
-    out.full_kv_bytes_prefill = sum(c.full_kv_bytes_prefill for c in caches)
-    out.kv_bytes_prefill = sum(c.kv_bytes_prefill for c in caches)
-    out.scaling = dict(first.scaling)
-    out.host_seen_max = max(c.host_seen_max for c in caches)
-    for key in out.timings:
-        out.timings[key] = sum(c.timings[key] for c in caches)
-    for i, layer in enumerate(out.layers):
-        parts = [c.layers[i] for c in caches]
-        capacity = max(p.capacity for p in parts)
-        layer.keys = torch.cat([_pad_slots(p.keys, capacity, 0.0) for p in parts])
-        layer.values = torch.cat([_pad_slots(p.values, capacity, 0.0) for p in parts])
-        layer.valid = torch.cat([_pad_slots(p.valid, capacity, False) for p in parts])
-        layer.positions = torch.cat([_pad_slots(p.positions, capacity, -1) for p in parts])
-        if parts[0].attention is not None:
-            layer.attention = torch.cat([_pad_slots(p.attention, capacity, 0.0) for p in parts])
-        if parts[0].budget is not None:
-            layer.budget = torch.cat([p.budget for p in parts])
-        layer.window = parts[0].window
-        layer.heads_differ = any(p.heads_differ for p in parts)
-        layer.steady = all(p.steady and p.capacity == capacity for p in parts)
-        layer.lazy_initialization(layer.keys, layer.values)
-    for c in caches:  # the parts' tensors now live in the merged cache only
-        for layer in c.layers:
-            layer.reset()
-    return out
+_SLOT_TENSORS = (("keys", 0.0), ("values", 0.0), ("valid", False), ("positions", -1), ("attention", 0.0))
+
+
+class Assembler:
+    """Builds one batch cache from compressed micro-batch caches, copying each into preallocated rows as it comes,
+    so the merge never holds two copies of the compressed cache."""
+
+    def __init__(self, first: SqueezeCache, batch: int):
+        self.out = out = SqueezeCache(first.compressor, len(first.layers))
+        self.batch, self.rows = batch, 0
+        out.length = first.length
+        out.seen = first.seen.new_zeros(batch)
+        out.prompt_len = first.prompt_len.new_zeros(batch)
+        out.importance = first.importance.new_zeros(batch, first.importance.shape[1])
+        out.budgets = first.budgets.new_zeros(batch, first.budgets.shape[1])
+        out.scaling = dict(first.scaling)
+        for layer, part in zip(out.layers, first.layers, strict=True):
+            for name, fill in _SLOT_TENSORS:
+                t = getattr(part, name)
+                if t is not None:
+                    setattr(layer, name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
+            if part.budget is not None:
+                layer.budget = part.budget.new_zeros(batch)
+            layer.window, layer.steady = part.window, part.steady
+            layer.lazy_initialization(layer.keys, layer.values)
+
+    def add(self, cache: SqueezeCache) -> None:
+        out, r0 = self.out, self.rows
+        if cache.length != out.length or cache.compressor is not out.compressor:
+            raise ValueError("caches to merge must come from one compress() block and have the same padded length")
+        r1 = r0 + cache.seen.shape[0]
+        rows = slice(r0, r1)
+        for name in ("seen", "prompt_len", "importance", "budgets"):
+            getattr(out, name)[rows] = getattr(cache, name)
+        out.full_kv_bytes_prefill += cache.full_kv_bytes_prefill
+        out.kv_bytes_prefill += cache.kv_bytes_prefill
+        out.host_seen_max = max(out.host_seen_max, cache.host_seen_max)
+        for key in out.timings:
+            out.timings[key] += cache.timings[key]
+        for layer, part in zip(out.layers, cache.layers, strict=True):
+            if part.capacity > layer.capacity:  # rare: this micro-batch got a larger budget for the layer
+                for name, fill in _SLOT_TENSORS:
+                    setattr(layer, name, _pad_slots(getattr(layer, name), part.capacity, fill))
+                layer.steady = False
+            steady = part.steady and part.capacity == layer.capacity
+            for name, fill in _SLOT_TENSORS:
+                t = getattr(part, name)
+                if t is not None:
+                    getattr(layer, name)[rows] = _pad_slots(t, layer.capacity, fill)
+            if part.budget is not None:
+                layer.budget[rows] = part.budget
+            layer.heads_differ |= part.heads_differ
+            layer.steady = layer.steady and steady
+            part.reset()  # its tensors are copied: free them now
+        self.rows = r1
+
+    def finish(self) -> SqueezeCache:
+        if self.rows != self.batch:
+            raise ValueError(f"assembled {self.rows} of {self.batch} rows")
+        return self.out
 
 
 @torch.inference_mode()
@@ -65,8 +89,9 @@ def prefill(model, compressor, input_ids: torch.Tensor, attention_mask: torch.Te
     Returns ``(cache, last_logits)``: one merged `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
-    caches, logits = [], []
-    for start in range(0, input_ids.shape[0], micro_batch):
+    batch = input_ids.shape[0]
+    assembler, cache, logits = None, None, []
+    for start in range(0, batch, micro_batch):
         sl = slice(start, start + micro_batch)
         out = model(
             input_ids=input_ids[sl],
@@ -74,9 +99,15 @@ def prefill(model, compressor, input_ids: torch.Tensor, attention_mask: torch.Te
             use_cache=True,
             logits_to_keep=1,
         )
-        caches.append(out.past_key_values)
+        part = out.past_key_values
         logits.append(out.logits[:, -1])
         del out
-    cache = caches[0] if len(caches) == 1 else merge(caches)
+        if micro_batch >= batch:
+            cache = part
+            break
+        assembler = assembler or Assembler(part, batch)
+        assembler.add(part)
+        del part
+    cache = cache if assembler is None else assembler.finish()
     compressor.last_cache = cache
     return cache, torch.cat(logits)

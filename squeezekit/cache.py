@@ -12,6 +12,7 @@ function (squeezekit.attention) masks each layer by its own slots; `SqueezeCache
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .budget import check_budgets
 from .errors import BudgetError, InputError, PluginError  # noqa: F401
 from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
-from .selection import check_selection, rank_key
+from .selection import check_selection, victim_slots
 
 
 @dataclass
@@ -177,7 +178,7 @@ class SqueezeLayer(CacheLayerMixin):
         if type(evictor).select is TokenEvictor.select:
             score = self.cache.call_evictor(evictor.score, view)
             self.cache.check_nan_later(score)
-            victim = rank_key(score, view).argmin(-1, keepdim=True)  # (B, H, 1)
+            victim = victim_slots(score, view)  # (B, H, 1)
         else:  # a plugin's own select: generic path (validated)
             keep = self.budget.to(self.valid.device) - 1
             idx = self.cache.call_evictor(evictor.select, view, keep)
@@ -235,8 +236,7 @@ class SqueezeLayer(CacheLayerMixin):
                 raise PluginError(evictor.name, self.cache.origin("evictor"), "score() returned NaN for a cached token")
             if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
                 # The hot decode path: drop the lowest-ranked slot of each row that is over.
-                key = rank_key(score, view).masked_fill(~self.valid, float("inf"))
-                victim = key.argmin(-1, keepdim=True)
+                victim = victim_slots(score, view)
                 over = self.counts() > keep.view(-1, 1)
                 self.valid.scatter_(2, victim, ~over[..., None] & torch.gather(self.valid, 2, victim))
                 self.heads_differ = True
@@ -356,9 +356,13 @@ class SqueezeCache(Cache):
             layer.window_queries = layer.window_positions = None
         self.step = None
 
-    def _finish_prefill(self) -> None:
-        import time
+    def clock(self) -> float:
+        """perf_counter, after a device sync when the compressor times policies exactly (benchmarks)."""
+        if self.compressor.sync_timings and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
+    def _finish_prefill(self) -> None:
         self.prompt_len = self.seen.clone()
         n = self.prompt_len
         config = self.compressor.config
@@ -367,7 +371,7 @@ class SqueezeCache(Cache):
         B = n.shape[0]
         self.budgets = torch.full((B, len(self.layers)), -1, dtype=torch.long)
         if not config.full:
-            t0 = time.perf_counter()
+            t0 = self.clock()
             mean = n.double() * config.budget if not config.absolute else torch.full((B,), float(config.budget), dtype=torch.float64)
             floor = int(self.evictor.floor())
             total = torch.round(mean * L).long()
@@ -398,12 +402,12 @@ class SqueezeCache(Cache):
                     raise PluginError(self.allocator.name, self.origin("allocator"), problem)
                 budgets[squeeze_rows] = got.long().cpu()
             self.budgets[:, layers] = budgets
-            t1 = time.perf_counter()
+            t1 = self.clock()
             self.timings["allocation"] += t1 - t0
             for j, li in enumerate(layers):
                 self.layers[li].budget = budgets[:, j].to(self.layers[li].keys.device)
             self._enforce_budgets(compact=True)
-            self.timings["eviction"] += time.perf_counter() - t1
+            self.timings["eviction"] += self.clock() - t1
         else:
             for layer in self.layers:
                 layer.heads_differ = False

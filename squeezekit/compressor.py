@@ -45,6 +45,8 @@ class Compressor:
         self._x: dict[int, torch.Tensor] = {}
         self._importance: dict[int, torch.Tensor] = {}
         self._measuring = False
+        #: synchronize the device around policy work so `summary()["timings"]` are exact (benchmarks only)
+        self.sync_timings = False
 
     def _backend(self, impl: str | None) -> str:
         if impl in _BACKENDS:
@@ -165,7 +167,7 @@ class Compressor:
         def hook(module, args, output):
             if not self._measuring or i not in self._x:
                 return
-            t0 = time.perf_counter()
+            t0 = self.cache.clock() if self.cache is not None else time.perf_counter()
             x = self._x.pop(i)
             out = output[0] if isinstance(output, tuple) else output
             if post_name:
@@ -174,7 +176,7 @@ class Compressor:
             valid = self.step.new_valid.to(cos.device).float()
             self._importance[i] = (cos * valid).sum(-1) / valid.sum(-1).clamp_min(1)
             if self.cache is not None:
-                self.cache.timings["importance"] += time.perf_counter() - t0
+                self.cache.timings["importance"] += self.cache.clock() - t0
 
         return hook
 

@@ -34,6 +34,14 @@ def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch
     return order.masked_fill(pad, -1)
 
 
+def victim_slots(score: torch.Tensor, view: LayerView) -> torch.Tensor:
+    """(B, H, 1): each row's lowest-ranked valid slot (exact ties: the older token). No host sync."""
+    key = rank_key(score, view).masked_fill(~view.valid, float("inf"))
+    lowest = key == key.amin(dim=-1, keepdim=True)
+    oldest = view.positions.masked_fill(~lowest, torch.iinfo(view.positions.dtype).max)
+    return oldest.argmin(dim=-1, keepdim=True)
+
+
 def check_selection(idx: object, view: LayerView, keep: torch.Tensor) -> str | None:
     """Return what is wrong with an evictor's selection, or None when it honours the contract."""
     B, H, S = view.valid.shape

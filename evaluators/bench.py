@@ -1,0 +1,297 @@
+"""``squeezekit bench``: throughput and memory of the full-cache transformers baseline and squeezekit combos, side by
+side in one process, on random-weight models built from named configs (or a local model directory).
+
+Protocol (same as the shared Hugging Face baseline): greedy decoding of ``--new-tokens`` tokens after random
+``--prompt-len``-token prompts. Baseline: ``model.generate`` with transformers' DynamicCache, prefill time = time of
+``generate(1)``, decode tok/s = B x (N - 1) / (time of ``generate(N)`` - prefill). squeezekit: micro-batched prefill
+(each micro-batch compressed right after its prefill, then merged), then squeezekit's greedy decoder (CUDA graph
+when every layer is steady). Each method runs at growing batch sizes until it runs out of memory (or the cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, sliding_window=None,
+    ),
+    "llama-2-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768,
+    ),
+    "llama-2-70b": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+    ),
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+    ),
+}
+AUTO_BATCHES = [1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768]
+
+
+@dataclass
+class Method:
+    name: str  # "hf" or "squeeze+streaming@0.2"
+    allocator: str | None = None
+    evictor: str | None = None
+    budget: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        if text == "hf":
+            return cls("hf")
+        combo, _, budget = text.partition("@")
+        allocator, _, evictor = combo.partition("+")
+        return cls(text, allocator, evictor, float(budget or 0.2))
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    """A random-weight model from a named config, or a local directory's weights."""
+    import transformers as tf
+
+    if name in CONFIGS:
+        spec = dict(CONFIGS[name])
+        config = tf.AutoConfig.for_model(**spec)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else float("nan")
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device memory bandwidth in bytes/s (bytes read + written by a large copy)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    _sync(device)
+    bw = 2 * a.numel() * a.element_size() * 20 / (time.perf_counter() - t)
+    del a, b
+    return bw
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+@torch.inference_mode()
+def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
+    _peak_reset(device)
+    _sync(device)
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, do_sample=False)
+    _sync(device)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    _sync(device)
+    total = time.perf_counter() - t
+    B, L = ids.shape
+    assert out.shape[1] == L + new_tokens
+    decode = max(total - prefill, 1e-9)
+    return dict(
+        prefill_s=round(prefill, 3), total_s=round(total, 3), decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
+        e2e_tok_s=round(B * new_tokens / total, 1), step_ms=round(1000 * decode / (new_tokens - 1), 2),
+        peak_gib=_peak_gib(device), kv_bytes=B * L * kv_bytes_per_token(model), tokens=out[:, L:],
+    )
+
+
+@torch.inference_mode()
+def run_squeezekit(model, ids, new_tokens, device, method: Method, micro_batch: int, cuda_graph: bool) -> dict:
+    import squeezekit
+    from squeezekit.batching import prefill
+    from squeezekit.decoding import GreedyDecoder
+
+    _peak_reset(device)
+    with squeezekit.compress(model, allocator=method.allocator, evictor=method.evictor, budget=method.budget) as comp:
+        comp.sync_timings = device.startswith("cuda")
+        _sync(device)
+        t0 = time.perf_counter()
+        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch)
+        first = logits.argmax(-1)
+        _sync(device)
+        t1 = time.perf_counter()
+        peak_prefill = _peak_gib(device)
+        decoder = GreedyDecoder(model, cache, first, cuda_graph=cuda_graph)
+        rest = decoder.run(new_tokens - 1)
+        _sync(device)
+        t2 = time.perf_counter()
+        s = comp.summary()
+    B, L = ids.shape
+    overhead = sum(s["timings"].values())
+    return dict(
+        prefill_s=round(t1 - t0, 3), total_s=round(t2 - t0, 3), decode_tok_s=round(B * (new_tokens - 1) / (t2 - t1), 1),
+        e2e_tok_s=round(B * new_tokens / (t2 - t0), 1), step_ms=round(1000 * (t2 - t1) / (new_tokens - 1), 2),
+        peak_gib=_peak_gib(device), peak_prefill_gib=peak_prefill, kv_bytes=s["kv_bytes_kept"],
+        kv_bytes_full=s["kv_bytes_full"], cuda_graph=decoder.graph is not None,
+        policy_s={k: round(v, 4) for k, v in s["timings"].items()}, policy_share_of_prefill=round(overhead / max(t1 - t0, 1e-9), 4),
+        mean_budget=round(s["mean_budget"], 1), tokens=torch.cat([first[:, None], rest], dim=1),
+    )
+
+
+def _oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def bench(args) -> dict:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = build_model(args.config, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    methods = [Method.parse(m) for m in args.methods.split(",")]
+    batches = AUTO_BATCHES if args.batches == "auto" else [int(b) for b in args.batches.split(",")]
+    results = {"config": args.config, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+               "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth, "runs": [], "checks": []}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    from tqdm import tqdm
+
+    # correctness first: compressed vs reference tokens on the same inputs
+    check_ids = torch.randint(1, vocab, (args.check_batch, args.prompt_len), generator=g).to(device)
+    ref = run_hf(model, check_ids, args.check_tokens, device)["tokens"]
+    for method in [Method.parse("squeeze+streaming@1.0"), *[m for m in methods if m.name != "hf"]]:
+        got = run_squeezekit(model, check_ids, args.check_tokens, device, method, args.micro_batch, args.cuda_graph)["tokens"]
+        agree = float((got == ref).float().mean())
+        results["checks"].append({"method": method.name, "token_agreement_vs_hf": round(agree, 4)})
+        print(json.dumps(results["checks"][-1]), flush=True)
+
+    for method in methods:
+        for B in tqdm(batches, desc=method.name, unit="batch"):
+            ids = torch.randint(1, vocab, (B, args.prompt_len), generator=g).to(device)
+            try:
+                if method.name == "hf":
+                    r = run_hf(model, ids, args.new_tokens, device)
+                else:
+                    r = run_squeezekit(model, ids, args.new_tokens, device, method, args.micro_batch, args.cuda_graph)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _oom(exc):
+                    raise
+                results["runs"].append({"method": method.name, "B": B, "oom": True})
+                print(json.dumps(results["runs"][-1]), flush=True)
+                del ids
+                _peak_reset(device)
+                break
+            r.pop("tokens")
+            floor_s = (weight_bytes + r["kv_bytes"]) / bandwidth if bandwidth == bandwidth else float("nan")
+            r.update(method=method.name, B=B, floor_step_ms=round(1000 * floor_s, 2))
+            results["runs"].append(r)
+            print(json.dumps(r), flush=True)
+            if args.memory_cap_gib and r["peak_gib"] > args.memory_cap_gib:
+                break
+    return results
+
+
+def write_reports(results: dict, out: Path) -> None:
+    """results.json, a markdown table and a PNG of decode throughput vs batch size."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{results['config']}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    rows = [
+        "| method | B | prefill s | decode tok/s | end-to-end tok/s | step ms | floor ms | peak GiB | KV GiB | policy % of prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        if r.get("oom"):
+            rows.append(f"| {r['method']} | {r['B']} | OOM | | | | | | | |")
+            continue
+        share = r.get("policy_share_of_prefill")
+        rows.append(
+            f"| {r['method']} | {r['B']} | {r['prefill_s']} | {r['decode_tok_s']} | {r['e2e_tok_s']} | {r['step_ms']} | "
+            f"{r['floor_step_ms']} | {r['peak_gib']} | {r['kv_bytes'] / 2**30:.2f} | {'' if share is None else f'{100 * share:.1f}'} |"
+        )
+    checks = "\n".join(f"- {c['method']}: greedy tokens agreeing with transformers' full cache: {100 * c['token_agreement_vs_hf']:.1f}%" for c in results["checks"])
+    (out / f"{stem}.md").write_text(
+        f"# squeezekit bench: {results['config']} on {results['device']}\n\n"
+        f"torch {results['torch']}, transformers {results['transformers']}, prompts {results['prompt_len']} tokens, "
+        f"{results['new_tokens']} new tokens, copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s.\n\n"
+        + "\n".join(rows) + "\n\nCorrectness (same inputs):\n\n" + checks + "\n"
+    )
+    from squeezekit.plotting import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for name in dict.fromkeys(r["method"] for r in results["runs"]):
+        pts = [(r["B"], r["decode_tok_s"]) for r in results["runs"] if r["method"] == name and not r.get("oom")]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"{results['config']}, {results['prompt_len']}-token prompts, {results['device']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png")
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and memory: transformers' full cache vs squeezekit combos")
+    p.add_argument("--config", default="mistral-7b", help=f"named config ({', '.join(CONFIGS)}) or a local model dir")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", default="auto", help="comma-separated batch sizes, or 'auto' (grow until OOM)")
+    p.add_argument("--methods", default="hf,squeeze+streaming@0.2", help="comma-separated: hf, ALLOC+EVICT@BUDGET")
+    p.add_argument("--micro-batch", type=int, default=16, help="squeezekit prefill micro-batch")
+    p.add_argument("--memory-cap-gib", type=float, default=0.0)
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    p.add_argument("--check-batch", type=int, default=2)
+    p.add_argument("--check-tokens", type=int, default=16)
+    p.add_argument("--out", default="docs/benchmarks")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    results = bench(args)
+    write_reports(results, Path(args.out))
+    print(f"wrote {args.out}/bench-{args.config}.{{json,md,png}}")
+    return 0
