@@ -1,13 +1,4 @@
-"""CLI subcommands backed by the evaluators (``squeezekit eval``, ``squeezekit bench``)."""
+"""CLI subcommands backed by the evaluators (``squeezekit eval``); ``bench`` registers itself from squeezekit.cli."""
 
-#: functions(subparsers) that each add one subcommand; filled by the evaluator modules below
+#: functions(subparsers) that each add one subcommand
 SUBCOMMANDS: list = []
-
-
-def _bench(sub) -> None:
-    from .bench import add_parser
-
-    add_parser(sub)
-
-
-SUBCOMMANDS.append(_bench)

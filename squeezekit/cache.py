@@ -364,7 +364,7 @@ class SqueezeCache(Cache):
 
     def _finish_prefill(self) -> None:
         self.prompt_len = self.seen.clone()
-        n = self.prompt_len
+        n = self.prompt_len.cpu()  # budgets are bookkept on the host
         config = self.compressor.config
         layers = self.compressor.compressible
         L = len(layers)
@@ -375,7 +375,7 @@ class SqueezeCache(Cache):
             mean = n.double() * config.budget if not config.absolute else torch.full((B,), float(config.budget), dtype=torch.float64)
             floor = int(self.evictor.floor())
             total = torch.round(mean * L).long()
-            over = mean >= n.double().cpu()  # prompt not longer than the budget: nothing to evict at prefill
+            over = mean >= n.double()  # prompt not longer than the budget: nothing to evict at prefill
             if bool((~over & (total < floor * L)).any()):
                 b = int((~over & (total < floor * L)).nonzero()[0])
                 raise BudgetError(
@@ -387,14 +387,14 @@ class SqueezeCache(Cache):
                 raise BudgetError(f"budget {config.budget:g} rounds to 0 tokens per layer for a prompt of {int(n.min())} tokens")
             budgets = torch.empty(B, L, dtype=torch.long)
             if bool(over.any()):
-                budgets[over] = torch.round(mean[over]).long().clamp_min(n.cpu()[over]).view(-1, 1).expand(-1, L)
+                budgets[over] = torch.round(mean[over]).long().clamp_min(n[over]).view(-1, 1).expand(-1, L)
             squeeze_rows = (~over).nonzero().view(-1)
             if squeeze_rows.numel():
                 request = AllocationRequest(
                     importance=self.importance[squeeze_rows][:, layers].float(),
                     total=total[squeeze_rows],
                     floor=floor,
-                    cap=n.cpu()[squeeze_rows],
+                    cap=n[squeeze_rows],
                 )
                 got = self.call_allocator(request)
                 problem = check_budgets(got, request.total, floor, request.cap, (squeeze_rows.numel(), L))

@@ -92,10 +92,10 @@ def _lazy_subcommands() -> None:
         _SUBCOMMANDS.append(cli_generate.register)
     except ImportError:
         pass
-    try:
-        from .evaluators import cli as eval_cli
-    except ImportError:  # evaluators are optional in stripped-down installs
-        return
+    from .evaluators import bench
+    from .evaluators import cli as eval_cli
+
+    _SUBCOMMANDS.append(bench.add_parser)
     _SUBCOMMANDS.extend(eval_cli.SUBCOMMANDS)
 
 
