@@ -322,3 +322,16 @@ def _run(args: argparse.Namespace) -> int:
     write_reports(results, Path(args.out))
     print(f"wrote {args.out}/bench-{args.config}.{{json,md,png}}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m squeezekit.evaluators.bench ...``: the same as ``squeezekit bench ...``."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="squeezekit bench")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return _run(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
