@@ -171,6 +171,25 @@ def run_squeezekit(model, ids, new_tokens, device, method: Method, micro_batch: 
     )
 
 
+@torch.inference_mode()
+def profile_decode(model, ids, device, method: Method, micro_batch: int, steps: int = 4) -> str:
+    """Top CUDA kernels of a few eager (uncaptured) decode steps: where a step's time goes."""
+    import squeezekit
+    from squeezekit.batching import prefill
+    from squeezekit.decoding import GreedyDecoder
+
+    with squeezekit.compress(model, allocator=method.allocator, evictor=method.evictor, budget=method.budget) as comp:
+        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch)
+        decoder = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False)
+        decoder.run(2)
+        _sync(device)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            decoder.run(steps)
+            _sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+
+
 def _oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -247,6 +266,10 @@ def bench(args) -> dict:
             print(json.dumps(r), flush=True)
             if args.memory_cap_gib and r["peak_gib"] > args.memory_cap_gib:
                 break
+    if args.profile_batch:
+        method = next(m for m in methods if m.name != "hf")
+        ids = torch.randint(1, vocab, (args.profile_batch, args.prompt_len), generator=g).to(device)
+        results["profile"] = profile_decode(model, ids, device, method, args.micro_batch)
     return results
 
 
@@ -254,6 +277,8 @@ def write_reports(results: dict, out: Path) -> None:
     """results.json, a markdown table and a PNG of decode throughput vs batch size."""
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{results['config']}"
+    if "profile" in results:
+        (out / f"profile-{results['config']}.txt").write_text(results.pop("profile"))
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     rows = [
         "| method | B | prefill s | decode tok/s | end-to-end tok/s | step ms | floor ms | peak GiB | KV GiB | policy % of prefill |",
@@ -311,6 +336,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     p.add_argument("--check-batch", type=int, default=2)
     p.add_argument("--check-tokens", type=int, default=16)
+    p.add_argument("--profile-batch", type=int, default=0, help="also profile eager decode steps at this batch size")
     p.add_argument("--out", default="docs/benchmarks")
     p.set_defaults(func=_run)
 

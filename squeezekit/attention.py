@@ -23,8 +23,8 @@ from .policies import Stat
 NAME = "squeezekit"
 #: attention module -> the Compressor serving it (set by squeezekit.compress, removed on exit)
 COMPRESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: most bytes of attention probabilities one query block may hold in the explicit path
-BLOCK_BYTES = 1 << 27
+#: most bytes of attention probabilities one query block may hold in the explicit path (CPU, CUDA)
+BLOCK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 30}
 
 
 def _mask(kv_valid, kv_pos, q_pos, window):
@@ -54,7 +54,8 @@ def _explicit(query, key, value, mask_for, scaling, softcap, q_valid, want_probs
     H, C = key.shape[1], key.shape[2]
     G = Hq // H
     qg = query.view(B, H, G, q, D)
-    block = max(1, min(q, BLOCK_BYTES // max(1, B * Hq * C * 4)))
+    budget = BLOCK_BYTES.get(query.device.type, BLOCK_BYTES["cpu"])
+    block = max(1, min(q, budget // max(1, B * Hq * C * 4)))
     outs = []
     probs_sum = torch.zeros(B, H, C, dtype=torch.float32, device=query.device) if want_probs else None
     for start in range(0, q, block):

@@ -12,7 +12,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from . import attention
@@ -172,7 +171,12 @@ class Compressor:
             out = output[0] if isinstance(output, tuple) else output
             if post_name:
                 out = getattr(layer, post_name)(out)
-            cos = F.cosine_similarity(x.float(), (x + out).float(), dim=-1)
+            # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
+            # x.h = (|x|^2 + |h|^2 - |out|^2) / 2
+            nx = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+            nh = torch.linalg.vector_norm(x + out, dim=-1, dtype=torch.float32)
+            no = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+            cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
             valid = self.step.new_valid.to(cos.device).float()
             self._importance[i] = (cos * valid).sum(-1) / valid.sum(-1).clamp_min(1)
             if self.cache is not None:

@@ -35,8 +35,13 @@ def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch
 
 
 def victim_slots(score: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """(B, H, 1): each row's lowest-ranked valid slot (exact ties: the older token). No host sync."""
-    key = rank_key(score, view).masked_fill(~view.valid, float("inf"))
+    """(B, H, 1): each row's lowest-scored valid slot, never the newest token; exact ties go to the older token.
+
+    The decode hot path: float32 and int32 only, no host sync.
+    """
+    key = torch.nan_to_num(score.float(), nan=float("-inf"))
+    newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
+    key = key.masked_fill(newest | ~view.valid, float("inf"))
     lowest = key == key.amin(dim=-1, keepdim=True)
     oldest = view.positions.masked_fill(~lowest, torch.iinfo(view.positions.dtype).max)
     return oldest.argmin(dim=-1, keepdim=True)
