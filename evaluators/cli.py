@@ -1,4 +1,6 @@
-"""CLI subcommands backed by the evaluators (``squeezekit eval``); ``bench`` registers itself from squeezekit.cli."""
+"""CLI subcommands backed by the evaluators (``squeezekit eval``, ``squeezekit bench``)."""
 
-#: functions(subparsers) that each add one subcommand
-SUBCOMMANDS: list = []
+from . import eval_cli
+
+#: functions(subparsers) that each add one subcommand; filled by the evaluator modules below
+SUBCOMMANDS: list = [eval_cli.register]

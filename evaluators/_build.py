@@ -1,0 +1,39 @@
+"""Build step (pyproject ``[tool.setuptools.cmdclass]``): install the lm-eval startup hook next to the package.
+
+Adds two files at the top of site-packages: ``_squeezekit_lm_eval_hook.py`` (a copy of ``_lm_eval_hook.py``) and
+``squeezekit-lm-eval.pth`` (one line that imports it at startup). A regular wheel takes them from ``build_lib``; an
+editable install (PEP 660) ships only its own finder from there, so they go into the editable wheel's folder
+(the ``install`` command's ``install_lib``) instead. pip records both, so uninstalling removes them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuptools.command.build_py import build_py as _build_py
+
+HOOK_SOURCE = Path(__file__).with_name("_lm_eval_hook.py")
+HOOK_MODULE = "_squeezekit_lm_eval_hook.py"
+PTH = "squeezekit-lm-eval.pth"
+PTH_LINE = "import _squeezekit_lm_eval_hook\n"
+
+
+class build_py(_build_py):
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            self._write(Path(self.get_finalized_command("install").install_lib))
+        else:
+            self._write(Path(self.build_lib))
+
+    def _write(self, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        self.copy_file(str(HOOK_SOURCE), str(target / HOOK_MODULE), preserve_mode=False)
+        (target / PTH).write_text(PTH_LINE)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = list(super().get_outputs(include_bytecode))
+        if not getattr(self, "editable_mode", False):
+            outputs += [os.path.join(self.build_lib, HOOK_MODULE), os.path.join(self.build_lib, PTH)]
+        return outputs

@@ -1,0 +1,118 @@
+"""The lm-eval adapter scores against the compressed cache: exact at budget 1, different at a small budget."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
+from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
+
+from squeezekit.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and never fight other processes for the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return HFLM(pretrained=tiny, device="cpu", batch_size=3)
+
+
+def _requests(tok):
+    ids = tok(standin_text(3000, seed=3)).input_ids
+    return [
+        (("a", "b"), ids[0:120], ids[120:150]),  # long continuation: crosses several extend chunks
+        (("c", "d"), ids[200:260], ids[260:261]),  # one token: scored by the prefill itself
+        (("e", "f"), ids[300:390], ids[390:403]),
+        (("g", "h"), ids[300:390], ids[390:391]),  # shares the context of the request above
+        (("i", "j"), ids[500:640], ids[640:660]),
+        (("k", "l"), ids[500:640], ids[640:641]),
+    ]
+
+
+def _lm(tiny, **kw):
+    return SqueezekitLM(pretrained=tiny, device="cpu", batch_size=3, extend_chunk=8, **kw)
+
+
+def test_budget_one_matches_plain_hflm(tiny, plain):
+    reqs = _requests(plain.tokenizer)
+    ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for evictor in ("streaming", "h2o"):
+        got = _lm(tiny, budget=1.0, allocator="squeeze", evictor=evictor)._loglikelihood_tokens(reqs, disable_tqdm=True)
+        for (r, rg), (g, gg) in zip(ref, got, strict=True):
+            assert abs(r - g) < 1e-4 and rg == gg
+
+
+def test_small_budget_changes_multi_token_scores_only(tiny, plain):
+    reqs = _requests(plain.tokenizer)
+    ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    lm = _lm(tiny, budget=0.2, allocator="squeeze", evictor="streaming")
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    diffs = [abs(r[0] - g[0]) for r, g in zip(ref, got, strict=True)]
+    multi = [d for d, (_, _, cont) in zip(diffs, reqs, strict=True) if len(cont) > 1]
+    single = [d for d, (_, _, cont) in zip(diffs, reqs, strict=True) if len(cont) == 1]
+    assert max(multi) > 1e-3  # scored against the compressed cache
+    assert max(single) < 1e-4  # predicted by the prefill, as the first generated token would be
+    assert 0 < lm.kv_bytes["kept"] < 0.3 * lm.kv_bytes["full"]
+
+
+def test_rolling_perplexity(tiny, plain):
+    docs = [standin_text(400, seed=s) for s in (5, 6)]
+    reqs = [Instance("loglikelihood_rolling", {}, (d,), 0) for d in docs]
+    ref = plain.loglikelihood_rolling(reqs, disable_tqdm=True)
+    full = _lm(tiny, budget=1.0).loglikelihood_rolling(reqs, disable_tqdm=True)
+    small = _lm(tiny, budget=0.2, evictor="sliding_window").loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert all(abs(a - b) < 1e-3 for a, b in zip(ref, full, strict=True))
+    assert all(abs(a - b) > 1e-2 for a, b in zip(ref, small, strict=True))
+
+
+def test_generate_until_is_compressed(tiny):
+    lm = _lm(tiny, budget=0.25, evictor="h2o")
+    tok = lm.tokenizer
+    prompts = [standin_text(120, seed=8), standin_text(90, seed=9)]
+    reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}), i) for i, p in enumerate(prompts)]
+    out = lm.generate_until(reqs, disable_tqdm=True)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert lm.kv_bytes["prefills"] >= 1 and lm.kv_bytes["kept"] < 0.35 * lm.kv_bytes["full"]
+    assert tok is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"budgt": 0.2}, "did you mean 'budget'"),
+        ({"batch_sise": 2}, "did you mean 'batch_size'"),
+        ({"evictor": "streeming"}, "did you mean 'streaming'"),
+        ({"budget": 2.5}, "budget = 2.5"),
+        ({"kernel_size": 5}, "unknown key"),  # snapkv's parameter, but the evictor is streaming
+    ],
+)
+def test_model_args_errors_are_config_errors(tiny, kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        SqueezekitLM(pretrained=tiny, device="cpu", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plugin_keys_and_hflm_keys_pass(tiny):
+    lm = SqueezekitLM(pretrained=tiny, device="cpu", evictor="snapkv", kernel_size=5, max_length=512, budget=0.3)
+    assert dict(lm.squeeze_config.extra) == {"kernel_size": 5} and lm.max_length == 512
