@@ -1,0 +1,144 @@
+"""The offline evaluation suite: task data built at run time, the LongBench code path on local jsonl, the sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from squeezekit.evaluators import sweep  # noqa: E402
+from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
+
+LONGBENCH_DOCS = [  # the fields of LongBench's samsum (as lm-eval's longbench tasks read them)
+    {
+        "context": "Dialogue: Anna: are you coming tonight? Ben: yes, at eight. Anna: bring the cake.\nSummary: Ben will "
+        "come at eight and bring the cake.\n\n" * 3,
+        "question": "Dialogue: Carl: the bus is late again. Dana: take a taxi, I will pay.\nSummary:",
+        "answers": ["Carl's bus is late, Dana will pay for his taxi."],
+        "length": 60,
+        "dataset": "samsum",
+        "language": "en",
+        "all_classes": None,
+        "_id": f"local-{i}",
+    }
+    for i in range(3)
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "standin.txt"
+    path.write_text(standin_text(6000, seed=11))
+    return str(path)
+
+
+def _task_utils():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sk_task_utils", sweep.TASKS_DIR / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_task_data_is_built_at_run_time(tiny, text_file):
+    from transformers import AutoTokenizer
+
+    utils = _task_utils()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    meta = {"pretrained": tiny, "text_file": text_file, "max_seq_lengths": [256, 512], "num_samples": 3}
+    ppl = utils.ppl_dataset(**meta)["test"]
+    assert len(ppl) == 6 and sorted(set(ppl["max_length"])) == [256, 512]
+    for row in ppl:
+        assert abs(len(tok(row["text"]).input_ids) - row["max_length"]) <= 8
+    keys = utils.passkey_dataset(**meta)["test"]
+    assert len(keys) == 6
+    for row in keys:
+        assert row["input"].count(row["answer"]) == 2 and abs(len(tok(row["input"]).input_ids) - row["max_length"]) <= 40
+        assert utils.passkey_score(row, [f" {row['answer']}. Remember"])["acc"] == 1.0
+        assert utils.passkey_score(row, [" 1234"])["acc"] == 0.0
+
+
+def test_text_sources(text_file, monkeypatch):
+    utils = _task_utils()
+    assert utils.find_text(text_file)[1] == text_file
+    monkeypatch.setenv("SQUEEZEKIT_TEXT", text_file)
+    assert utils.find_text()[1] == text_file
+    assert len(utils.pydoc_text()) > 100_000  # the fallback that ships with Python
+
+
+def test_longbench_code_path_on_local_jsonl(tiny, tmp_path):
+    """lm-eval's own longbench_samsum task (prompt, metric) with a local jsonl instead of the hub dataset."""
+    pytest.importorskip("rouge")
+    import lm_eval
+    import lm_eval.tasks.longbench as longbench
+    from lm_eval.tasks import TaskManager
+    from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
+
+    data = tmp_path / "samsum.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in LONGBENCH_DOCS))
+    samsum = Path(longbench.__path__[0]) / "samsum.yaml"
+    (tmp_path / "samsum_local.yaml").write_text(
+        f"include: {samsum}\ntask: longbench_samsum_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ngeneration_kwargs:\n  max_gen_toks: 8\n  until: [\"\\n\"]\n"
+        "  do_sample: false\n"
+    )
+    lm = SqueezekitLM(pretrained=tiny, device="cpu", batch_size=2, allocator="squeeze", evictor="h2o", budget=0.3)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["longbench_samsum_local"], task_manager=TaskManager(include_path=str(tmp_path)), limit=2)
+    res = out["results"]["longbench_samsum_local"]
+    assert "rouge_score,none" in res and 0.0 <= res["rouge_score,none"] <= 1.0
+    assert lm.kv_bytes["prefills"] >= 1 and lm.kv_bytes["kept"] < 0.5 * lm.kv_bytes["full"]
+
+
+def test_sweep_cli_resumes_and_reports(tiny, text_file, tmp_path, monkeypatch):
+    from squeezekit.cli import main
+
+    out = tmp_path / "results"
+    args = ["eval", "--sweep", "--model", tiny, "--text-file", text_file, "--out", str(out), "--batch-size", "2",
+            "--suite", "squeezekit_passkey@256:2,squeezekit_ppl@256:2", "--allocators", "uniform,squeeze",
+            "--evictors", "streaming", "--budgets", "0.5,1"]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["cells"]) == {"full", "uniform/streaming/0.5", "squeeze/streaming/0.5"}  # budget 1 once
+    for cell in data["cells"].values():
+        assert set(cell["units"]) == {"squeezekit_passkey@256", "squeezekit_ppl@256"}
+        assert all(len(u["scores"]) == 2 for u in cell["units"].values())
+    table = (out / "results.md").read_text()
+    assert "| squeeze | streaming | 0.5 |" in table and "| (any) | (any) | 1 |" in table
+    assert (out / "quality_vs_budget.png").stat().st_size > 5000
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(sweep.Evaluator, "run", boom)
+    assert main(args) == 0  # everything is there already: nothing runs
+
+
+def test_suite_parsing_errors():
+    from squeezekit.errors import ConfigError
+
+    assert sweep.parse_suite("niah_single_1@1024:8") == [sweep.Unit("niah_single_1", 1024, 8)]
+    with pytest.raises(ConfigError, match="unknown task"):
+        sweep.parse_suite("hellaswag@1024:8")
+    with pytest.raises(ConfigError, match="TASK@LENGTH:N"):
+        sweep.parse_suite("niah_single_1:8")
