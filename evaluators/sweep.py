@@ -75,9 +75,17 @@ def parse_suite(text: str) -> list[Unit]:
 
 
 def cell_key(config) -> str:
+    """``allocator/evictor/budget``, plus ``/k=v,...`` for any other key set (``full`` for budget 1)."""
     if config.full:
         return "full"
-    return f"{config.allocator}/{config.evictor}/{config.budget:g}"
+    key = f"{config.allocator}/{config.evictor}/{config.budget:g}"
+    extra = {k: v for k, v in config.as_dict().items() if k not in ("allocator", "evictor", "budget")}
+    return key + ("/" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(extra.items())) if extra else "")
+
+
+def _variant(key: str) -> str:
+    parts = key.split("/")
+    return parts[3] if len(parts) > 3 else ""
 
 
 def _cap_ruler_samples(cap: int) -> None:
@@ -319,6 +327,8 @@ def markdown_table(data: dict) -> str:
         cell = cells[key]
         s = summarize(cell)
         alloc, evict = ("(any)", "(any)") if key == "full" else key.split("/")[:2]
+        if _variant(key):
+            alloc += f" ({_variant(key)})"
         row = [alloc, evict, f"{_budget_of(key):g}", *(fmt(cell["units"].get(k)) for k in unit_keys),
                "" if s["ruler"] is None else f"{s['ruler']:.3f}", "" if s["kv"] is None else f"{100 * s['kv']:.1f}%"]
         lines.append("| " + " | ".join(row) + " |")
@@ -354,7 +364,8 @@ def plot(data: dict, path: Path) -> Path:
                 pts = sorted(
                     (_budget_of(k), summarize(c)[metric])
                     for k, c in cells.items()
-                    if k != "full" and k.split("/")[:2] == [allocator, evictor] and summarize(c)[metric] is not None
+                    if k != "full" and k.split("/")[:2] == [allocator, evictor] and not _variant(k)
+                    and summarize(c)[metric] is not None
                 )
                 if full and full[metric] is not None:
                     pts.append((1.0, full[metric]))

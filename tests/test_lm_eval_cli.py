@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,39 @@ def test_unknown_model_arg_is_a_config_error(setup):
     )  # fmt: skip
     assert out.returncode != 0
     assert "config error: model_args: budgte = 0.2: unknown key" in out.stderr and "did you mean 'budget'?" in out.stderr
+
+
+def test_startup_hook_is_installed_and_cheap():
+    """The .pth hook is active in this environment and imports nothing heavy at start-up."""
+    code = (
+        "import sys; heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'squeezekit') if m in sys.modules]; "
+        "print('hook' if '_squeezekit_lm_eval_hook' in sys.modules else 'no-hook', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "hook []", out.stdout + out.stderr
+
+
+@pytest.mark.slow  # builds and installs the package into a throwaway venv (~30 s)
+def test_regular_install_registers_the_model(tmp_path):
+    """``pip install .`` (not editable) into a venv also gets the hook, and lm-eval resolves the model from it."""
+    import venv
+
+    root = Path(__file__).resolve().parents[1]
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", str(root)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    assert (site / "squeezekit-lm-eval.pth").exists() and (site / "_squeezekit_lm_eval_hook.py").exists()
+    code = (
+        "from lm_eval.api.registry import get_model; import inspect; "
+        "print(inspect.getfile(get_model('squeezekit')), get_model('hf').__name__)"
+    )
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, hf = out.stdout.split()
+    assert where.startswith(str(site)) and hf == "HFLM"
