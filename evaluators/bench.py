@@ -46,14 +46,17 @@ class Method:
     allocator: str | None = None
     evictor: str | None = None
     budget: float = 1.0
+    batches: list[int] | None = None  # this method's own batch sizes ("METHOD:8/16/32"), else --batches
 
     @classmethod
     def parse(cls, text: str) -> Method:
+        text, _, sizes = text.partition(":")
+        batches = [int(b) for b in sizes.split("/")] if sizes else None
         if text == "hf":
-            return cls("hf")
+            return cls("hf", batches=batches)
         combo, _, budget = text.partition("@")
         allocator, _, evictor = combo.partition("+")
-        return cls(text, allocator, evictor, float(budget or 0.2))
+        return cls(text, allocator, evictor, float(budget or 0.2), batches)
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -244,8 +247,9 @@ def bench(args) -> dict:
         print(json.dumps(results["checks"][-1]), flush=True)
 
     for method in methods:
-        for B in tqdm(batches, desc=method.name, unit="batch"):
+        for B in tqdm(method.batches or batches, desc=method.name, unit="batch"):
             ids = torch.randint(1, vocab, (B, args.prompt_len), generator=g).to(device)
+            oom = False
             try:
                 if method.name == "hf":
                     r = run_hf(model, ids, args.new_tokens, device)
@@ -254,16 +258,20 @@ def bench(args) -> dict:
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _oom(exc):
                     raise
+                oom = True
+            del ids
+            if oom:  # outside the except block, so the traceback's frames (and their tensors) can be freed
+                _peak_reset(device)
                 results["runs"].append({"method": method.name, "B": B, "oom": True})
                 print(json.dumps(results["runs"][-1]), flush=True)
-                del ids
-                _peak_reset(device)
                 break
             r.pop("tokens")
             floor_s = (weight_bytes + r["kv_bytes"]) / bandwidth if bandwidth == bandwidth else float("nan")
             r.update(method=method.name, B=B, floor_step_ms=round(1000 * floor_s, 2))
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
+            if args.out:
+                write_reports(results, Path(args.out))  # after every run: a later crash keeps what was measured
             if args.memory_cap_gib and r["peak_gib"] > args.memory_cap_gib:
                 break
     if args.profile_batch:
@@ -278,8 +286,8 @@ def write_reports(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{results['config']}"
     if "profile" in results:
-        (out / f"profile-{results['config']}.txt").write_text(results.pop("profile"))
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (out / f"profile-{results['config']}.txt").write_text(results["profile"])
+    (out / f"{stem}.json").write_text(json.dumps({k: v for k, v in results.items() if k != "profile"}, indent=1))
     rows = [
         "| method | B | prefill s | decode tok/s | end-to-end tok/s | step ms | floor ms | peak GiB | KV GiB | policy % of prefill |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -330,7 +338,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="auto", help="comma-separated batch sizes, or 'auto' (grow until OOM)")
-    p.add_argument("--methods", default="hf,squeeze+streaming@0.2", help="comma-separated: hf, ALLOC+EVICT@BUDGET")
+    p.add_argument(
+        "--methods", default="hf,squeeze+streaming@0.2",
+        help="comma-separated: hf or ALLOC+EVICT@BUDGET, each optionally with its own batch sizes: METHOD:8/16/32",
+    )
     p.add_argument("--micro-batch", type=int, default=16, help="squeezekit prefill micro-batch")
     p.add_argument("--memory-cap-gib", type=float, default=0.0)
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
