@@ -59,8 +59,9 @@ class Method:
         return cls(text, allocator, evictor, float(budget or 0.2), batches)
 
 
-def build_model(name: str, device: str, dtype: torch.dtype):
-    """A random-weight model from a named config, or a local directory's weights."""
+def build_model(name: str, device: str, dtype: torch.dtype, gpus: int = 1):
+    """A random-weight model from a named config (sharded layer-wise over ``gpus`` GPUs with accelerate), or a local
+    directory's weights."""
     import transformers as tf
 
     if name in CONFIGS:
@@ -68,14 +69,51 @@ def build_model(name: str, device: str, dtype: torch.dtype):
         config = tf.AutoConfig.for_model(**spec)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
-        with torch.device(device):
-            model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if gpus > 1:
+            model = _sharded_random_model(config, dtype, gpus)
+        else:
+            with torch.device(device):
+                model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     else:
-        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device)
+        kwargs = dict(device_map="balanced") if gpus > 1 else {}
+        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        if gpus <= 1:
+            model = model.to(device)
     model.eval()
     model.generation_config.eos_token_id = None  # fixed-length generations
     model.generation_config.pad_token_id = 0
     return model
+
+
+def layer_device_map(n_layers: int, gpus: int, prefix: str = "model") -> dict[str, int]:
+    """Contiguous blocks of decoder layers per GPU (accelerate's device_map format); embeddings on the first GPU,
+    final norm and LM head on the last."""
+    per = -(-n_layers // gpus)
+    device_map = {f"{prefix}.embed_tokens": 0, f"{prefix}.rotary_emb": 0}
+    device_map.update({f"{prefix}.layers.{i}": i // per for i in range(n_layers)})
+    device_map.update({f"{prefix}.norm": gpus - 1, "lm_head": gpus - 1})
+    return device_map
+
+
+def _sharded_random_model(config, dtype, gpus: int):
+    """Build on the meta device, materialise each part directly on its GPU with random weights, dispatch."""
+    import transformers as tf
+    from accelerate import dispatch_model
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    device_map = layer_device_map(config.num_hidden_layers, gpus)
+    for name, dev in device_map.items():
+        module = model.get_submodule(name)
+        module.to_empty(device=f"cuda:{dev}")
+        for pname, param in module.named_parameters():
+            with torch.no_grad():
+                param.fill_(1.0) if "norm" in pname else param.normal_(0.0, config.initializer_range)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config, device="cuda:0")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
 
 
 def _sync(device: str) -> None:
@@ -87,11 +125,15 @@ def _peak_reset(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
 
 
 def _peak_gib(device: str) -> float:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else float("nan")
+    """Peak allocated memory, summed over all GPUs (a sharded model uses several)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    return round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 2)
 
 
 def copy_bandwidth(device: str) -> float:
@@ -199,14 +241,15 @@ def _oom(exc: BaseException) -> bool:
 
 def bench(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
-    model = build_model(args.config, device, dtype)
+    model = build_model(args.config, device, dtype, args.gpus)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     methods = [Method.parse(m) for m in args.methods.split(",")]
     batches = AUTO_BATCHES if args.batches == "auto" else [int(b) for b in args.batches.split(",")]
-    results = {"config": args.config, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    gpu_name = f"{args.gpus} x {torch.cuda.get_device_name()}" if args.gpus > 1 else torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    results = {"config": args.config, "device": gpu_name, "gpus": args.gpus,
                "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth, "runs": [], "checks": []}
     import transformers
@@ -284,9 +327,9 @@ def bench(args) -> dict:
 def write_reports(results: dict, out: Path) -> None:
     """results.json, a markdown table and a PNG of decode throughput vs batch size."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{results['config']}"
+    stem = f"bench-{results['config']}" + (f"-{results['gpus']}gpu" if results.get("gpus", 1) > 1 else "")
     if "profile" in results:
-        (out / f"profile-{results['config']}.txt").write_text(results["profile"])
+        (out / f"profile-{stem[6:]}.txt").write_text(results["profile"])
     (out / f"{stem}.json").write_text(json.dumps({k: v for k, v in results.items() if k != "profile"}, indent=1))
     rows = [
         "| method | B | prefill s | decode tok/s | end-to-end tok/s | step ms | floor ms | peak GiB | KV GiB | policy % of prefill |",
@@ -335,6 +378,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default="mistral-7b", help=f"named config ({', '.join(CONFIGS)}) or a local model dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
+    p.add_argument("--gpus", type=int, default=1, help="shard the model's layers over this many GPUs (accelerate)")
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="auto", help="comma-separated batch sizes, or 'auto' (grow until OOM)")

@@ -430,7 +430,7 @@ class SqueezeCache(Cache):
         """Record, without a host sync, whether an evictor scored a cached token NaN (checked by `check_nan`)."""
         if self._nan_flag is None:
             self._nan_flag = torch.zeros((), dtype=torch.bool, device=score.device)
-        self._nan_flag.logical_or_(torch.isnan(score.float()).any())
+        self._nan_flag.logical_or_(torch.isnan(score.float()).any().to(self._nan_flag.device, non_blocking=True))
 
     def check_nan(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

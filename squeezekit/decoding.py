@@ -19,7 +19,8 @@ class GreedyDecoder:
         self.model, self.cache = model, cache
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
-        self.use_graph = cuda_graph and self.ids.is_cuda and all(
+        devices = {p.device for p in model.parameters()}
+        self.use_graph = cuda_graph and self.ids.is_cuda and len(devices) == 1 and all(
             layer.steady for layer in cache.layers if layer.budget is not None
         ) and all(layer.budget is not None for layer in cache.layers)
         self.graph: torch.cuda.CUDAGraph | None = None
