@@ -13,7 +13,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 C
 
 def _sharded(arch: str):
     from accelerate import dispatch_model
-
     from squeezekit.evaluators.bench import layer_device_map
 
     model = tiny_model(arch, num_hidden_layers=4)
