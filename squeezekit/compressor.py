@@ -167,8 +167,10 @@ class Compressor:
             if not self._measuring or i not in self._x:
                 return
             t0 = self.cache.clock() if self.cache is not None else time.perf_counter()
-            x = self._x.pop(i)
             out = output[0] if isinstance(output, tuple) else output
+            # A sharded model's layer may receive its input on the previous layer's device (accelerate moves it
+            # inside the forward, after our pre-hook saw it).
+            x = self._x.pop(i).to(out.device, non_blocking=True)
             if post_name:
                 out = getattr(layer, post_name)(out)
             # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
