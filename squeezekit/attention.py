@@ -137,11 +137,12 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(_fold(query, H), key, value, scale=scaling)
         return _unfold(out, Hq, q), None
     shared = step.shared_masks if (fresh and layer is not None) else None
-    mask = shared.get(window) if shared is not None else None
+    key_ = (window, query.device)  # layers of a sharded model live on different devices
+    mask = shared.get(key_) if shared is not None else None
     if mask is None:
         mask = _mask(kv_valid, kv_pos, q_pos, window)
         if shared is not None:
-            shared[window] = mask
+            shared[key_] = mask
     Hm = mask.shape[1]
     mask = mask[:, :, None].expand(B, Hm, Hq // H, q, mask.shape[-1]).reshape(B, Hm, (Hq // H) * q, -1)
     out = F.scaled_dot_product_attention(_fold(query, H), key, value, attn_mask=mask, scale=scaling)

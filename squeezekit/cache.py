@@ -33,7 +33,7 @@ class Step:
     prefill: bool  # first step of this cache
     all_valid: bool = False  # host-side: no padding among the new tokens (lets hot paths skip masks and syncs)
     counted: bool = False  # end_step has added the new tokens to `seen`
-    #: masks shared by layers whose slots are laid out alike in this step, keyed by (capacity, window)
+    #: masks shared by layers whose slots are laid out alike in this step, keyed by (window, device)
     shared_masks: dict = field(default_factory=dict)
 
 
