@@ -184,7 +184,9 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
 
 
 @torch.inference_mode()
-def run_squeezekit(model, ids, new_tokens, device, method: Method, micro_batch: int, cuda_graph: bool) -> dict:
+def run_squeezekit(
+    model, ids, new_tokens, device, method: Method, micro_batch: int, cuda_graph: bool, chunk: int | None = None
+) -> dict:
     import squeezekit
     from squeezekit.batching import prefill
     from squeezekit.decoding import GreedyDecoder
@@ -194,7 +196,7 @@ def run_squeezekit(model, ids, new_tokens, device, method: Method, micro_batch: 
         comp.sync_timings = device.startswith("cuda")
         _sync(device)
         t0 = time.perf_counter()
-        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch)
+        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch, chunk=chunk)
         first = logits.argmax(-1)
         _sync(device)
         t1 = time.perf_counter()
@@ -297,7 +299,9 @@ def bench(args) -> dict:
                 if method.name == "hf":
                     r = run_hf(model, ids, args.new_tokens, device)
                 else:
-                    r = run_squeezekit(model, ids, args.new_tokens, device, method, args.micro_batch, args.cuda_graph)
+                    r = run_squeezekit(
+                        model, ids, args.new_tokens, device, method, args.micro_batch, args.cuda_graph, args.prefill_chunk
+                    )
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _oom(exc):
                     raise
@@ -387,6 +391,7 @@ def add_parser(sub) -> None:
         help="comma-separated: hf or ALLOC+EVICT@BUDGET, each optionally with its own batch sizes: METHOD:8/16/32",
     )
     p.add_argument("--micro-batch", type=int, default=16, help="squeezekit prefill micro-batch")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="squeezekit chunked prefill: tokens per chunk (0 = off)")
     p.add_argument("--memory-cap-gib", type=float, default=0.0)
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     p.add_argument("--check-batch", type=int, default=2)

@@ -83,25 +83,30 @@ class Assembler:
 
 
 @torch.inference_mode()
-def prefill(model, compressor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, micro_batch: int = 8):
+def prefill(
+    model,
+    compressor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    micro_batch: int = 8,
+    chunk: int | None = None,
+):
     """Prefill ``input_ids`` (B, T) in micro-batches inside an active ``compress`` block.
 
-    Returns ``(cache, last_logits)``: one merged `SqueezeCache` for the whole batch and the (B, vocab) logits of each
+    With ``chunk``, each micro-batch's prompt goes through the model ``chunk`` tokens at a time and every layer is
+    evicted back to its budget after each chunk, so no layer ever holds more than its budget plus one chunk: the
+    prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk.
+
+    Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
     batch = input_ids.shape[0]
     assembler, cache, logits = None, None, []
     for start in range(0, batch, micro_batch):
         sl = slice(start, start + micro_batch)
-        out = model(
-            input_ids=input_ids[sl],
-            attention_mask=None if attention_mask is None else attention_mask[sl],
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        part = out.past_key_values
-        logits.append(out.logits[:, -1])
-        del out
+        mask = None if attention_mask is None else attention_mask[sl]
+        part, last = _prefill_one(model, input_ids[sl], mask, chunk)
+        logits.append(last)
         if micro_batch >= batch:
             cache = part
             break
@@ -111,3 +116,37 @@ def prefill(model, compressor, input_ids: torch.Tensor, attention_mask: torch.Te
     cache = cache if assembler is None else assembler.finish()
     compressor.last_cache = cache
     return cache, torch.cat(logits)
+
+
+def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int | None):
+    T = ids.shape[1]
+    if not chunk or chunk >= T:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1]
+    if mask is None:
+        mask = torch.ones_like(ids)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = None
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        kwargs = dict(attention_mask=mask[:, :e], position_ids=positions[:, s:e], use_cache=True, logits_to_keep=1)
+        if cache is None:
+            from .cache import SqueezeCache
+
+            cache = SqueezeCache(model_compressor(model), len(model_compressor(model).resolved.layers))
+            cache.expected_prompt_len = mask.sum(-1)
+        out = model(input_ids=ids[:, s:e], past_key_values=cache, **kwargs)
+        last = out.logits[:, -1]
+        del out
+    cache.compact()
+    return cache, last
+
+
+def model_compressor(model):
+    """The `Compressor` currently applied to ``model`` (inside its ``compress`` block)."""
+    from .attention import COMPRESSORS
+
+    for module in model.modules():
+        if module in COMPRESSORS:
+            return COMPRESSORS[module]
+    raise RuntimeError("the model is not inside a squeezekit.compress block")

@@ -303,6 +303,9 @@ class SqueezeCache(Cache):
         self.kv_bytes_prefill = 0
         self.scaling: dict[int, float] = {}
         self.host_seen_max = 0  # host-side copy of seen.max(), so that hot paths never sync
+        #: chunked prefill (squeezekit.batching): the whole prompt's real length per sequence, known before its
+        #: first chunk, so that budgets are fractions of the prompt, not of the chunk
+        self.expected_prompt_len: torch.Tensor | None = None
         self._nan_flag: torch.Tensor | None = None
         self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
 
@@ -365,7 +368,7 @@ class SqueezeCache(Cache):
         return time.perf_counter()
 
     def _finish_prefill(self) -> None:
-        self.prompt_len = self.seen.clone()
+        self.prompt_len = self.seen.clone() if self.expected_prompt_len is None else self.expected_prompt_len.clone()
         n = self.prompt_len.cpu()  # budgets are bookkept on the host
         config = self.compressor.config
         layers = self.compressor.compressible
@@ -437,6 +440,19 @@ class SqueezeCache(Cache):
             return
         if self._nan_flag is not None and bool(self._nan_flag):
             raise PluginError(self.evictor.name, self.origin("evictor"), "score() returned NaN for a cached token")
+
+    def compact(self) -> None:
+        """Shrink every bounded layer's buffers to the slots it holds (after a chunked prefill left room for a chunk)."""
+        from .selection import top_slots
+
+        for layer in self.layers:
+            if layer.keys is None or layer.budget is None:
+                continue
+            counts = layer.counts().amax(-1)
+            if int(counts.max()) < layer.capacity:
+                layer._keep(top_slots(layer.positions.float(), layer.view("prefill"), counts), compact=True)
+            if layer.window is None:
+                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
 
     # -- plugin calls ----------------------------------------------------------------------------------------------
     def origin(self, kind: str) -> str:

@@ -51,3 +51,41 @@ def test_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
     assert checks["squeeze+streaming@0.25"]["token_agreement"] == 1.0  # fast path == model.generate under compress
     assert (tmp_path / "bench-tiny.md").read_text().count("| squeeze+streaming@0.25 |") == 2
     assert (tmp_path / "bench-tiny.png").stat().st_size > 1000
+
+
+def test_chunked_prefill_is_exact_at_full_budget():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = batch(3, 70, pad=6)
+    ref = model(ids, attention_mask=mask).logits[:, -1]
+    with squeezekit.compress(model, budget=1.0) as c:
+        cache, logits = prefill(model, c, ids, mask, micro_batch=3, chunk=16)
+    assert (logits - ref).abs().max().item() <= 1e-5
+    assert torch.equal(cache.seen, mask.sum(-1))
+
+
+@pytest.mark.parametrize("evictor", ["streaming", "h2o"])
+def test_chunked_prefill_never_holds_the_whole_prompt(evictor):
+    model = tiny_model("mistral")
+    ids, mask = batch(2, 120)
+    peaks = []
+
+    def spy(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        peaks.append(max(layer.capacity for layer in cache.layers))
+
+    with squeezekit.compress(model, evictor=evictor, budget=0.25, sinks=2, window=4) as c:
+        handle = model.model.register_forward_hook(spy, with_kwargs=True)
+        try:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2, chunk=20)
+        finally:
+            handle.remove()
+        budgets = c.summary()["budgets"]
+        full = 2 * 120 * 4 * 2 * 2 * 16 * 4  # B x T x layers x (K, V) x kv heads x head_dim x fp32
+        assert cache.kv_nbytes() <= 0.25 * full * 1.03
+        assert all(layer.steady for layer in cache.layers)
+        rest = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(5)
+    assert len(peaks) == 6  # one forward per chunk
+    assert max(peaks) <= int(budgets.max()) + 20  # never the whole prompt: at most a budget plus one chunk
+    assert int(budgets.sum(-1)[0]) == round(0.25 * 120 * 4)  # budgets are fractions of the whole prompt
+    assert rest.shape == (2, 5)
