@@ -285,10 +285,15 @@ def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_s
 
 
 # -- reports --------------------------------------------------------------------------------------------------------------
-def summarize(cell: dict) -> dict:
-    """RULER mean (over RULER units), pass key accuracy, perplexity, mean KV fraction of one cell."""
+def summarize(cell: dict, expected: list[str] | None = None) -> dict:
+    """RULER mean (over RULER units), pass key accuracy, perplexity, mean KV fraction of one cell.
+
+    With ``expected`` unit keys, the RULER mean is given only when every expected RULER unit is there.
+    """
     units = cell["units"]
     ruler = [u["value"] for k, u in units.items() if k.split("@")[0] in RULER_TASKS]
+    if expected is not None and any(k.split("@")[0] in RULER_TASKS and k not in units for k in expected):
+        ruler = []
     passkey = [u["value"] for k, u in units.items() if k.startswith("squeezekit_passkey")]
     ppl = [u["value"] for k, u in units.items() if k.startswith("squeezekit_ppl")]
     kv = [u["kv_fraction"] for u in units.values() if u.get("kv_fraction") is not None]
@@ -302,7 +307,7 @@ def _budget_of(key: str) -> float:
 
 def write_reports(data: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.md").write_text(markdown_table(data))
+    (out_dir / "results.md").write_text(markdown_table(data) + comparisons_markdown(data))
     try:
         plot(data, out_dir / "quality_vs_budget.png")
     except Exception as exc:  # a plot must never lose the numbers
@@ -325,7 +330,7 @@ def markdown_table(data: dict) -> str:
     order = sorted(cells, key=lambda k: (k != "full", k.split("/")[1] if k != "full" else "", -_budget_of(k), k))
     for key in order:
         cell = cells[key]
-        s = summarize(cell)
+        s = summarize(cell, unit_keys)
         alloc, evict = ("(any)", "(any)") if key == "full" else key.split("/")[:2]
         if _variant(key):
             alloc += f" ({_variant(key)})"
@@ -344,28 +349,93 @@ def markdown_table(data: dict) -> str:
     return "\n".join(lines + notes)
 
 
+def _paired(a: dict, b: dict) -> tuple[float, float] | None:
+    """Mean and standard error of the per-sample differences a - b (same samples in the same order)."""
+    if len(a["scores"]) != len(b["scores"]) or not a["scores"]:
+        return None
+    d = [x - y for x, y in zip(a["scores"], b["scores"], strict=True)]
+    return sum(d) / len(d), _sd(d) / math.sqrt(len(d))
+
+
+def compare(data: dict, a_key: str, b_key: str) -> dict:
+    """Paired comparison of two cells: RULER mean (a - b), pass key (a - b), perplexity ratio a / b."""
+    cells = data["cells"]
+    if a_key not in cells or b_key not in cells:
+        return {}
+    a, b = cells[a_key]["units"], cells[b_key]["units"]
+    out: dict = {}
+    ruler = [(_paired(a[k], b[k])) for k in a if k in b and k.split("@")[0] in RULER_TASKS]
+    ruler = [r for r in ruler if r]
+    if ruler:
+        out["ruler"] = (sum(r[0] for r in ruler) / len(ruler), math.sqrt(sum(r[1] ** 2 for r in ruler)) / len(ruler))
+    for k in a:
+        if k in b and k.startswith("squeezekit_passkey"):
+            out["passkey"] = _paired(a[k], b[k])
+        if k in b and k.startswith("squeezekit_ppl"):
+            d = _paired(a[k], b[k])  # per-document NLL per word: a - b
+            if d:
+                out["ppl_ratio"] = (a[k]["value"] / b[k]["value"], d[1])  # ratio, SE of the log ratio
+    return out
+
+
+def comparisons_markdown(data: dict) -> str:
+    """squeeze vs uniform at equal budgets, and squeeze at 0.7x a budget vs uniform at it (paired)."""
+    cells = data["cells"]
+    evictors = sorted({k.split("/")[1] for k in cells if k != "full" and not _variant(k)})
+    pairs = [(b, b) for b in (0.1, 0.14, 0.2, 0.28, 0.4)] + [(0.14, 0.2), (0.28, 0.4)]
+    lines = [
+        "",
+        "### squeeze vs uniform (paired over the same samples)",
+        "",
+        "Differences squeeze - uniform ± standard error of the paired difference; perplexity as the ratio "
+        "squeeze / uniform (< 1: squeeze better) ± the standard error of its log. ✓: squeeze at least as good.",
+        "",
+        "| evictor | squeeze budget | uniform budget | RULER mean diff | pass key diff | perplexity ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for evictor in evictors:
+        for sb, ub in pairs:
+            c = compare(data, f"squeeze/{evictor}/{sb:g}", f"uniform/{evictor}/{ub:g}")
+            if not c:
+                continue
+            r, pk, pr = c.get("ruler"), c.get("passkey"), c.get("ppl_ratio")
+            cols = [
+                "" if r is None else f"{r[0]:+.3f} ± {r[1]:.3f} {'✓' if r[0] >= 0 else '✗'}",
+                "" if pk is None else f"{pk[0]:+.3f} ± {pk[1]:.3f} {'✓' if pk[0] >= 0 else '✗'}",
+                "" if pr is None else f"{pr[0]:.3f} ± {pr[1]:.3f} {'✓' if pr[0] <= 1 else '✗'}",
+            ]
+            lines.append(f"| {evictor} | {sb:g} | {ub:g} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(data: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cells = data["cells"]
+    expected = sorted({k for c in cells.values() for k in c["units"]})
+
+    def summ(cell):  # a cell's RULER mean only when all its RULER units are there
+        return summarize(cell, expected)
+
     evictors = sorted({k.split("/")[1] for k in cells if k != "full"}) or ["full cache"]
     allocators = sorted({k.split("/")[0] for k in cells if k != "full"})
     rows = [("ruler", "RULER mean (accuracy)"), ("passkey", "pass key accuracy"), ("ppl", "word perplexity (lower is better)")]
-    rows = [r for r in rows if any(summarize(c)[r[0]] is not None for c in cells.values())]
+    rows = [r for r in rows if any(summ(c)[r[0]] is not None for c in cells.values())]
     fig, axes = plt.subplots(len(rows), len(evictors), figsize=(4.2 * len(evictors), 3.2 * len(rows)), squeeze=False)
-    full = summarize(cells["full"]) if "full" in cells else None
+    full = summ(cells["full"]) if "full" in cells else None
     for j, evictor in enumerate(evictors):
         for i, (metric, label) in enumerate(rows):
             ax = axes[i][j]
             for allocator in allocators:
                 pts = sorted(
-                    (_budget_of(k), summarize(c)[metric])
+                    (_budget_of(k), summ(c)[metric])
                     for k, c in cells.items()
                     if k != "full" and k.split("/")[:2] == [allocator, evictor] and not _variant(k)
-                    and summarize(c)[metric] is not None
+                    and summ(c)[metric] is not None
                 )
                 if full and full[metric] is not None:
                     pts.append((1.0, full[metric]))
@@ -381,8 +451,8 @@ def plot(data: dict, path: Path) -> Path:
                 ax.set_ylabel(label)
             if i == len(rows) - 1:
                 ax.set_xlabel("mean KV budget (fraction of the prompt)")
-            if metric == "ppl":
-                ax.set_yscale("log")
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
             ax.legend(fontsize=8)
     fig.suptitle(f"squeezekit on {Path(data.get('meta', {}).get('model', '?')).name}: quality vs KV budget")
     fig.tight_layout()
