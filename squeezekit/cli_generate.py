@@ -30,6 +30,8 @@ def summary_line(summary: dict, new_tokens: int) -> str:
     full, kept, now = summary["kv_bytes_full"], summary["kv_bytes_kept"], summary["kv_bytes_now"]
     prompt = int(summary["prompt_len"].max())
     grown = full * (prompt + new_tokens) / max(prompt, 1)
+    if summary["max_budget"] < 0:  # budget 1: nothing is ever evicted
+        return f"KV cache: full, nothing evicted ({_mib(full)} after prefill, buffers {_mib(now)} after {new_tokens} new tokens)"
     return (
         f"KV cache: {_mib(kept)} kept of {_mib(full)} full after prefill ({100 * kept / max(full, 1):.1f}%), "
         f"{_mib(now)} after {new_tokens} new tokens (full cache: {_mib(int(grown))}); "
