@@ -12,6 +12,7 @@ function (squeezekit.attention) masks each layer by its own slots; `SqueezeCache
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import check_budgets
+from .config import floor_hint
 from .errors import BudgetError, InputError, PluginError  # noqa: F401
 from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
 from .selection import check_selection, victim_slots
@@ -173,21 +175,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _steady_append(self, k: torch.Tensor, v: torch.Tensor):
         """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
-        evictor = self.cache.evictor
-        view = self.view("decode")
-        if type(evictor).select is TokenEvictor.select:
-            score = self.cache.call_evictor(evictor.score, view)
-            self.cache.check_nan_later(score)
-            victim = victim_slots(score, view)  # (B, H, 1)
-        else:  # a plugin's own select: generic path (validated)
-            keep = self.budget.to(self.valid.device) - 1
-            idx = self.cache.call_evictor(evictor.select, view, keep)
-            problem = check_selection(idx, view, keep)
-            if problem:
-                raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
-            dropped = torch.ones_like(self.valid)
-            dropped.scatter_(2, idx.long().clamp_min(0), False)
-            victim = dropped.to(torch.int8).argmax(-1, keepdim=True)
+        victim = self.cache.with_fallback("evictor", self._steady_victim)
         step = self.cache.step
         B, H, _, D = self.keys.shape
         self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
@@ -198,6 +186,43 @@ class SqueezeLayer(CacheLayerMixin):
         self.new_slots = victim
         self.heads_differ = True
         return self.keys, self.values
+
+    def _steady_victim(self) -> torch.Tensor:
+        """(B, H, 1): the slot each row gives up for the new token (no side effects: a fallback may retry)."""
+        evictor = self.cache.evictor
+        view = self.view("decode")
+        if type(evictor).select is TokenEvictor.select:
+            score = self.scores(view, defer_nan=True)
+            return victim_slots(score, view)
+        # a plugin's own select: generic path (validated)
+        keep = self.budget.to(self.valid.device) - 1
+        idx = self.cache.call_evictor(evictor.select, view, keep)
+        problem = check_selection(idx, view, keep)
+        if problem:
+            raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
+        dropped = torch.ones_like(self.valid)
+        dropped.scatter_(2, idx.long().clamp_min(0), False)
+        return dropped.to(torch.int8).argmax(-1, keepdim=True)
+
+    def scores(self, view: LayerView, defer_nan: bool = False) -> torch.Tensor:
+        """The evictor's ``score(view)``, checked: a tensor of the slots' shape and device, no NaN for a cached token.
+
+        ``defer_nan`` (the CUDA decode hot path): record NaN without a host sync, reported by `SqueezeCache.check_nan`.
+        """
+        cache = self.cache
+        evictor = cache.evictor
+        score = cache.call_evictor(evictor.score, view)
+        if not isinstance(score, torch.Tensor):
+            raise PluginError(evictor.name, cache.origin("evictor"), f"score() must return a tensor, got {type(score).__name__}")
+        if tuple(score.shape) != tuple(self.valid.shape):
+            raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned shape {tuple(score.shape)}, expected {tuple(self.valid.shape)}")
+        if score.device != self.valid.device:
+            raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned a tensor on {score.device}, expected {self.valid.device}")
+        if defer_nan and score.is_cuda:
+            cache.check_nan_later(score)
+        elif bool(torch.isnan(score.float())[self.valid].any()):
+            raise PluginError(evictor.name, cache.origin("evictor"), "score() returned NaN for a cached token")
+        return score
 
     def _grow(self, need: int) -> None:
         """Add free slots (amortised: at least double, capped near the budget for bounded layers)."""
@@ -227,15 +252,15 @@ class SqueezeLayer(CacheLayerMixin):
 
     def evict(self, keep: torch.Tensor, phase: str, compact: bool = False) -> None:
         """Keep ``keep[b]`` slots of each row, as chosen by the evictor. ``compact`` also shrinks the buffers."""
+        self.cache.with_fallback("evictor", lambda: self._evict(keep, phase, compact))
+
+    def _evict(self, keep: torch.Tensor, phase: str, compact: bool) -> None:
+        # Every check of the evictor's output happens before the first change: a fallback can redo it all.
         evictor = self.cache.evictor
         view = self.view(phase)
         keep = torch.minimum(keep.to(self.valid.device), self.counts().amin(-1))
         if type(evictor).select is TokenEvictor.select:
-            score = self.cache.call_evictor(evictor.score, view)
-            if tuple(score.shape) != tuple(self.valid.shape):
-                raise PluginError(evictor.name, self.cache.origin("evictor"), f"score() returned shape {tuple(score.shape)}, expected {tuple(self.valid.shape)}")
-            if bool(torch.isnan(score.float())[self.valid].any()):
-                raise PluginError(evictor.name, self.cache.origin("evictor"), "score() returned NaN for a cached token")
+            score = self.scores(view)
             if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
                 # The hot decode path: drop the lowest-ranked slot of each row that is over.
                 victim = victim_slots(score, view)
@@ -291,7 +316,6 @@ class SqueezeCache(Cache):
 
     def __init__(self, compressor, n_layers: int):
         self.compressor = compressor
-        self.allocator, self.evictor = compressor.allocator, compressor.evictor
         super().__init__(layers=[SqueezeLayer(self, i) for i in range(n_layers)])
         self.length = 0  # tokens processed per row, padding included (what DynamicCache would report)
         self.seen: torch.Tensor | None = None  # (B,) real tokens per sequence
@@ -308,6 +332,14 @@ class SqueezeCache(Cache):
         self.expected_prompt_len: torch.Tensor | None = None
         self._nan_flag: torch.Tensor | None = None
         self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
+
+    @property
+    def allocator(self):
+        return self.compressor.allocator
+
+    @property
+    def evictor(self):
+        return self.compressor.evictor
 
     # -- transformers' cache API ---------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -378,18 +410,10 @@ class SqueezeCache(Cache):
         if not config.full:
             t0 = self.clock()
             mean = n.double() * config.budget if not config.absolute else torch.full((B,), float(config.budget), dtype=torch.float64)
-            floor = int(self.evictor.floor())
+            floor = self.compressor.floor
             total = torch.round(mean * L).long()
             over = mean >= n.double()  # prompt not longer than the budget: nothing to evict at prefill
-            if bool((~over & (total < floor * L)).any()):
-                b = int((~over & (total < floor * L)).nonzero()[0])
-                raise BudgetError(
-                    f"budget {config.budget:g} gives {float(mean[b]):.1f} tokens per layer for a {int(n[b])}-token prompt, "
-                    f"smaller than evictor {self.evictor.name!r}'s floor of {floor} (sinks + window); "
-                    f"raise the budget or lower sinks/window"
-                )
-            if bool((~over & (mean < 1)).any()):
-                raise BudgetError(f"budget {config.budget:g} rounds to 0 tokens per layer for a prompt of {int(n.min())} tokens")
+            self._check_budget(mean, total, over, n, floor, L)
             budgets = torch.empty(B, L, dtype=torch.long)
             if bool(over.any()):
                 budgets[over] = torch.round(mean[over]).long().clamp_min(n[over]).view(-1, 1).expand(-1, L)
@@ -401,11 +425,7 @@ class SqueezeCache(Cache):
                     floor=floor,
                     cap=n[squeeze_rows],
                 )
-                got = self.call_allocator(request)
-                problem = check_budgets(got, request.total, floor, request.cap, (squeeze_rows.numel(), L))
-                if problem:
-                    raise PluginError(self.allocator.name, self.origin("allocator"), problem)
-                budgets[squeeze_rows] = got.long().cpu()
+                budgets[squeeze_rows] = self.with_fallback("allocator", lambda: self.allocate(request)).long().cpu()
             self.budgets[:, layers] = budgets
             t1 = self.clock()
             self.timings["allocation"] += t1 - t0
@@ -417,6 +437,42 @@ class SqueezeCache(Cache):
             for layer in self.layers:
                 layer.heads_differ = False
         self.kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
+
+    def _check_budget(self, mean, total, over, n, floor: int, L: int) -> None:
+        """A fractional budget too small for some prompt: every layer keeps at least ``floor`` (>= 1) tokens."""
+        budget = self.compressor.config.budget
+        for need, what in ((1, "which rounds to 0 tokens for some layers"), (floor, None)):
+            short = ~over & (total < need * L)
+            if not bool(short.any()):
+                continue
+            b = int(short.nonzero()[0])
+            prompt = int(n[b])
+            if need <= prompt:
+                remedy = f"raise the budget to at least {math.ceil(need / prompt * 1000) / 1000:g}"
+            else:
+                remedy = f"use an absolute budget of at least {need} tokens"
+            if what is None:
+                setter = self.compressor.floor_setter
+                what = f"below the floor of evictor {setter.name!r} ({floor} tokens per layer)"
+                remedy += floor_hint(setter)
+            raise BudgetError(f"budget {budget:g} keeps {float(mean[b]):.1f} tokens per layer of a {prompt}-token prompt, {what}; {remedy}")
+
+    def allocate(self, request: AllocationRequest) -> torch.Tensor:
+        """The allocator's budgets for ``request``, checked (`squeezekit.budget.check_budgets`)."""
+        got = self.call_allocator(request)
+        problem = check_budgets(got, request.total, request.floor, request.cap, (request.total.shape[0], request.importance.shape[1]))
+        if problem:
+            raise PluginError(self.allocator.name, self.origin("allocator"), problem)
+        return got
+
+    def with_fallback(self, kind: str, fn):
+        """``fn()``; if the ``kind`` plugin fails (a `PluginError`) and the config names a fallback, again with it."""
+        while True:
+            try:
+                return fn()
+            except PluginError as exc:
+                if not self.compressor.fall_back(kind, exc):
+                    raise
 
     def _enforce_budgets(self, compact: bool) -> None:
         for layer in self.layers:
@@ -439,7 +495,10 @@ class SqueezeCache(Cache):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return
         if self._nan_flag is not None and bool(self._nan_flag):
-            raise PluginError(self.evictor.name, self.origin("evictor"), "score() returned NaN for a cached token")
+            self._nan_flag.zero_()
+            error = PluginError(self.evictor.name, self.origin("evictor"), "score() returned NaN for a cached token")
+            if not self.compressor.fall_back("evictor", error):
+                raise error
 
     def compact(self) -> None:
         """Shrink every bounded layer's buffers to the slots it holds (after a chunked prefill left room for a chunk)."""

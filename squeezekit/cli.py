@@ -8,7 +8,7 @@ import sys
 from .errors import SqueezekitError
 
 #: config keys that have a CLI flag of their own (all others: --set KEY=VALUE)
-FLAG_KEYS = ("allocator", "evictor", "budget", "p", "sinks", "window", "heavy_ratio")
+FLAG_KEYS = ("allocator", "evictor", "budget", "p", "sinks", "window", "heavy_ratio", "fallback_allocator", "fallback_evictor")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,12 +99,38 @@ def _lazy_subcommands() -> None:
     _SUBCOMMANDS.extend(eval_cli.SUBCOMMANDS)
 
 
+def unknown_option(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]):
+    """The one-line `ConfigError` for a mistyped option (``--budgte 0.2``), naming the nearest valid one."""
+    import difflib
+
+    from .errors import NO_VALUE, ConfigError
+
+    i = next(i for i, item in enumerate(extra) if item.startswith("-"))
+    flag, sep, value = extra[i].partition("=")
+    if not sep:
+        value = extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("-") else NO_VALUE
+    command = parser.prog
+    options = [o for a in parser._actions for o in a.option_strings]
+    for action in parser._actions:  # the subcommand's own options
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None) in action.choices:
+            sub = action.choices[args.command]
+            command = sub.prog
+            options = [o for a in sub._actions for o in a.option_strings]
+    near = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; see {command} --help"
+    return ConfigError(flag, value, f"unknown option of {command!r}{hint}", "command line")
+
+
 def main(argv: list[str] | None = None) -> int:
     if not _SUBCOMMANDS:
         _lazy_subcommands()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     try:
+        if extra:
+            if not any(item.startswith("-") for item in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise unknown_option(parser, args, extra)
         return int(args.func(args) or 0)
     except SqueezekitError as exc:
         print(f"squeezekit: {exc}", file=sys.stderr)

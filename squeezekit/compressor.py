@@ -9,6 +9,7 @@ exactly as it was.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -17,11 +18,11 @@ from transformers.cache_utils import Cache
 from . import attention
 from .architectures import resolve
 from .cache import SqueezeCache, Step
-from .config import Config
-from .errors import InputError, UnsupportedModelError
-from .registry import registry
+from .config import Config, checked_floor
+from .errors import InputError, PluginError, PluginFallbackWarning, UnsupportedModelError
 
 _BACKENDS = {"sdpa": "sdpa", "eager": "eager", None: "sdpa"}
+NESTED = "this model is already inside a squeezekit.compress() block; nest blocks only on different models"
 
 
 class Compressor:
@@ -31,10 +32,18 @@ class Compressor:
         self.model, self.config = model, config
         self.resolved = resolve(model)
         self.compressible = self.resolved.compressible
+        #: the policies in use (a fallback replaces one that failed)
         self.allocator = config.build_allocator()
         self.evictor = config.build_evictor()
-        reg = registry()
-        self.origins = {k: reg.get(k, getattr(config, k)).origin for k in ("allocator", "evictor")}
+        self.origins = {k: config.info(k).origin for k in ("allocator", "evictor")}
+        #: the config's fallback policies (None when unset) and the errors that made them take over, by kind
+        self.fallback_policies = {k: config._build(k, None, fallback=True) for k in ("allocator", "evictor")}
+        self.fallbacks: dict[str, PluginError] = {}
+        #: the fewest tokens a layer keeps: the largest floor of the evictor and its fallback, and whose it is
+        self.floor, self.floor_setter = max(
+            ((checked_floor(e, config.info("evictor", fb).origin), e) for e, fb in ((self.evictor, False), (self.fallback_policies["evictor"], True)) if e is not None),
+            key=lambda t: t[0],
+        )
         self.original_attn = model.config._attn_implementation
         self.backend = self._backend(self.original_attn)
         self.cache: SqueezeCache | None = None  # the cache of the forward running now
@@ -48,6 +57,8 @@ class Compressor:
         self.sync_timings = False
 
     def _backend(self, impl: str | None) -> str:
+        if impl == attention.NAME:
+            raise InputError(NESTED)
         if impl in _BACKENDS:
             return _BACKENDS[impl]
         if impl and impl.startswith("flash_attention"):
@@ -60,10 +71,30 @@ class Compressor:
             return "sdpa"  # per-layer slot masks need SDPA's masked kernels; flash's varlen API cannot express them
         raise UnsupportedModelError(f"attn_implementation {impl!r} is not supported by squeezekit; use 'sdpa' or 'eager'")
 
+    def fall_back(self, kind: str, error: PluginError) -> bool:
+        """Replace the failing ``kind`` policy by the config's fallback for the rest of the block, with a warning.
+
+        Returns False (the caller raises ``error``) when no fallback is set or the fallback itself failed.
+        """
+        fallback = self.fallback_policies[kind]
+        if fallback is None or kind in self.fallbacks:
+            return False
+        warnings.warn(
+            f"squeezekit: {error}; falling back to {kind} {fallback.name!r} for the rest of this compress() block",
+            PluginFallbackWarning,
+            stacklevel=2,
+        )
+        self.fallbacks[kind] = error
+        setattr(self, kind, fallback)
+        self.origins[kind] = self.config.info(kind, fallback=True).origin
+        return True
+
     # -- install / uninstall -----------------------------------------------------------------------------------------
     def __enter__(self) -> Compressor:
-        attention.register()
         r = self.resolved
+        if any(module in attention.COMPRESSORS for module in r.attentions):
+            raise InputError(NESTED)
+        attention.register()
         try:
             for module in r.attentions:
                 attention.COMPRESSORS[module] = self
@@ -78,17 +109,20 @@ class Compressor:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for module in self.resolved.attentions:
-            attention.COMPRESSORS.pop(module, None)
+            if attention.COMPRESSORS.get(module) is self:
+                del attention.COMPRESSORS[module]
         if self.model.config._attn_implementation != self.original_attn:
             self.model.set_attn_implementation(self.original_attn)
         self.cache, self.step, self._measuring = None, None, False
         self._x.clear()
         self._importance.clear()
+        if exc_type is None and self.last_cache is not None:
+            self.last_cache.check_nan()  # NaN scores not yet reported (CUDA checks every 32 steps): the model is restored
 
     # -- hooks ---------------------------------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
@@ -114,6 +148,8 @@ class Compressor:
         elif past is None and not use_cache:
             cache = None
         elif past is None or (isinstance(past, Cache) and past.get_seq_length() == 0):
+            if self.last_cache is not None:
+                self.last_cache.check_nan()  # the previous generation's deferred NaN check
             cache = SqueezeCache(self, len(self.resolved.layers))
             kwargs["past_key_values"] = cache
         else:
@@ -121,7 +157,11 @@ class Compressor:
         max_pos = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
         seen = 0 if cache is None else cache.host_seen_max
         if max_pos and seen + q > max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
-            raise InputError(f"generation past the model's maximum of {max_pos} positions ({seen} + {q} tokens)")
+            new = int(new_valid.sum(-1).max())
+            raise InputError(
+                f"generation past the model's maximum of {max_pos} positions: a sequence would reach {seen + new} tokens "
+                f"({seen} so far + {new} in this step); shorten the prompt or lower max_new_tokens"
+            )
         if cache is None:
             pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
             self.step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
@@ -130,9 +170,15 @@ class Compressor:
             if self.step.prefill:
                 n = new_valid.sum(-1)
                 if bool((n == 0).any()):
-                    raise InputError(f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding")
+                    raise InputError(
+                        f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding (its attention_mask row is "
+                        f"all 0); remove it from the batch"
+                    )
                 if not self.config.full and bool((n < 2).any()):
-                    raise InputError("a prompt of 1 token has nothing to compress; give at least 2 tokens")
+                    raise InputError(
+                        f"sequence {int((n < 2).nonzero()[0])} of the batch is a 1-token prompt: nothing to compress; "
+                        f"give at least 2 tokens, or budget=1 for the full cache"
+                    )
         self.cache = cache
         self._measuring = cache is not None and self.step.prefill
         self._importance.clear()
@@ -146,7 +192,7 @@ class Compressor:
                 cache.importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
             cache.end_step()
             self.last_cache = cache
-            if cache.length % 32 == 0:
+            if cache.length % 32 == 0:  # (on CPU, NaN scores are caught as they are returned)
                 cache.check_nan()
         self._measuring = False
         self._x.clear()

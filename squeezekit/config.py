@@ -1,9 +1,14 @@
 """One configuration schema for every entry point: Python kwargs, ``k=v,k=v`` strings (lm-eval ``--model_args``),
 CLI flags and YAML / TOML / JSON files all produce the same frozen `Config`.
 
-Core keys: ``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``, ``window``, ``heavy_ratio``. Any other key must
-be a parameter (a dataclass field) of the chosen allocator or evictor, which validates it. ``p``, ``sinks``,
-``window`` and ``heavy_ratio`` left unset take the chosen plugin's own default.
+Core keys: ``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``, ``window``, ``heavy_ratio``,
+``fallback_allocator``, ``fallback_evictor``. Any other key must be a parameter (a dataclass field) of the chosen
+allocator or evictor (or of a fallback), which validates it. ``p``, ``sinks``, ``window`` and ``heavy_ratio`` left
+unset take the chosen plugin's own default.
+
+``fallback_allocator`` / ``fallback_evictor`` (default unset): when the chosen plugin fails during a run (raises,
+returns something that breaks the contract, or NaN scores), squeezekit warns (`PluginFallbackWarning`, naming the
+failing plugin) and uses this policy for the rest of the ``compress`` block instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import dataclasses
 import difflib
 import json
 import math
+import operator
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SqueezekitError
+from .errors import ConfigError, PluginError, SqueezekitError
+from .policies import Stat
 from .registry import PluginInfo, registry
 
 BUDGET_RANGE = "a fraction of the prompt in (0, 1] (1 = full cache, nothing evicted) or a whole number of tokens > 1"
@@ -47,8 +54,35 @@ _CORE: dict[str, tuple[type, Any, str]] = {
     "sinks": (int, lambda v: 0 <= v <= 1_000_000, "must be an integer >= 0"),
     "window": (int, lambda v: 1 <= v <= 1_000_000, "must be an integer >= 1"),
     "heavy_ratio": (float, lambda v: math.isfinite(v) and 0 <= v <= 1, "must be in [0, 1]: the share of the budget for heavy hitters"),
+    "fallback_allocator": (str, lambda v: True, "an installed allocator name"),
+    "fallback_evictor": (str, lambda v: True, "an installed evictor name"),
 }
 CORE_KEYS = tuple(_CORE)
+#: core keys that reach any plugin field of the same name
+PLUGIN_KEYS = ("p", "sinks", "window", "heavy_ratio")
+#: evictor fields that set the usual floors (named in budget errors as what to lower)
+FLOOR_KEYS = ("sinks", "window")
+
+
+def checked_floor(evictor, origin: str) -> int:
+    """``evictor.floor()``, checked (an integer >= 0); at least 1, since a layer always keeps its newest token."""
+    try:
+        floor = evictor.floor()
+    except Exception as exc:
+        raise PluginError(evictor.name, origin, f"floor() raised {type(exc).__name__}: {exc}") from exc
+    try:
+        value = operator.index(floor)
+    except TypeError:
+        value = -1
+    if isinstance(floor, bool) or value < 0:
+        raise PluginError(evictor.name, origin, f"floor() must return an integer >= 0, got {floor!r}")
+    return max(1, value)
+
+
+def floor_hint(evictor) -> str:
+    """`` or lower sinks/window``: the evictor's parameters that set its floor, for budget error messages."""
+    keys = [k for k in FLOOR_KEYS if k in {f.name for f in dataclasses.fields(evictor)}]
+    return f" or lower {'/'.join(keys)}" if keys else ""
 
 
 def _coerce_string(key: str, value: str, typ: type, source: str | None) -> Any:
@@ -103,6 +137,9 @@ class Config:
     sinks: int | None = None
     window: int | None = None
     heavy_ratio: float | None = None
+    #: used instead of the allocator / evictor if it fails during a run (None: the run stops with a PluginError)
+    fallback_allocator: str | None = None
+    fallback_evictor: str | None = None
     #: plugin-specific parameters, as sorted (key, value) pairs
     extra: tuple[tuple[str, Any], ...] = ()
 
@@ -130,11 +167,28 @@ class Config:
                 rest[key] = value
         allocator = reg.get("allocator", core.get("allocator", cls.allocator), source)
         evictor = reg.get("evictor", core.get("evictor", cls.evictor), source)
+        plugins = [allocator, evictor]
+        for kind, primary in (("allocator", allocator), ("evictor", evictor)):
+            name = core.get(f"fallback_{kind}")
+            if name is None:
+                continue
+            fallback = reg.get(kind, name, source, key=f"fallback_{kind}")
+            if fallback.name == primary.name:
+                raise ConfigError(f"fallback_{kind}", name, f"must differ from the {kind} it stands in for", source)
+            if kind == "evictor" and fallback.cls.needs not in (Stat.NONE, evictor.cls.needs):
+                raise ConfigError(
+                    "fallback_evictor",
+                    name,
+                    f"needs {fallback.cls.needs.value} statistics, which evictor {evictor.name!r} does not collect; "
+                    f"choose one that needs none (e.g. streaming, sliding_window)",
+                    source,
+                )
+            plugins.append(fallback)
         extra: dict[str, Any] = {}
         for key, value in rest.items():
-            owner = next((i for i in (allocator, evictor) if key in i.params()), None)
+            owner = next((i for i in plugins if key in i.params()), None)
             if owner is None:
-                known = [*CORE_KEYS, *allocator.params(), *evictor.params()]
+                known = [*CORE_KEYS, *(k for i in plugins for k in i.params())]
                 near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ConfigError(
@@ -149,8 +203,23 @@ class Config:
                 value = _coerce_string(key, value, typ, source)
             extra[key] = _check_typed(key, value, typ, source)
         config = cls(**core, extra=tuple(sorted(extra.items())))
-        config.build_allocator(source)  # plugin-side validation of its parameters, now rather than mid-run
-        config.build_evictor(source)
+        # plugin-side validation of their parameters, now rather than mid-run
+        config.build_allocator(source)
+        evictors = [(config.build_evictor(source), evictor.origin)]
+        if config.fallback_allocator is not None:
+            config.build_allocator(source, fallback=True)
+        if config.fallback_evictor is not None:
+            evictors.append((config.build_evictor(source, fallback=True), config.info("evictor", True).origin))
+        if config.absolute:
+            floor, setter = max(((checked_floor(e, o), e) for e, o in evictors), key=lambda t: t[0])
+            if config.budget < floor:
+                raise ConfigError(
+                    "budget",
+                    config.budget,
+                    f"below the floor of evictor {setter.name!r} ({floor} tokens per layer); use at least {floor}"
+                    f"{floor_hint(setter)}",
+                    source,
+                )
         return config
 
     @classmethod
@@ -182,7 +251,12 @@ class Config:
             if suffix in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(raw)
+                try:
+                    data = yaml.safe_load(raw)
+                except yaml.MarkedYAMLError as exc:  # its str() spans several lines: keep the problem and where
+                    mark = exc.problem_mark
+                    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+                    raise ConfigError("(file)", str(path), f"is not valid YAML: {where}{exc.problem or exc.context}", None) from None
                 data = {} if data is None else data
             elif suffix == ".toml":
                 try:
@@ -235,12 +309,19 @@ class Config:
         return self.budget > 1
 
     def _params(self, info: PluginInfo) -> dict[str, Any]:
-        given = {k: getattr(self, k) for k in CORE_KEYS[3:] if getattr(self, k) is not None}
+        given = {k: getattr(self, k) for k in PLUGIN_KEYS if getattr(self, k) is not None}
         given.update(dict(self.extra))
         return {k: v for k, v in given.items() if k in info.params()}
 
-    def _build(self, kind: str, source: str | None):
-        info = registry().get(kind, getattr(self, kind), source)
+    def info(self, kind: str, fallback: bool = False, source: str | None = None) -> PluginInfo | None:
+        """The registry entry of the allocator / evictor (or of its fallback: None when unset)."""
+        name = getattr(self, f"fallback_{kind}" if fallback else kind)
+        return None if name is None else registry().get(kind, name, source)
+
+    def _build(self, kind: str, source: str | None, fallback: bool = False):
+        info = self.info(kind, fallback, source)
+        if info is None:
+            return None
         try:
             return info.cls(**self._params(info))
         except ConfigError as exc:
@@ -250,11 +331,13 @@ class Config:
 
             raise PluginError(info.name, info.origin, f"constructor raised {type(exc).__name__}: {exc}") from None
 
-    def build_allocator(self, source: str | None = None):
-        return self._build("allocator", source)
+    def build_allocator(self, source: str | None = None, fallback: bool = False):
+        """A new instance of the allocator (``fallback=True``: of the fallback allocator, None when unset)."""
+        return self._build("allocator", source, fallback)
 
-    def build_evictor(self, source: str | None = None):
-        return self._build("evictor", source)
+    def build_evictor(self, source: str | None = None, fallback: bool = False):
+        """A new instance of the evictor (``fallback=True``: of the fallback evictor, None when unset)."""
+        return self._build("evictor", source, fallback)
 
     def describe(self) -> str:
         """A one-line human summary, e.g. ``squeeze(p=0.4) + streaming(sinks=4, window=8) @ budget 0.2``."""
@@ -264,4 +347,6 @@ class Config:
             return f"{obj.name}({fields})"
 
         budget = "full cache" if self.full else (f"{int(self.budget)} tokens" if self.absolute else f"budget {self.budget:g}")
-        return f"{fmt(self.build_allocator())} + {fmt(self.build_evictor())} @ {budget}"
+        text = f"{fmt(self.build_allocator())} + {fmt(self.build_evictor())} @ {budget}"
+        fallbacks = [f"{kind} {fmt(self._build(kind, None, True))}" for kind in ("allocator", "evictor") if getattr(self, f"fallback_{kind}")]
+        return text + (f"; fallback: {', '.join(fallbacks)}" if fallbacks else "")

@@ -13,6 +13,10 @@ class SqueezekitError(Exception):
         return " ".join(super().__str__().split())
 
 
+#: `ConfigError`'s value when there is none to show (a command-line flag given without a value)
+NO_VALUE = object()
+
+
 class ConfigError(SqueezekitError, ValueError):
     """A configuration key is unknown, mistyped or out of range.
 
@@ -22,19 +26,20 @@ class ConfigError(SqueezekitError, ValueError):
     def __init__(self, key: str, value: object, accepted: str, source: str | None = None):
         self.key, self.value, self.accepted, self.source = key, value, accepted, source
         where = f"{source}: {key}" if source else key
-        super().__init__(f"config error: {where} = {value!r}: {accepted}")
+        shown = "" if value is NO_VALUE else f" = {value!r}"
+        super().__init__(f"config error: {where}{shown}: {accepted}")
 
 
 class UnknownPluginError(ConfigError):
     """An allocator or evictor name that no installed plugin provides."""
 
-    def __init__(self, kind: str, name: object, installed: list[str], source: str | None = None):
+    def __init__(self, kind: str, name: object, installed: list[str], source: str | None = None, key: str | None = None):
         import difflib
 
         near = difflib.get_close_matches(str(name), installed, n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         accepted = f"unknown {kind}; installed: {', '.join(sorted(installed)) or '(none)'}{hint}"
-        super().__init__(kind, name, accepted, source)
+        super().__init__(key or kind, name, accepted, source)
 
 
 class BudgetError(SqueezekitError, ValueError):
@@ -49,9 +54,14 @@ class PluginError(SqueezekitError, RuntimeError):
         super().__init__(f"plugin {plugin!r} from {origin}: {problem}")
 
 
+class PluginFallbackWarning(UserWarning):
+    """A plugin failed during a run and the config's ``fallback_allocator`` / ``fallback_evictor`` took over."""
+
+
 class UnsupportedModelError(SqueezekitError, TypeError):
     """The model's architecture, dtype or device cannot be served."""
 
 
 class InputError(SqueezekitError, ValueError):
-    """Bad inputs to a compressed forward / generate call (1-token prompt, all-padding row, too long)."""
+    """Bad inputs to a compressed forward / generate call (1-token prompt, all-padding row, too long), or a
+    ``compress`` block misused (nested on one model)."""

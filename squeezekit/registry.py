@@ -56,14 +56,15 @@ class Registry:
     failures: list[PluginError] = field(default_factory=list)
     manager: pluggy.PluginManager | None = None
 
-    def get(self, kind: str, name: object, source: str | None = None) -> PluginInfo:
+    def get(self, kind: str, name: object, source: str | None = None, key: str | None = None) -> PluginInfo:
+        """The ``kind`` policy called ``name``; ``key`` is the config key that named it (default: ``kind``)."""
         table = self.allocators if kind == "allocator" else self.evictors
         if name in table:
             return table[name]
         for failure in self.failures:  # a broken plugin of that name: say why, not just "unknown"
             if failure.plugin == name:
                 raise failure
-        raise UnknownPluginError(kind, name, list(table), source)
+        raise UnknownPluginError(kind, name, list(table), source, key)
 
     def all(self) -> list[PluginInfo]:
         return sorted([*self.allocators.values(), *self.evictors.values()], key=lambda p: (p.kind, p.name))

@@ -126,7 +126,7 @@ def test_budget_below_floor_is_a_clear_error():
     model = tiny_model("llama")
     ids, mask = batch(1, 40)
     with squeezekit.compress(model, evictor="streaming", budget=0.1, sinks=4, window=8):
-        with pytest.raises(squeezekit.BudgetError, match="floor of 12"):
+        with pytest.raises(squeezekit.BudgetError, match=r"floor of evictor 'streaming' \(12 tokens per layer\)"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, **GEN)
 
 
