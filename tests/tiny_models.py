@@ -51,3 +51,63 @@ def batch(n: int = 3, length: int = 40, pad: int = 0, seed: int = 0, vocab: int 
         mask[i, : i * pad] = 0
         ids[i, : i * pad] = 0
     return ids, mask
+
+
+# ---- "the model is exactly as before": what squeezekit.compress must leave untouched ---------------------------
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def hook_counts(model) -> dict[str, int]:
+    """Hooks of every kind on every module, plus torch's global module hooks."""
+    import torch.nn.modules.module as mod
+
+    counts = {f"{name}:{attr}": len(getattr(m, attr)) for name, m in model.named_modules() for attr in _HOOK_DICTS}
+    for attr in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        counts[attr] = len(getattr(mod, attr))
+    return counts
+
+
+def attn_implementations(model) -> dict[str, object]:
+    """The attention implementation every (sub-)config of the model reports."""
+    out = {}
+    for name, m in model.named_modules():
+        config = getattr(m, "config", None)
+        if config is not None:
+            out[name] = (config._attn_implementation, getattr(config, "_attn_implementation_internal", None))
+    return out
+
+
+def snapshot(model, ids, mask) -> dict:
+    """Everything `assert_restored` compares: modules, attention implementation, hooks, parameters, outputs."""
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    return {
+        "modules": [(name, id(m), type(m)) for name, m in model.named_modules()],
+        "attn": attn_implementations(model),
+        "hooks": hook_counts(model),
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "logits": logits,
+    }
+
+
+def assert_restored(model, before: dict, ids, mask) -> None:
+    """The model is exactly as `snapshot` saw it, and no squeezekit compressor still serves any of its modules."""
+    from squeezekit import attention
+
+    after = snapshot(model, ids, mask)
+    assert after["modules"] == before["modules"]
+    assert after["attn"] == before["attn"]
+    assert after["hooks"] == before["hooks"]
+    assert after["params"].keys() == before["params"].keys()
+    assert all(torch.equal(after["params"][k], v) for k, v in before["params"].items())
+    assert torch.equal(after["logits"], before["logits"])
+    assert not any(m in attention.COMPRESSORS for m in model.modules())
