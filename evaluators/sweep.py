@@ -34,7 +34,7 @@ MAX_GEN_TOKS = {
     "ruler_fwe": 20,
     "squeezekit_passkey": 8,
 }
-DEFAULT_SUITE = "niah_single_1@1024:16,niah_single_1@2048:8,squeezekit_passkey@1024:16,squeezekit_ppl@1024:8"
+DEFAULT_SUITE = "niah_single_1@1024:8,niah_single_1@2048:4,ruler_fwe@1024:4,squeezekit_passkey@1024:8,squeezekit_ppl@1024:4"
 SWEEP_ALLOCATORS = ("uniform", "squeeze")
 SWEEP_EVICTORS = ("streaming", "sliding_window", "h2o")
 SWEEP_BUDGETS = (0.1, 0.14, 0.2, 0.28, 0.4, 1.0)
@@ -357,12 +357,17 @@ def _paired(a: dict, b: dict) -> tuple[float, float] | None:
     return sum(d) / len(d), _sd(d) / math.sqrt(len(d))
 
 
-def compare(data: dict, a_key: str, b_key: str) -> dict:
-    """Paired comparison of two cells: RULER mean (a - b), pass key (a - b), perplexity ratio a / b."""
+def compare(data: dict, a_key: str, b_key: str, complete: bool = True) -> dict:
+    """Paired comparison of two cells: RULER mean (a - b), pass key (a - b), perplexity ratio a / b.
+
+    ``complete``: only when both cells hold every unit of the sweep; otherwise over the units they share.
+    """
     cells = data["cells"]
     if a_key not in cells or b_key not in cells:
         return {}
     a, b = cells[a_key]["units"], cells[b_key]["units"]
+    if complete and (set(a) != set(b) or set(a) != {k for c in cells.values() for k in c["units"]}):
+        return {}  # an unfinished cell: no comparison
     out: dict = {}
     ruler = [(_paired(a[k], b[k])) for k in a if k in b and k.split("@")[0] in RULER_TASKS]
     ruler = [r for r in ruler if r]
