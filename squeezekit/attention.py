@@ -116,7 +116,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         full_buffer = True  # host-known: every slot valid, no window (no sync on the hot path)
     else:
         full_buffer = q == 1 and bool(kv_valid.all()) and (
-            window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, 1 << 62).min()) < window)
+            window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
         )
 
     if compressor.backend == "eager" or want_probs or softcap:

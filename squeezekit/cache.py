@@ -193,7 +193,7 @@ class SqueezeLayer(CacheLayerMixin):
         view = self.view("decode")
         if type(evictor).select is TokenEvictor.select:
             score = self.scores(view, defer_nan=True)
-            return victim_slots(score, view)
+            return victim_slots(score, view, protect_newest=False)  # the new token will be the newest
         # a plugin's own select: generic path (validated)
         keep = self.budget.to(self.valid.device) - 1
         idx = self.cache.call_evictor(evictor.select, view, keep)
@@ -248,13 +248,17 @@ class SqueezeLayer(CacheLayerMixin):
         if not bool(full.any()):
             return
         keep = torch.where(full, counts - 1, counts).amax(-1)  # counts are equal across heads of a row
-        self.evict(keep, "decode")
+        self.evict(keep, "decode", making_room=True)
 
-    def evict(self, keep: torch.Tensor, phase: str, compact: bool = False) -> None:
-        """Keep ``keep[b]`` slots of each row, as chosen by the evictor. ``compact`` also shrinks the buffers."""
-        self.cache.with_fallback("evictor", lambda: self._evict(keep, phase, compact))
+    def evict(self, keep: torch.Tensor, phase: str, compact: bool = False, making_room: bool = False) -> None:
+        """Keep ``keep[b]`` slots of each row, as chosen by the evictor. ``compact`` also shrinks the buffers.
 
-    def _evict(self, keep: torch.Tensor, phase: str, compact: bool) -> None:
+        ``making_room``: before a decode step writes its token, which will be the most recent one; the engine then
+        does not also protect the newest held token (that would take a slot of the evictor's, e.g. a sink).
+        """
+        self.cache.with_fallback("evictor", lambda: self._evict(keep, phase, compact, making_room))
+
+    def _evict(self, keep: torch.Tensor, phase: str, compact: bool, making_room: bool = False) -> None:
         # Every check of the evictor's output happens before the first change: a fallback can redo it all.
         evictor = self.cache.evictor
         view = self.view(phase)
@@ -263,14 +267,14 @@ class SqueezeLayer(CacheLayerMixin):
             score = self.scores(view)
             if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
                 # The hot decode path: drop the lowest-ranked slot of each row that is over.
-                victim = victim_slots(score, view)
+                victim = victim_slots(score, view, protect_newest=not making_room)
                 over = self.counts() > keep.view(-1, 1)
                 self.valid.scatter_(2, victim, ~over[..., None] & torch.gather(self.valid, 2, victim))
                 self.heads_differ = True
                 return
             from .selection import top_slots
 
-            idx = top_slots(score, view, keep)
+            idx = top_slots(score, view, keep, protect_newest=not making_room)
         else:
             idx = self.cache.call_evictor(evictor.select, view, keep)
             problem = check_selection(idx, view, keep)

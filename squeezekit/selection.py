@@ -7,22 +7,26 @@ import torch
 from .policies import LayerView
 
 
-def rank_key(score: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """A float64 key that orders slots by score, then recency; invalid slots last; the newest token first."""
+def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) -> torch.Tensor:
+    """A float64 key that orders slots by score, then recency; invalid slots last; the newest token first.
+
+    ``protect_newest=False`` when making room for a new token: that one will be the newest, the held ones compete.
+    """
     score = torch.nan_to_num(score.to(torch.float64), nan=float("-inf"))
     pos = view.positions.to(torch.float64)
     # Recency breaks ties: scale positions into (0, 1) so they never reorder distinct finite scores by much.
     # Distinct scores that differ by less than this are exceedingly rare and then recency decides, by design.
     tie = pos / (pos.amax(dim=-1, keepdim=True).clamp_min(1.0) + 1.0) * 1e-9
     key = score + tie
-    newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
-    key = key.masked_fill(newest & view.valid, float("inf"))
+    if protect_newest:
+        newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
+        key = key.masked_fill(newest & view.valid, float("inf"))
     return key.masked_fill(~view.valid, float("-inf"))
 
 
-def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch.Tensor:
+def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_newest: bool = True) -> torch.Tensor:
     """Indices (B, H, K) of the ``keep[b]`` best slots of each row, padded with -1, ``K = keep.max()``."""
-    key = rank_key(score, view)
+    key = rank_key(score, view, protect_newest)
     k = int(keep.max())
     # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
     # sort by recency first, then stably by key.
@@ -34,14 +38,18 @@ def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor) -> torch
     return order.masked_fill(pad, -1)
 
 
-def victim_slots(score: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """(B, H, 1): each row's lowest-scored valid slot, never the newest token; exact ties go to the older token.
+def victim_slots(score: torch.Tensor, view: LayerView, protect_newest: bool = True) -> torch.Tensor:
+    """(B, H, 1): each row's lowest-scored valid slot, never the newest token (unless ``protect_newest=False``:
+    making room for a new token, which will be the newest); exact ties go to the older token.
 
     The decode hot path: float32 and int32 only, no host sync.
     """
     key = torch.nan_to_num(score.float(), nan=float("-inf"))
-    newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
-    key = key.masked_fill(newest | ~view.valid, float("inf"))
+    if protect_newest:
+        newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
+        key = key.masked_fill(newest | ~view.valid, float("inf"))
+    else:
+        key = key.masked_fill(~view.valid, float("inf"))
     lowest = key == key.amin(dim=-1, keepdim=True)
     oldest = view.positions.masked_fill(~lowest, torch.iinfo(view.positions.dtype).max)
     return oldest.argmin(dim=-1, keepdim=True)
