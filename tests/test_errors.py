@@ -765,6 +765,30 @@ def test_fallback_takes_over_with_a_warning(plugin_site, name, fallback, same_as
         assert torch.equal(out, reference)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync-free decode path defers the NaN check")
+def test_nan_scores_on_cuda_are_reported_by_the_end_of_the_block(plugin_site):
+    kind, body, row, values = MISBEHAVING["nan_decode"]
+    origin = _install(plugin_site, "nan_decode", kind, body)
+    plugin_site.reload()
+    model = tiny_model("llama").cuda()
+    ids, mask = (t.cuda() for t in batch(2, 40))  # equal budgets: every layer is steady after prefill
+    before = snapshot(model, ids, mask)
+    config = dict(budget=0.5, evictor="nan_decode", allocator="uniform")
+    # 5 decode steps never reach a 32-step check: the end of the block reports it, after restoring the model
+    raised("plugin-nan", lambda: generate(model, ids, mask, new=6, **config), **origin)
+    assert_restored(model, before, ids, mask)
+    with squeezekit.compress(model, **config):  # ... and so does the next generation's start
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
+        raised("plugin-nan", lambda: model.generate(ids, attention_mask=mask, max_new_tokens=2, **GEN), **origin)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, ids, mask, new=6, fallback_evictor="sliding_window", **config)
+    (warning,) = [w.message for w in caught if issubclass(w.category, squeezekit.PluginFallbackWarning)]
+    expect(warning, "plugin-fallback", **origin, problem="score() returned NaN for a cached token", kind="evictor",
+           fallback="'sliding_window'")
+    assert_restored(model, before, ids, mask)
+
+
 def test_a_failing_fallback_stops_the_run(plugin_site):
     for name in ("score_raises", "nan_prefill"):
         _install(plugin_site, name, "evictor", MISBEHAVING[name][1])
