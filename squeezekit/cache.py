@@ -220,7 +220,7 @@ class SqueezeLayer(CacheLayerMixin):
             raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned a tensor on {score.device}, expected {self.valid.device}")
         if defer_nan and score.is_cuda:
             cache.check_nan_later(score)
-        elif bool(torch.isnan(score.float())[self.valid].any()):
+        elif bool((torch.isnan(score) & self.valid).any()):
             raise PluginError(evictor.name, cache.origin("evictor"), "score() returned NaN for a cached token")
         return score
 

@@ -37,13 +37,14 @@ class Compressor:
         self.evictor = config.build_evictor()
         self.origins = {k: config.info(k).origin for k in ("allocator", "evictor")}
         #: the config's fallback policies (None when unset) and the errors that made them take over, by kind
-        self.fallback_policies = {k: config._build(k, None, fallback=True) for k in ("allocator", "evictor")}
+        self.fallback_policies = {"allocator": config.build_allocator(fallback=True), "evictor": config.build_evictor(fallback=True)}
         self.fallbacks: dict[str, PluginError] = {}
         #: the fewest tokens a layer keeps: the largest floor of the evictor and its fallback, and whose it is
-        self.floor, self.floor_setter = max(
-            ((checked_floor(e, config.info("evictor", fb).origin), e) for e, fb in ((self.evictor, False), (self.fallback_policies["evictor"], True)) if e is not None),
-            key=lambda t: t[0],
-        )
+        floors = [(checked_floor(self.evictor, self.origins["evictor"]), self.evictor)]
+        if self.fallback_policies["evictor"] is not None:
+            fallback = self.fallback_policies["evictor"]
+            floors.append((checked_floor(fallback, config.info("evictor", fallback=True).origin), fallback))
+        self.floor, self.floor_setter = max(floors, key=lambda t: t[0])
         self.original_attn = model.config._attn_implementation
         self.backend = self._backend(self.original_attn)
         self.cache: SqueezeCache | None = None  # the cache of the forward running now
