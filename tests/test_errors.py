@@ -435,23 +435,10 @@ def test_unknown_cli_flag_and_set_key(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved like any local model directory."""
-    import shutil
+    """A tiny random Llama with its own small tokenizer, saved like any local model directory (no SmolLM2 needed)."""
+    from squeezekit.evaluators.testing import make_tiny_model
 
-    import transformers as tf
-
-    from squeezekit.models import default_model_dir
-
-    src = default_model_dir()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, path / name)
-    tok = tf.AutoTokenizer.from_pretrained(path)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=2)
 
 
 def test_unknown_lm_eval_model_arg(tiny_llama_dir):
