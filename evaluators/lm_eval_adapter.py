@@ -67,7 +67,11 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     reg = registry()
     allocator = reg.get("allocator", values.get("allocator", Config.allocator), SOURCE)
     evictor = reg.get("evictor", values.get("evictor", Config.evictor), SOURCE)
-    schema = {*CORE_KEYS, *allocator.params(), *evictor.params()}
+    plugins = [allocator, evictor]
+    for kind in ("allocator", "evictor"):  # a fallback's own parameters are config keys too
+        if values.get(f"fallback_{kind}") is not None:
+            plugins.append(reg.get(kind, values[f"fallback_{kind}"], SOURCE, key=f"fallback_{kind}"))
+    schema = {*CORE_KEYS, *(key for plugin in plugins for key in plugin.params())}
     for key, value in values.items():
         if key not in schema:
             near = difflib.get_close_matches(key, sorted(schema | HFLM_KEYS | ADAPTER_KEYS), n=1, cutoff=0.6)
