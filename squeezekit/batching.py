@@ -101,7 +101,7 @@ def prefill(
     sequence's last prompt token.
     """
     batch = input_ids.shape[0]
-    assembler, cache, logits = None, None, []
+    assembler, cache, logits, peak = None, None, [], 0
     for start in range(0, batch, micro_batch):
         sl = slice(start, start + micro_batch)
         mask = None if attention_mask is None else attention_mask[sl]
@@ -110,10 +110,15 @@ def prefill(
         if micro_batch >= batch:
             cache = part
             break
+        done = 0 if assembler is None else assembler.out.kv_nbytes()  # the batch cache, preallocated
+        peak = max(peak, done + part.peak_kv_bytes_prefill)
         assembler = assembler or Assembler(part, batch)
+        peak = max(peak, assembler.out.kv_nbytes() + part.kv_nbytes())
         assembler.add(part)
         del part
-    cache = cache if assembler is None else assembler.finish()
+    if assembler is not None:
+        cache = assembler.finish()
+        cache.peak_kv_bytes_prefill = peak
     compressor.last_cache = cache
     return cache, torch.cat(logits)
 
@@ -138,6 +143,8 @@ def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int
         out = model(input_ids=ids[:, s:e], past_key_values=cache, **kwargs)
         last = out.logits[:, -1]
         del out
+        # buffers keep their room for a chunk until compact(): this is the most the prefill holds
+        cache.peak_kv_bytes_prefill = max(cache.peak_kv_bytes_prefill, cache.kv_nbytes())
     cache.compact()
     return cache, last
 

@@ -327,8 +327,9 @@ class SqueezeCache(Cache):
         self.prompt_len: torch.Tensor | None = None
         self.importance: torch.Tensor | None = None  # (B, L) prefill cosine similarity
         self.budgets: torch.Tensor | None = None  # (B, L) per-layer budgets (-1 = unbounded)
-        self.full_kv_bytes_prefill = 0
-        self.kv_bytes_prefill = 0
+        self.full_kv_bytes_prefill = 0  # keys + values of the whole prompt, as a full cache would hold them
+        self.kv_bytes_prefill = 0  # keys + values kept at the end of prefill
+        self.peak_kv_bytes_prefill = 0  # the most keys + values allocated at any point of the prefill
         self.scaling: dict[int, float] = {}
         self.host_seen_max = 0  # host-side copy of seen.max(), so that hot paths never sync
         #: chunked prefill (squeezekit.batching): the whole prompt's real length per sequence, known before its
@@ -387,6 +388,7 @@ class SqueezeCache(Cache):
         self.host_seen_max += step.new_valid.shape[1] if step.all_valid else int(step.new_valid.sum(-1).max())
         if step.prefill:
             self.full_kv_bytes_prefill = self.kv_nbytes()
+            self.peak_kv_bytes_prefill = max(self.peak_kv_bytes_prefill, self.full_kv_bytes_prefill)
         for layer in self.layers:
             layer.drop_out_of_window(compact=step.prefill)
         if step.prefill:
@@ -516,6 +518,13 @@ class SqueezeCache(Cache):
                 layer._keep(top_slots(layer.positions.float(), layer.view("prefill"), counts), compact=True)
             if layer.window is None:
                 layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
+        # The prefill saw the prompt one chunk at a time: account as if it had gone through at once.
+        self.full_kv_bytes_prefill = sum(
+            2 * layer.keys[:, :, :1].numel() * self.length * layer.keys.element_size()
+            for layer in self.layers
+            if layer.keys is not None
+        )
+        self.kv_bytes_prefill = self.kv_nbytes()
 
     # -- plugin calls ----------------------------------------------------------------------------------------------
     def origin(self, kind: str) -> str:

@@ -250,6 +250,7 @@ class Compressor:
             "kv_bytes_full": cache.full_kv_bytes_prefill,
             "kv_bytes_kept": cache.kv_bytes_prefill,
             "kv_bytes_now": cache.kv_nbytes(),
+            "kv_bytes_peak_prefill": cache.peak_kv_bytes_prefill,
             "mean_budget": float(b[bounded].mean()) if bool(bounded.any()) else float("nan"),
             "min_budget": int(b[bounded].min()) if bool(bounded.any()) else -1,
             "max_budget": int(b[bounded].max()) if bool(bounded.any()) else -1,

@@ -37,12 +37,21 @@ def test_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
 
     code = main([
         "bench", "--device", "cpu", "--config", "tiny", "--prompt-len", "48", "--new-tokens", "6", "--batches", "1,3",
-        "--methods", "hf,squeeze+streaming@0.25", "--micro-batch", "2", "--check-tokens", "4", "--out", str(tmp_path),
+        "--methods", "hf,squeeze+streaming@0.25,squeeze+streaming@0.25~16:3", "--micro-batch", "2", "--check-tokens", "4",
+        "--out", str(tmp_path),
     ])
     assert code == 0
     results = json.loads((tmp_path / "bench-tiny.json").read_text())
-    runs = {(r["method"], r["B"]) for r in results["runs"]}
-    assert runs == {("hf", 1), ("hf", 3), ("squeeze+streaming@0.25", 1), ("squeeze+streaming@0.25", 3)}
+    runs = {(r["method"], r["B"]): r for r in results["runs"]}
+    assert set(runs) == {("hf", 1), ("hf", 3), ("squeeze+streaming@0.25", 1), ("squeeze+streaming@0.25", 3),
+                         ("squeeze+streaming@0.25~16", 3)}
+    plain, chunked = runs[("squeeze+streaming@0.25", 3)], runs[("squeeze+streaming@0.25~16", 3)]
+    assert chunked["prefill_chunk"] == 16 and plain["prefill_chunk"] is None
+    assert plain["kv_bytes_full"] == chunked["kv_bytes_full"] == runs[("hf", 3)]["kv_bytes_peak_prefill"]
+    # micro-batches of 2 and 1 rows: the first at full length, or the compressed batch cache plus the second
+    full, kept = plain["kv_bytes_full"], plain["kv_bytes"]
+    assert plain["kv_bytes_peak_prefill"] == max(full * 2 // 3, kept + full // 3)
+    assert plain["kv_bytes"] < chunked["kv_bytes_peak_prefill"] < plain["kv_bytes_peak_prefill"]
     sk = [r for r in results["runs"] if r["method"] != "hf"]
     assert all(r["kv_bytes"] <= 0.25 * r["kv_bytes_full"] * 1.03 for r in sk)
     checks = {c["method"]: c for c in results["checks"]}
@@ -80,12 +89,30 @@ def test_chunked_prefill_never_holds_the_whole_prompt(evictor):
             cache, logits = prefill(model, c, ids, None, micro_batch=2, chunk=20)
         finally:
             handle.remove()
-        budgets = c.summary()["budgets"]
+        summary = c.summary()
+        budgets = summary["budgets"]
         full = 2 * 120 * 4 * 2 * 2 * 16 * 4  # B x T x layers x (K, V) x kv heads x head_dim x fp32
         assert cache.kv_nbytes() <= 0.25 * full * 1.03
+        # the accounting is the whole prompt's, not the first chunk's; the peak is a budget plus one chunk
+        assert summary["kv_bytes_full"] == full and summary["kv_bytes_kept"] == cache.kv_nbytes()
+        assert summary["kv_bytes_kept"] < summary["kv_bytes_peak_prefill"] <= (0.25 * 120 + 4 + 20) / 120 * full
         assert all(layer.steady for layer in cache.layers)
         rest = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(5)
     assert len(peaks) == 6  # one forward per chunk
     assert max(peaks) <= int(budgets.max()) + 20  # never the whole prompt: at most a budget plus one chunk
     assert int(budgets.sum(-1)[0]) == round(0.25 * 120 * 4)  # budgets are fractions of the whole prompt
     assert rest.shape == (2, 5)
+
+
+def test_micro_batched_prefill_peak_is_the_batch_cache_plus_one_micro_batch():
+    model = tiny_model("llama")
+    ids, _ = batch(4, 60)
+    with squeezekit.compress(model, evictor="streaming", budget=0.25) as c:
+        whole, _ = prefill(model, c, ids, None, micro_batch=4)
+        one = c.summary()
+        parts, _ = prefill(model, c, ids, None, micro_batch=2)
+        two = c.summary()
+    full, kept = one["kv_bytes_full"], one["kv_bytes_kept"]
+    assert one["kv_bytes_peak_prefill"] == full  # one forward holds the whole prompt before it is compressed
+    assert (two["kv_bytes_full"], two["kv_bytes_kept"]) == (full, kept) == (full, parts.kv_nbytes())
+    assert two["kv_bytes_peak_prefill"] == kept + full // 2  # the preallocated batch cache + one micro-batch
