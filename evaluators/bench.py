@@ -408,7 +408,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batches", default="auto", help="comma-separated batch sizes, or 'auto' (grow until OOM)")
     p.add_argument(
         "--methods", default="hf,squeeze+streaming@0.2",
-        help="comma-separated: hf or ALLOC+EVICT@BUDGET, each optionally with its own batch sizes: METHOD:8/16/32",
+        help="comma-separated: hf or ALLOC+EVICT@BUDGET, optionally with its own chunked prefill (ALLOC+EVICT@BUDGET~1024) and batch sizes (METHOD:8/16/32)",
     )
     p.add_argument("--micro-batch", type=int, default=16, help="squeezekit prefill micro-batch")
     p.add_argument("--prefill-chunk", type=int, default=0, help="squeezekit chunked prefill: tokens per chunk (0 = off)")

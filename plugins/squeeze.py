@@ -8,6 +8,7 @@ others, so the total stays exact. Fewer than 3 distinct similarities: uniform.
 ``per="batch"`` (default) clusters the batch's mean importance once, so every sequence of a batch shares the same
 layer shares and each layer's buffer is exactly as large as its budget; ``per="sequence"`` clusters each prompt on
 its own (the paper's batch-1 behaviour), at the price of buffers sized for the largest budget in the batch.
+A batch prefilled in micro-batches counts as one batch: its mean importance is the first micro-batch's.
 """
 
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
     n_init: int = 10
     random_state: int = 0
     per: str = "batch"
+
+    @property
+    def batch_level(self) -> bool:  # micro-batches of one batch share its allocation (see LayerBudgetAllocator)
+        return self.per == "batch"
 
     def __post_init__(self):
         squeezekit.check("p", self.p, 0 < self.p <= 1, "must be in (0, 1]")

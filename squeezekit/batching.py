@@ -97,25 +97,34 @@ def prefill(
     evicted back to its budget after each chunk, so no layer ever holds more than its budget plus one chunk: the
     prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk.
 
+    The micro-batches are one batch: a batch-level allocator (``LayerBudgetAllocator.batch_level``, e.g. ``squeeze``
+    with ``per="batch"``) allocates every micro-batch from the first one's mean importance, so rows with equal prompt
+    lengths get equal budgets and the assembled cache can take the CUDA-graph decode path.
+
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
     batch = input_ids.shape[0]
     assembler, cache, logits, peak = None, None, [], 0
-    for start in range(0, batch, micro_batch):
-        sl = slice(start, start + micro_batch)
-        mask = None if attention_mask is None else attention_mask[sl]
-        part, last = _prefill_one(model, input_ids[sl], mask, chunk)
-        logits.append(last)
-        if micro_batch >= batch:
-            cache = part
-            break
-        done = 0 if assembler is None else assembler.out.kv_nbytes()  # the batch cache, preallocated
-        peak = max(peak, done + part.peak_kv_bytes_prefill)
-        assembler = assembler or Assembler(part, batch)
-        peak = max(peak, assembler.out.kv_nbytes() + part.kv_nbytes())
-        assembler.add(part)
-        del part
+    try:
+        for start in range(0, batch, micro_batch):
+            sl = slice(start, start + micro_batch)
+            mask = None if attention_mask is None else attention_mask[sl]
+            part, last = _prefill_one(model, input_ids[sl], mask, chunk)
+            logits.append(last)
+            if micro_batch >= batch:
+                cache = part
+                break
+            if assembler is None and part.importance is not None:  # later micro-batches share this allocation
+                compressor.batch_importance = part.importance.mean(0)
+            done = 0 if assembler is None else assembler.out.kv_nbytes()  # the batch cache, preallocated
+            peak = max(peak, done + part.peak_kv_bytes_prefill)
+            assembler = assembler or Assembler(part, batch)
+            peak = max(peak, assembler.out.kv_nbytes() + part.kv_nbytes())
+            assembler.add(part)
+            del part
+    finally:
+        compressor.batch_importance = None
     if assembler is not None:
         cache = assembler.finish()
         cache.peak_kv_bytes_prefill = peak

@@ -425,8 +425,12 @@ class SqueezeCache(Cache):
                 budgets[over] = torch.round(mean[over]).long().clamp_min(n[over]).view(-1, 1).expand(-1, L)
             squeeze_rows = (~over).nonzero().view(-1)
             if squeeze_rows.numel():
+                importance = self.importance[squeeze_rows][:, layers].float()
+                shared = self.compressor.batch_importance
+                if shared is not None and getattr(self.allocator, "batch_level", False):
+                    importance = shared[layers].float().expand_as(importance)
                 request = AllocationRequest(
-                    importance=self.importance[squeeze_rows][:, layers].float(),
+                    importance=importance,
                     total=total[squeeze_rows],
                     floor=floor,
                     cap=n[squeeze_rows],

@@ -54,6 +54,9 @@ class Compressor:
         self._x: dict[int, torch.Tensor] = {}
         self._importance: dict[int, torch.Tensor] = {}
         self._measuring = False
+        #: (L,) importance a batch-level allocator sees for every row instead of the row's own: set by a
+        #: micro-batched prefill to the first micro-batch's mean, so that the micro-batches share one allocation
+        self.batch_importance: torch.Tensor | None = None
         #: synchronize the device around policy work so `summary()["timings"]` are exact (benchmarks only)
         self.sync_timings = False
 

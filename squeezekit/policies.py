@@ -117,6 +117,11 @@ class LayerBudgetAllocator(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True when the budgets follow the batch as a whole (for example its mean importance), not each sequence on
+    #: its own. A micro-batched prefill (`squeezekit.batching.prefill`) then hands every micro-batch the first
+    #: micro-batch's mean importance, so the whole batch shares one allocation: rows with equal prompt lengths get
+    #: equal budgets, and the layers keep equal-size buffers (what the CUDA-graph decode path needs).
+    batch_level: ClassVar[bool] = False
 
     @abstractmethod
     def allocate(self, request: AllocationRequest) -> torch.Tensor:

@@ -116,3 +116,23 @@ def test_micro_batched_prefill_peak_is_the_batch_cache_plus_one_micro_batch():
     assert one["kv_bytes_peak_prefill"] == full  # one forward holds the whole prompt before it is compressed
     assert (two["kv_bytes_full"], two["kv_bytes_kept"]) == (full, kept) == (full, parts.kv_nbytes())
     assert two["kv_bytes_peak_prefill"] == kept + full // 2  # the preallocated batch cache + one micro-batch
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_micro_batches_share_one_batch_level_allocation(chunk):
+    """squeeze (per="batch") allocates a micro-batched batch as one: equal budgets, steady layers, the graph path."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    ids = torch.randint(1, 100, (8, 96), generator=torch.Generator().manual_seed(1))
+    with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
+        cache, _ = prefill(model, c, ids, None, micro_batch=2, chunk=chunk)
+        budgets, importance = c.summary()["budgets"], c.summary()["importance"]
+        assert c.batch_importance is None  # only while the prefill runs
+    assert len({tuple(row.tolist()) for row in importance}) == 8  # each row's own importance is still reported
+    assert (budgets == budgets[0]).all() and int(budgets[0].sum()) == round(0.2 * 96 * 8)
+    assert all(layer.steady for layer in cache.layers)
+    with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
+        whole, _ = prefill(model, c, ids[:2], None, micro_batch=2, chunk=chunk)
+        assert torch.equal(c.summary()["budgets"][0], budgets[0])  # the first micro-batch's allocation
+    with squeezekit.compress(model, evictor="streaming", budget=0.2, per="sequence") as c:
+        prefill(model, c, ids, None, micro_batch=2, chunk=chunk)
+        assert len({tuple(row.tolist()) for row in c.summary()["budgets"]}) > 1  # per sequence: its own
