@@ -256,8 +256,35 @@ def _oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def run_peer_kvpress(args) -> list[dict]:
+    """kvpress's StreamingLLMPress at the same budget, in its own process (it needs transformers < 5.3): one run
+    per ``--peer-batches`` size, until one runs out of memory. Runs before squeezekit's model exists, so both see
+    the whole GPU."""
+    import os
+    import subprocess
+    import sys
+
+    if args.config not in CONFIGS:
+        raise SystemExit("--peer-kvpress needs a named config (the peer builds the same random model)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.peer_kvpress, os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable, str(Path(__file__).with_name("peer_kvpress.py")), "--config-json", json.dumps(CONFIGS[args.config]),
+        "--device", args.device, "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
+        "--new-tokens", str(args.new_tokens), "--batches", args.peer_batches, "--budget", str(args.peer_budget),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for r in runs:
+        print(json.dumps(r), flush=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"the kvpress peer failed (exit {done.returncode})")
+    return runs
+
+
 def bench(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
+    peer = run_peer_kvpress(args) if args.peer_kvpress else []
     model = build_model(args.config, device, dtype, args.gpus)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
@@ -269,6 +296,10 @@ def bench(args) -> dict:
     results = {"config": args.config, "device": gpu_name, "gpus": args.gpus,
                "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth, "runs": [], "checks": []}
+    for r in peer:  # measured first, in their own process (see run_peer_kvpress)
+        if not r.get("oom"):
+            r["floor_step_ms"] = round(1000 * (weight_bytes + r["kv_bytes"]) / bandwidth, 2) if bandwidth == bandwidth else float("nan")
+        results["runs"].append(r)
     import transformers
 
     import squeezekit
@@ -417,6 +448,13 @@ def add_parser(sub) -> None:
     p.add_argument("--check-batch", type=int, default=2)
     p.add_argument("--check-tokens", type=int, default=16)
     p.add_argument("--profile-batch", type=int, default=0, help="also profile eager decode steps at this batch size")
+    p.add_argument(
+        "--peer-kvpress", default=None, metavar="SITE",
+        help="also time kvpress's StreamingLLMPress, in its own process with SITE (kvpress + transformers<5.3) first on "
+        "PYTHONPATH, before squeezekit's runs",
+    )  # fmt: skip
+    p.add_argument("--peer-batches", default="48,64,96", help="batch sizes of the kvpress peer")
+    p.add_argument("--peer-budget", type=float, default=0.2, help="fraction of the prompt's KV the kvpress peer keeps")
     p.add_argument("--out", default="docs/benchmarks")
     p.set_defaults(func=_run)
 
