@@ -38,7 +38,6 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.2, help="fraction of the prompt's KV kept (1 - compression ratio)")
     args = p.parse_args()
 
-    import kvpress
     import transformers as tf
     from kvpress import StreamingLLMPress
 

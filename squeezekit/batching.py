@@ -97,9 +97,10 @@ def prefill(
     evicted back to its budget after each chunk, so no layer ever holds more than its budget plus one chunk: the
     prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk.
 
-    The micro-batches are one batch: a batch-level allocator (``LayerBudgetAllocator.batch_level``, e.g. ``squeeze``
-    with ``per="batch"``) allocates every micro-batch from the first one's mean importance, so rows with equal prompt
-    lengths get equal budgets and the assembled cache can take the CUDA-graph decode path.
+    The micro-batches are one batch: with a batch-level allocator (``LayerBudgetAllocator.batch_level``, e.g.
+    ``squeeze`` with ``per="batch"``) the first micro-batch's allocation holds for the whole batch. Later rows with a
+    prompt length it has seen reuse its budgets; other lengths are allocated from its mean importance. So rows with
+    equal prompt lengths get equal budgets, and the assembled cache can take the CUDA-graph decode path.
 
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
@@ -115,8 +116,11 @@ def prefill(
             if micro_batch >= batch:
                 cache = part
                 break
-            if assembler is None and part.importance is not None:  # later micro-batches share this allocation
+            if assembler is None and part.budgets is not None:  # later micro-batches share this allocation
                 compressor.batch_importance = part.importance.mean(0)
+                layers = compressor.compressible
+                lengths = part.prompt_len.cpu()
+                compressor.batch_allocation = {int(k): part.budgets[i, layers] for i, k in enumerate(lengths)}
             done = 0 if assembler is None else assembler.out.kv_nbytes()  # the batch cache, preallocated
             peak = max(peak, done + part.peak_kv_bytes_prefill)
             assembler = assembler or Assembler(part, batch)
@@ -124,7 +128,7 @@ def prefill(
             assembler.add(part)
             del part
     finally:
-        compressor.batch_importance = None
+        compressor.batch_importance = compressor.batch_allocation = None
     if assembler is not None:
         cache = assembler.finish()
         cache.peak_kv_bytes_prefill = peak

@@ -424,10 +424,15 @@ class SqueezeCache(Cache):
             if bool(over.any()):
                 budgets[over] = torch.round(mean[over]).long().clamp_min(n[over]).view(-1, 1).expand(-1, L)
             squeeze_rows = (~over).nonzero().view(-1)
-            if squeeze_rows.numel():
+            batch_level = getattr(self.allocator, "batch_level", False)
+            known = self.compressor.batch_allocation if batch_level else None
+            if squeeze_rows.numel() and known is not None and all(int(k) in known for k in n[squeeze_rows]):
+                # a later micro-batch of a batch-level allocation: the budgets of its prompt lengths are known
+                budgets[squeeze_rows] = torch.stack([known[int(k)] for k in n[squeeze_rows]])
+            elif squeeze_rows.numel():
                 importance = self.importance[squeeze_rows][:, layers].float()
                 shared = self.compressor.batch_importance
-                if shared is not None and getattr(self.allocator, "batch_level", False):
+                if shared is not None and batch_level:
                     importance = shared[layers].float().expand_as(importance)
                 request = AllocationRequest(
                     importance=importance,
@@ -436,6 +441,8 @@ class SqueezeCache(Cache):
                     cap=n[squeeze_rows],
                 )
                 budgets[squeeze_rows] = self.with_fallback("allocator", lambda: self.allocate(request)).long().cpu()
+                if known is not None:
+                    known.update((int(k), row) for k, row in zip(n[squeeze_rows], budgets[squeeze_rows], strict=True))
             self.budgets[:, layers] = budgets
             t1 = self.clock()
             self.timings["allocation"] += t1 - t0

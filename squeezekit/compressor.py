@@ -57,6 +57,9 @@ class Compressor:
         #: (L,) importance a batch-level allocator sees for every row instead of the row's own: set by a
         #: micro-batched prefill to the first micro-batch's mean, so that the micro-batches share one allocation
         self.batch_importance: torch.Tensor | None = None
+        #: prompt length -> (compressible layers,) budgets of that batch-level allocation, reused by the later
+        #: micro-batches instead of asking the allocator again (set and cleared with ``batch_importance``)
+        self.batch_allocation: dict[int, torch.Tensor] | None = None
         #: synchronize the device around policy work so `summary()["timings"]` are exact (benchmarks only)
         self.sync_timings = False
 

@@ -118,9 +118,11 @@ class LayerBudgetAllocator(ABC):
 
     name: ClassVar[str] = ""
     #: True when the budgets follow the batch as a whole (for example its mean importance), not each sequence on
-    #: its own. A micro-batched prefill (`squeezekit.batching.prefill`) then hands every micro-batch the first
-    #: micro-batch's mean importance, so the whole batch shares one allocation: rows with equal prompt lengths get
-    #: equal budgets, and the layers keep equal-size buffers (what the CUDA-graph decode path needs).
+    #: its own. A micro-batched prefill (`squeezekit.batching.prefill`) then keeps the first micro-batch's
+    #: allocation for the whole batch: later rows with a prompt length it has seen reuse its budgets (the
+    #: allocator is not called again), other lengths get a request whose every row is its mean importance. Rows
+    #: with equal prompt lengths get equal budgets, so the layers keep equal-size buffers (what the CUDA-graph
+    #: decode path needs).
     batch_level: ClassVar[bool] = False
 
     @abstractmethod

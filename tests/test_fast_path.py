@@ -124,9 +124,13 @@ def test_micro_batches_share_one_batch_level_allocation(chunk):
     model = tiny_model("llama", num_hidden_layers=8)
     ids = torch.randint(1, 100, (8, 96), generator=torch.Generator().manual_seed(1))
     with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
+        calls = []
+        allocate = c.allocator.allocate
+        c.allocator.allocate = lambda request: calls.append(request.total.shape[0]) or allocate(request)
         cache, _ = prefill(model, c, ids, None, micro_batch=2, chunk=chunk)
         budgets, importance = c.summary()["budgets"], c.summary()["importance"]
-        assert c.batch_importance is None  # only while the prefill runs
+        assert c.batch_importance is None and c.batch_allocation is None  # only while the prefill runs
+    assert calls == [2]  # the first micro-batch's allocation is reused for the other three
     assert len({tuple(row.tolist()) for row in importance}) == 8  # each row's own importance is still reported
     assert (budgets == budgets[0]).all() and int(budgets[0].sum()) == round(0.2 * 96 * 8)
     assert all(layer.steady for layer in cache.layers)
@@ -136,3 +140,21 @@ def test_micro_batches_share_one_batch_level_allocation(chunk):
     with squeezekit.compress(model, evictor="streaming", budget=0.2, per="sequence") as c:
         prefill(model, c, ids, None, micro_batch=2, chunk=chunk)
         assert len({tuple(row.tolist()) for row in c.summary()["budgets"]}) > 1  # per sequence: its own
+
+
+def test_batch_level_allocation_with_mixed_prompt_lengths():
+    """A prompt length the first micro-batch did not have is allocated once, from its mean importance, then reused."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    ids = torch.randint(1, 100, (8, 96), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[[2, 3, 6, 7], :16] = 0  # left padding: rows 2, 3, 6, 7 have 80-token prompts
+    with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
+        calls = []
+        allocate = c.allocator.allocate
+        c.allocator.allocate = lambda request: calls.append(request.cap.tolist()) or allocate(request)
+        cache, _ = prefill(model, c, ids, mask, micro_batch=2)
+        budgets = c.summary()["budgets"]
+    assert calls == [[96, 96], [80, 80]]
+    long, short = budgets[[0, 1, 4, 5]], budgets[[2, 3, 6, 7]]
+    assert (long == long[0]).all() and (short == short[0]).all()
+    assert int(long[0].sum()) == round(0.2 * 96 * 8) and int(short[0].sum()) == round(0.2 * 80 * 8)
