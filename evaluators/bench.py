@@ -6,6 +6,8 @@ Protocol (same as the shared Hugging Face baseline): greedy decoding of ``--new-
 ``generate(1)``, decode tok/s = B x (N - 1) / (time of ``generate(N)`` - prefill). squeezekit: micro-batched prefill
 (each micro-batch compressed right after its prefill, then merged), then squeezekit's greedy decoder (CUDA graph
 when every layer is steady). Each method runs at growing batch sizes until it runs out of memory (or the cap).
+``--peer-kvpress SITE`` first times NVIDIA kvpress's StreamingLLMPress with the baseline's protocol, in its own
+process (evaluators/peer_kvpress.py: kvpress needs transformers < 5.3).
 """
 
 from __future__ import annotations
