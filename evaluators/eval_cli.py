@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError):
         from squeezekit.errors import ConfigError
 
-        raise ConfigError("shard", args.shard, "expected I/N with 0 <= I < N, e.g. 0/2", "--shard") from None
+        raise ConfigError("--shard", args.shard, "expected I/N with 0 <= I < N, e.g. 0/2", "command line") from None
     if args.threads:
         import torch
 

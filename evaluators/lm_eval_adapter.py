@@ -86,6 +86,20 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return Config.from_mapping(values, source=SOURCE, text=True), hf
 
 
+def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):
+    """Pop adapter argument ``key`` from ``args`` as ``kind``; a value that does not parse or fails ``ok``: `ConfigError`."""
+    value = args.pop(key, default)
+    try:
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, accepted, SOURCE) from None
+    if isinstance(value, bool) or not ok(number):
+        raise ConfigError(key, value, accepted, SOURCE)
+    return number
+
+
 def _prompt_tokens(rolling_prompt: float, n: int) -> int:
     return int(rolling_prompt * n) if rolling_prompt <= 1 else int(rolling_prompt)
 
@@ -97,12 +111,11 @@ class SqueezekitLM(HFLM):
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         config, hf = split_model_args(kwargs)
         self.squeeze_config = config
-        self.extend_chunk = int(hf.pop("extend_chunk", DEFAULT_EXTEND_CHUNK))
-        if self.extend_chunk < 1:
-            raise ConfigError("extend_chunk", self.extend_chunk, "must be an integer >= 1", SOURCE)
-        self.rolling_prompt = float(hf.pop("rolling_prompt", DEFAULT_ROLLING_PROMPT))
-        if not self.rolling_prompt > 0:
-            raise ConfigError("rolling_prompt", self.rolling_prompt, "must be a fraction in (0, 1] or a number of tokens", SOURCE)
+        self.extend_chunk = _number(hf, "extend_chunk", DEFAULT_EXTEND_CHUNK, int, lambda v: v >= 1, "must be an integer >= 1")
+        self.rolling_prompt = _number(
+            hf, "rolling_prompt", DEFAULT_ROLLING_PROMPT, float, lambda v: 0 < v <= 1 or (v > 1 and v == int(v)),
+            "must be a fraction in (0, 1] or a whole number of tokens",
+        )  # fmt: skip
         attn = hf.pop("attn_implementation", None)
         if attn is not None:
             if attn not in ("sdpa", "eager"):

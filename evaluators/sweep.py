@@ -67,9 +67,9 @@ def parse_suite(text: str) -> list[Unit]:
             task, length = head.split("@")
             unit = Unit(task, int(length), int(n))
         except ValueError:
-            raise ConfigError("suite", item, "expected TASK@LENGTH:N, e.g. niah_single_1@1024:16", "--suite") from None
+            raise ConfigError("--suite", item, "expected TASK@LENGTH:N, e.g. niah_single_1@1024:16", "command line") from None
         if unit.task not in RULER_TASKS + OWN_TASKS:
-            raise ConfigError("suite", item, f"unknown task; offline tasks: {', '.join(RULER_TASKS + OWN_TASKS)}", "--suite")
+            raise ConfigError("--suite", item, f"unknown task; offline tasks: {', '.join(RULER_TASKS + OWN_TASKS)}", "command line")
         units.append(unit)
     return units
 

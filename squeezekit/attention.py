@@ -18,6 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .policies import Stat
 
 NAME = "squeezekit"
@@ -81,7 +82,10 @@ def _explicit(query, key, value, mask_for, scaling, softcap, q_valid, want_probs
 def squeezekit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     compressor = COMPRESSORS.get(module)
     if compressor is None:
-        raise RuntimeError("attn_implementation 'squeezekit' only works inside squeezekit.compress(model, ...)")
+        raise InputError(
+            "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the model "
+            "with 'sdpa' or 'eager' and compress() switches it"
+        )
     step = compressor.step
     B, Hq, q, D = query.shape
     H = key.shape[1]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import SqueezeCache
+from .errors import InputError
 
 
 def _pad_slots(t: torch.Tensor | None, capacity: int, value) -> torch.Tensor | None:
@@ -93,6 +94,9 @@ def prefill(
 ):
     """Prefill ``input_ids`` (B, T) in micro-batches inside an active ``compress`` block.
 
+    ``compressor`` is that block's `Compressor` (what ``with squeezekit.compress(...) as c`` gives), or None for
+    the one the model is in.
+
     With ``chunk``, each micro-batch's prompt goes through the model ``chunk`` tokens at a time and every layer is
     evicted back to its budget after each chunk, so no layer ever holds more than its budget plus one chunk: the
     prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk.
@@ -105,6 +109,11 @@ def prefill(
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
+    active = model_compressor(model)  # InputError outside a compress block
+    if compressor is None:
+        compressor = active
+    elif compressor is not active:
+        raise InputError("squeezekit.batching.prefill got the Compressor of another compress() block than the model's")
     batch = input_ids.shape[0]
     assembler, cache, logits, peak = None, None, [], 0
     try:
@@ -169,4 +178,4 @@ def model_compressor(model):
     for module in model.modules():
         if module in COMPRESSORS:
             return COMPRESSORS[module]
-    raise RuntimeError("the model is not inside a squeezekit.compress block")
+    raise InputError("squeezekit.batching.prefill needs the model inside a squeezekit.compress(model, ...) block")

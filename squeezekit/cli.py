@@ -33,7 +33,7 @@ def config_from_args(args: argparse.Namespace):
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(item, item, "expected --set KEY=VALUE", "--set")
+            raise ConfigError("--set", item, "expected KEY=VALUE, e.g. --set kernel_size=5", "command line")
         text[key.strip()] = value
     merged = {**values, **text}
     # Values from flags are text; those from the file are typed already.

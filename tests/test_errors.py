@@ -118,6 +118,31 @@ CATALOGUE = [
     Row("bad-pair", "a k=v string item without '='", "ConfigError",
         "config error: model_args: {item} = {value}: expected key=value pairs separated by commas",
         "test_unknown_key_kwarg"),
+    Row("set-pair", "CLI --set without '=' (e.g. --set kernel_size)", "ConfigError",
+        "config error: command line: --set = {value}: expected KEY=VALUE, e.g. --set kernel_size=5",
+        "test_unknown_cli_flag_and_set_key"),
+    # ---- evaluation commands ----------------------------------------------------------------------------------
+    Row("suite-format", "squeezekit eval --suite item not of the form TASK@LENGTH:N", "ConfigError",
+        "config error: command line: --suite = {value}: expected TASK@LENGTH:N, e.g. niah_single_1@1024:16",
+        "test_evaluation_command_arguments"),
+    Row("suite-task", "squeezekit eval --suite with a task the offline suite does not have", "ConfigError",
+        "config error: command line: --suite = {value}: unknown task; offline tasks: {tasks}",
+        "test_evaluation_command_arguments"),
+    Row("shard", "squeezekit eval --shard not of the form I/N with 0 <= I < N", "ConfigError",
+        "config error: command line: --shard = {value}: expected I/N with 0 <= I < N, e.g. 0/2",
+        "test_evaluation_command_arguments"),
+    Row("extend-chunk", "lm-eval model_args extend_chunk not an integer >= 1", "ConfigError",
+        "config error: model_args: extend_chunk = {value}: must be an integer >= 1",
+        "test_evaluation_command_arguments"),
+    Row("rolling-prompt", "lm-eval model_args rolling_prompt not a fraction in (0, 1] or a whole number of tokens", "ConfigError",
+        "config error: model_args: rolling_prompt = {value}: must be a fraction in (0, 1] or a whole number of tokens",
+        "test_evaluation_command_arguments"),
+    Row("adapter-attn", "lm-eval model_args attn_implementation other than sdpa / eager", "ConfigError",
+        "config error: model_args: attn_implementation = {value}: must be 'sdpa' or 'eager'",
+        "test_evaluation_command_arguments"),
+    Row("adapter-causal", "lm-eval --model squeezekit with an encoder-decoder model", "UnsupportedModelError",
+        "the squeezekit lm-eval model serves decoder-only (causal) models only",
+        "test_evaluation_command_arguments"),
     # ---- config files -----------------------------------------------------------------------------------------
     Row("file-yaml", "config file that is not valid YAML", "ConfigError",
         "config error: (file) = {path}: is not valid YAML: line {line}, column {column}: {problem}", "test_unparsable_config_files"),
@@ -173,6 +198,13 @@ CATALOGUE = [
         "batch size changed from {before} to {after} within one compressed generation", "test_other_misuse"),
     Row("nested", "compress() nested on one model", "InputError",
         "this model is already inside a squeezekit.compress() block; nest blocks only on different models", "test_other_misuse"),
+    Row("attn-outside", "a model loaded with attn_implementation='squeezekit', run outside compress()", "InputError",
+        "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the model with 'sdpa' or 'eager' and compress() switches it",
+        "test_other_misuse"),
+    Row("prefill-outside", "squeezekit.batching.prefill on a model outside compress()", "InputError",
+        "squeezekit.batching.prefill needs the model inside a squeezekit.compress(model, ...) block", "test_other_misuse"),
+    Row("prefill-other", "squeezekit.batching.prefill given the Compressor of an earlier or another block", "InputError",
+        "squeezekit.batching.prefill got the Compressor of another compress() block than the model's", "test_other_misuse"),
     # ---- misbehaving plugins ----------------------------------------------------------------------------------
     Row("plugin-import", "a plugin that raises on import (selecting it)", "PluginError",
         PLUGIN + "failed to import: {exception}: {detail}", "test_plugin_raising_on_import"),
@@ -428,6 +460,7 @@ def test_unknown_cli_flag_and_set_key(capsys):
             keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heavy_ratio, kernel_size, n_init, p, per, pooling, random_state, sinks, window",
             nearest="'kernel_size'")),
         (["generate", "hi", "--budget", "abc"], "value-text", dict(source="command line", key="budget", value="'abc'", kind="a number")),
+        (["generate", "hi", "--set", "kernel_size"], "set-pair", dict(value="'kernel_size'")),
     ):
         message = cli(*argv)
         assert message == ROWS[key].template.format(**values), (argv, message)
@@ -459,6 +492,50 @@ def test_unknown_lm_eval_model_arg(tiny_llama_dir):
 
 
 # ---- config files ----------------------------------------------------------------------------------------------
+
+
+def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
+    from squeezekit.evaluators.sweep import OWN_TASKS, RULER_TASKS
+
+    from squeezekit.cli import main
+
+    for argv, key, values in (
+        (["--suite", "niah_single_1@1024"], "suite-format", dict(value="'niah_single_1@1024'")),
+        (["--suite", "niah_single_9@1024:4"], "suite-task", dict(value="'niah_single_9@1024:4'", tasks=", ".join(RULER_TASKS + OWN_TASKS))),
+        (["--shard", "2/2"], "shard", dict(value="'2/2'")),
+    ):
+        err = _cli_error(main, ["eval", "--sweep", "--out", str(tmp_path), *argv])
+        assert err == ROWS[key].template.format(**values), (argv, err)
+    pytest.importorskip("lm_eval")
+    from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
+
+    def lm(extra: str):
+        return lambda: SqueezekitLM.create_from_arg_string(f"pretrained={tiny_llama_dir},{extra}", {"device": "cpu"})
+
+    raised("extend-chunk", lm("extend_chunk=0"), value="0")
+    raised("extend-chunk", lm("extend_chunk=2.5"), value="2.5")
+    raised("rolling-prompt", lm("rolling_prompt=0"), value="0")
+    raised("rolling-prompt", lm("rolling_prompt=1.5"), value="1.5")
+    raised("adapter-attn", lm("attn_implementation=flex_attention"), value="'flex_attention'")
+    import transformers as tf
+
+    t5 = tmp_path / "tiny-t5"
+    tf.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(t5)
+    config = tf.T5Config(vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    tf.T5ForConditionalGeneration(config).save_pretrained(t5)
+    raised("adapter-causal", lambda: SqueezekitLM.create_from_arg_string(f"pretrained={t5}", {"device": "cpu"}))
+
+
+def _cli_error(main, argv) -> str:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    text = err.getvalue()
+    assert text.startswith("squeezekit: ") and text.count("\n") == 1, text
+    return text[len("squeezekit: ") : -1]
 
 
 def test_unparsable_config_files(tmp_path):
@@ -580,6 +657,19 @@ def test_other_misuse(llama):
         raised("batch-size", lambda: llama(three, attention_mask=torch.ones(3, 21, dtype=torch.long), past_key_values=out.past_key_values, use_cache=True),
                before=2, after=3)
         raised("nested", lambda: squeezekit.compress(llama, budget=0.3).__enter__())
+    assert_restored(llama, before, ids, mask)
+    from squeezekit.batching import prefill
+
+    with squeezekit.compress(llama, budget=0.8) as stale:
+        pass
+    raised("prefill-outside", lambda: prefill(llama, stale, ids, mask))
+    with squeezekit.compress(llama, budget=0.8):
+        raised("prefill-other", lambda: prefill(llama, stale, ids, mask))
+    llama.config._attn_implementation = "squeezekit"  # as from_pretrained(..., attn_implementation="squeezekit")
+    try:
+        raised("attn-outside", lambda: llama(ids, attention_mask=mask))
+    finally:
+        llama.config._attn_implementation = "sdpa"
     assert_restored(llama, before, ids, mask)
 
 
