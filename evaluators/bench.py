@@ -189,11 +189,12 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     B, L = ids.shape
     assert out.shape[1] == L + new_tokens
     decode = max(total - prefill, 1e-9)
+    full_kv = B * L * kv_bytes_per_token(model)
     return dict(
         prefill_s=round(prefill, 3), total_s=round(total, 3), decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
         e2e_tok_s=round(B * new_tokens / total, 1), step_ms=round(1000 * decode / (new_tokens - 1), 2),
-        peak_gib=_peak_gib(device), prefill_mem_gib=prefill_mem, kv_bytes=B * L * kv_bytes_per_token(model),
-        kv_bytes_peak_prefill=B * L * kv_bytes_per_token(model), tokens=out[:, L:],
+        peak_gib=_peak_gib(device), prefill_mem_gib=prefill_mem, kv_bytes=full_kv, kv_bytes_peak_prefill=full_kv,
+        tokens=out[:, L:],
     )
 
 
@@ -270,7 +271,7 @@ def run_peer_kvpress(args) -> list[dict]:
         raise SystemExit("--peer-kvpress needs a named config (the peer builds the same random model)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.peer_kvpress, os.environ.get("PYTHONPATH")]))}
     cmd = [
-        sys.executable, str(Path(__file__).with_name("peer_kvpress.py")), "--config-json", json.dumps(CONFIGS[args.config]),
+        sys.executable, str(Path(__file__).with_name("peer_kvpress.py")), "--config", args.config,
         "--device", args.device, "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
         "--new-tokens", str(args.new_tokens), "--batches", args.peer_batches, "--budget", str(args.peer_budget),
     ]  # fmt: skip
@@ -298,9 +299,13 @@ def bench(args) -> dict:
     results = {"config": args.config, "device": gpu_name, "gpus": args.gpus,
                "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth, "runs": [], "checks": []}
+
+    def floor_step_ms(kv_bytes: int) -> float:  # a decode step reads every weight and every kept KV byte once
+        return round(1000 * (weight_bytes + kv_bytes) / bandwidth, 2) if bandwidth == bandwidth else float("nan")
+
     for r in peer:  # measured first, in their own process (see run_peer_kvpress)
         if not r.get("oom"):
-            r["floor_step_ms"] = round(1000 * (weight_bytes + r["kv_bytes"]) / bandwidth, 2) if bandwidth == bandwidth else float("nan")
+            r["floor_step_ms"] = floor_step_ms(r["kv_bytes"])
         results["runs"].append(r)
     import transformers
 
@@ -363,8 +368,7 @@ def bench(args) -> dict:
                 print(json.dumps(results["runs"][-1]), flush=True)
                 break
             r.pop("tokens")
-            floor_s = (weight_bytes + r["kv_bytes"]) / bandwidth if bandwidth == bandwidth else float("nan")
-            r.update(method=method.name, B=B, floor_step_ms=round(1000 * floor_s, 2))
+            r.update(method=method.name, B=B, floor_step_ms=floor_step_ms(r["kv_bytes"]))
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
             if args.out:

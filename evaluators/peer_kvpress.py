@@ -3,8 +3,8 @@
 NVIDIA kvpress needs transformers < 5.3, so it cannot share squeezekit's process: the bench starts this script with
 ``SITE`` (a folder holding kvpress and the transformers it needs, e.g. ``pip install --target SITE kvpress==0.5.5
 transformers==5.2.0``) first on ``PYTHONPATH``. The script builds the same random-weight model from the same config
-and times ``model.generate`` inside kvpress's ``StreamingLLMPress`` context with the bench's own `run_hf` protocol
-(loaded from bench.py beside this file, without importing squeezekit). One JSON line per batch size on stdout.
+and times ``model.generate`` inside kvpress's ``StreamingLLMPress`` context, with the bench's own `build_model` and
+`run_hf` (loaded from bench.py beside this file, without importing squeezekit). One JSON line per batch size on stdout.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _bench_module():
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config-json", required=True, help="the model config's keyword arguments, as JSON")
+    p.add_argument("--config", required=True, help="a named config of bench.py (CONFIGS)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -42,24 +42,19 @@ def main() -> None:
     from kvpress import StreamingLLMPress
 
     bench = _bench_module()
-    config = tf.AutoConfig.for_model(**json.loads(args.config_json))
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
+    model = bench.build_model(args.config, args.device, getattr(torch, args.dtype))  # the same model as the bench's
+    vocab = model.config.vocab_size
     press = StreamingLLMPress(compression_ratio=round(1 - args.budget, 6))
     name = f"kvpress StreamingLLMPress({press.compression_ratio})"
     versions = {"kvpress": importlib.metadata.version("kvpress"), "transformers": tf.__version__}
     g = torch.Generator().manual_seed(1)
     # that the press really compresses: the cache length after one prefill (transformers' own would be prompt_len)
-    probe = torch.randint(1, config.vocab_size, (1, args.prompt_len), generator=g).to(args.device)
+    probe = torch.randint(1, vocab, (1, args.prompt_len), generator=g).to(args.device)
     with torch.inference_mode(), press(model):
         kept_tokens = model(probe, use_cache=True).past_key_values.get_seq_length()
     del probe
     for B in [int(b) for b in args.batches.split(",")]:
-        ids = torch.randint(1, config.vocab_size, (B, args.prompt_len), generator=g).to(args.device)
+        ids = torch.randint(1, vocab, (B, args.prompt_len), generator=g).to(args.device)
         try:
             with press(model):
                 r = bench.run_hf(model, ids, args.new_tokens, args.device)

@@ -125,15 +125,15 @@ def prefill(
             if micro_batch >= batch:
                 cache = part
                 break
-            if assembler is None and part.budgets is not None:  # later micro-batches share this allocation
+            if assembler is None:  # the first micro-batch: its allocation holds for the batch
                 compressor.batch_importance = part.importance.mean(0)
-                layers = compressor.compressible
                 lengths = part.prompt_len.cpu()
+                layers = compressor.compressible
                 compressor.batch_allocation = {int(k): part.budgets[i, layers] for i, k in enumerate(lengths)}
-            done = 0 if assembler is None else assembler.out.kv_nbytes()  # the batch cache, preallocated
-            peak = max(peak, done + part.peak_kv_bytes_prefill)
-            assembler = assembler or Assembler(part, batch)
-            peak = max(peak, assembler.out.kv_nbytes() + part.kv_nbytes())
+                assembler = Assembler(part, batch)  # preallocates the batch cache
+                peak = max(part.peak_kv_bytes_prefill, assembler.out.kv_nbytes() + part.kv_nbytes())
+            else:
+                peak = max(peak, assembler.out.kv_nbytes() + part.peak_kv_bytes_prefill)
             assembler.add(part)
             del part
     finally:
