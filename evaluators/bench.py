@@ -316,35 +316,37 @@ def bench(args) -> dict:
 
     # Correctness first, on the same inputs: the full budget against transformers (prefill logits, greedy tokens),
     # and each compressed fast path (micro-batches + decoder/CUDA graph) against squeezekit through model.generate.
-    check_ids = torch.randint(1, vocab, (args.check_batch, args.prompt_len), generator=g).to(device)
-    ref = run_hf(model, check_ids, args.check_tokens, device)["tokens"]
-    full = Method.parse("squeeze+streaming@1.0")
-    got = run_squeezekit(model, check_ids, args.check_tokens, device, full, args.check_batch, args.cuda_graph)
-    with torch.inference_mode():
-        hf_logits = model(check_ids).logits[:, -1].float()
-        with squeezekit.compress(model, budget=1.0):
-            sk_logits = model(check_ids, use_cache=True).logits[:, -1].float()
-    results["checks"].append({
-        "method": full.name, "reference": "transformers full cache",
-        "token_agreement": round(float((got["tokens"] == ref).float().mean()), 4),
-        "prefill_logits_max_abs_diff": round(float((sk_logits - hf_logits).abs().max()), 5),
-        "logit_scale": round(float(hf_logits.abs().max()), 3),
-    })
-    print(json.dumps(results["checks"][-1]), flush=True)
-    # A chunked prefill measures importance on the first chunk, so it has no unchunked reference to agree with (its
-    # exactness at budget 1 is tested on CPU: tests/test_fast_path.py).
-    for method in [m for m in methods if m.name != "hf" and not m.chunk]:
-        fast = run_squeezekit(model, check_ids, args.check_tokens, device, method, 1, args.cuda_graph)["tokens"]
-        with torch.inference_mode(), squeezekit.compress(
-            model, allocator=method.allocator, evictor=method.evictor, budget=method.budget
-        ):
-            slow = model.generate(check_ids, max_new_tokens=args.check_tokens, min_new_tokens=args.check_tokens, do_sample=False)
-        slow = slow[:, check_ids.shape[1]:]
+    # --check-batch 0 skips the checks.
+    if args.check_batch > 0:
+        check_ids = torch.randint(1, vocab, (args.check_batch, args.prompt_len), generator=g).to(device)
+        ref = run_hf(model, check_ids, args.check_tokens, device)["tokens"]
+        full = Method.parse("squeeze+streaming@1.0")
+        got = run_squeezekit(model, check_ids, args.check_tokens, device, full, args.check_batch, args.cuda_graph)
+        with torch.inference_mode():
+            hf_logits = model(check_ids).logits[:, -1].float()
+            with squeezekit.compress(model, budget=1.0):
+                sk_logits = model(check_ids, use_cache=True).logits[:, -1].float()
         results["checks"].append({
-            "method": method.name, "reference": "squeezekit through model.generate (no micro-batches, no CUDA graph)",
-            "token_agreement": round(float((fast == slow).float().mean()), 4),
+            "method": full.name, "reference": "transformers full cache",
+            "token_agreement": round(float((got["tokens"] == ref).float().mean()), 4),
+            "prefill_logits_max_abs_diff": round(float((sk_logits - hf_logits).abs().max()), 5),
+            "logit_scale": round(float(hf_logits.abs().max()), 3),
         })
         print(json.dumps(results["checks"][-1]), flush=True)
+        # A chunked prefill measures importance on the first chunk, so it has no unchunked reference to agree with (its
+        # exactness at budget 1 is tested on CPU: tests/test_fast_path.py).
+        for method in [m for m in methods if m.name != "hf" and not m.chunk]:
+            fast = run_squeezekit(model, check_ids, args.check_tokens, device, method, 1, args.cuda_graph)["tokens"]
+            with torch.inference_mode(), squeezekit.compress(
+                model, allocator=method.allocator, evictor=method.evictor, budget=method.budget
+            ):
+                slow = model.generate(check_ids, max_new_tokens=args.check_tokens, min_new_tokens=args.check_tokens, do_sample=False)
+            slow = slow[:, check_ids.shape[1]:]
+            results["checks"].append({
+                "method": method.name, "reference": "squeezekit through model.generate (no micro-batches, no CUDA graph)",
+                "token_agreement": round(float((fast == slow).float().mean()), 4),
+            })
+            print(json.dumps(results["checks"][-1]), flush=True)
 
     for method in methods:
         for B in tqdm(method.batches or batches, desc=method.name, unit="batch"):

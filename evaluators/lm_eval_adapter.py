@@ -47,6 +47,7 @@ from tqdm import tqdm
 from squeezekit.config import CORE_KEYS, Config
 from squeezekit.errors import ConfigError, UnsupportedModelError
 from squeezekit.registry import registry
+from squeezekit.transformers_api import cache_argument, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
 HFLM_KEYS = frozenset(p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs"))
@@ -244,7 +245,7 @@ class SqueezekitLM(HFLM):
         with torch.no_grad(), self._compress() as compressor:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep)
             self._record(compressor)
-            cache = out.past_key_values
+            cache = output_cache(out)
             for b, row in enumerate(rows):
                 first = row["s"]  # prefill positions s..P-1 are scored by the prefill's last P-s columns
                 cols = out.logits[b, keep - (row["P"] - first) :]
@@ -269,15 +270,15 @@ class SqueezekitLM(HFLM):
                     input_ids=new.to(device),
                     attention_mask=mask,
                     position_ids=new_pos.to(device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_argument(self.model): cache},
                 )
                 for b, row in enumerate(rows):
                     start = row["P"] + k
                     m = int(new_mask[b].sum())
                     if m:
                         self._take(row, start, F.log_softmax(out.logits[b, :m].float(), dim=-1))
-                cache = out.past_key_values
+                cache = output_cache(out)
                 del out
 
     @staticmethod

@@ -74,8 +74,9 @@ def resolve(model: nn.Module) -> Resolved:
             "Falcon computes eager/SDPA attention inline, bypassing transformers' AttentionInterface, so per-layer "
             "caches cannot be masked; load it with attn_implementation='flash_attention_2' to use squeezekit"
         )
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types = getattr(text_config, "layer_types", None)
+    from .transformers_api import text_config
+
+    types = getattr(text_config(model), "layer_types", None)
     full = [i for i, t in enumerate(types or []) if t == "full_attention"]
     compressible = full if full else list(range(len(layers)))
     return Resolved(arch, decoder, layers, attentions, compressible)

@@ -155,6 +155,6 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
 
 def register() -> None:
     """Make ``attn_implementation="squeezekit"`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
+    from .transformers_api import register_attention
 
-    AttentionInterface.register(NAME, squeezekit_attention)
+    register_attention(NAME, squeezekit_attention)

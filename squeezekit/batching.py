@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .cache import SqueezeCache
 from .errors import InputError
+from .transformers_api import cache_argument, output_cache
 
 
 def _pad_slots(t: torch.Tensor | None, capacity: int, value) -> torch.Tensor | None:
@@ -149,7 +150,7 @@ def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int
     T = ids.shape[1]
     if not chunk or chunk >= T:
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1]
+        return output_cache(out), out.logits[:, -1]
     if mask is None:
         mask = torch.ones_like(ids)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -162,7 +163,7 @@ def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int
 
             cache = SqueezeCache(model_compressor(model), len(model_compressor(model).resolved.layers))
             cache.expected_prompt_len = mask.sum(-1)
-        out = model(input_ids=ids[:, s:e], past_key_values=cache, **kwargs)
+        out = model(input_ids=ids[:, s:e], **{cache_argument(model): cache}, **kwargs)
         last = out.logits[:, -1]
         del out
         # buffers keep their room for a chunk until compact(): this is the most the prefill holds

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import check_budgets
 from .config import floor_hint
 from .errors import BudgetError, InputError, PluginError  # noqa: F401
 from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
 from .selection import check_selection, victim_slots
+from .transformers_api import Cache, CacheLayerMixin
 
 
 @dataclass
@@ -456,23 +456,30 @@ class SqueezeCache(Cache):
         self.kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
 
     def _check_budget(self, mean, total, over, n, floor: int, L: int) -> None:
-        """A fractional budget too small for some prompt: every layer keeps at least ``floor`` (>= 1) tokens."""
+        """Every layer keeps at least ``floor`` (>= 1) tokens; a fractional budget too small for some prompt of the
+        batch is an error whose suggested budget works for every sequence of the batch."""
+        short = ~over & (total < floor * L)
+        if not bool(short.any()):
+            return
         budget = self.compressor.config.budget
-        for need, what in ((1, "which rounds to 0 tokens for some layers"), (floor, None)):
-            short = ~over & (total < need * L)
-            if not bool(short.any()):
-                continue
-            b = int(short.nonzero()[0])
-            prompt = int(n[b])
-            if need <= prompt:
-                remedy = f"raise the budget to at least {math.ceil(need / prompt * 1000) / 1000:g}"
-            else:
-                remedy = f"use an absolute budget of at least {need} tokens"
-            if what is None:
-                setter = self.compressor.floor_setter
-                what = f"below the floor of evictor {setter.name!r} ({floor} tokens per layer)"
-                remedy += floor_hint(setter)
-            raise BudgetError(f"budget {budget:g} keeps {float(mean[b]):.1f} tokens per layer of a {prompt}-token prompt, {what}; {remedy}")
+        # The shortest prompt fails first: name it, and suggest what works for it (hence for the whole batch).
+        b = int(n.masked_fill(~short, torch.iinfo(n.dtype).max).argmin())
+        prompt = int(n[b])
+        setter = self.compressor.floor_setter
+        if floor == 1:
+            what = "which rounds to 0 tokens for some layers"
+        else:
+            what = f"below the floor of evictor {setter.name!r} ({floor} tokens per layer)"
+        if floor <= prompt:
+            remedy = f"raise the budget to at least {math.ceil(floor / prompt * 1000) / 1000:g}"
+        else:
+            remedy = f"use an absolute budget of at least {max(floor, 2)} tokens (shorter prompts are kept whole)"
+        if floor > 1:
+            remedy += floor_hint(setter)
+        raise BudgetError(
+            f"budget {budget:g} keeps {float(mean[b]):.1f} tokens per layer of a {prompt}-token prompt (sequence {b} "
+            f"of the batch), {what}; {remedy}"
+        )
 
     def allocate(self, request: AllocationRequest) -> torch.Tensor:
         """The allocator's budgets for ``request``, checked (`squeezekit.budget.check_budgets`)."""

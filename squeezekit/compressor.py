@@ -13,9 +13,9 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from transformers.cache_utils import Cache
 
 from . import attention
+from . import transformers_api as hf
 from .architectures import resolve
 from .cache import SqueezeCache, Step
 from .config import Config, checked_floor
@@ -30,7 +30,10 @@ class Compressor:
 
     def __init__(self, model: torch.nn.Module, config: Config):
         self.model, self.config = model, config
+        hf.check_version()
         self.resolved = resolve(model)
+        #: the decoder stack's keyword for the cache (``cache`` or, before transformers 5.24, ``past_key_values``)
+        self.cache_argument = hf.cache_argument(self.resolved.decoder)
         self.compressible = self.resolved.compressible
         #: the policies in use (a fallback replaces one that failed)
         self.allocator = config.build_allocator()
@@ -45,7 +48,7 @@ class Compressor:
             fallback = self.fallback_policies["evictor"]
             floors.append((checked_floor(fallback, config.info("evictor", fallback=True).origin), fallback))
         self.floor, self.floor_setter = max(floors, key=lambda t: t[0])
-        self.original_attn = model.config._attn_implementation
+        self.original_attn = hf.attn_implementation(model)
         self.backend = self._backend(self.original_attn)
         self.cache: SqueezeCache | None = None  # the cache of the forward running now
         self.last_cache: SqueezeCache | None = None  # the cache of the latest generation
@@ -110,7 +113,7 @@ class Compressor:
             for i, (layer, attn) in enumerate(zip(r.layers, r.attentions, strict=True)):
                 self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
                 self._handles.append(attn.register_forward_hook(self._attention_output(i, layer)))
-            self.model.set_attn_implementation(attention.NAME)
+            hf.set_attn_implementation(self.model, attention.NAME)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -123,8 +126,8 @@ class Compressor:
         for module in self.resolved.attentions:
             if attention.COMPRESSORS.get(module) is self:
                 del attention.COMPRESSORS[module]
-        if self.model.config._attn_implementation != self.original_attn:
-            self.model.set_attn_implementation(self.original_attn)
+        if hf.attn_implementation(self.model) != self.original_attn:
+            hf.set_attn_implementation(self.model, self.original_attn)
         self.cache, self.step, self._measuring = None, None, False
         self._x.clear()
         self._importance.clear()
@@ -146,7 +149,7 @@ class Compressor:
         else:
             new_valid = torch.ones(B, q, dtype=torch.bool, device=tokens.device)
             all_valid = True
-        past = kwargs.get("past_key_values")
+        past = hf.pop_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
@@ -154,14 +157,15 @@ class Compressor:
             cache = past
         elif past is None and not use_cache:
             cache = None
-        elif past is None or (isinstance(past, Cache) and past.get_seq_length() == 0):
+        elif past is None or (isinstance(past, hf.Cache) and past.get_seq_length() == 0):
             if self.last_cache is not None:
                 self.last_cache.check_nan()  # the previous generation's deferred NaN check
             cache = SqueezeCache(self, len(self.resolved.layers))
-            kwargs["past_key_values"] = cache
         else:
             raise InputError("a non-empty cache not built by this squeezekit.compress block was passed to the model")
-        max_pos = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if cache is not None:
+            kwargs[self.cache_argument] = cache
+        max_pos = getattr(hf.text_config(self.model), "max_position_embeddings", None)
         seen = 0 if cache is None else cache.host_seen_max
         if max_pos and seen + q > max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
             new = int(new_valid.sum(-1).max())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .cache import SqueezeCache
+from .transformers_api import cache_argument
 
 
 class GreedyDecoder:
@@ -17,6 +18,7 @@ class GreedyDecoder:
 
     def __init__(self, model, cache: SqueezeCache, first_tokens: torch.Tensor, cuda_graph: bool = True):
         self.model, self.cache = model, cache
+        self.cache_kwargs = {cache_argument(model): cache}
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
         devices = {p.device for p in model.parameters()}
@@ -27,7 +29,7 @@ class GreedyDecoder:
         self._next: torch.Tensor | None = None
 
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **self.cache_kwargs)
         nxt = out.logits[:, -1].argmax(-1)
         self.ids.copy_(nxt.view(-1, 1))
         self.pos.add_(1)

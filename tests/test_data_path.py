@@ -8,13 +8,14 @@ from tiny_models import ARCHS, batch, tiny_model
 
 import squeezekit
 from squeezekit.cache import SqueezeCache
+from squeezekit.transformers_api import cache_in, output_cache
 
 GEN = dict(do_sample=False, pad_token_id=0)
 
 
 def _full_cache_bytes(model, ids, mask):
     out = model(ids, attention_mask=mask, use_cache=True)
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in out.past_key_values.layers)
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in output_cache(out).layers)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -106,7 +107,7 @@ def test_compression_changes_the_cache_and_stays_within_budget_every_step():
     seen_counts = []
 
     def spy(module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if isinstance(cache, SqueezeCache) and cache.budgets is not None:
             seen_counts.append([int(layer.counts().max()) for layer in cache.layers])
 

@@ -12,6 +12,7 @@ from tiny_models import batch, tiny_model
 import squeezekit
 from squeezekit.batching import prefill
 from squeezekit.decoding import GreedyDecoder
+from squeezekit.transformers_api import cache_in
 
 
 @pytest.mark.parametrize("evictor", ["streaming", "h2o", "snapkv"])
@@ -80,7 +81,7 @@ def test_chunked_prefill_never_holds_the_whole_prompt(evictor):
     peaks = []
 
     def spy(module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         peaks.append(max(layer.capacity for layer in cache.layers))
 
     with squeezekit.compress(model, evictor=evictor, budget=0.25, sinks=2, window=4) as c:

@@ -27,6 +27,7 @@ from tiny_models import ARCHS, attn_implementations, hook_counts, tiny_model
 import squeezekit
 from squeezekit import attention
 from squeezekit.cache import SqueezeCache
+from squeezekit.transformers_api import cache_in
 
 ALLOCATORS = ["squeeze", "uniform", "pyramid"]
 EVICTORS = ["streaming", "sliding_window", "h2o", "snapkv"]
@@ -108,7 +109,7 @@ def run(case):
     steps: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
 
     def spy(module, args, kwargs, output):  # after squeezekit's own hook: the cache as the step left it
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if isinstance(cache, SqueezeCache) and cache.budgets is not None:
             steps.append([(layer.counts().clone(), None if layer.budget is None else layer.budget.clone()) for layer in cache.layers])
 

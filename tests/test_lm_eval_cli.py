@@ -74,18 +74,24 @@ def test_startup_hook_is_installed_and_cheap():
 @pytest.mark.slow  # builds and installs the package into a throwaway venv (~30 s)
 def test_regular_install_registers_the_model(tmp_path):
     """``pip install .`` (not editable) into a venv also gets the hook, and lm-eval resolves the model from it."""
+    import sysconfig
     import venv
 
     root = Path(__file__).resolve().parents[1]
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    # The test's own environment (lm-eval, torch, ...) as plain path entries after the new venv's site-packages: its
+    # .pth files (the editable squeezekit, its hook) are not run, so only the regular install can register the model.
+    # (``system_site_packages`` would give the base interpreter's packages, not this venv's, when run inside a venv.)
+    outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "zz_outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
     pip = subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", str(root)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr[-2000:]
-    site = next((env_dir / "lib").glob("python3*/site-packages"))
     assert (site / "squeezekit-lm-eval.pth").exists() and (site / "_squeezekit_lm_eval_hook.py").exists()
     code = (
         "from lm_eval.api.registry import get_model; import inspect; "

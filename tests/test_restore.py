@@ -17,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import squeezekit
 from squeezekit import attention
 from squeezekit.architectures import resolve
+from squeezekit.transformers_api import cache_argument, output_cache
 
 GEN = dict(do_sample=False, pad_token_id=0)
 CONFIG = dict(allocator="squeeze", evictor="h2o", budget=0.4, window=3)
@@ -188,7 +189,7 @@ def _greedy(model, ids, mask):
         yield torch.cat(tokens, dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_argument(model): output_cache(out)})
 
 
 def test_three_models_with_interleaved_steps_each_match_their_own_run():

@@ -93,3 +93,15 @@ def test_every_pair_generates_from_a_1k_prompt(smol, long_prompt, allocator, evi
     assert s["kv_bytes_kept"] <= 0.2 * s["kv_bytes_full"] * 1.03
     assert s["kv_bytes_now"] == s["kv_bytes_kept"]
     assert torch.isfinite(s["importance"]).all()
+
+
+def test_readme_python_example_runs_as_written(capsys):
+    """The README's Python example, executed literally: no budget error, budgets printed for both prompts."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "tensor([[" in printed and printed.count("[") >= 4

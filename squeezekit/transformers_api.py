@@ -1,0 +1,126 @@
+"""Everything squeezekit relies on inside Hugging Face transformers, in one place.
+
+squeezekit uses transformers only through the items below; each says what it relies on. When a release changes one
+of them, the fix belongs in this file. Tested range: `TESTED` (pyproject.toml and the README state the same;
+tests/test_transformers_api.py checks that they agree). Releases outside it work as far as these items hold, after
+one warning line (`check_version`).
+
+Used as is, without a wrapper (public, stable API):
+  - ``AutoModelForCausalLM.from_pretrained(dir, dtype=, attn_implementation=, local_files_only=, gguf_file=)``,
+    ``AutoConfig.for_model``, ``from_config``, ``save_pretrained``, ``AutoTokenizer`` (squeezekit.models, bench);
+  - ``model.generate``: builds an empty `Cache` for the first forward and feeds each forward's returned cache to the
+    next (so the cache the compressor substitutes is the one generation keeps); the forward's ``logits_to_keep``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+#: the transformers releases the suite passes on (lowest tested .. newest tested, next minor excluded)
+TESTED_RANGE = ">=5.17,<5.25"
+TESTED = SpecifierSet(TESTED_RANGE)
+
+# -- the cache ------------------------------------------------------------------------------------------------------
+#: base classes of squeezekit's cache. Relied on: ``Cache(layers=[...])`` keeps the layer objects it is given and
+#: routes ``update(k, v, layer_idx, ...)`` / ``get_seq_length`` to them; a layer implements ``lazy_initialization``,
+#: ``update``, ``get_seq_length``, ``get_max_length``, ``get_mask_sizes``, ``reset``, ``batch_select_indices``,
+#: ``batch_repeat_interleave``, ``reorder_cache`` and the flags ``is_sliding``, ``is_compileable``, ``is_croppable``.
+from transformers.cache_utils import Cache as Cache  # noqa: E402
+from transformers.cache_utils import CacheLayerMixin as CacheLayerMixin  # noqa: E402
+
+#: the forward keyword that carries the cache: ``cache`` from 5.24 on, ``past_key_values`` before (5.24 still maps
+#: the old name to the new one, with a deprecation warning)
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(module: Any) -> str:
+    """The keyword under which ``module``'s forward takes the cache (read from its signature)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return next((name for name in CACHE_NAMES if name in params), CACHE_NAMES[-1])
+
+
+def cache_in(kwargs: dict) -> Any:
+    """The cache among a forward's keyword arguments, under either name (None if absent)."""
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def pop_cache(kwargs: dict) -> Any:
+    """Take the cache out of a forward's keyword arguments (both names), returning it (None if absent)."""
+    found = cache_in(kwargs)
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    return found
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned (``output.cache`` from 5.24 on, ``output.past_key_values`` before)."""
+    for name in CACHE_NAMES:
+        if name in output.keys():  # a ModelOutput holds its non-None fields as keys
+            return output[name]
+    return None
+
+
+# -- attention ---------------------------------------------------------------------------------------------------------
+def register_attention(name: str, function: Any) -> None:
+    """Make ``attn_implementation=name`` select ``function``. Relied on: every supported model calls it as
+    ``function(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)`` with query (B, Hq, q, D),
+    key/value (B, H, C, D) as returned by the cache's ``update``, ``module.layer_idx`` set, the keyword arguments
+    ``sliding_window`` / ``softcap`` where the layer has them, and expects ``(output (B, q, Hq, D), weights)``.
+    Also relied on: keyword arguments given to the decoder stack's forward reach that function unchanged
+    (TransformersKwargs), which is how squeezekit passes each forward's step context down."""
+    transformers.AttentionInterface.register(name, function)
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation the model runs now (``config._attn_implementation``)."""
+    return model.config._attn_implementation
+
+
+def set_attn_implementation(model: Any, name: str) -> None:
+    """Switch every attention layer of ``model`` to ``name`` (``PreTrainedModel.set_attn_implementation``)."""
+    model.set_attn_implementation(name)
+
+
+# -- model configuration ---------------------------------------------------------------------------------------------
+def text_config(model: Any) -> Any:
+    """The decoder's config (``config.get_text_config(decoder=True)``; multimodal models nest it). Relied on:
+    ``layer_types`` (``"full_attention"`` marks the layers squeezekit budgets) and ``max_position_embeddings``."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+# -- versions ----------------------------------------------------------------------------------------------------------
+class UntestedVersionWarning(UserWarning):
+    """transformers is outside the range squeezekit was tested with."""
+
+
+def version_problem(version: str | None = None) -> str | None:
+    """One line naming the installed transformers and the tested range when it lies outside; else None."""
+    version = version or transformers.__version__
+    if TESTED.contains(Version(version).base_version):  # 5.24.1.dev0 counts as 5.24.1
+        return None
+    return f"transformers {version} is untested with squeezekit (tested: {TESTED_RANGE}); results may be wrong or fail"
+
+
+_checked = False
+
+
+def check_version() -> None:
+    """Warn once per process, in one line, when transformers lies outside `TESTED`."""
+    global _checked
+    if _checked:
+        return
+    _checked = True
+    problem = version_problem()
+    if problem:
+        # warn_explicit with no source line: the warning prints as one line
+        warnings.warn_explicit(problem, UntestedVersionWarning, "squeezekit", 0, module="squeezekit")
