@@ -5,36 +5,75 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from squeezekit.errors import ConfigError
 
-def register(sub) -> None:
-    from squeezekit.cli import add_config_flags
+SOURCE = "command line"
 
-    from .sweep import DEFAULT_SUITE, SWEEP_ALLOCATORS, SWEEP_BUDGETS, SWEEP_EVICTORS
 
-    p = sub.add_parser(
-        "eval",
-        help="offline quality evaluation (lm-eval RULER, pass key, perplexity); --sweep for allocator x evictor x budget",
-        description=(
-            "Evaluate quality offline through lm-eval. Without --sweep: the config given by the flags. With --sweep: "
-            "every allocator x evictor x budget (budget 1 = full cache, run once), resumable, written to --out "
-            "(results.json, results.md, quality_vs_budget.png)."
-        ),
+def add(parser: argparse.ArgumentParser) -> None:
+    from squeezekit.cli_options import add_config_flags, model_dir, positive_int, text_file
+
+    from .suite import DEFAULT_SUITE
+    from .sweep import SWEEP_ALLOCATORS, SWEEP_BUDGETS, SWEEP_EVICTORS
+
+    parser.description = (
+        "Evaluate quality offline through lm-eval. Without --sweep: the config given by the flags. With --sweep: every "
+        "allocator x evictor x budget (budget 1 = full cache, run once), resumable, written to --out (results.json, "
+        "results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, device, ...): "
+        "results of another are refused, never mixed."
     )
-    p.add_argument("--model", metavar="DIR", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--suite", default=DEFAULT_SUITE, help=f"units TASK@LENGTH:N, comma-separated (default: {DEFAULT_SUITE})")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--extend-chunk", type=int, default=None, help="tokens per extend forward when scoring (default 16)")
-    p.add_argument("--text-file", metavar="FILE", help="text for the pass key / perplexity tasks (default: bible-kjv, ...)")
-    p.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if `bible` is missing")
-    p.add_argument("--sweep", action="store_true", help="run the allocator x evictor x budget sweep")
-    p.add_argument("--allocators", default=",".join(SWEEP_ALLOCATORS))
-    p.add_argument("--evictors", default=",".join(SWEEP_EVICTORS))
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS))
-    p.add_argument("--out", default="docs/results", help="output folder (sweep and single runs alike)")
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th config from the I-th (N processes share a sweep)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 per process when sharding a sweep)")
-    add_config_flags(p)
-    p.set_defaults(func=run)
+    parser.add_argument("--model", metavar="DIR", type=model_dir,
+                        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--suite", default=DEFAULT_SUITE, help="units TASK@LENGTH:N (N samples of TASK at prompts of "
+                        "about LENGTH tokens), comma-separated")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences per batch")
+    parser.add_argument("--extend-chunk", type=positive_int, default=None,
+                        help="tokens per extend forward when scoring (default: the adapter's, 16)")
+    parser.add_argument("--text-file", metavar="FILE", type=text_file,
+                        help="text for the pass key / perplexity tasks (default: bible-kjv, python3.11-doc, pydoc)")
+    parser.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if missing")
+    parser.add_argument("--sweep", action="store_true", help="run the allocator x evictor x budget sweep")
+    parser.add_argument("--allocators", default=",".join(SWEEP_ALLOCATORS), help="allocators of the sweep")
+    parser.add_argument("--evictors", default=",".join(SWEEP_EVICTORS), help="evictors of the sweep")
+    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS), help="budgets of the sweep")
+    parser.add_argument("--out", default="docs/results", help="output folder (sweep and single runs alike)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="run every N-th config from the I-th (N processes share a sweep)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (1 per process when sharding a sweep; default: torch's)")
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def _names(text: str, key: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(key, text, "expected a comma-separated list of names", SOURCE)
+    return names
+
+
+def _budgets(text: str) -> list[float]:
+    values = []
+    for item in filter(None, (b.strip() for b in text.split(","))):
+        try:
+            values.append(float(item))
+        except ValueError:
+            problem = f"{item!r} is not a number; expected budgets such as 0.1,0.2,1"
+            raise ConfigError("--budgets", text, problem, SOURCE) from None
+    if not values:
+        raise ConfigError("--budgets", text, "expected budgets such as 0.1,0.2,1", SOURCE)
+    return values
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = (0, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise ConfigError("--shard", text, "expected I/N with 0 <= I < N, e.g. 0/2", SOURCE)
+    return shard
 
 
 def _install_text() -> None:
@@ -46,46 +85,38 @@ def _install_text() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from squeezekit.cli import config_from_args
+    from squeezekit.cli_options import config_from_args, config_values
 
-    from .sweep import parse_suite, run_sweep, summarize, sweep_configs
+    from .reports import summarize
+    from .results import cell_key
+    from .suite import parse_suite
+    from .sweep import run_sweep, sweep_configs
 
     units = parse_suite(args.suite)
-    try:
-        i, n = (int(x) for x in args.shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        from squeezekit.errors import ConfigError
-
-        raise ConfigError("--shard", args.shard, "expected I/N with 0 <= I < N, e.g. 0/2", "command line") from None
+    shard = _shard(args.shard)
+    if args.sweep:
+        params = {k: v for k, v in config_values(args).items() if k not in ("allocator", "evictor", "budget")}
+        configs = sweep_configs(_names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"),
+                                _budgets(args.budgets), params)
+    else:
+        configs = [config_from_args(args)]
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.install_text:
         _install_text()
-    if args.sweep:
-        base = config_from_args(args).as_dict()
-        extra = {k: v for k, v in base.items() if k not in ("allocator", "evictor", "budget")}
-        configs = sweep_configs(
-            [a.strip() for a in args.allocators.split(",") if a.strip()],
-            [e.strip() for e in args.evictors.split(",") if e.strip()],
-            [float(b) for b in args.budgets.split(",") if b.strip()],
-            extra,
-        )
-    else:
-        configs = [config_from_args(args)]
-    data = run_sweep(configs, units, Path(args.out), args.model, args.batch_size, args.text_file, args.extend_chunk,
-                     shard=(i, n))
-    from .sweep import cell_key
-
+    text_file = str(args.text_file) if args.text_file else None
+    data = run_sweep(configs, units, Path(args.out), args.model, args.batch_size, text_file, args.extend_chunk,
+                     shard=shard)
     for config in configs:
         cell = data["cells"].get(cell_key(config))
         if cell is None:
             continue
         s = summarize(cell)
-        parts = [f"{k} {u['value']:.3f}±{u['stderr']:.3f}" for k, u in sorted(cell["units"].items())]
+        scores = [f"{k} {u['value']:.3f}±{u['stderr']:.3f}" for k, u in sorted(cell["units"].items())]
         kv = "" if s["kv"] is None else f"; KV kept {100 * s['kv']:.1f}%"
-        print(f"{cell_key(config)}: " + ", ".join(parts) + kv)
-    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'quality_vs_budget.png'}")
+        print(f"{cell_key(config)}: " + ", ".join(scores) + kv)
+    out = Path(args.out)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'quality_vs_budget.png'}")
     return 0

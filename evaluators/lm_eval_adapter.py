@@ -32,7 +32,6 @@ With ``budget=1`` nothing is evicted and every score equals plain `HFLM`'s (test
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from pathlib import Path
@@ -44,9 +43,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from squeezekit.config import CORE_KEYS, Config
+from squeezekit.config import Config
 from squeezekit.errors import ConfigError, UnsupportedModelError
-from squeezekit.registry import registry
 from squeezekit.transformers_api import cache_argument, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
@@ -65,26 +63,8 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """
     hf = {k: v for k, v in kwargs.items() if k in HFLM_KEYS or k in ADAPTER_KEYS}
     values = {k: v for k, v in kwargs.items() if k not in hf}
-    reg = registry()
-    allocator = reg.get("allocator", values.get("allocator", Config.allocator), SOURCE)
-    evictor = reg.get("evictor", values.get("evictor", Config.evictor), SOURCE)
-    plugins = [allocator, evictor]
-    for kind in ("allocator", "evictor"):  # a fallback's own parameters are config keys too
-        if values.get(f"fallback_{kind}") is not None:
-            plugins.append(reg.get(kind, values[f"fallback_{kind}"], SOURCE, key=f"fallback_{kind}"))
-    schema = {*CORE_KEYS, *(key for plugin in plugins for key in plugin.params())}
-    for key, value in values.items():
-        if key not in schema:
-            near = difflib.get_close_matches(key, sorted(schema | HFLM_KEYS | ADAPTER_KEYS), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(
-                key,
-                value,
-                f"unknown key (not a squeezekit config key, nor an argument of lm-eval's HFLM); squeezekit keys: "
-                f"{', '.join(sorted(schema))}{hint}",
-                SOURCE,
-            )
-    return Config.from_mapping(values, source=SOURCE, text=True), hf
+    others = ("an argument of lm-eval's HFLM", HFLM_KEYS | ADAPTER_KEYS)
+    return Config.from_mapping(values, source=SOURCE, text=True, others=others), hf
 
 
 def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):

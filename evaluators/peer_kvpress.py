@@ -4,32 +4,23 @@ NVIDIA kvpress needs transformers < 5.3, so it cannot share squeezekit's process
 ``SITE`` (a folder holding kvpress and the transformers it needs, e.g. ``pip install --target SITE kvpress==0.5.5
 transformers==5.2.0``) first on ``PYTHONPATH``. The script builds the same random-weight model from the same config
 and times ``model.generate`` inside kvpress's ``StreamingLLMPress`` context, with the bench's own `build_model` and
-`run_hf` (loaded from bench.py beside this file, without importing squeezekit). One JSON line per batch size on stdout.
+`run_hf` (bench_models.py, which imports neither squeezekit's data path nor its transformers surface). One JSON line
+per batch size on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("_squeezekit_bench", Path(__file__).with_name("bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+from squeezekit.evaluators import bench_models as bench
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True, help="a named config of bench.py (CONFIGS)")
+    p.add_argument("--config", required=True, help="a named config of bench_models.py (CONFIGS)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -41,7 +32,6 @@ def main() -> None:
     import transformers as tf
     from kvpress import StreamingLLMPress
 
-    bench = _bench_module()
     model = bench.build_model(args.config, args.device, getattr(torch, args.dtype))  # the same model as the bench's
     vocab = model.config.vocab_size
     press = StreamingLLMPress(compression_ratio=round(1 - args.budget, 6))
@@ -51,6 +41,7 @@ def main() -> None:
     # that the press really compresses: the cache length after one prefill (transformers' own would be prompt_len)
     probe = torch.randint(1, vocab, (1, args.prompt_len), generator=g).to(args.device)
     with torch.inference_mode(), press(model):
+        # (this process runs the transformers kvpress needs, which still names the output `past_key_values`)
         kept_tokens = model(probe, use_cache=True).past_key_values.get_seq_length()
     del probe
     for B in [int(b) for b in args.batches.split(",")]:
@@ -59,12 +50,12 @@ def main() -> None:
             with press(model):
                 r = bench.run_hf(model, ids, args.new_tokens, args.device)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not bench._oom(exc):
+            if not bench.is_oom(exc):
                 raise
             r = None
         del ids
         if r is None:  # outside the except block, so the traceback's tensors can be freed
-            bench._peak_reset(args.device)
+            bench.peak_reset(args.device)
             print(json.dumps({"method": name, "B": B, "oom": True, **versions}), flush=True)
             break
         r.pop("tokens")

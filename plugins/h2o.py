@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass
 
-import torch
-
 import squeezekit
 
 
@@ -13,8 +11,9 @@ class H2O(squeezekit.TokenEvictor):
 
     name = "h2o"
     needs = squeezekit.Stat.ATTENTION
-    #: share of a layer's budget for heavy hitters; the rest (at least ``window``) is the recent window
+    #: share of a layer's budget for heavy hitters; the rest (at least `window`) is the recent window
     heavy_ratio: float = 0.5
+    #: the fewest recent tokens a layer keeps
     window: int = 8
 
     def __post_init__(self):
@@ -25,7 +24,7 @@ class H2O(squeezekit.TokenEvictor):
         return self.window
 
     def score(self, view):
-        recent = torch.clamp(view.budget - torch.round(self.heavy_ratio * view.budget).long(), min=self.window)
+        recent = (view.budget - (self.heavy_ratio * view.budget).round().long()).clamp(min=self.window)
         protected = view.positions >= (view.seen - recent).view(-1, 1, 1)
         return view.attention.float().masked_fill(protected, float("inf"))
 

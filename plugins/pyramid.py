@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass
 
-import torch
-
 import squeezekit
 from squeezekit.budget import distribute
 
@@ -13,13 +11,15 @@ class Pyramid(squeezekit.LayerBudgetAllocator):
     """Budgets decrease linearly from the first layer to the last."""
 
     name = "pyramid"
-    #: the last layer's target is mean / beta; the first layer's is 2 x mean - that
+    #: steepness: the last layer's target is mean / beta, the first layer's 2 x mean minus that
     beta: float = 20.0
 
     def __post_init__(self):
         squeezekit.check("beta", self.beta, self.beta >= 1, "must be >= 1")
 
     def allocate(self, request):
+        import torch
+
         n_layers = request.importance.shape[1]
         mean = request.total.double().view(-1, 1) / n_layers
         low, high = mean / self.beta, 2 * mean - mean / self.beta

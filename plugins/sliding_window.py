@@ -10,7 +10,7 @@ class SlidingWindow(squeezekit.TokenEvictor):
     """Sliding window: the most recent tokens only."""
 
     name = "sliding_window"
-    #: the fewest tokens a layer keeps
+    #: the fewest tokens a layer keeps (the most recent ones)
     window: int = 8
 
     def __post_init__(self):

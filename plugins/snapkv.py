@@ -7,9 +7,6 @@ itself is always kept. SnapKV selects once: while decoding, a full layer drops i
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 import squeezekit
 
 
@@ -21,7 +18,9 @@ class SnapKV(squeezekit.TokenEvictor):
     needs = squeezekit.Stat.WINDOW_QUERIES
     #: observation window: the last prompt tokens whose queries score the rest (always kept)
     window: int = 8
+    #: neighbouring tokens pooled together when scoring (odd)
     kernel_size: int = 7
+    #: how scores are pooled over `kernel_size` neighbours: max or avg
     pooling: str = "max"
 
     def __post_init__(self):
@@ -33,6 +32,9 @@ class SnapKV(squeezekit.TokenEvictor):
         return self.window
 
     def score(self, view):
+        import torch
+        import torch.nn.functional as F
+
         protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
         if view.window_queries is None:  # decoding: oldest first
             return view.positions.float().masked_fill(protected, float("inf"))

@@ -11,14 +11,16 @@ its own (the paper's batch-1 behaviour), at the price of buffers sized for the l
 A batch prefilled in micro-batches counts as one batch: its mean importance is the first micro-batch's.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import squeezekit
 from squeezekit.budget import distribute
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -26,9 +28,13 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
     """SqueezeAttention: KMeans(3) on layer importance; the least important group gets p x the mean budget."""
 
     name = "squeeze"
+    #: the least important layer group gets p x the mean budget
     p: float = 0.4
+    #: KMeans restarts
     n_init: int = 10
+    #: KMeans seed
     random_state: int = 0
+    #: cluster the batch's mean importance ("batch") or each sequence's ("sequence")
     per: str = "batch"
 
     @property
@@ -42,6 +48,7 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
 
     def groups(self, importance: np.ndarray) -> np.ndarray | None:
         """Boolean mask of the least important group of one sequence's layers, or None if degenerate."""
+        import numpy as np
         from sklearn.cluster import KMeans
 
         if np.unique(importance).size < 3:
@@ -51,6 +58,10 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
         return labels == int(np.argmax(km.cluster_centers_.ravel()))
 
     def allocate(self, request):
+        import numpy as np
+        import torch
+        from threadpoolctl import threadpool_limits
+
         importance = request.importance.detach().double().cpu().numpy()
         n_layers = importance.shape[1]
         # A few dozen points: OpenMP threads would only contend with torch's own pool (7x slower on 2 cores).
@@ -65,6 +76,8 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
 
     def shares(self, importance: np.ndarray) -> np.ndarray:
         """Each layer's budget as a multiple of the mean budget (averaging 1)."""
+        import numpy as np
+
         n_layers = importance.size
         out = np.ones(n_layers)
         squeezed = self.groups(importance)

@@ -10,6 +10,7 @@ class Streaming(squeezekit.TokenEvictor):
     """StreamingLLM: attention sinks plus the most recent tokens."""
 
     name = "streaming"
+    #: the first tokens of the prompt, always kept (attention sinks)
     sinks: int = 4
     #: the fewest recent tokens a layer keeps besides the sinks
     window: int = 8

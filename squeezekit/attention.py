@@ -13,7 +13,8 @@ run are summed per slot as a by-product.
 
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,26 @@ import torch.nn.functional as F
 from .errors import InputError
 from .policies import Stat
 
+if TYPE_CHECKING:
+    from .cache import SqueezeCache, Step
+    from .runner import PolicyRunner
+
 NAME = "squeezekit"
-#: attention module -> the Compressor serving it (set by squeezekit.compress, removed on exit)
-COMPRESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the keyword argument that carries a forward's `Forward` from the decoder stack down to every attention call
+KWARG = "squeezekit_forward"
 #: most bytes of attention probabilities one query block may hold in the explicit path (CPU, CUDA)
 BLOCK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 30}
+
+
+@dataclass
+class Forward:
+    """What every attention call of one forward needs. The compressor's hook on the decoder stack builds it and adds
+    it to the forward's keyword arguments, which transformers passes down to the attention function unchanged."""
+
+    step: Step
+    cache: SqueezeCache | None  #: None for a forward without a cache (``use_cache=False``)
+    runner: PolicyRunner
+    backend: str  #: "sdpa" or "eager"
 
 
 def _mask(kv_valid, kv_pos, q_pos, window):
@@ -80,19 +96,18 @@ def _explicit(query, key, value, mask_for, scaling, softcap, q_valid, want_probs
 
 
 def squeezekit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    compressor = COMPRESSORS.get(module)
-    if compressor is None:
+    forward: Forward | None = kwargs.get(KWARG)
+    if forward is None:
         raise InputError(
             "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the model "
             "with 'sdpa' or 'eager' and compress() switches it"
         )
-    step = compressor.step
+    step, cache, runner = forward.step, forward.cache, forward.runner
     B, Hq, q, D = query.shape
     H = key.shape[1]
     scaling = D**-0.5 if scaling is None else scaling
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
-    cache = compressor.cache
     layer = cache.layers[module.layer_idx] if cache is not None else None
     q_pos = step.new_pos.to(query.device)
     q_valid = step.new_valid.to(query.device)
@@ -107,10 +122,9 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         kv_valid, kv_pos = q_valid[:, None, :], q_pos[:, None, :]
         fresh = True
 
-    compressing = not compressor.config.full and layer is not None
-    needs = compressor.evictor.needs if compressing else Stat.NONE
+    needs = runner.needs if layer is not None else Stat.NONE
     if needs is Stat.WINDOW_QUERIES and step.prefill:
-        w = min(q, compressor.evictor.window)
+        w = min(q, runner.evictor.window)
         layer.window_queries = query[:, :, -w:].reshape(B, H, Hq // H, w, D).clone()
         layer.window_positions = q_pos[:, -w:].clone()
     want_probs = needs is Stat.ATTENTION
@@ -123,7 +137,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
         )
 
-    if compressor.backend == "eager" or want_probs or softcap:
+    if forward.backend == "eager" or want_probs or softcap:
         if full_buffer:
             mask_for = lambda s, e: None  # noqa: E731
         else:

@@ -7,23 +7,36 @@ writes its token into a free slot, or into the slot of the token the evictor dro
 One forward is one *step*: `SqueezeCache.begin_step` (called by the compressor's hook on the decoder stack) records
 which new tokens are real and their positions; every layer's `update` writes its new keys/values; the attention
 function (squeezekit.attention) masks each layer by its own slots; `SqueezeCache.end_step` then, on the first step
-(prefill), asks the allocator for per-layer budgets and, on every step, evicts each layer down to its budget.
+(prefill), plans per-layer budgets (squeezekit.allocation) and, on every step, evicts each layer down to its budget.
+The policies are called only through the cache's `PolicyRunner`.
+
+The slot tensors are ordinary (not inference-mode) tensors, also under ``torch.inference_mode``, so that the
+runner's version counters can tell when a plugin writes into them.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .budget import check_budgets
-from .config import floor_hint
-from .errors import BudgetError, InputError, PluginError  # noqa: F401
-from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
-from .selection import check_selection, victim_slots
+from .allocation import BatchAllocation, plan_budgets
+from .errors import InputError
+from .policies import LayerView, Stat
+from .runner import PolicyRunner
+from .selection import top_slots
 from .transformers_api import Cache, CacheLayerMixin
+
+#: creates tensors that are not inference tensors (they carry a version counter), whatever the caller's mode
+_plain = torch.inference_mode(False)
+
+
+def _plain_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or not t.is_inference():
+        return t
+    with _plain:
+        return t.clone()
 
 
 @dataclass
@@ -37,6 +50,9 @@ class Step:
     counted: bool = False  # end_step has added the new tokens to `seen`
     #: masks shared by layers whose slots are laid out alike in this step, keyed by (window, device)
     shared_masks: dict = field(default_factory=dict)
+
+
+_SLOTS = (("keys", 0.0), ("values", 0.0), ("valid", False), ("positions", -1), ("attention", 0.0))
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -84,16 +100,18 @@ class SqueezeLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("keys", "values", "valid", "positions", "attention", "budget"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, indices.to(t.device)))
+        with _plain:
+            for name in ("keys", "values", "valid", "positions", "attention", "budget"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.index_select(0, indices.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in ("keys", "values", "valid", "positions", "attention", "budget"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+        with _plain:
+            for name in ("keys", "values", "valid", "positions", "attention", "budget"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.positions = self.attention = None
@@ -116,23 +134,26 @@ class SqueezeLayer(CacheLayerMixin):
     def kv_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
-    def view(self, phase: str) -> LayerView:
+    def view(self, phase: str, for_plugin: bool = True) -> LayerView:
+        """What an evictor sees: the layer's own slot tensors (writes to them are detected, see PolicyRunner) and
+        fresh copies of the small per-sequence tensors."""
         cache = self.cache
         B = self.keys.shape[0]
         budget = self.budget if self.budget is not None else torch.full((B,), self.capacity, dtype=torch.long)
+        plain = _plain_copy if for_plugin else (lambda t: t)  # a copy only of the prefill's inference tensors
         return LayerView(
-            keys=self.keys,
-            values=self.values,
+            keys=plain(self.keys),
+            values=plain(self.values),
             valid=self.valid,
             positions=self.positions,
-            seen=cache.seen_after_step().to(self.keys.device),
-            budget=budget.to(self.keys.device),
+            seen=cache.seen_after_step().to(self.keys.device, copy=True),
+            budget=budget.to(self.keys.device, copy=True),
             layer_idx=self.layer_idx,
             n_layers=len(cache.layers),
             phase=phase,
             attention=self.attention,
-            window_queries=self.window_queries,
-            window_positions=self.window_positions,
+            window_queries=plain(self.window_queries),
+            window_positions=plain(self.window_positions),
             scaling=cache.scaling.get(self.layer_idx, 1.0),
         )
 
@@ -145,11 +166,12 @@ class SqueezeLayer(CacheLayerMixin):
             self.lazy_initialization(k, v)
         if self.keys is None:  # first step: the projections become the buffers, slot i = token i (no copy)
             self.keys, self.values = k, v
-            self.valid = step.new_valid.to(k.device)[:, None, :].expand(B, H, q).clone()
-            self.positions = step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q).clone()
+            with _plain:
+                self.valid = step.new_valid.to(k.device)[:, None, :].expand(B, H, q).clone()
+                self.positions = step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q).clone()
+                if self.cache.runner.needs is Stat.ATTENTION:
+                    self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
             self.new_slots = torch.arange(q, device=k.device).expand(B, H, q)
-            if self.cache.evictor.needs is Stat.ATTENTION:
-                self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
             return self.keys, self.values
         if self.steady and q == 1 and step.all_valid:
             return self._steady_append(k, v)
@@ -175,7 +197,8 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _steady_append(self, k: torch.Tensor, v: torch.Tensor):
         """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
-        victim = self.cache.with_fallback("evictor", self._steady_victim)
+        # the new token will be the newest: every held token competes (protect_newest=False)
+        victim = self.cache.runner.victims(lambda: self.view("decode"), protect_newest=False, defer_nan=True)
         step = self.cache.step
         B, H, _, D = self.keys.shape
         self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
@@ -187,43 +210,6 @@ class SqueezeLayer(CacheLayerMixin):
         self.heads_differ = True
         return self.keys, self.values
 
-    def _steady_victim(self) -> torch.Tensor:
-        """(B, H, 1): the slot each row gives up for the new token (no side effects: a fallback may retry)."""
-        evictor = self.cache.evictor
-        view = self.view("decode")
-        if type(evictor).select is TokenEvictor.select:
-            score = self.scores(view, defer_nan=True)
-            return victim_slots(score, view, protect_newest=False)  # the new token will be the newest
-        # a plugin's own select: generic path (validated)
-        keep = self.budget.to(self.valid.device) - 1
-        idx = self.cache.call_evictor(evictor.select, view, keep)
-        problem = check_selection(idx, view, keep)
-        if problem:
-            raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
-        dropped = torch.ones_like(self.valid)
-        dropped.scatter_(2, idx.long().clamp_min(0), False)
-        return dropped.to(torch.int8).argmax(-1, keepdim=True)
-
-    def scores(self, view: LayerView, defer_nan: bool = False) -> torch.Tensor:
-        """The evictor's ``score(view)``, checked: a tensor of the slots' shape and device, no NaN for a cached token.
-
-        ``defer_nan`` (the CUDA decode hot path): record NaN without a host sync, reported by `SqueezeCache.check_nan`.
-        """
-        cache = self.cache
-        evictor = cache.evictor
-        score = cache.call_evictor(evictor.score, view)
-        if not isinstance(score, torch.Tensor):
-            raise PluginError(evictor.name, cache.origin("evictor"), f"score() must return a tensor, got {type(score).__name__}")
-        if tuple(score.shape) != tuple(self.valid.shape):
-            raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned shape {tuple(score.shape)}, expected {tuple(self.valid.shape)}")
-        if score.device != self.valid.device:
-            raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned a tensor on {score.device}, expected {self.valid.device}")
-        if defer_nan and score.is_cuda:
-            cache.check_nan_later(score)
-        elif bool((torch.isnan(score) & self.valid).any()):
-            raise PluginError(evictor.name, cache.origin("evictor"), "score() returned NaN for a cached token")
-        return score
-
     def _grow(self, need: int) -> None:
         """Add free slots (amortised: at least double, capped near the budget for bounded layers)."""
         cap = self.capacity
@@ -232,14 +218,19 @@ class SqueezeLayer(CacheLayerMixin):
         extra = max(need, 64, cap // 8)
         if self.budget is not None:
             extra = max(need, min(extra, int(self.budget.max()) + need - cap))
-        B, H, _, D = self.keys.shape
-        pad = (0, 0, 0, extra)
-        self.keys = torch.nn.functional.pad(self.keys, pad)
-        self.values = torch.nn.functional.pad(self.values, pad)
-        self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
-        self.positions = torch.nn.functional.pad(self.positions, (0, extra), value=-1)
-        if self.attention is not None:
-            self.attention = torch.nn.functional.pad(self.attention, (0, extra))
+        self._pad_to(cap + extra)
+
+    def _pad_to(self, capacity: int) -> None:
+        """Grow every slot tensor to ``capacity`` slots (new slots free)."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        with _plain:
+            for name, fill in _SLOTS:
+                t = getattr(self, name)
+                if t is not None:
+                    pad = (0, 0, 0, extra) if t.dim() == 4 else (0, extra)
+                    setattr(self, name, torch.nn.functional.pad(t, pad, value=fill))
 
     def _make_room(self, step: Step) -> None:
         """Before a one-token decode step: rows at their budget drop one token (the evictor picks which)."""
@@ -256,31 +247,17 @@ class SqueezeLayer(CacheLayerMixin):
         ``making_room``: before a decode step writes its token, which will be the most recent one; the engine then
         does not also protect the newest held token (that would take a slot of the evictor's, e.g. a sink).
         """
-        self.cache.with_fallback("evictor", lambda: self._evict(keep, phase, compact, making_room))
-
-    def _evict(self, keep: torch.Tensor, phase: str, compact: bool, making_room: bool = False) -> None:
-        # Every check of the evictor's output happens before the first change: a fallback can redo it all.
-        evictor = self.cache.evictor
-        view = self.view(phase)
+        runner = self.cache.runner
         keep = torch.minimum(keep.to(self.valid.device), self.counts().amin(-1))
-        if type(evictor).select is TokenEvictor.select:
-            score = self.scores(view)
-            if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
-                # The hot decode path: drop the lowest-ranked slot of each row that is over.
-                victim = victim_slots(score, view, protect_newest=not making_room)
-                over = self.counts() > keep.view(-1, 1)
-                self.valid.scatter_(2, victim, ~over[..., None] & torch.gather(self.valid, 2, victim))
-                self.heads_differ = True
-                return
-            from .selection import top_slots
-
-            idx = top_slots(score, view, keep, protect_newest=not making_room)
-        else:
-            idx = self.cache.call_evictor(evictor.select, view, keep)
-            problem = check_selection(idx, view, keep)
-            if problem:
-                raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
-        self._keep(idx.long(), compact)
+        protect = not making_room
+        if not compact and bool((self.counts() - keep.view(-1, 1) <= 1).all()):
+            # The hot decode path: drop the lowest-ranked slot of each row that is over.
+            victim = runner.victims(lambda: self.view(phase), protect_newest=protect)
+            over = self.counts() > keep.view(-1, 1)
+            self.valid.scatter_(2, victim, ~over[..., None] & torch.gather(self.valid, 2, victim))
+            self.heads_differ = True
+            return
+        self._keep(runner.keep_slots(lambda: self.view(phase), keep, protect_newest=protect), compact)
 
     def _keep(self, idx: torch.Tensor, compact: bool) -> None:
         used = idx >= 0
@@ -288,17 +265,29 @@ class SqueezeLayer(CacheLayerMixin):
         if compact:  # gather into new, smaller tensors: the old buffers are freed
             D = self.keys.shape[-1]
             gi = safe[..., None].expand(*safe.shape, D)
-            self.keys = torch.gather(self.keys, 2, gi)
-            self.values = torch.gather(self.values, 2, gi)
-            self.positions = torch.gather(self.positions, 2, safe).masked_fill(~used, -1)
-            if self.attention is not None:
-                self.attention = torch.gather(self.attention, 2, safe).masked_fill(~used, 0.0)
-            self.valid = used.clone()
+            with _plain:
+                self.keys = torch.gather(self.keys, 2, gi)
+                self.values = torch.gather(self.values, 2, gi)
+                self.positions = torch.gather(self.positions, 2, safe).masked_fill(~used, -1)
+                if self.attention is not None:
+                    self.attention = torch.gather(self.attention, 2, safe).masked_fill(~used, 0.0)
+                self.valid = used.clone()
         else:
             kept = torch.zeros_like(self.valid)
             kept.scatter_(2, safe, used)
             self.valid &= kept
         self.heads_differ = True
+
+    def make_plain(self) -> None:
+        """Turn inference-mode buffers (a prefill run under ``torch.inference_mode`` that evicted nothing from this
+        layer) into ordinary tensors, once, so that every later plugin call sees tensors with a version counter."""
+        self.keys, self.values = _plain_copy(self.keys), _plain_copy(self.values)
+
+    def shrink_to_fit(self) -> None:
+        """Gather the valid slots into buffers just large enough (the oldest tokens first)."""
+        counts = self.counts().amax(-1)
+        if int(counts.max()) < self.capacity:
+            self._keep(top_slots(self.positions.float(), self.view("prefill", for_plugin=False), counts), compact=True)
 
     def drop_out_of_window(self, compact: bool) -> None:
         """Sliding-window layers: forget tokens no future query can attend to (after prefill, shrink to fit)."""
@@ -309,18 +298,70 @@ class SqueezeLayer(CacheLayerMixin):
         if bool(stale.any()):
             self.valid &= ~stale
             if compact:
-                from .selection import top_slots
+                self.shrink_to_fit()
 
-                counts = self.counts().amax(-1)
-                self._keep(top_slots(self.positions.float(), self.view("prefill"), counts), compact=True)
+    def update_steady(self) -> None:
+        """Recompute `steady` (host sync: only between steps that change shapes)."""
+        if self.window is None and self.budget is not None:
+            full = bool((self.counts() == self.capacity).all())
+            self.steady = full and bool((self.budget == self.capacity).all())
+
+    # -- building a batch cache from micro-batches (squeezekit.batching) --------------------------------------------
+    def preallocate(self, like: SqueezeLayer, batch: int) -> None:
+        """Empty slot tensors for ``batch`` rows shaped like ``like``'s (before `copy_rows`)."""
+        with _plain:
+            for name, fill in _SLOTS:
+                t = getattr(like, name)
+                if t is not None:
+                    setattr(self, name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
+            if like.budget is not None:
+                self.budget = like.budget.new_zeros(batch)
+        self.window, self.steady = like.window, like.steady
+        self.lazy_initialization(self.keys, self.values)
+
+    def copy_rows(self, part: SqueezeLayer, rows: slice) -> None:
+        """Copy ``part``'s rows into ``rows`` (growing the slots if ``part`` holds more), then free ``part``."""
+        if part.capacity > self.capacity:  # rare: this micro-batch got a larger budget for the layer
+            self._pad_to(part.capacity)
+            self.steady = False
+        steady = part.steady and part.capacity == self.capacity
+        for name, fill in _SLOTS:
+            t = getattr(part, name)
+            if t is not None:
+                extra = self.capacity - t.shape[2]
+                if extra:
+                    t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
+                getattr(self, name)[rows] = t
+        if part.budget is not None:
+            self.budget[rows] = part.budget
+        self.heads_differ |= part.heads_differ
+        self.steady = self.steady and steady
+        part.reset()
 
 
 class SqueezeCache(Cache):
-    """A transformers `Cache` of `SqueezeLayer`s driven by one `Compressor` (squeezekit.compress)."""
+    """A transformers `Cache` of `SqueezeLayer`s whose policies a `PolicyRunner` calls (see squeezekit.compress).
 
-    def __init__(self, compressor, n_layers: int):
-        self.compressor = compressor
+    ``layers``: the indices of the layers the budget applies to (full-attention layers); ``shared``: the allocation
+    a micro-batched prefill shares across its micro-batches; ``expected_prompt_len`` (B,): the whole prompt's real
+    length, known before a chunked prefill's first chunk, so that budgets are fractions of the prompt, not of the
+    chunk; ``sync_timings``: synchronize the device around policy work so that `timings` are exact (benchmarks).
+    """
+
+    def __init__(
+        self,
+        runner: PolicyRunner,
+        n_layers: int,
+        layers: list[int],
+        *,
+        shared: BatchAllocation | None = None,
+        expected_prompt_len: torch.Tensor | None = None,
+        sync_timings: bool = False,
+    ):
+        self.runner = runner
         super().__init__(layers=[SqueezeLayer(self, i) for i in range(n_layers)])
+        self.budget_layers = list(layers)
+        self.shared, self.expected_prompt_len, self.sync_timings = shared, expected_prompt_len, sync_timings
         self.length = 0  # tokens processed per row, padding included (what DynamicCache would report)
         self.seen: torch.Tensor | None = None  # (B,) real tokens per sequence
         self.step: Step | None = None
@@ -332,19 +373,7 @@ class SqueezeCache(Cache):
         self.peak_kv_bytes_prefill = 0  # the most keys + values allocated at any point of the prefill
         self.scaling: dict[int, float] = {}
         self.host_seen_max = 0  # host-side copy of seen.max(), so that hot paths never sync
-        #: chunked prefill (squeezekit.batching): the whole prompt's real length per sequence, known before its
-        #: first chunk, so that budgets are fractions of the prompt, not of the chunk
-        self.expected_prompt_len: torch.Tensor | None = None
-        self._nan_flag: torch.Tensor | None = None
         self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
-
-    @property
-    def allocator(self):
-        return self.compressor.allocator
-
-    @property
-    def evictor(self):
-        return self.compressor.evictor
 
     # -- transformers' cache API ---------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -380,13 +409,16 @@ class SqueezeCache(Cache):
             return self.seen + self.step.new_valid.sum(-1)
         return self.seen
 
-    def end_step(self) -> None:
+    def end_step(self, importance: torch.Tensor | None = None) -> None:
+        """After every layer has written the step's tokens: at prefill, plan budgets from ``importance`` (B, L);
+        then evict every layer down to its budget."""
         step = self.step
         self.length += step.new_valid.shape[1]
         self.seen.add_(step.new_valid.sum(-1))  # in place: CUDA graphs replay this
         step.counted = True
         self.host_seen_max += step.new_valid.shape[1] if step.all_valid else int(step.new_valid.sum(-1).max())
         if step.prefill:
+            self.importance = importance
             self.full_kv_bytes_prefill = self.kv_nbytes()
             self.peak_kv_bytes_prefill = max(self.peak_kv_bytes_prefill, self.full_kv_bytes_prefill)
         for layer in self.layers:
@@ -399,104 +431,40 @@ class SqueezeCache(Cache):
             layer.window_queries = layer.window_positions = None
         self.step = None
 
+    def advance(self) -> None:
+        """Account for one decode step whose work ran without Python (a CUDA-graph replay of a steady step)."""
+        self.length += 1
+        self.host_seen_max += 1
+
     def clock(self) -> float:
-        """perf_counter, after a device sync when the compressor times policies exactly (benchmarks)."""
-        if self.compressor.sync_timings and torch.cuda.is_available():
+        """perf_counter, after a device sync when timings must be exact (benchmarks)."""
+        if self.sync_timings and torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def _finish_prefill(self) -> None:
-        self.prompt_len = self.seen.clone() if self.expected_prompt_len is None else self.expected_prompt_len.clone()
-        n = self.prompt_len.cpu()  # budgets are bookkept on the host
-        config = self.compressor.config
-        layers = self.compressor.compressible
-        L = len(layers)
-        B = n.shape[0]
-        self.budgets = torch.full((B, len(self.layers)), -1, dtype=torch.long)
-        if not config.full:
-            t0 = self.clock()
-            mean = n.double() * config.budget if not config.absolute else torch.full((B,), float(config.budget), dtype=torch.float64)
-            floor = self.compressor.floor
-            total = torch.round(mean * L).long()
-            over = mean >= n.double()  # prompt not longer than the budget: nothing to evict at prefill
-            self._check_budget(mean, total, over, n, floor, L)
-            budgets = torch.empty(B, L, dtype=torch.long)
-            if bool(over.any()):
-                budgets[over] = torch.round(mean[over]).long().clamp_min(n[over]).view(-1, 1).expand(-1, L)
-            squeeze_rows = (~over).nonzero().view(-1)
-            batch_level = getattr(self.allocator, "batch_level", False)
-            known = self.compressor.batch_allocation if batch_level else None
-            if squeeze_rows.numel() and known is not None and all(int(k) in known for k in n[squeeze_rows]):
-                # a later micro-batch of a batch-level allocation: the budgets of its prompt lengths are known
-                budgets[squeeze_rows] = torch.stack([known[int(k)] for k in n[squeeze_rows]])
-            elif squeeze_rows.numel():
-                importance = self.importance[squeeze_rows][:, layers].float()
-                shared = self.compressor.batch_importance
-                if shared is not None and batch_level:
-                    importance = shared[layers].float().expand_as(importance)
-                request = AllocationRequest(
-                    importance=importance,
-                    total=total[squeeze_rows],
-                    floor=floor,
-                    cap=n[squeeze_rows],
-                )
-                budgets[squeeze_rows] = self.with_fallback("allocator", lambda: self.allocate(request)).long().cpu()
-                if known is not None:
-                    known.update((int(k), row) for k, row in zip(n[squeeze_rows], budgets[squeeze_rows], strict=True))
-            self.budgets[:, layers] = budgets
-            t1 = self.clock()
-            self.timings["allocation"] += t1 - t0
-            for j, li in enumerate(layers):
-                self.layers[li].budget = budgets[:, j].to(self.layers[li].keys.device)
-            self._enforce_budgets(compact=True)
-            self.timings["eviction"] += self.clock() - t1
-        else:
+        self.prompt_len = (self.seen if self.expected_prompt_len is None else self.expected_prompt_len).clone()
+        config = self.runner.config
+        if config.full:
+            self.budgets = torch.full((self.prompt_len.shape[0], len(self.layers)), -1, dtype=torch.long)
             for layer in self.layers:
                 layer.heads_differ = False
+        else:
+            t0 = self.clock()
+            self.budgets = plan_budgets(
+                self.prompt_len, self.importance, self.budget_layers, len(self.layers), config.budget, self.runner,
+                self.shared,
+            )  # fmt: skip
+            t1 = self.clock()
+            self.timings["allocation"] += t1 - t0
+            for li in self.budget_layers:
+                self.layers[li].budget = self.budgets[:, li].to(self.layers[li].keys.device)
+            self._enforce_budgets(compact=True)
+            for layer in self.layers:
+                if layer.budget is not None:
+                    layer.make_plain()
+            self.timings["eviction"] += self.clock() - t1
         self.kv_bytes_prefill = sum(layer.kv_nbytes() for layer in self.layers)
-
-    def _check_budget(self, mean, total, over, n, floor: int, L: int) -> None:
-        """Every layer keeps at least ``floor`` (>= 1) tokens; a fractional budget too small for some prompt of the
-        batch is an error whose suggested budget works for every sequence of the batch."""
-        short = ~over & (total < floor * L)
-        if not bool(short.any()):
-            return
-        budget = self.compressor.config.budget
-        # The shortest prompt fails first: name it, and suggest what works for it (hence for the whole batch).
-        b = int(n.masked_fill(~short, torch.iinfo(n.dtype).max).argmin())
-        prompt = int(n[b])
-        setter = self.compressor.floor_setter
-        if floor == 1:
-            what = "which rounds to 0 tokens for some layers"
-        else:
-            what = f"below the floor of evictor {setter.name!r} ({floor} tokens per layer)"
-        if floor <= prompt:
-            remedy = f"raise the budget to at least {math.ceil(floor / prompt * 1000) / 1000:g}"
-        else:
-            remedy = f"use an absolute budget of at least {max(floor, 2)} tokens (shorter prompts are kept whole)"
-        if floor > 1:
-            remedy += floor_hint(setter)
-        raise BudgetError(
-            f"budget {budget:g} keeps {float(mean[b]):.1f} tokens per layer of a {prompt}-token prompt (sequence {b} "
-            f"of the batch), {what}; {remedy}"
-        )
-
-    def allocate(self, request: AllocationRequest) -> torch.Tensor:
-        """The allocator's budgets for ``request``, checked (`squeezekit.budget.check_budgets`)."""
-        got = self.call_allocator(request)
-        problem = check_budgets(got, request.total, request.floor, request.cap, (request.total.shape[0], request.importance.shape[1]))
-        if problem:
-            raise PluginError(self.allocator.name, self.origin("allocator"), problem)
-        return got
-
-    def with_fallback(self, kind: str, fn):
-        """``fn()``; if the ``kind`` plugin fails (a `PluginError`) and the config names a fallback, again with it."""
-        while True:
-            try:
-                return fn()
-            except PluginError as exc:
-                if not self.compressor.fall_back(kind, exc):
-                    raise
 
     def _enforce_budgets(self, compact: bool) -> None:
         for layer in self.layers:
@@ -506,36 +474,15 @@ class SqueezeCache(Cache):
             if bool((counts > layer.budget).any()):
                 keep = torch.minimum(counts, layer.budget)
                 layer.evict(keep, "prefill" if compact else "decode", compact=compact)
-            if layer.window is None:
-                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
-
-    def check_nan_later(self, score: torch.Tensor) -> None:
-        """Record, without a host sync, whether an evictor scored a cached token NaN (checked by `check_nan`)."""
-        if self._nan_flag is None:
-            self._nan_flag = torch.zeros((), dtype=torch.bool, device=score.device)
-        self._nan_flag.logical_or_(torch.isnan(score.float()).any().to(self._nan_flag.device, non_blocking=True))
-
-    def check_nan(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return
-        if self._nan_flag is not None and bool(self._nan_flag):
-            self._nan_flag.zero_()
-            error = PluginError(self.evictor.name, self.origin("evictor"), "score() returned NaN for a cached token")
-            if not self.compressor.fall_back("evictor", error):
-                raise error
+            layer.update_steady()
 
     def compact(self) -> None:
         """Shrink every bounded layer's buffers to the slots it holds (after a chunked prefill left room for a chunk)."""
-        from .selection import top_slots
-
         for layer in self.layers:
             if layer.keys is None or layer.budget is None:
                 continue
-            counts = layer.counts().amax(-1)
-            if int(counts.max()) < layer.capacity:
-                layer._keep(top_slots(layer.positions.float(), layer.view("prefill"), counts), compact=True)
-            if layer.window is None:
-                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
+            layer.shrink_to_fit()
+            layer.update_steady()
         # The prefill saw the prompt one chunk at a time: account as if it had gone through at once.
         self.full_kv_bytes_prefill = sum(
             2 * layer.keys[:, :, :1].numel() * self.length * layer.keys.element_size()
@@ -544,25 +491,38 @@ class SqueezeCache(Cache):
         )
         self.kv_bytes_prefill = self.kv_nbytes()
 
-    # -- plugin calls ----------------------------------------------------------------------------------------------
-    def origin(self, kind: str) -> str:
-        return self.compressor.origins[kind]
+    def check_nan(self) -> None:
+        """Report NaN scores the hot path recorded without a host sync (see PolicyRunner.check_nan)."""
+        self.runner.check_nan()
 
-    def call_evictor(self, fn, *args):
-        try:
-            return fn(*args)
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(self.evictor.name, self.origin("evictor"), f"{fn.__name__}() raised {type(exc).__name__}: {exc}") from exc
+    # -- building a batch cache from micro-batches (squeezekit.batching) --------------------------------------------
+    @classmethod
+    def for_batch(cls, first: SqueezeCache, batch: int) -> SqueezeCache:
+        """An empty cache of ``batch`` rows laid out like ``first`` (a micro-batch), to `copy_rows` into."""
+        out = cls(first.runner, len(first.layers), first.budget_layers, sync_timings=first.sync_timings)
+        out.length = first.length
+        out.seen = first.seen.new_zeros(batch)
+        out.prompt_len = first.prompt_len.new_zeros(batch)
+        out.importance = first.importance.new_zeros(batch, first.importance.shape[1])
+        out.budgets = first.budgets.new_zeros(batch, first.budgets.shape[1])
+        out.scaling = dict(first.scaling)
+        for layer, part in zip(out.layers, first.layers, strict=True):
+            layer.preallocate(part, batch)
+        return out
 
-    def call_allocator(self, request: AllocationRequest):
-        try:
-            return self.allocator.allocate(request)
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(self.allocator.name, self.origin("allocator"), f"allocate() raised {type(exc).__name__}: {exc}") from exc
+    def copy_rows(self, part: SqueezeCache, rows: slice) -> None:
+        """Copy a micro-batch's compressed cache into ``rows`` (its tensors are freed as they are copied)."""
+        if part.length != self.length or part.runner is not self.runner:
+            raise ValueError("caches to merge must come from one compress() block and have the same padded length")
+        for name in ("seen", "prompt_len", "importance", "budgets"):
+            getattr(self, name)[rows] = getattr(part, name)
+        self.full_kv_bytes_prefill += part.full_kv_bytes_prefill
+        self.kv_bytes_prefill += part.kv_bytes_prefill
+        self.host_seen_max = max(self.host_seen_max, part.host_seen_max)
+        for key in self.timings:
+            self.timings[key] += part.timings[key]
+        for layer, part_layer in zip(self.layers, part.layers, strict=True):
+            layer.copy_rows(part_layer, rows)
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def kv_nbytes(self) -> int:

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from .cli_options import add_config_flags, model_dir, plot_path, positive_int, text_file
 
 
-def register(sub) -> None:
-    from .cli import add_config_flags
-
-    p = sub.add_parser("generate", help="generate text with a compressed KV cache and report the memory it kept")
-    p.add_argument("prompt", help="the prompt (the question, when --context is given)")
-    p.add_argument("--context", metavar="FILE", help="a text file placed before the prompt (a document to work on)")
-    p.add_argument("--model", metavar="DIR", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention backend")
-    p.add_argument("--plot", metavar="PNG", help="write a plot of per-layer importance and budgets")
-    add_config_flags(p)
-    p.set_defaults(func=run)
+def add(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generate text with a compressed KV cache and print one summary line: the KV bytes kept against the full "
+        "cache's, and the mean / min / max per-layer budget."
+    )
+    parser.add_argument("prompt", help="the prompt (the question, when --context is given)")
+    parser.add_argument("--context", metavar="FILE", type=text_file, help="a text file placed before the prompt")
+    parser.add_argument(
+        "--model", metavar="DIR", type=model_dir, help="a local Hugging Face model directory (default: the embedded "
+        "SmolLM2-135M-Instruct)",
+    )  # fmt: skip
+    parser.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=64, help="tokens to generate")
+    parser.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention backend")
+    parser.add_argument(
+        "--plot", metavar="FILE", type=plot_path, help="also plot per-layer importance and budgets (.png, .pdf, .svg)"
+    )
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
 
 
 def _mib(n: int) -> str:
@@ -39,32 +46,66 @@ def summary_line(summary: dict, new_tokens: int) -> str:
     )
 
 
+class _Progress:
+    """A transformers streamer that shows generation progress on stderr (a terminal only)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="generating", unit="token", file=sys.stderr, disable=None, leave=False)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call hands over the prompt
+            self.prompt_seen = True
+            return
+        self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def _status(text: str) -> None:
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    from .cli_options import config_from_args
+    from .errors import InputError
+
+    config = config_from_args(args)  # a bad config fails before the model loads
+    text = args.prompt
+    if args.context:
+        try:
+            text = args.context.read_text(errors="replace").strip() + "\n\n" + text
+        except OSError as exc:
+            raise InputError(f"--context {args.context}: cannot be read: {exc.strerror or exc}") from None
+    _status("squeezekit: loading the model ...")
     import torch
 
-    from .cli import config_from_args
     from .compressor import compress
     from .models import load_model
 
-    config = config_from_args(args)
     model, tokenizer = load_model(args.model, attn_implementation=args.attn)
-    text = args.prompt
-    if args.context:
-        text = Path(args.context).read_text(errors="replace").strip() + "\n\n" + text
     if not args.raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
     else:
         ids = tokenizer([text], return_tensors="pt")
+    if ids["input_ids"].shape[1] == 0:
+        raise InputError("the prompt has no tokens once tokenized; give a non-empty prompt")
+    _status(f"squeezekit: prefilling {ids['input_ids'].shape[1]} tokens ...")
     with torch.inference_mode(), compress(model, config) as compressor:
         out = model.generate(
-            **ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+            **ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            streamer=_Progress(args.max_new_tokens),
+        )  # fmt: skip
         summary = compressor.summary()
     new = out[0, ids["input_ids"].shape[1] :]
     print(tokenizer.decode(new, skip_special_tokens=True).strip())
-    print(f"[{config.describe()}, prompt {ids['input_ids'].shape[1]} tokens] {summary_line(summary, len(new))}", file=sys.stdout)
+    print(f"[{config.describe()}, prompt {ids['input_ids'].shape[1]} tokens] {summary_line(summary, len(new))}")
     if args.plot:
         from .plotting import plot_layers
 

@@ -1,70 +1,78 @@
 """`compress(model, config)`: apply a squeezekit config to a loaded model for the duration of a ``with`` block.
 
 Inside the block every forward that starts a cache (``model.generate``, or a call with ``use_cache=True``) gets a
-`SqueezeCache` instead of transformers' DynamicCache, and runs squeezekit's attention. On exit, also after an
-exception or KeyboardInterrupt, the hooks are removed and the attention implementation is restored: the model is
-exactly as it was.
+`SqueezeCache` instead of transformers' DynamicCache, and runs squeezekit's attention. The data flow of one forward:
+
+1. a pre-hook on the decoder stack (`Compressor._begin`) puts the cache in the forward's arguments, opens the
+   step (which new tokens are real, their positions) and passes a `squeezekit.attention.Forward` down to every
+   attention call as a keyword argument;
+2. at prefill, hooks on each layer measure its importance (cosine similarity of the hidden state before and after
+   attention) while the layers write their keys and values into the cache;
+3. a hook after the decoder stack (`Compressor._end`) ends the step: the cache plans the budgets (at prefill) and
+   evicts every layer down to its budget, calling the policies through the block's `PolicyRunner`.
+
+On exit, also after an exception or KeyboardInterrupt, the hooks are removed and the attention implementation is
+restored: the model is exactly as it was.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from contextlib import contextmanager
 
 import torch
 
 from . import attention
 from . import transformers_api as hf
+from .allocation import BatchAllocation
 from .architectures import resolve
+from .attention import Forward
 from .cache import SqueezeCache, Step
-from .config import Config, checked_floor
-from .errors import InputError, PluginError, PluginFallbackWarning, UnsupportedModelError
+from .config import Config
+from .errors import InputError, PluginError, UnsupportedModelError
+from .runner import PolicyRunner
 
 _BACKENDS = {"sdpa": "sdpa", "eager": "eager", None: "sdpa"}
 NESTED = "this model is already inside a squeezekit.compress() block; nest blocks only on different models"
 
 
 class Compressor:
-    """The state of one ``compress`` block: the policies, the hooks, and the last cache it built."""
+    """One ``compress`` block: the hooks on the model, the `PolicyRunner`, and the last cache it built."""
 
     def __init__(self, model: torch.nn.Module, config: Config):
-        self.model, self.config = model, config
         hf.check_version()
+        self.model, self.config = model, config
         self.resolved = resolve(model)
+        #: the layers the budget applies to (full-attention layers)
+        self.compressible = self.resolved.compressible
+        #: the policies and every call into them
+        self.runner = PolicyRunner(config)
         #: the decoder stack's keyword for the cache (``cache`` or, before transformers 5.24, ``past_key_values``)
         self.cache_argument = hf.cache_argument(self.resolved.decoder)
-        self.compressible = self.resolved.compressible
-        #: the policies in use (a fallback replaces one that failed)
-        self.allocator = config.build_allocator()
-        self.evictor = config.build_evictor()
-        self.origins = {k: config.info(k).origin for k in ("allocator", "evictor")}
-        #: the config's fallback policies (None when unset) and the errors that made them take over, by kind
-        self.fallback_policies = {"allocator": config.build_allocator(fallback=True), "evictor": config.build_evictor(fallback=True)}
-        self.fallbacks: dict[str, PluginError] = {}
-        #: the fewest tokens a layer keeps: the largest floor of the evictor and its fallback, and whose it is
-        floors = [(checked_floor(self.evictor, self.origins["evictor"]), self.evictor)]
-        if self.fallback_policies["evictor"] is not None:
-            fallback = self.fallback_policies["evictor"]
-            floors.append((checked_floor(fallback, config.info("evictor", fallback=True).origin), fallback))
-        self.floor, self.floor_setter = max(floors, key=lambda t: t[0])
         self.original_attn = hf.attn_implementation(model)
         self.backend = self._backend(self.original_attn)
-        self.cache: SqueezeCache | None = None  # the cache of the forward running now
         self.last_cache: SqueezeCache | None = None  # the cache of the latest generation
-        self.step: Step | None = None
+        #: synchronize the device around policy work so `summary()["timings"]` are exact (benchmarks only)
+        self.sync_timings = False
+        self.active = False
+        self._forward: Forward | None = None  # the forward running now
         self._handles: list = []
         self._x: dict[int, torch.Tensor] = {}
         self._importance: dict[int, torch.Tensor] = {}
-        self._measuring = False
-        #: (L,) importance a batch-level allocator sees for every row instead of the row's own: set by a
-        #: micro-batched prefill to the first micro-batch's mean, so that the micro-batches share one allocation
-        self.batch_importance: torch.Tensor | None = None
-        #: prompt length -> (compressible layers,) budgets of that batch-level allocation, reused by the later
-        #: micro-batches instead of asking the allocator again (set and cleared with ``batch_importance``)
-        self.batch_allocation: dict[int, torch.Tensor] | None = None
-        #: synchronize the device around policy work so `summary()["timings"]` are exact (benchmarks only)
-        self.sync_timings = False
+
+    @property
+    def allocator(self):
+        """The allocator in use (the fallback, once it has taken over)."""
+        return self.runner.allocator
+
+    @property
+    def evictor(self):
+        """The evictor in use (the fallback, once it has taken over)."""
+        return self.runner.evictor
+
+    @property
+    def fallbacks(self) -> dict[str, PluginError]:
+        """The errors that made a fallback policy take over, by kind."""
+        return self.runner.failures
 
     def _backend(self, impl: str | None) -> str:
         if impl == attention.NAME:
@@ -81,33 +89,24 @@ class Compressor:
             return "sdpa"  # per-layer slot masks need SDPA's masked kernels; flash's varlen API cannot express them
         raise UnsupportedModelError(f"attn_implementation {impl!r} is not supported by squeezekit; use 'sdpa' or 'eager'")
 
-    def fall_back(self, kind: str, error: PluginError) -> bool:
-        """Replace the failing ``kind`` policy by the config's fallback for the rest of the block, with a warning.
+    def new_cache(
+        self, shared: BatchAllocation | None = None, expected_prompt_len: torch.Tensor | None = None
+    ) -> SqueezeCache:
+        """An empty cache of this block, to pass to the model (squeezekit.batching does; generate gets one itself)."""
+        return SqueezeCache(
+            self.runner, len(self.resolved.layers), self.compressible, shared=shared,
+            expected_prompt_len=expected_prompt_len, sync_timings=self.sync_timings,
+        )  # fmt: skip
 
-        Returns False (the caller raises ``error``) when no fallback is set or the fallback itself failed.
-        """
-        fallback = self.fallback_policies[kind]
-        if fallback is None or kind in self.fallbacks:
-            return False
-        warnings.warn(
-            f"squeezekit: {error}; falling back to {kind} {fallback.name!r} for the rest of this compress() block",
-            PluginFallbackWarning,
-            stacklevel=2,
-        )
-        self.fallbacks[kind] = error
-        setattr(self, kind, fallback)
-        self.origins[kind] = self.config.info(kind, fallback=True).origin
-        return True
+    def cache_kwargs(self, cache: SqueezeCache) -> dict:
+        """``{name: cache}`` for a forward call of the model (the name depends on the transformers release)."""
+        return {hf.cache_argument(self.model): cache}
 
     # -- install / uninstall -----------------------------------------------------------------------------------------
     def __enter__(self) -> Compressor:
         r = self.resolved
-        if any(module in attention.COMPRESSORS for module in r.attentions):
-            raise InputError(NESTED)
         attention.register()
         try:
-            for module in r.attentions:
-                attention.COMPRESSORS[module] = self
             self._handles.append(r.decoder.register_forward_pre_hook(self._begin, with_kwargs=True))
             self._handles.append(r.decoder.register_forward_hook(self._end, with_kwargs=True))
             for i, (layer, attn) in enumerate(zip(r.layers, r.attentions, strict=True)):
@@ -117,22 +116,21 @@ class Compressor:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self.active = True
         return self
 
     def __exit__(self, exc_type=None, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self.resolved.attentions:
-            if attention.COMPRESSORS.get(module) is self:
-                del attention.COMPRESSORS[module]
         if hf.attn_implementation(self.model) != self.original_attn:
             hf.set_attn_implementation(self.model, self.original_attn)
-        self.cache, self.step, self._measuring = None, None, False
+        self.active = False
+        self._forward = None
         self._x.clear()
         self._importance.clear()
-        if exc_type is None and self.last_cache is not None:
-            self.last_cache.check_nan()  # NaN scores not yet reported (CUDA checks every 32 steps): the model is restored
+        if exc_type is None:
+            self.runner.check_nan()  # NaN scores not yet reported (CUDA checks every 32 steps): the model is restored
 
     # -- hooks ---------------------------------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
@@ -153,17 +151,18 @@ class Compressor:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
-        if isinstance(past, SqueezeCache) and past.compressor is self:
+        cache: SqueezeCache | None
+        if isinstance(past, SqueezeCache) and past.runner is self.runner:
             cache = past
         elif past is None and not use_cache:
             cache = None
         elif past is None or (isinstance(past, hf.Cache) and past.get_seq_length() == 0):
-            if self.last_cache is not None:
-                self.last_cache.check_nan()  # the previous generation's deferred NaN check
-            cache = SqueezeCache(self, len(self.resolved.layers))
+            cache = self.new_cache()
         else:
             raise InputError("a non-empty cache not built by this squeezekit.compress block was passed to the model")
         if cache is not None:
+            if cache.length == 0:
+                self.runner.check_nan()  # the previous generation's deferred NaN check
             kwargs[self.cache_argument] = cache
         max_pos = getattr(hf.text_config(self.model), "max_position_embeddings", None)
         seen = 0 if cache is None else cache.host_seen_max
@@ -175,39 +174,49 @@ class Compressor:
             )
         if cache is None:
             pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
-            self.step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
+            step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
         else:
-            self.step = cache.begin_step(new_valid, all_valid)
-            if self.step.prefill:
-                n = new_valid.sum(-1)
-                if bool((n == 0).any()):
-                    raise InputError(
-                        f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding (its attention_mask row is "
-                        f"all 0); remove it from the batch"
-                    )
-                if not self.config.full and bool((n < 2).any()):
-                    raise InputError(
-                        f"sequence {int((n < 2).nonzero()[0])} of the batch is a 1-token prompt: nothing to compress; "
-                        f"give at least 2 tokens, or budget=1 for the full cache"
-                    )
-        self.cache = cache
-        self._measuring = cache is not None and self.step.prefill
+            step = cache.begin_step(new_valid, all_valid)
+            if step.prefill:
+                self._check_prompts(new_valid)
+        self._forward = Forward(step, cache, self.runner, self.backend)
+        kwargs[attention.KWARG] = self._forward
         self._importance.clear()
         return args, kwargs
 
+    def _check_prompts(self, new_valid: torch.Tensor) -> None:
+        n = new_valid.sum(-1)
+        if bool((n == 0).any()):
+            raise InputError(
+                f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding (its attention_mask row is all 0); "
+                f"remove it from the batch"
+            )
+        if not self.config.full and bool((n < 2).any()):
+            raise InputError(
+                f"sequence {int((n < 2).nonzero()[0])} of the batch is a 1-token prompt: nothing to compress; "
+                f"give at least 2 tokens, or budget=1 for the full cache"
+            )
+
+    @property
+    def _measuring(self) -> bool:
+        """Measuring layer importance: during a prefill step that has a cache."""
+        forward = self._forward
+        return forward is not None and forward.cache is not None and forward.step.prefill
+
     def _end(self, module, args, kwargs, output):
-        cache = self.cache
+        forward = self._forward
+        cache = None if forward is None else forward.cache
         if cache is not None:
-            if self._measuring:
+            importance = None
+            if forward.step.prefill:
                 layers = range(len(self.resolved.layers))
-                cache.importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
-            cache.end_step()
+                importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
+            cache.end_step(importance)
             self.last_cache = cache
             if cache.length % 32 == 0:  # (on CPU, NaN scores are caught as they are returned)
-                cache.check_nan()
-        self._measuring = False
+                self.runner.check_nan()
+        self._forward = None
         self._x.clear()
-        self.cache = self.step = None
         return output
 
     def _layer_input(self, i: int):
@@ -223,7 +232,8 @@ class Compressor:
         def hook(module, args, output):
             if not self._measuring or i not in self._x:
                 return
-            t0 = self.cache.clock() if self.cache is not None else time.perf_counter()
+            cache = self._forward.cache
+            t0 = cache.clock()
             out = output[0] if isinstance(output, tuple) else output
             # A sharded model's layer may receive its input on the previous layer's device (accelerate moves it
             # inside the forward, after our pre-hook saw it).
@@ -236,10 +246,9 @@ class Compressor:
             nh = torch.linalg.vector_norm(x + out, dim=-1, dtype=torch.float32)
             no = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
             cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
-            valid = self.step.new_valid.to(cos.device).float()
+            valid = self._forward.step.new_valid.to(cos.device).float()
             self._importance[i] = (cos * valid).sum(-1) / valid.sum(-1).clamp_min(1)
-            if self.cache is not None:
-                self.cache.timings["importance"] += self.cache.clock() - t0
+            cache.timings["importance"] += cache.clock() - t0
 
         return hook
 
@@ -250,8 +259,7 @@ class Compressor:
         if cache is None or cache.importance is None:
             return {}
         budgets = cache.budgets
-        comp = self.compressible
-        b = budgets[:, comp].double()
+        b = budgets[:, self.compressible].double()
         bounded = b >= 0
         return {
             "importance": cache.importance,
@@ -277,3 +285,4 @@ def compress(model: torch.nn.Module, config: Config | dict | str | None = None, 
     compressor = Compressor(model, Config.coerce(config, **kwargs))
     with compressor:
         yield compressor
+

@@ -1,10 +1,12 @@
 """One configuration schema for every entry point: Python kwargs, ``k=v,k=v`` strings (lm-eval ``--model_args``),
-CLI flags and YAML / TOML / JSON files all produce the same frozen `Config`.
+CLI flags, labels (``squeeze+h2o@0.2/window=4``: bench methods, sweep cells) and YAML / TOML / JSON files all
+produce the same frozen `Config`.
 
-Core keys: ``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``, ``window``, ``heavy_ratio``,
-``fallback_allocator``, ``fallback_evictor``. Any other key must be a parameter (a dataclass field) of the chosen
-allocator or evictor (or of a fallback), which validates it. ``p``, ``sinks``, ``window`` and ``heavy_ratio`` left
-unset take the chosen plugin's own default.
+Core keys (`CORE`): ``allocator``, ``evictor``, ``budget``, ``fallback_allocator``, ``fallback_evictor``. Every
+other key is a parameter of a plugin: a dataclass field of the chosen allocator or evictor (or of a fallback), which
+validates it; a key no chosen plugin has is an error naming the nearest valid one. `keys` lists every key of every
+installed plugin, with its type, help and default: the CLI's flags, lm-eval's model_args and the sweep's cells are
+all derived from it, so a third-party plugin's parameters are as first-class as the bundled ones.
 
 ``fallback_allocator`` / ``fallback_evictor`` (default unset): when the chosen plugin fails during a run (raises,
 returns something that breaks the contract, or NaN scores), squeezekit warns (`PluginFallbackWarning`, naming the
@@ -15,19 +17,58 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import operator
-import typing
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PluginError, SqueezekitError
-from .policies import Stat
-from .registry import PluginInfo, registry
+from .errors import NO_VALUE, ConfigError, PluginError, SqueezekitError
+from .policies import Stat, evictor_floor
+from .registry import Param, PluginInfo, registry
 
 BUDGET_RANGE = "a fraction of the prompt in (0, 1] (1 = full cache, nothing evicted) or a whole number of tokens > 1"
+#: the largest absolute budget (tokens per layer): larger values are no budget at all
+MAX_TOKENS = 2**31 - 1
+#: config files larger than this are refused (a config is a handful of keys)
+MAX_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key as every front end shows it (CLI flag, lm-eval model_arg, config file key)."""
+
+    name: str
+    type: type
+    help: str
+    default: str  #: as text, e.g. ``0.2``, or ``streaming: 8, h2o: 8`` for a parameter of several plugins
+    plugins: tuple[str, ...] = ()  #: the plugins that take it; () for a core key
+
+
+def _budget_ok(v: float) -> bool:
+    return math.isfinite(v) and (0 < v <= 1 or (1 < v <= MAX_TOKENS and float(v).is_integer()))
+
+
+# key -> (type, validator(value) -> bool, accepted-range text, help)
+CORE: dict[str, tuple[type, Any, str, str]] = {
+    "allocator": (str, lambda v: True, "an installed allocator name", "layer-budget allocator (`squeezekit plugins`)"),
+    "evictor": (str, lambda v: True, "an installed evictor name", "token evictor (`squeezekit plugins`)"),
+    "budget": (
+        float,
+        _budget_ok,
+        f"must be {BUDGET_RANGE} (at most {MAX_TOKENS})",
+        "mean tokens kept per layer: a fraction of the prompt in (0, 1], or a whole number of tokens > 1; "
+        "1 = full cache",
+    ),
+    "fallback_allocator": (
+        str, lambda v: True, "an installed allocator name", "allocator used, with a warning, if the allocator fails"
+    ),
+    "fallback_evictor": (
+        str, lambda v: True, "an installed evictor name", "evictor used, with a warning, if the evictor fails"
+    ),
+}  # fmt: skip
+CORE_KEYS = tuple(CORE)
 
 
 def _number(key: str, value: Any, source: str | None, integer: bool) -> float | int:
@@ -38,55 +79,16 @@ def _number(key: str, value: Any, source: str | None, integer: bool) -> float | 
         if not value.is_integer():
             raise ConfigError(key, value, "expected an integer", source)
         value = int(value)
+    if not integer:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range (1e309 and up)
+            raise ConfigError(key, value, "expected a number within float range", source) from None
     return value
 
 
-# key -> (type, validator(value) -> bool, accepted-range text)
-_CORE: dict[str, tuple[type, Any, str]] = {
-    "allocator": (str, lambda v: True, "an installed allocator name"),
-    "evictor": (str, lambda v: True, "an installed evictor name"),
-    "budget": (
-        float,
-        lambda v: math.isfinite(v) and (0 < v <= 1 or (v > 1 and float(v).is_integer())),
-        f"must be {BUDGET_RANGE}",
-    ),
-    "p": (float, lambda v: math.isfinite(v) and 0 < v <= 1, "must be in (0, 1]: the least important layers get p x the mean budget"),
-    "sinks": (int, lambda v: 0 <= v <= 1_000_000, "must be an integer >= 0"),
-    "window": (int, lambda v: 1 <= v <= 1_000_000, "must be an integer >= 1"),
-    "heavy_ratio": (float, lambda v: math.isfinite(v) and 0 <= v <= 1, "must be in [0, 1]: the share of the budget for heavy hitters"),
-    "fallback_allocator": (str, lambda v: True, "an installed allocator name"),
-    "fallback_evictor": (str, lambda v: True, "an installed evictor name"),
-}
-CORE_KEYS = tuple(_CORE)
-#: core keys that reach any plugin field of the same name
-PLUGIN_KEYS = ("p", "sinks", "window", "heavy_ratio")
-#: evictor fields that set the usual floors (named in budget errors as what to lower)
-FLOOR_KEYS = ("sinks", "window")
-
-
-def checked_floor(evictor, origin: str) -> int:
-    """``evictor.floor()``, checked (an integer >= 0); at least 1, since a layer always keeps its newest token."""
-    try:
-        floor = evictor.floor()
-    except Exception as exc:
-        raise PluginError(evictor.name, origin, f"floor() raised {type(exc).__name__}: {exc}") from exc
-    try:
-        value = operator.index(floor)
-    except TypeError:
-        value = -1
-    if isinstance(floor, bool) or value < 0:
-        raise PluginError(evictor.name, origin, f"floor() must return an integer >= 0, got {floor!r}")
-    return max(1, value)
-
-
-def floor_hint(evictor) -> str:
-    """`` or lower sinks/window``: the evictor's parameters that set its floor, for budget error messages."""
-    keys = [k for k in FLOOR_KEYS if k in {f.name for f in dataclasses.fields(evictor)}]
-    return f" or lower {'/'.join(keys)}" if keys else ""
-
-
 def _coerce_string(key: str, value: str, typ: type, source: str | None) -> Any:
-    """Type a value that arrived as text (``k=v`` strings, CLI flags)."""
+    """Type a value that arrived as text (``k=v`` strings, CLI flags, labels)."""
     text = value.strip()
     if typ is str:
         return text
@@ -112,18 +114,42 @@ def _check_typed(key: str, value: Any, typ: type, source: str | None) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(key, value, f"expected true or false, got {type(value).__name__}", source)
         return value
-    num = _number(key, value, source, integer=typ is int)
-    return float(num) if typ is float else num
+    return _number(key, value, source, integer=typ is int)
 
 
-def _plugin_types(info: PluginInfo) -> dict[str, type]:
-    hints = typing.get_type_hints(info.cls)
+def _typed(key: str, value: Any, typ: type, text: bool, source: str | None) -> Any:
+    if text and isinstance(value, str):
+        value = _coerce_string(key, value, typ, source)
+    return _check_typed(key, value, typ, source)
+
+
+def keys() -> dict[str, Key]:
+    """Every configuration key: the core keys, then every installed plugin's parameters (merged by name)."""
     out = {}
-    for name in info.params():
-        t = hints.get(name, str)
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        out[name] = args[0] if args else t
+    for name, (typ, _, _, help_text) in CORE.items():
+        default = getattr(Config, name)
+        shown = "unset" if default is None else f"{default:g}" if isinstance(default, float) else str(default)
+        out[name] = Key(name, typ, help_text, shown)
+    params: dict[str, list[Param]] = {}
+    for info in registry().all():
+        for param in info.params().values():
+            params.setdefault(param.name, []).append(param)
+    for name, group in params.items():
+        if name in out:  # a plugin field named like a core key is shadowed by it
+            continue
+        defaults = {str(p.default) for p in group}
+        default = defaults.pop() if len(defaults) == 1 else ", ".join(f"{p.plugin}: {p.default}" for p in group)
+        helps = dict.fromkeys(p.help for p in group if p.help)
+        help_text = "; ".join(helps) if len(helps) <= 1 else "; ".join(f"{p.plugin}: {p.help}" for p in group if p.help)
+        out[name] = Key(name, group[0].type, help_text, default, tuple(p.plugin for p in group))
     return out
+
+
+def unknown_key(key: str, value: Any, known: list[str], what: str, source: str | None, extra: list[str] = ()):
+    """The one-line `ConfigError` for an unknown key: the keys it could have been, and the nearest one."""
+    near = difflib.get_close_matches(key, sorted(set(known) | set(extra)), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ConfigError(key, value, f"unknown key ({what}); keys: {', '.join(sorted(set(known)))}{hint}", source)
 
 
 @dataclass(frozen=True)
@@ -133,20 +159,22 @@ class Config:
     allocator: str = "squeeze"
     evictor: str = "streaming"
     budget: float = 0.2
-    p: float | None = None
-    sinks: int | None = None
-    window: int | None = None
-    heavy_ratio: float | None = None
     #: used instead of the allocator / evictor if it fails during a run (None: the run stops with a PluginError)
     fallback_allocator: str | None = None
     fallback_evictor: str | None = None
-    #: plugin-specific parameters, as sorted (key, value) pairs
-    extra: tuple[tuple[str, Any], ...] = ()
+    #: the plugins' parameters, as sorted (key, value) pairs
+    params: tuple[tuple[str, Any], ...] = ()
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], source: str | None = None, text: bool = False) -> Config:
-        """Validate a flat mapping. ``text=True`` types string values (they came from ``k=v`` or CLI flags)."""
+    def from_mapping(
+        cls, values: dict[str, Any], source: str | None = None, text: bool = False, others: tuple[str, frozenset] = ()
+    ) -> Config:
+        """Validate a flat mapping. ``text=True`` types string values (they came from ``k=v``, CLI flags, labels).
+
+        ``others``: ``(what, keys)`` a front end accepts besides the config's (lm-eval's own model_args), named in
+        the unknown-key error and searched for the nearest key.
+        """
         if not isinstance(values, dict):
             raise ConfigError("(top level)", values, "expected a mapping of keys to values", source)
         reg = registry()
@@ -155,11 +183,9 @@ class Config:
         for key, value in values.items():
             if not isinstance(key, str):
                 raise ConfigError(str(key), value, "keys must be strings", source)
-            if key in _CORE:
-                typ, ok, accepted = _CORE[key]
-                if text and isinstance(value, str):
-                    value = _coerce_string(key, value, typ, source)
-                value = _check_typed(key, value, typ, source)
+            if key in CORE:
+                typ, ok, accepted, _ = CORE[key]
+                value = _typed(key, value, typ, text, source)
                 if not ok(value):
                     raise ConfigError(key, value, accepted, source)
                 core[key] = value
@@ -184,43 +210,39 @@ class Config:
                     source,
                 )
             plugins.append(fallback)
-        extra: dict[str, Any] = {}
+        params: dict[str, Any] = {}
         for key, value in rest.items():
             owner = next((i for i in plugins if key in i.params()), None)
             if owner is None:
                 known = [*CORE_KEYS, *(k for i in plugins for k in i.params())]
-                near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ConfigError(
-                    key,
-                    value,
-                    f"unknown key (not a squeezekit key, nor a parameter of allocator {allocator.name!r} or evictor "
-                    f"{evictor.name!r}); keys: {', '.join(sorted(set(known)))}{hint}",
-                    source,
-                )
-            typ = _plugin_types(owner)[key]
-            if text and isinstance(value, str):
-                value = _coerce_string(key, value, typ, source)
-            extra[key] = _check_typed(key, value, typ, source)
-        config = cls(**core, extra=tuple(sorted(extra.items())))
-        # plugin-side validation of their parameters, now rather than mid-run
-        config.build_allocator(source)
-        evictors = [(config.build_evictor(source), evictor.origin)]
-        if config.fallback_allocator is not None:
-            config.build_allocator(source, fallback=True)
-        if config.fallback_evictor is not None:
-            evictors.append((config.build_evictor(source, fallback=True), config.info("evictor", True).origin))
-        if config.absolute:
-            floor, setter = max(((checked_floor(e, o), e) for e, o in evictors), key=lambda t: t[0])
-            if config.budget < floor:
+                what = f"not a squeezekit key, nor a parameter of allocator {allocator.name!r} or evictor {evictor.name!r}"
+                other_what, other_keys = others or ("", frozenset())
+                if other_what:
+                    what += f", nor {other_what}"
+                raise unknown_key(key, value, known, what, source, sorted(other_keys))
+            params[key] = _typed(key, value, owner.params()[key].type, text, source)
+        config = cls(**core, params=tuple(sorted(params.items())))
+        config._validate_plugins(source)
+        return config
+
+    def _validate_plugins(self, source: str | None) -> None:
+        """Build every plugin now (they validate their parameters), rather than mid-run; check the floor."""
+        self.build_allocator(source)
+        evictors = [(self.build_evictor(source), self.info("evictor").origin)]
+        if self.fallback_allocator is not None:
+            self.build_allocator(source, fallback=True)
+        if self.fallback_evictor is not None:
+            evictors.append((self.build_evictor(source, fallback=True), self.info("evictor", True).origin))
+        if self.absolute:
+            floor, setter = evictor_floor(evictors)
+            if self.budget < floor:
                 raise ConfigError(
                     "budget",
-                    config.budget,
+                    self.budget,
                     f"below the floor of evictor {setter.name!r} ({floor} tokens per layer); use at least {floor}"
                     f"{floor_hint(setter)}",
                     source,
                 )
-        return config
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Config:
@@ -229,51 +251,30 @@ class Config:
     @classmethod
     def from_string(cls, text: str, source: str = "model_args") -> Config:
         """Parse ``k=v,k=v`` (the lm-eval ``--model_args`` form)."""
-        values: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(item, item, "expected key=value pairs separated by commas", source)
-            values[key.strip()] = value
+        return cls.from_mapping(parse_pairs(text, source), source=source, text=True)
+
+    @classmethod
+    def from_label(cls, label: str, source: str = "label") -> Config:
+        """Parse a label, ``ALLOCATOR+EVICTOR@BUDGET`` followed by any ``/KEY=VALUE`` (see `label`)."""
+        head, *pairs = label.strip().split("/")
+        combo, at, budget = head.partition("@")
+        allocator, plus, evictor = combo.partition("+")
+        if not (plus and at and allocator and evictor and budget):
+            raise ConfigError(
+                "label", label, "expected ALLOCATOR+EVICTOR@BUDGET[/KEY=VALUE...], e.g. squeeze+h2o@0.2/window=4", source
+            )
+        values: dict[str, Any] = {"allocator": allocator, "evictor": evictor, "budget": budget}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key:
+                raise ConfigError("label", label, f"expected KEY=VALUE after '/', got {pair!r}", source)
+            values[key] = value
         return cls.from_mapping(values, source=source, text=True)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
         """Read a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file holding a flat mapping."""
-        path = Path(path)
-        source = str(path)
-        try:
-            raw = path.read_text()
-        except OSError as exc:
-            raise ConfigError("(file)", str(path), f"cannot be read: {exc.strerror or exc}", None) from None
-        suffix = path.suffix.lower()
-        try:
-            if suffix in (".yaml", ".yml"):
-                import yaml
-
-                try:
-                    data = yaml.safe_load(raw)
-                except yaml.MarkedYAMLError as exc:  # its str() spans several lines: keep the problem and where
-                    mark = exc.problem_mark
-                    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-                    raise ConfigError("(file)", str(path), f"is not valid YAML: {where}{exc.problem or exc.context}", None) from None
-                data = {} if data is None else data
-            elif suffix == ".toml":
-                try:
-                    import tomllib
-                except ModuleNotFoundError:  # Python 3.10
-                    import tomli as tomllib
-                data = tomllib.loads(raw)
-            elif suffix == ".json":
-                data = json.loads(raw)
-            else:
-                raise ConfigError("(file)", str(path), "unsupported config file type: use .yaml, .yml, .toml or .json", None)
-        except SqueezekitError:
-            raise
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError("(file)", str(path), f"is not valid {suffix[1:].upper()}: {first}", None) from None
-        return cls.from_mapping(data, source=source)
+        return cls.from_mapping(read_config_file(path), source=str(path))
 
     @classmethod
     def coerce(cls, config: Config | dict | str | Path | None = None, **kwargs: Any) -> Config:
@@ -287,7 +288,9 @@ class Config:
         elif isinstance(config, Path) or (isinstance(config, str) and "=" not in config):
             base = Config.from_file(config).as_dict()
         elif isinstance(config, str):
-            return cls.from_string(config) if not kwargs else cls.from_mapping({**cls.from_string(config).as_dict(), **kwargs}, "kwargs")
+            if not kwargs:
+                return cls.from_string(config)
+            base = cls.from_string(config).as_dict()
         else:
             raise ConfigError("config", config, "expected a Config, a dict, a k=v string or a config file path")
         return cls.from_mapping({**base, **kwargs}, source="kwargs")
@@ -296,8 +299,15 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """The explicitly set keys, flat (round-trips through `from_mapping`)."""
         out = {k: getattr(self, k) for k in CORE_KEYS if getattr(self, k) is not None}
-        out.update(dict(self.extra))
+        out.update(dict(self.params))
         return out
+
+    @property
+    def label(self) -> str:
+        """``ALLOCATOR+EVICTOR@BUDGET`` plus ``/KEY=VALUE`` for every other key set (round-trips `from_label`)."""
+        rest = {k: v for k, v in self.as_dict().items() if k not in ("allocator", "evictor", "budget")}
+        pairs = "".join(f"/{k}={v:g}" if isinstance(v, float) else f"/{k}={v}" for k, v in sorted(rest.items()))
+        return f"{self.allocator}+{self.evictor}@{self.budget:g}{pairs}"
 
     @property
     def full(self) -> bool:
@@ -308,11 +318,6 @@ class Config:
     def absolute(self) -> bool:
         return self.budget > 1
 
-    def _params(self, info: PluginInfo) -> dict[str, Any]:
-        given = {k: getattr(self, k) for k in PLUGIN_KEYS if getattr(self, k) is not None}
-        given.update(dict(self.extra))
-        return {k: v for k, v in given.items() if k in info.params()}
-
     def info(self, kind: str, fallback: bool = False, source: str | None = None) -> PluginInfo | None:
         """The registry entry of the allocator / evictor (or of its fallback: None when unset)."""
         name = getattr(self, f"fallback_{kind}" if fallback else kind)
@@ -322,13 +327,12 @@ class Config:
         info = self.info(kind, fallback, source)
         if info is None:
             return None
+        mine = info.params()
         try:
-            return info.cls(**self._params(info))
+            return info.cls(**{k: v for k, v in self.params if k in mine})
         except ConfigError as exc:
             raise ConfigError(exc.key, exc.value, exc.accepted, exc.source or source) from None
         except Exception as exc:
-            from .errors import PluginError
-
             raise PluginError(info.name, info.origin, f"constructor raised {type(exc).__name__}: {exc}") from None
 
     def build_allocator(self, source: str | None = None, fallback: bool = False):
@@ -346,7 +350,126 @@ class Config:
             fields = ", ".join(f"{f.name}={getattr(obj, f.name)}" for f in dataclasses.fields(obj) if f.init)
             return f"{obj.name}({fields})"
 
-        budget = "full cache" if self.full else (f"{int(self.budget)} tokens" if self.absolute else f"budget {self.budget:g}")
+        if self.full:
+            budget = "full cache"
+        else:
+            budget = f"{int(self.budget)} tokens" if self.absolute else f"budget {self.budget:g}"
         text = f"{fmt(self.build_allocator())} + {fmt(self.build_evictor())} @ {budget}"
-        fallbacks = [f"{kind} {fmt(self._build(kind, None, True))}" for kind in ("allocator", "evictor") if getattr(self, f"fallback_{kind}")]
+        fallbacks = [
+            f"{kind} {fmt(self._build(kind, None, True))}"
+            for kind in ("allocator", "evictor")
+            if getattr(self, f"fallback_{kind}")
+        ]
         return text + (f"; fallback: {', '.join(fallbacks)}" if fallbacks else "")
+
+
+#: evictor fields that set the usual floors (named in budget errors as what to lower)
+FLOOR_KEYS = ("sinks", "window")
+
+
+def floor_hint(evictor) -> str:
+    """`` or lower sinks/window``: the evictor's parameters that set its floor, for budget error messages."""
+    names = [k for k in FLOOR_KEYS if k in {f.name for f in dataclasses.fields(evictor)}]
+    return f" or lower {'/'.join(names)}" if names else ""
+
+
+def parse_pairs(text: str, source: str) -> dict[str, str]:
+    """``k=v,k=v`` into a dict of strings (empty items are skipped)."""
+    values: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, item, "expected key=value pairs separated by commas", source)
+        values[key.strip()] = value
+    return values
+
+
+# ---- config files -------------------------------------------------------------------------------------------------------
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file holds. Only regular files of at most
+    `MAX_FILE_BYTES`, in UTF-8; YAML aliases and duplicate keys (YAML, JSON) are refused."""
+    path = Path(path)
+    source = str(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError("(file)", source, "unsupported config file type: use .yaml, .yml, .toml or .json", None)
+    try:
+        # Never open a FIFO or a device (that would block or read forever): look first, then read a bounded amount.
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ConfigError("(file)", source, f"is {kind}; give a config file", None)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("(file)", source, f"cannot be read: {exc.strerror or exc}", None) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError("(file)", source, f"is larger than {MAX_FILE_BYTES // 1024} KiB; a config is a few keys", None)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("(file)", source, f"is not UTF-8 text (byte {exc.start})", None) from None
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = _load_yaml(text, source)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        else:
+            import json
+
+            data = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, source))
+    except SqueezekitError:
+        raise
+    except RecursionError:
+        raise ConfigError("(file)", source, f"is not valid {suffix[1:].upper()}: nested too deeply", None) from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("(file)", source, f"is not valid {suffix[1:].upper()}: {first}", None) from None
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[Any, Any]], source: str) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(str(key), NO_VALUE, "is given twice; give each key once", source)
+        out[key] = value
+    return out
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, refusing aliases (a few bytes of nested aliases expand to gigabytes) and duplicate keys."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(
+                    "(file)", source, f"uses a YAML alias (line {event.start_mark.line + 1}); write values out", None
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            mapping = super().construct_mapping(node, deep=deep)
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise ConfigError(str(key), NO_VALUE, f"is given twice (line {line}); give each key once", source)
+                seen.add(key)
+            return mapping
+
+    try:
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:  # its str() spans several lines: keep the problem and where
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError("(file)", source, f"is not valid YAML: {where}{exc.problem or exc.context}", None) from None
+    return {} if data is None else data

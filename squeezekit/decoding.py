@@ -22,9 +22,11 @@ class GreedyDecoder:
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
         devices = {p.device for p in model.parameters()}
-        self.use_graph = cuda_graph and self.ids.is_cuda and len(devices) == 1 and all(
-            layer.steady for layer in cache.layers if layer.budget is not None
-        ) and all(layer.budget is not None for layer in cache.layers)
+        bounded = [layer for layer in cache.layers if layer.budget is not None]
+        self.use_graph = (
+            cuda_graph and self.ids.is_cuda and len(devices) == 1 and len(bounded) == len(cache.layers)
+            and all(layer.steady for layer in bounded)
+        )  # fmt: skip
         self.graph: torch.cuda.CUDAGraph | None = None
         self._next: torch.Tensor | None = None
 
@@ -58,8 +60,7 @@ class GreedyDecoder:
                 tokens.append(self._next.clone())
                 replays -= 1
             for _ in range(replays):
-                self.cache.length += 1
-                self.cache.host_seen_max += 1
+                self.cache.advance()
                 self.graph.replay()
                 tokens.append(self._next.clone())
         self.cache.check_nan()

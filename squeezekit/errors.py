@@ -15,6 +15,20 @@ class SqueezekitError(Exception):
 
 #: `ConfigError`'s value when there is none to show (a command-line flag given without a value)
 NO_VALUE = object()
+#: the most characters of a value or key an error message shows
+SHOW_LIMIT = 80
+
+
+def shown(value: object, limit: int = SHOW_LIMIT) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 50 MB value must not make a 50 MB message)."""
+    text = repr(value[: limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str, limit: int = SHOW_LIMIT) -> str:
+    """``text`` as is when printable and short, else its escaped, cut ``repr`` (no control characters reach a
+    terminal)."""
+    return text if text.isprintable() and len(text) <= limit else shown(text, limit)
 
 
 class ConfigError(SqueezekitError, ValueError):
@@ -25,9 +39,9 @@ class ConfigError(SqueezekitError, ValueError):
 
     def __init__(self, key: str, value: object, accepted: str, source: str | None = None):
         self.key, self.value, self.accepted, self.source = key, value, accepted, source
-        where = f"{source}: {key}" if source else key
-        shown = "" if value is NO_VALUE else f" = {value!r}"
-        super().__init__(f"config error: {where}{shown}: {accepted}")
+        where = f"{printable(source, 200)}: {printable(key)}" if source else printable(key)
+        value_text = "" if value is NO_VALUE else f" = {shown(value)}"
+        super().__init__(f"config error: {where}{value_text}: {accepted}")
 
 
 class UnknownPluginError(ConfigError):

@@ -1,7 +1,7 @@
-"""pluggy hook specifications of the ``squeezekit`` project: how a plugin adds policies.
+"""pluggy hook specifications of the ``squeezekit`` project: how a plugin adds policies and commands.
 
 A plugin is any module reachable through the ``squeezekit`` entry-point group (the bundled policies are declared
-in that same group) that implements one or both hooks with ``@squeezekit.hookimpl``. Every implementation is
+in that same group) that implements one or more hooks with ``@squeezekit.hookimpl``. Every implementation is
 called once, when the registry first loads; results are not returned but passed to ``register``.
 """
 
@@ -34,4 +34,19 @@ def register_evictors(register):
         statistics the engine must collect for it).
 
     Called once per process when the registry loads. Names must be unique across installed plugins.
+    """
+
+
+@hookspec
+def register_commands(register):
+    """Register ``squeezekit`` subcommands.
+
+    :param register: call ``register(name, help, add)`` once per command: ``name`` (lowercase, e.g. ``"calibrate"``)
+        is what users type after ``squeezekit``, ``help`` its one-line description in ``squeezekit --help``, and
+        ``add(parser)`` (a callable, or a ``"module:function"`` string imported only when the command runs) adds
+        the command's options to its `argparse.ArgumentParser` and sets ``func`` with ``parser.set_defaults``:
+        ``func(args)`` runs the command and returns its exit status.
+
+    Called once per process when the registry loads. squeezekit's own commands are registered the same way
+    (squeezekit/commands.py). Names must be unique across installed plugins.
     """

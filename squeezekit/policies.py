@@ -1,8 +1,12 @@
 """The two policy contracts a plugin implements: `LayerBudgetAllocator` and `TokenEvictor`.
 
-A plugin is a small dataclass: its fields are its parameters (config keys of the same name reach it), its
-``__post_init__`` validates them with `check`, and one method does the work. The engine (squeezekit.cache) owns
-all mechanics: measuring importance, calling the policies, validating what they return, shrinking tensors.
+A plugin is a small dataclass: its fields are its parameters (config keys of the same name reach it, and each gets a
+CLI flag whose help is the field's ``#:`` comment), its ``__post_init__`` validates them with `check`, and one method
+does the work. The engine owns all mechanics: measuring importance, calling the policies (squeezekit.runner, which
+also validates what they return), shrinking tensors (squeezekit.cache).
+
+This module does not import torch, so that listing plugins (``squeezekit plugins``, ``--help``) stays fast; keep a
+plugin module's own imports light for the same reason (import heavy libraries inside the methods that use them).
 """
 
 from __future__ import annotations
@@ -10,17 +14,40 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from .errors import ConfigError, PluginError
 
-from .errors import ConfigError
+if TYPE_CHECKING:
+    import torch
 
 
 def check(key: str, value: object, ok: bool, accepted: str) -> None:
     """Raise the one-line `ConfigError` for parameter ``key`` unless ``ok``. For plugins' ``__post_init__``."""
     if not ok:
         raise ConfigError(key, value, accepted)
+
+
+def evictor_floor(evictors: list[tuple[TokenEvictor, str]]) -> tuple[int, TokenEvictor]:
+    """The fewest tokens a layer keeps, and the evictor that sets it: the largest ``floor()`` of ``evictors``
+    (``(evictor, origin)`` pairs: the evictor and its fallback), each checked (an integer >= 0), at least 1 since a
+    layer always keeps its newest token. The one rule for the floor: `Config` and the runner both use it."""
+    import operator
+
+    floors = []
+    for evictor, origin in evictors:
+        try:
+            floor = evictor.floor()
+        except Exception as exc:
+            raise PluginError(evictor.name, origin, f"floor() raised {type(exc).__name__}: {exc}") from exc
+        try:
+            value = operator.index(floor)
+        except TypeError:
+            value = -1
+        if isinstance(floor, bool) or value < 0:
+            raise PluginError(evictor.name, origin, f"floor() must return an integer >= 0, got {floor!r}")
+        floors.append((max(1, value), evictor))
+    return max(floors, key=lambda t: t[0])
 
 
 class Stat(enum.Enum):
@@ -86,7 +113,7 @@ class TokenEvictor(ABC):
         ``keep`` is (B,): how many slots row ``b`` keeps (never more than it holds). Rows keeping fewer than ``K``
         pad their tail with -1. Indices must be distinct valid slots.
         """
-        from .selection import top_slots
+        from .selection import top_slots  # (torch, imported only when evicting)
 
         return top_slots(self.score(view), view, keep)
 

@@ -2,26 +2,49 @@
 
 Bundled and third-party plugins load the same way. A plugin that fails to import, or registers something that
 breaks the contract, is recorded (by name and package) in `Registry.failures` and skipped; the others keep working.
-Set ``SQUEEZEKIT_PLUGINS=name1,name2`` to load only those entry points (reproducible runs, isolating a bad plugin).
+Set ``SQUEEZEKIT_PLUGINS=name1,name2`` to load only those entry points (reproducible runs, isolating a bad plugin);
+a name that matches no entry point is an error. squeezekit's own commands come from `squeezekit.commands`, a
+default plugin registered in code (like simonw/llm's default plugins), so the variable never hides them.
+
+Nothing here imports torch: listing plugins and building ``--help`` stay fast.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
 import re
+import textwrap
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownPluginError
+from .errors import ConfigError, PluginError, UnknownPluginError
 from .policies import LayerBudgetAllocator, Stat, TokenEvictor
 
 GROUP = "squeezekit"
 BUNDLED_PACKAGE = "squeezekit"  # its entry points load first
+ENV = "SQUEEZEKIT_PLUGINS"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_COMMAND = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a plugin: a dataclass field, reachable as a config key of the same name."""
+
+    name: str
+    type: type  #: int, float, bool or str (the field's annotation; anything else is treated as str)
+    default: Any
+    help: str  #: the field's ``metadata["help"]``, else its ``#:`` comment, else ""
+    plugin: str  #: the plugin's name
 
 
 @dataclass(frozen=True)
@@ -43,23 +66,48 @@ class PluginInfo:
     def doc(self) -> str:
         return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
 
-    def params(self) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(self.cls) if f.init}
+    def params(self) -> dict[str, Param]:
+        """Its parameters by name, in field order."""
+        return _params(self.cls, self.name)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``squeezekit`` subcommand: ``add(parser)`` adds its options and sets ``func`` (only when it is used)."""
+
+    name: str
+    help: str
+    add: Callable[[Any], None] | str  #: a callable, or ``"module:function"`` imported when the command runs
+    origin: str
+
+    def add_to(self, parser) -> None:
+        add = self.add
+        if isinstance(add, str):
+            import importlib
+
+            module, _, attr = add.partition(":")
+            add = getattr(importlib.import_module(module), attr)
+        add(parser)
 
 
 @dataclass
 class Registry:
-    """Installed allocators and evictors by name, plus the plugins that failed to load."""
+    """Installed allocators, evictors and commands by name, plus the plugins that failed to load."""
 
     allocators: dict[str, PluginInfo] = field(default_factory=dict)
     evictors: dict[str, PluginInfo] = field(default_factory=dict)
+    commands: dict[str, Command] = field(default_factory=dict)
     failures: list[PluginError] = field(default_factory=list)
+    #: ``SQUEEZEKIT_PLUGINS`` named entry points that do not exist: raised by every policy lookup
+    env_error: ConfigError | None = None
     manager: pluggy.PluginManager | None = None
 
     def get(self, kind: str, name: object, source: str | None = None, key: str | None = None) -> PluginInfo:
         """The ``kind`` policy called ``name``; ``key`` is the config key that named it (default: ``kind``)."""
+        if self.env_error is not None:
+            raise self.env_error
         table = self.allocators if kind == "allocator" else self.evictors
-        if name in table:
+        if isinstance(name, str) and name in table:
             return table[name]
         for failure in self.failures:  # a broken plugin of that name: say why, not just "unknown"
             if failure.plugin == name:
@@ -70,6 +118,54 @@ class Registry:
         return sorted([*self.allocators.values(), *self.evictors.values()], key=lambda p: (p.kind, p.name))
 
 
+# ---- plugin parameters ---------------------------------------------------------------------------------------------
+def _doc_comments(cls: type) -> dict[str, str]:
+    """``#:`` comments of a class's fields (on the lines above a field, or after it on the same line)."""
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+        tree = ast.parse("\n".join(lines))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = lines[node.lineno - 1]
+        inline = line.split("#:", 1)[1].strip() if "#:" in line else ""
+        above: list[str] = []
+        i = node.lineno - 2
+        while i >= 0 and lines[i].strip().startswith("#:"):
+            above.insert(0, lines[i].strip()[2:].strip())
+            i -= 1
+        text = " ".join(above) or inline
+        if text:
+            out[node.target.id] = text
+    return out
+
+
+def _params(cls: type, plugin: str) -> dict[str, Param]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not evaluate: treat its fields as text
+        hints = {}
+    comments = _doc_comments(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint = hints.get(f.name, str)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]  # Optional[int] -> int
+        typ = args[0] if args else hint
+        if typ not in (int, float, bool, str):
+            typ = str
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help") or comments.get(f.name, "")
+        out[f.name] = Param(f.name, typ, default, help_text, plugin)
+    return out
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------------
 def _contract_problem(kind: str, cls: object) -> str | None:
     base = LayerBudgetAllocator if kind == "allocator" else TokenEvictor
     if not isinstance(cls, type) or not issubclass(cls, base):
@@ -91,28 +187,54 @@ def _contract_problem(kind: str, cls: object) -> str | None:
     return None
 
 
+def _command_problem(name: object, help_text: object, add: object) -> str | None:
+    if not isinstance(name, str) or not _COMMAND.match(name):
+        return f"command name must be a lowercase word (letters, digits, '-'), got {name!r}"
+    if not isinstance(help_text, str):
+        return f"command {name!r}: help must be a string"
+    if not (callable(add) or (isinstance(add, str) and ":" in add)):
+        return f"command {name!r}: add must be a callable or 'module:function'"
+    return None
+
+
+def _package_of(ep) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"], dist.version) if dist is not None else (ep.value.split(":")[0], "?")
+
+
+def _requested() -> set[str]:
+    return {n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip()}
+
+
 def load() -> Registry:
     """Discover and load every plugin of the entry-point group (cached: see `registry`)."""
     reg = Registry()
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     reg.manager = pm
-    only = {n.strip() for n in os.environ.get("SQUEEZEKIT_PLUGINS", "").split(",") if n.strip()}
+    only = _requested()
     used: dict[str, tuple[str, str]] = {}  # entry-point name -> (package, origin) that took it
+    eps = sorted(metadata.entry_points(group=GROUP), key=lambda e: (_package_of(e)[0] != BUNDLED_PACKAGE, e.name))
+    missing = sorted(only - {ep.name for ep in eps})
+    if missing:
+        names = ", ".join(sorted({ep.name for ep in eps}))
+        reg.env_error = ConfigError(
+            ENV, ",".join(missing), f"no installed plugin has this entry-point name; entry points: {names}", "environment"
+        )
 
-    def package_of(ep) -> tuple[str, str]:
-        dist = getattr(ep, "dist", None)
-        return (dist.metadata["Name"], dist.version) if dist is not None else (ep.value.split(":")[0], "?")
+    from . import commands  # squeezekit's own commands: a default plugin, always loaded
 
+    _register_module(reg, pm, commands, "squeezekit-commands", BUNDLED_PACKAGE, _own_version())
     # Bundled policies first, so that no third-party plugin can take one of their names; then by entry-point name.
-    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: (package_of(e)[0] != BUNDLED_PACKAGE, e.name)):
+    for ep in eps:
         if only and ep.name not in only:
             continue
-        package, version = package_of(ep)
+        package, version = _package_of(ep)
         origin = f"{package} {version}"
         if ep.name in used:
             if used[ep.name][0] != package:  # (the same package found twice on sys.path is no clash)
-                reg.failures.append(PluginError(ep.name, origin, f"entry point name {ep.name!r} is already used by {used[ep.name][1]}"))
+                problem = f"entry point name {ep.name!r} is already used by {used[ep.name][1]}"
+                reg.failures.append(PluginError(ep.name, origin, problem))
             continue
         used[ep.name] = (package, origin)
         try:
@@ -120,41 +242,67 @@ def load() -> Registry:
         except Exception as exc:  # a broken third-party plugin must not take the others down
             reg.failures.append(PluginError(ep.name, origin, f"failed to import: {type(exc).__name__}: {exc}"))
             continue
-        found: list[tuple[str, type]] = []
-        try:
-            pm.register(module, name=ep.name)  # validates hookimpl names and arguments against the specs
-        except Exception as exc:
-            reg.failures.append(PluginError(ep.name, origin, f"is not a valid pluggy plugin: {exc}"))
-            continue
-        callers = pm.get_hookcallers(module) or []
-        unknown = sorted(c.name for c in callers if c.spec is None)  # pluggy accepts these silently: a typo
-        if unknown:
-            reg.failures.append(
-                PluginError(ep.name, origin, f"implements unknown hook {', '.join(unknown)}; hooks are register_allocators, register_evictors")
-            )
-        elif not callers:
-            reg.failures.append(PluginError(ep.name, origin, "registers no allocator or evictor (it implements neither hook)"))
-        for kind in ("allocator", "evictor"):
-            # Call this plugin's implementation alone, so that one plugin raising cannot hide the others.
-            hook = getattr(pm.hook, f"register_{kind}s")
-            for impl in [i for i in hook.get_hookimpls() if i.plugin is module]:
-                try:
-                    impl.function(register=lambda c, k=kind, out=found: out.append((k, c)))
-                except Exception as exc:
-                    reg.failures.append(PluginError(ep.name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}"))
-        for kind, cls in found:
-            problem = _contract_problem(kind, cls)
-            name = getattr(cls, "name", ep.name)
-            if problem is None:
-                table = reg.allocators if kind == "allocator" else reg.evictors
-                if name in table:
-                    problem = f"{kind} name {name!r} is already registered by {table[name].origin}"
-            if problem is not None:
-                reg.failures.append(PluginError(name if isinstance(name, str) else ep.name, origin, problem))
-                continue
-            info = PluginInfo(name, kind, cls, ep.name, package, version)
-            (reg.allocators if kind == "allocator" else reg.evictors)[name] = info
+        _register_module(reg, pm, module, ep.name, package, version)
     return reg
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version(BUNDLED_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _register_module(reg: Registry, pm: pluggy.PluginManager, module, ep_name: str, package: str, version: str):
+    origin = f"{package} {version}"
+    try:
+        pm.register(module, name=ep_name)  # validates hookimpl names and arguments against the specs
+    except Exception as exc:
+        reg.failures.append(PluginError(ep_name, origin, f"is not a valid pluggy plugin: {exc}"))
+        return
+    callers = pm.get_hookcallers(module) or []
+    unknown = sorted(c.name for c in callers if c.spec is None)  # pluggy accepts these silently: a typo
+    if unknown:
+        hooks = ", ".join(sorted(name for name in dir(hookspecs) if name.startswith("register_")))
+        reg.failures.append(PluginError(ep_name, origin, f"implements unknown hook {', '.join(unknown)}; hooks are {hooks}"))
+    elif not callers:
+        reg.failures.append(PluginError(ep_name, origin, "registers nothing (it implements none of the hooks)"))
+    found: list[tuple[str, Any]] = []
+    for kind in ("allocator", "evictor", "command"):
+        # Call this plugin's implementation alone, so that one plugin raising cannot hide the others.
+        hook = getattr(pm.hook, f"register_{kind}s")
+        for impl in [i for i in hook.get_hookimpls() if i.plugin is module]:
+            try:
+                impl.function(register=lambda *a, k=kind, out=found: out.append((k, a)))
+            except Exception as exc:
+                reg.failures.append(PluginError(ep_name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}"))
+    for kind, args in found:
+        if kind == "command":
+            _add_command(reg, args, ep_name, origin)
+            continue
+        cls = args[0] if len(args) == 1 else args
+        problem = _contract_problem(kind, cls)
+        name = getattr(cls, "name", ep_name)
+        if problem is None:
+            table = reg.allocators if kind == "allocator" else reg.evictors
+            if name in table:
+                problem = f"{kind} name {name!r} is already registered by {table[name].origin}"
+        if problem is not None:
+            reg.failures.append(PluginError(name if isinstance(name, str) else ep_name, origin, problem))
+            continue
+        info = PluginInfo(name, kind, cls, ep_name, package, version)
+        (reg.allocators if kind == "allocator" else reg.evictors)[name] = info
+
+
+def _add_command(reg: Registry, args: tuple, ep_name: str, origin: str) -> None:
+    name, help_text, add = (*args, None, None, None)[:3]
+    problem = _command_problem(name, help_text, add)
+    if problem is None and name in reg.commands:
+        problem = f"command {name!r} is already registered by {reg.commands[name].origin}"
+    if problem is not None:
+        reg.failures.append(PluginError(ep_name, origin, problem))
+        return
+    reg.commands[name] = Command(name, help_text, add, origin)
 
 
 _CACHED: Registry | None = None

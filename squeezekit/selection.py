@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .policies import LayerView
+if TYPE_CHECKING:
+    from .policies import LayerView
 
 
 def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) -> torch.Tensor:

@@ -158,14 +158,15 @@ def test_doc_typo_message_is_exact(plugin_site, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == lines[i + 1] + "\n"
 
 
-def test_doc_config_file_and_generate_flags(plugin_site, tmp_path, capsys):
+def test_doc_config_file_and_generate_flags(plugin_site, tmp_path, capsys, monkeypatch):
     import re
     import shlex
 
     from plugin_factory import DOC
 
     from squeezekit import Config
-    from squeezekit.cli import _SUBCOMMANDS, _lazy_subcommands, build_parser, config_from_args
+    from squeezekit.cli import build_parser
+    from squeezekit.cli_options import config_from_args
 
     plugin_site.add_doc_example()
     plugin_site.reload()
@@ -178,9 +179,11 @@ def test_doc_config_file_and_generate_flags(plugin_site, tmp_path, capsys):
     assert main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"{path}: ok: squeeze(")
 
-    if not _SUBCOMMANDS:
-        _lazy_subcommands()
     (line,) = [ln for ln in _doc_console_lines() if ln.startswith("$ squeezekit generate")]
-    args = build_parser().parse_args(shlex.split(line)[2:])
+    argv = shlex.split(line)[2:]
+    monkeypatch.chdir(tmp_path)
+    if "--context" in argv:  # the document the doc's command reads
+        (tmp_path / argv[argv.index("--context") + 1]).write_text("a document")
+    args = build_parser(argv).parse_args(argv)
     assert args.command == "generate"
     assert config_from_args(args) == Config.from_kwargs(evictor="keynorm", window=16, budget=0.2)

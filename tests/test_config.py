@@ -49,8 +49,9 @@ def test_every_source_gives_an_equal_config(tmp_path):
         assert config == reference, source
         assert hash(config) == hash(reference), source
     assert reference.allocator == "pyramid" and reference.evictor == "snapkv" and reference.budget == 0.25
-    assert reference.window == 16 and isinstance(reference.window, int)
-    assert dict(reference.extra) == {"beta": 4.0, "kernel_size": 5}
+    assert dict(reference.params) == {"beta": 4.0, "kernel_size": 5, "window": 16}
+    assert isinstance(dict(reference.params)["window"], int)
+    assert Config.from_label(reference.label) == reference
     assert reference.as_dict() == EXPECTED
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, batch, tiny_model
+from tiny_models import ARCHS, applicable, batch, tiny_model
 
 import squeezekit
 from squeezekit.cache import SqueezeCache
@@ -71,7 +71,7 @@ def test_memory_after_prefill_and_constant_during_decode(allocator, evictor):
     ids, mask = batch(2, 100)
     full = _full_cache_bytes(model, ids, mask)
     budget = 0.3
-    with squeezekit.compress(model, allocator=allocator, evictor=evictor, budget=budget, sinks=2, window=4) as c:
+    with squeezekit.compress(model, budget=budget, **applicable(allocator, evictor, sinks=2, window=4)) as c:
         model.generate(ids, attention_mask=mask, max_new_tokens=200, min_new_tokens=200, **GEN)
         cache = c.last_cache
         s = c.summary()
@@ -96,7 +96,7 @@ def test_eager_and_sdpa_agree_under_compression(arch, evictor):
     outs = []
     for attn in ("sdpa", "eager"):
         model = tiny_model(arch, attn)
-        with squeezekit.compress(model, allocator="squeeze", evictor=evictor, budget=0.4, sinks=2, window=3):
+        with squeezekit.compress(model, budget=0.4, **applicable("squeeze", evictor, sinks=2, window=3)):
             outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN))
     assert torch.equal(outs[0], outs[1])
 

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from squeezekit.evaluators import sweep  # noqa: E402
+from squeezekit.evaluators import suite  # noqa: E402
+from squeezekit.evaluators.evaluator import Evaluator  # noqa: E402
 from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
 
 LONGBENCH_DOCS = [  # the fields of LongBench's samsum (as lm-eval's longbench tasks read them)
@@ -55,7 +56,7 @@ def text_file(tmp_path_factory):
 def _task_utils():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sk_task_utils", sweep.TASKS_DIR / "utils.py")
+    spec = importlib.util.spec_from_file_location("sk_task_utils", suite.TASKS_DIR / "utils.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,9 +120,9 @@ def test_sweep_cli_resumes_and_reports(tiny, text_file, tmp_path, monkeypatch):
             "--evictors", "streaming", "--budgets", "0.5,1"]  # fmt: skip
     assert main(args) == 0
     data = json.loads((out / "results.json").read_text())
-    assert set(data["cells"]) == {"full", "uniform/streaming/0.5", "squeeze/streaming/0.5"}  # budget 1 once
+    assert set(data["cells"]) == {"full", "uniform+streaming@0.5", "squeeze+streaming@0.5"}  # budget 1 once
     for cell in data["cells"].values():
-        assert set(cell["units"]) == {"squeezekit_passkey@256", "squeezekit_ppl@256"}
+        assert set(cell["units"]) == {"squeezekit_passkey@256:2", "squeezekit_ppl@256:2"}
         assert all(len(u["scores"]) == 2 for u in cell["units"].values())
     table = (out / "results.md").read_text()
     assert "| squeeze | streaming | 0.5 |" in table and "| (any) | (any) | 1 |" in table
@@ -130,15 +131,15 @@ def test_sweep_cli_resumes_and_reports(tiny, text_file, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished cell was run again")
 
-    monkeypatch.setattr(sweep.Evaluator, "run", boom)
+    monkeypatch.setattr(Evaluator, "run", boom)
     assert main(args) == 0  # everything is there already: nothing runs
 
 
 def test_suite_parsing_errors():
     from squeezekit.errors import ConfigError
 
-    assert sweep.parse_suite("niah_single_1@1024:8") == [sweep.Unit("niah_single_1", 1024, 8)]
+    assert suite.parse_suite("niah_single_1@1024:8") == [suite.Unit("niah_single_1", 1024, 8)]
     with pytest.raises(ConfigError, match="unknown task"):
-        sweep.parse_suite("hellaswag@1024:8")
+        suite.parse_suite("hellaswag@1024:8")
     with pytest.raises(ConfigError, match="TASK@LENGTH:N"):
-        sweep.parse_suite("niah_single_1:8")
+        suite.parse_suite("niah_single_1:8")

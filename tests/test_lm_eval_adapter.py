@@ -115,13 +115,13 @@ def test_model_args_errors_are_config_errors(tiny, kwargs, needle):
 
 def test_plugin_keys_and_hflm_keys_pass(tiny):
     lm = SqueezekitLM(pretrained=tiny, device="cpu", evictor="snapkv", kernel_size=5, max_length=512, budget=0.3)
-    assert dict(lm.squeeze_config.extra) == {"kernel_size": 5} and lm.max_length == 512
+    assert dict(lm.squeeze_config.params) == {"kernel_size": 5} and lm.max_length == 512
 
 
 def test_fallback_plugin_keys_pass(tiny):
     """A fallback's own parameters are accepted as in every other config source; the primary's stay checked."""
     args = {"allocator": "pyramid", "fallback_allocator": "squeeze", "per": "sequence", "evictor": "snapkv"}
     lm = SqueezekitLM(pretrained=tiny, device="cpu", fallback_evictor="streaming", kernel_size=5, **args)
-    assert lm.squeeze_config.fallback_allocator == "squeeze" and dict(lm.squeeze_config.extra) == {"per": "sequence", "kernel_size": 5}
+    assert lm.squeeze_config.fallback_allocator == "squeeze" and dict(lm.squeeze_config.params) == {"per": "sequence", "kernel_size": 5}
     with pytest.raises(ConfigError, match="per = 'sequence': unknown key"):
         SqueezekitLM(pretrained=tiny, device="cpu", allocator="pyramid", per="sequence")

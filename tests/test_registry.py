@@ -92,7 +92,7 @@ def test_third_party_evictor_is_found_and_usable_by_name(plugin_site):
     assert_bundled_intact(reg)
 
     config = Config.from_string("evictor=oldest_first,skip=2,allocator=uniform,budget=0.5")
-    assert dict(config.extra) == {"skip": 2}
+    assert dict(config.params) == {"skip": 2}
     evictor = config.build_evictor()
     assert type(evictor) is info.cls and evictor.skip == 2
     assert config.describe() == "uniform() + oldest_first(skip=2) @ budget 0.5"
@@ -423,7 +423,7 @@ BROKEN = {
     ),
     "registers_nothing": (
         '"""An entry point aimed at a module that registers no policy."""\n',
-        "registers no allocator or evictor",
+        "registers nothing (it implements none of the hooks)",
     ),
 }
 

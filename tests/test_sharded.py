@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 C
 
 def _sharded(arch: str):
     from accelerate import dispatch_model
-    from squeezekit.evaluators.bench import layer_device_map
+    from squeezekit.evaluators.bench_models import layer_device_map
 
     model = tiny_model(arch, num_hidden_layers=4)
     return dispatch_model(model, device_map=layer_device_map(4, 2), skip_keys=model._skip_keys_device_placement)

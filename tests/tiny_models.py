@@ -100,9 +100,7 @@ def snapshot(model, ids, mask) -> dict:
 
 
 def assert_restored(model, before: dict, ids, mask) -> None:
-    """The model is exactly as `snapshot` saw it, and no squeezekit compressor still serves any of its modules."""
-    from squeezekit import attention
-
+    """The model is exactly as `snapshot` saw it: no hook, attention implementation or weight left changed."""
     after = snapshot(model, ids, mask)
     assert after["modules"] == before["modules"]
     assert after["attn"] == before["attn"]
@@ -110,4 +108,12 @@ def assert_restored(model, before: dict, ids, mask) -> None:
     assert after["params"].keys() == before["params"].keys()
     assert all(torch.equal(after["params"][k], v) for k, v in before["params"].items())
     assert torch.equal(after["logits"], before["logits"])
-    assert not any(m in attention.COMPRESSORS for m in model.modules())
+
+
+def applicable(allocator: str = "squeeze", evictor: str = "streaming", **params) -> dict:
+    """``allocator``, ``evictor`` and those of ``params`` they take (a parameter no chosen plugin has is an error)."""
+    import squeezekit
+
+    reg = squeezekit.registry()
+    taken = {**reg.allocators[allocator].params(), **reg.evictors[evictor].params()}
+    return {"allocator": allocator, "evictor": evictor, **{k: v for k, v in params.items() if k in taken}}

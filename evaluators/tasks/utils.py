@@ -30,8 +30,9 @@ PASSKEY_PREFIX = "The pass key is"
 
 
 def text_cache_dir() -> Path:
-    base = os.environ.get("SQUEEZEKIT_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "squeezekit")
-    return Path(base) / "eval"
+    from squeezekit.models import cache_dir
+
+    return cache_dir() / "eval"
 
 
 def kjv_text() -> str | None:

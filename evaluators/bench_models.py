@@ -1,0 +1,185 @@
+"""The benchmark's models and measuring protocol, shared by ``squeezekit bench`` and its kvpress peer.
+
+Random-weight models built from named configs (or a local model directory), device memory and bandwidth probes,
+and `run_hf`: transformers' own ``generate`` with its full DynamicCache, timed with the protocol of the shared
+Hugging Face baseline (prefill time = time of ``generate(1)``; decode tok/s = B x (N - 1) / (time of
+``generate(N)`` - prefill)). Nothing here imports squeezekit's data path or a specific transformers API beyond
+``AutoConfig`` / ``AutoModelForCausalLM``: the kvpress peer imports this module in a process with an older
+transformers (see peer_kvpress.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, sliding_window=None,
+    ),
+    "llama-2-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768,
+    ),
+    "llama-2-70b": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+    ),
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+    ),
+}
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, gpus: int = 1):
+    """A random-weight model from a named config (sharded layer-wise over ``gpus`` GPUs with accelerate), or a local
+    directory's weights."""
+    import transformers as tf
+
+    if name in CONFIGS:
+        spec = dict(CONFIGS[name])
+        config = tf.AutoConfig.for_model(**spec)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        if gpus > 1:
+            model = sharded_random_model(config, dtype, gpus)
+        else:
+            with torch.device(device):
+                model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        kwargs = dict(device_map="balanced") if gpus > 1 else {}
+        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        if gpus <= 1:
+            model = model.to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def layer_device_map(n_layers: int, gpus: int, prefix: str = "model") -> dict[str, int]:
+    """Contiguous blocks of decoder layers per GPU (accelerate's device_map format); embeddings on the first GPU,
+    final norm and LM head on the last."""
+    per = -(-n_layers // gpus)
+    device_map = {f"{prefix}.embed_tokens": 0, f"{prefix}.rotary_emb": 0}
+    device_map.update({f"{prefix}.layers.{i}": i // per for i in range(n_layers)})
+    device_map.update({f"{prefix}.norm": gpus - 1, "lm_head": gpus - 1})
+    return device_map
+
+
+def sharded_random_model(config, dtype, gpus: int):
+    """Build on the meta device, materialise each part directly on its GPU with random weights, dispatch."""
+    import transformers as tf
+    from accelerate import dispatch_model
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    device_map = layer_device_map(config.num_hidden_layers, gpus)
+    for name, dev in device_map.items():
+        module = model.get_submodule(name)
+        module.to_empty(device=f"cuda:{dev}")
+        for pname, param in module.named_parameters():
+            with torch.no_grad():
+                param.fill_(1.0) if "norm" in pname else param.normal_(0.0, config.initializer_range)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config, device="cuda:0")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def allocated_gib(device: str) -> float:
+    """Memory allocated now (weights, inputs), summed over all GPUs."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+
+
+def peak_gib(device: str) -> float:
+    """Peak allocated memory, summed over all GPUs (a sharded model uses several)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    return round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 2)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device memory bandwidth in bytes/s (bytes read + written by a large copy)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    sync(device)
+    bw = 2 * a.numel() * a.element_size() * 20 / (time.perf_counter() - t)
+    del a, b
+    return bw
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+@torch.inference_mode()
+def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
+    peak_reset(device)
+    before = allocated_gib(device)
+    sync(device)
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, do_sample=False)
+    sync(device)
+    prefill = time.perf_counter() - t
+    prefill_mem = round(peak_gib(device) - before, 2)
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    sync(device)
+    total = time.perf_counter() - t
+    B, L = ids.shape
+    assert out.shape[1] == L + new_tokens
+    decode = max(total - prefill, 1e-9)
+    full_kv = B * L * kv_bytes_per_token(model)
+    return dict(
+        prefill_s=round(prefill, 3), total_s=round(total, 3), decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
+        e2e_tok_s=round(B * new_tokens / total, 1), step_ms=round(1000 * decode / (new_tokens - 1), 2),
+        peak_gib=peak_gib(device), prefill_mem_gib=prefill_mem, kv_bytes=full_kv, kv_bytes_peak_prefill=full_kv,
+        tokens=out[:, L:],
+    )
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+
+
+def model_name(model: str) -> str:
+    """The name results are filed under: a named config as is, a model directory by its folder name."""
+    if model in CONFIGS:
+        return model
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).resolve().name)
+    return name.strip("-.") or "model"

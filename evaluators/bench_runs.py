@@ -1,0 +1,152 @@
+"""squeezekit's side of ``squeezekit bench``: the methods it compares and how one squeezekit run is timed.
+
+A method is ``hf`` (transformers' full cache, timed by `bench_models.run_hf`) or a config label
+(``squeeze+streaming@0.2``, any ``/KEY=VALUE`` after it, see `squeezekit.Config.from_label`), optionally followed by
+its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from squeezekit.config import Config
+from squeezekit.errors import ConfigError
+
+from .bench_models import allocated_gib, peak_gib, peak_reset, sync
+
+HF = "hf"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  #: as given, without its batch sizes, e.g. "squeeze+streaming@0.2~1024"
+    config: Config | None  #: None for transformers' full cache
+    batches: tuple[int, ...] | None = None  #: this method's own batch sizes, else --batches
+    chunk: int | None = None  #: this method's own chunked prefill, else --prefill-chunk
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        spec, _, sizes = text.strip().partition(":")
+        batches = _sizes(text, sizes) if sizes else None
+        if spec == HF:
+            return cls(HF, None, batches)
+        label, _, chunk = spec.partition("~")
+        config = Config.from_label(label, source="--methods")
+        return cls(spec, config, batches, _sizes(text, chunk)[0] if chunk else None)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.config is None
+
+
+def _sizes(text: str, part: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in part.split("/"))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--methods", text, "expected hf or LABEL[~CHUNK][:B1/B2...], e.g. squeeze+h2o@0.2~1024:8/16 "
+                          "(chunk and batch sizes whole numbers >= 1)", "command line")
+    return sizes
+
+
+def parse_methods(text: str) -> list[Method]:
+    methods = [Method.parse(item) for item in text.split(",") if item.strip()]
+    if not methods:
+        raise ConfigError("--methods", text, "expected at least one method, e.g. hf,squeeze+streaming@0.2", "command line")
+    return methods
+
+
+@torch.inference_mode()
+def run_squeezekit(
+    model, ids, new_tokens: int, device: str, config: Config, micro_batch: int, cuda_graph: bool, chunk: int | None = None
+) -> dict:
+    """One squeezekit run: micro-batched (optionally chunked) prefill, then the greedy decoder."""
+    import squeezekit
+    from squeezekit.batching import prefill
+    from squeezekit.decoding import GreedyDecoder
+
+    peak_reset(device)
+    before = allocated_gib(device)
+    with squeezekit.compress(model, config) as comp:
+        comp.sync_timings = device.startswith("cuda")
+        sync(device)
+        t0 = time.perf_counter()
+        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch, chunk=chunk)
+        first = logits.argmax(-1)
+        sync(device)
+        t1 = time.perf_counter()
+        peak_prefill = peak_gib(device)
+        decoder = GreedyDecoder(model, cache, first, cuda_graph=cuda_graph)
+        rest = decoder.run(new_tokens - 1)
+        sync(device)
+        t2 = time.perf_counter()
+        s = comp.summary()
+    B, _ = ids.shape
+    overhead = sum(s["timings"].values())
+    return dict(
+        prefill_s=round(t1 - t0, 3), total_s=round(t2 - t0, 3), decode_tok_s=round(B * (new_tokens - 1) / (t2 - t1), 1),
+        e2e_tok_s=round(B * new_tokens / (t2 - t0), 1), step_ms=round(1000 * (t2 - t1) / (new_tokens - 1), 2),
+        peak_gib=peak_gib(device), peak_prefill_gib=peak_prefill, prefill_mem_gib=round(peak_prefill - before, 2),
+        kv_bytes=s["kv_bytes_kept"], kv_bytes_full=s["kv_bytes_full"], kv_bytes_peak_prefill=s["kv_bytes_peak_prefill"],
+        prefill_chunk=chunk, cuda_graph=decoder.graph is not None,
+        policy_s={k: round(v, 4) for k, v in s["timings"].items()},
+        policy_share_of_prefill=round(overhead / max(t1 - t0, 1e-9), 4),
+        mean_budget=round(s["mean_budget"], 1), tokens=torch.cat([first[:, None], rest], dim=1),
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[Method], cuda_graph: bool) -> list[dict]:
+    """On the same inputs: the full budget against transformers (prefill logits, greedy tokens), and each compressed
+    fast path (micro-batches + decoder / CUDA graph) against squeezekit through ``model.generate``. A chunked
+    prefill measures importance on its first chunk, so it has no unchunked reference (its exactness at budget 1 is
+    tested on CPU: tests/test_fast_path.py)."""
+    import squeezekit
+
+    from .bench_models import run_hf
+
+    checks = []
+    ref = run_hf(model, ids, new_tokens, device)["tokens"]
+    full = Config.from_label("squeeze+streaming@1")
+    got = run_squeezekit(model, ids, new_tokens, device, full, ids.shape[0], cuda_graph)
+    hf_logits = model(ids).logits[:, -1].float()
+    with squeezekit.compress(model, full):
+        sk_logits = model(ids, use_cache=True).logits[:, -1].float()
+    checks.append({
+        "method": full.label, "reference": "transformers full cache",
+        "token_agreement": round(float((got["tokens"] == ref).float().mean()), 4),
+        "prefill_logits_max_abs_diff": round(float((sk_logits - hf_logits).abs().max()), 5),
+        "logit_scale": round(float(hf_logits.abs().max()), 3),
+    })  # fmt: skip
+    for method in [m for m in methods if not m.is_hf and not m.chunk]:
+        fast = run_squeezekit(model, ids, new_tokens, device, method.config, 1, cuda_graph)["tokens"]
+        with squeezekit.compress(model, method.config):
+            slow = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        checks.append({
+            "method": method.name, "reference": "squeezekit through model.generate (no micro-batches, no CUDA graph)",
+            "token_agreement": round(float((fast == slow[:, ids.shape[1] :]).float().mean()), 4),
+        })  # fmt: skip
+    return checks
+
+
+@torch.inference_mode()
+def profile_decode(model, ids, device: str, config: Config, micro_batch: int, steps: int = 4) -> str:
+    """Top CUDA kernels of a few eager (uncaptured) decode steps: where a step's time goes."""
+    import squeezekit
+    from squeezekit.batching import prefill
+    from squeezekit.decoding import GreedyDecoder
+
+    with squeezekit.compress(model, config) as comp:
+        cache, logits = prefill(model, comp, ids, None, micro_batch=micro_batch)
+        decoder = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False)
+        decoder.run(2)
+        sync(device)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            decoder.run(steps)
+            sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)

@@ -1,0 +1,56 @@
+"""`Evaluator`: a model loaded once as lm-eval's ``squeezekit`` model, plus the suite's task data loaded once;
+`Evaluator.run` evaluates one unit under one config (swapping only the compression config)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from .reports import _sd
+from .suite import Unit, load_unit
+
+
+class Evaluator:
+    def __init__(self, model_dir: str | None, batch_size: int = 4, text_file: str | None = None,
+                 extend_chunk: int | None = None, **model_args):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from squeezekit.models import default_model_dir
+
+        from .lm_eval_adapter import SqueezekitLM
+
+        self.model_dir = str(model_dir or default_model_dir())
+        self.text_file = text_file
+        extra = {} if extend_chunk is None else {"extend_chunk": extend_chunk}
+        self.lm = SqueezekitLM(pretrained=self.model_dir, batch_size=batch_size, budget=1.0, **extra, **model_args)
+        self._loaded: dict[str, dict] = {}
+
+    def run(self, config, unit: Unit) -> dict:
+        """Evaluate one unit under one config: per-sample scores and their summary."""
+        from lm_eval.evaluator import evaluate
+
+        if unit.key not in self._loaded:
+            self._loaded[unit.key] = load_unit(unit, self.model_dir, self.text_file)
+        self.lm.squeeze_config = config
+        self.lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+        t0 = time.time()
+        out = evaluate(lm=self.lm, task_dict=self._loaded[unit.key], limit=unit.n, log_samples=True,
+                       bootstrap_iters=0, verbosity="ERROR")
+        seconds = time.time() - t0
+        samples = sorted(next(iter(out["samples"].values())), key=lambda s: s["doc_id"])
+        if unit.kind == "ppl":
+            pairs = [s["word_perplexity"] for s in samples]
+            scores = [-ll / words for ll, words in pairs]  # per-document NLL per word
+            total_ll, total_words = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+            value = math.exp(-total_ll / total_words)
+            result = {"metric": "word_perplexity", "value": value, "stderr": value * _sd(scores) / math.sqrt(len(scores))}
+        else:
+            metric = "acc" if unit.kind == "passkey" else str(unit.length)
+            scores = [float(s[metric]) for s in samples]
+            mean = sum(scores) / len(scores)
+            result = {"metric": "accuracy", "value": mean, "stderr": _sd(scores) / math.sqrt(len(scores))}
+        kv = self.lm.kv_bytes
+        result.update(n=len(scores), scores=scores, seconds=round(seconds, 1),
+                      kv_fraction=(kv["kept"] / kv["full"]) if kv["full"] else None)
+        return result

@@ -1,0 +1,132 @@
+"""The offline evaluation suite: which tasks exist, how a unit ``TASK@LENGTH:N`` is parsed and loaded.
+
+Tasks are lm-eval's offline RULER tasks (``niah_single_1``, ``niah_multikey_2``, ``niah_multikey_3``, ``ruler_vt``,
+``ruler_cwe``, ``ruler_fwe``) and squeezekit's own (``squeezekit_ppl``: perplexity, ``squeezekit_passkey``: pass key
+retrieval; YAMLs in ``squeezekit/evaluators/tasks``, data built at run time from a local public-domain text, see
+tasks/utils.py). A unit is N samples of a task at prompts of about LENGTH tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+from squeezekit.errors import ConfigError
+
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+OWN_TASKS = ("squeezekit_ppl", "squeezekit_passkey")
+TASKS_DIR = Path(__file__).parent / "tasks"
+#: generation length per task: enough for the answer (RULER's own defaults generate up to 128 tokens)
+MAX_GEN_TOKS = {
+    "niah_single_1": 12,
+    "niah_multikey_2": 12,
+    "niah_multikey_3": 40,
+    "ruler_vt": 30,
+    "ruler_cwe": 60,
+    "ruler_fwe": 20,
+    "squeezekit_passkey": 8,
+}
+DEFAULT_SUITE = (
+    "niah_single_1@1024:8,niah_single_1@2048:4,ruler_fwe@1024:4,squeezekit_passkey@1024:8,squeezekit_ppl@1024:4"
+)
+#: the shortest prompt a unit may ask for (a haystack, a question and room to compress), and the longest
+MIN_LENGTH, MAX_LENGTH = 64, 1 << 20
+SOURCE = "command line"
+
+
+@dataclass(frozen=True)
+class Unit:
+    task: str
+    length: int
+    n: int
+
+    @property
+    def key(self) -> str:
+        """``TASK@LENGTH:N``: a unit's results are filed under everything that decides them (N included)."""
+        return f"{self.task}@{self.length}:{self.n}"
+
+    @property
+    def kind(self) -> str:
+        return "ppl" if self.task == "squeezekit_ppl" else "passkey" if self.task == "squeezekit_passkey" else "ruler"
+
+
+def parse_suite(text: str) -> list[Unit]:
+    """``TASK@LENGTH:N,...`` into units; every malformed item is a one-line `ConfigError`."""
+    units = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            head, n = item.rsplit(":", 1)
+            task, length = head.split("@")
+            unit = Unit(task, int(length), int(n))
+        except ValueError:
+            raise ConfigError("--suite", item, "expected TASK@LENGTH:N, e.g. niah_single_1@1024:16", SOURCE) from None
+        if unit.task not in RULER_TASKS + OWN_TASKS:
+            raise ConfigError("--suite", item, f"unknown task; offline tasks: {', '.join(RULER_TASKS + OWN_TASKS)}", SOURCE)
+        if not MIN_LENGTH <= unit.length <= MAX_LENGTH:
+            raise ConfigError("--suite", item, f"LENGTH must be between {MIN_LENGTH} and {MAX_LENGTH} tokens", SOURCE)
+        if unit.n < 1:
+            raise ConfigError("--suite", item, "N (samples) must be at least 1", SOURCE)
+        units.append(unit)
+    if not units:
+        raise ConfigError("--suite", text, "expected at least one unit TASK@LENGTH:N", SOURCE)
+    if len({u.key for u in units}) != len(units):
+        raise ConfigError("--suite", text, "lists a unit twice", SOURCE)
+    return units
+
+
+@contextlib.contextmanager
+def capped_ruler_samples(cap: int):
+    """While loading: RULER's generators build at most ``cap`` samples instead of 500 (the first ``cap``, the same
+    samples). lm-eval 0.4.13 hard-codes ``num_samples=500`` in its RULER generators and offers no setting for it, so
+    there is no public route: the generators are wrapped for the duration of the block and restored after it."""
+    patched = []
+    for name in ("niah_utils", "vt_utils", "cwe_utils", "fwe_utils"):
+        module = importlib.import_module(f"lm_eval.tasks.ruler.{name}")
+        for attr, fn in list(vars(module).items()):
+            if not (callable(fn) and getattr(fn, "__module__", "").startswith("lm_eval.tasks.ruler")):
+                continue
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                continue
+            if "num_samples" not in params or attr == "get_dataset":
+                continue
+
+            @functools.wraps(fn)
+            def capped(*args, _fn=fn, **kwargs):
+                if kwargs.get("num_samples", 0) > cap:
+                    kwargs["num_samples"] = cap
+                return _fn(*args, **kwargs)
+
+            patched.append((module, attr, fn))
+            setattr(module, attr, capped)
+    try:
+        yield
+    finally:
+        for module, attr, fn in patched:
+            setattr(module, attr, fn)
+
+
+def load_unit(unit: Unit, model_dir: str, text_file: str | None = None) -> dict:
+    """lm-eval's loaded task dict for ``unit`` (prompts sized with ``model_dir``'s tokenizer), zero-shot, with
+    generation cut to what the answers need. A TaskManager indexes only RULER's and squeezekit's task folders."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"max_seq_lengths": [unit.length], "pretrained": model_dir, "tokenizer": model_dir, "num_samples": unit.n}
+    if text_file:
+        metadata["text_file"] = text_file
+    ruler_dir = Path(lm_eval.tasks.__file__).parent / "ruler"
+    manager = TaskManager(include_path=[str(TASKS_DIR), str(ruler_dir)], include_defaults=False, metadata=metadata)
+    with capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext():
+        loaded = manager.load([unit.task])
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        if task.get_config("output_type") == "generate_until" and unit.task in MAX_GEN_TOKS:
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": MAX_GEN_TOKS[unit.task]}, update=True)
+    return loaded

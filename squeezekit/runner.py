@@ -1,0 +1,216 @@
+"""`PolicyRunner`: the one owner of a ``compress`` block's policies and of every call into them.
+
+It builds the allocator and the evictor (and their fallbacks) from the `Config`, computes the floor once, and is
+the only code that calls a plugin. Every call is guarded the same way:
+
+- the plugin gets copies of the small tensors (budgets, totals, caps, token counts) and the live cache tensors
+  (keys, values, slot validity and positions, accumulated attention) whose in-place writes are detected through
+  PyTorch's version counters (free on the hot path);
+- whatever it raises (any exception, and any BaseException but KeyboardInterrupt) and whatever is wrong with what it
+  returns (checked against squeezekit's own copies, inside the same guard) becomes one `PluginError` naming the
+  plugin, its package and the problem;
+- with a ``fallback_allocator`` / ``fallback_evictor`` in the config, the fallback takes over for the rest of the
+  block (with a `PluginFallbackWarning`) and the call is made again; otherwise the error stops the run.
+
+NaN scores on CUDA are recorded without a host sync and reported by `check_nan` (every 32 steps and at the end).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from .budget import check_budgets
+from .errors import PluginError, PluginFallbackWarning
+from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, evictor_floor
+from .selection import check_selection, top_slots, victim_slots
+
+if TYPE_CHECKING:
+    from .config import Config
+
+T = TypeVar("T")
+#: LayerView fields that are the cache's own tensors, handed to the evictor as they are (writes are detected)
+LIVE_FIELDS = ("keys", "values", "valid", "positions", "attention", "window_queries", "window_positions")
+KINDS = ("allocator", "evictor")
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    # inference tensors carry no version counter; the cache never hands its own to a plugin (see SqueezeLayer.view)
+    return None if t is None or t.is_inference() else t._version
+
+
+class PolicyRunner:
+    """The allocator and evictor of one ``compress`` block (see the module docstring)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._policies: dict[str, Any] = {"allocator": config.build_allocator(), "evictor": config.build_evictor()}
+        self._origins = {kind: config.info(kind).origin for kind in KINDS}
+        self._fallbacks = {kind: config._build(kind, None, fallback=True) for kind in KINDS}
+        #: the errors that made a fallback take over, by kind
+        self.failures: dict[str, PluginError] = {}
+        evictors = [(self.evictor, self._origins["evictor"])]
+        if self._fallbacks["evictor"] is not None:
+            evictors.append((self._fallbacks["evictor"], config.info("evictor", fallback=True).origin))
+        #: the fewest tokens a layer keeps (the largest floor of the evictor and its fallback), and whose it is
+        self.floor, self.floor_setter = evictor_floor(evictors)
+        self._nan: torch.Tensor | None = None
+
+    # -- the policies ----------------------------------------------------------------------------------------------
+    @property
+    def allocator(self) -> LayerBudgetAllocator:
+        return self._policies["allocator"]
+
+    @property
+    def evictor(self) -> TokenEvictor:
+        return self._policies["evictor"]
+
+    @property
+    def needs(self) -> Stat:
+        """The statistics the attention must collect (a fallback evictor never needs others: see Config)."""
+        return Stat.NONE if self.config.full else self.evictor.needs
+
+    @property
+    def batch_level(self) -> bool:
+        return bool(getattr(self.allocator, "batch_level", False))
+
+    def origin(self, kind: str) -> str:
+        return self._origins[kind]
+
+    def error(self, kind: str, problem: str) -> PluginError:
+        return PluginError(self._policies[kind].name, self._origins[kind], problem)
+
+    def fall_back(self, kind: str, error: PluginError) -> bool:
+        """Replace the failing ``kind`` policy by the config's fallback for the rest of the block, with a warning.
+
+        Returns False (the caller raises ``error``) when no fallback is set or the fallback itself failed.
+        """
+        fallback = self._fallbacks[kind]
+        if fallback is None or kind in self.failures:
+            return False
+        warnings.warn(
+            f"squeezekit: {error}; falling back to {kind} {fallback.name!r} for the rest of this compress() block",
+            PluginFallbackWarning,
+            stacklevel=3,
+        )
+        self.failures[kind] = error
+        self._policies[kind] = fallback
+        self._origins[kind] = self.config.info(kind, fallback=True).origin
+        return True
+
+    def guarded(self, kind: str, fn: Callable[[], T]) -> T:
+        """``fn()``; if the ``kind`` plugin fails (a `PluginError`) and the config names a fallback, again with it."""
+        while True:
+            try:
+                return fn()
+            except PluginError as exc:
+                if not self.fall_back(kind, exc):
+                    raise
+
+    def _call(self, kind: str, method: str, *args, watch: Any = None, check: Callable[[Any], str | None] | None = None):
+        """One call of a plugin method, its output checked: any failure is a `PluginError` (see the module doc)."""
+        plugin = self._policies[kind]
+        before = [_version(getattr(watch, f, None)) for f in LIVE_FIELDS] if watch is not None else []
+        try:
+            out = getattr(plugin, method)(*args)
+        except PluginError:
+            raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit and friends from a plugin are its errors too
+            raise self.error(kind, f"{method}() raised {type(exc).__name__}: {exc}") from exc
+        for name, old in zip(LIVE_FIELDS, before, strict=False):
+            if old is not None and _version(getattr(watch, name)) != old:
+                raise self.error(kind, f"{method}() wrote to view.{name} in place; return new tensors instead")
+        if check is not None:
+            try:
+                problem = check(out)
+            except Exception as exc:  # e.g. a tensor on the meta device: whatever it is, it is the plugin's
+                problem = f"{method}() returned something squeezekit cannot check ({type(exc).__name__}: {exc})"
+            if problem:
+                raise self.error(kind, problem)
+        return out
+
+    # -- the allocator ------------------------------------------------------------------------------------------------
+    def allocate(self, importance: torch.Tensor, total: torch.Tensor, cap: torch.Tensor, floor: int) -> torch.Tensor:
+        """(B, L) long budgets on the CPU: rows summing to ``total``, entries in [floor, cap] (checked)."""
+        total, cap = total.cpu().long(), cap.cpu().long()
+        shape = (total.shape[0], importance.shape[1])
+
+        def once() -> torch.Tensor:
+            request = AllocationRequest(importance=importance.clone(), total=total.clone(), floor=floor, cap=cap.clone())
+            check = lambda b: check_budgets(b, total, floor, cap, shape)  # noqa: E731 (against our own copies)
+            return self._call("allocator", "allocate", request, check=check).long().cpu()
+
+        return self.guarded("allocator", once)
+
+    # -- the evictor --------------------------------------------------------------------------------------------------
+    def _scores(self, view: LayerView, defer_nan: bool = False) -> torch.Tensor:
+        valid = view.valid
+
+        def check(score) -> str | None:
+            if not isinstance(score, torch.Tensor):
+                return f"score() must return a tensor, got {type(score).__name__}"
+            if tuple(score.shape) != tuple(valid.shape):
+                return f"score() returned shape {tuple(score.shape)}, expected {tuple(valid.shape)}"
+            if score.device != valid.device:
+                return f"score() returned a tensor on {score.device}, expected {valid.device}"
+            if score.dtype == torch.bool or not (score.is_floating_point() or score.dtype in _INTEGERS):
+                return f"score() must return a real-valued tensor, got {score.dtype}"
+            if defer_nan and score.is_cuda:
+                self._nan_later(score)
+            elif score.is_floating_point() and bool((torch.isnan(score) & valid).any()):
+                return "score() returned NaN for a cached token"
+            return None
+
+        return self._call("evictor", "score", view, watch=view, check=check)
+
+    def keep_slots(self, view_of: Callable[[], LayerView], keep: torch.Tensor, protect_newest: bool) -> torch.Tensor:
+        """(B, H, K) slot indices to keep, ``keep[b]`` per row, padded with -1 (the evictor's choice, checked)."""
+
+        def once() -> torch.Tensor:
+            view = view_of()
+            if type(self.evictor).select is TokenEvictor.select:
+                return top_slots(self._scores(view), view, keep, protect_newest=protect_newest)
+            check = lambda idx: check_selection(idx, view, keep)  # noqa: E731
+            return self._call("evictor", "select", view, keep, watch=view, check=check).long()
+
+        return self.guarded("evictor", once)
+
+    def victims(self, view_of: Callable[[], LayerView], protect_newest: bool, defer_nan: bool = False) -> torch.Tensor:
+        """(B, H, 1): the slot each row gives up (the decode hot path: no host sync when ``defer_nan`` on CUDA)."""
+
+        def once() -> torch.Tensor:
+            view = view_of()
+            if type(self.evictor).select is TokenEvictor.select:
+                return victim_slots(self._scores(view, defer_nan), view, protect_newest=protect_newest)
+            keep = view.budget - 1  # a plugin's own select: the generic path (validated)
+            check = lambda idx: check_selection(idx, view, keep)  # noqa: E731
+            idx = self._call("evictor", "select", view, keep, watch=view, check=check)
+            dropped = torch.ones_like(view.valid)
+            dropped.scatter_(2, idx.long().clamp_min(0), False)
+            return dropped.to(torch.int8).argmax(-1, keepdim=True)
+
+        return self.guarded("evictor", once)
+
+    # -- NaN scores found on CUDA without a host sync ------------------------------------------------------------------
+    def _nan_later(self, score: torch.Tensor) -> None:
+        if self._nan is None:
+            self._nan = torch.zeros((), dtype=torch.bool, device=score.device)
+        self._nan.logical_or_(torch.isnan(score.float()).any().to(self._nan.device, non_blocking=True))
+
+    def check_nan(self) -> None:
+        """Report NaN scores recorded on the hot path (falls back when the config names a fallback evictor)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        if self._nan is not None and bool(self._nan):
+            self._nan.zero_()
+            error = self.error("evictor", "score() returned NaN for a cached token")
+            if not self.fall_back("evictor", error):
+                raise error
+
+
+_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
