@@ -16,7 +16,11 @@ from setuptools.command.build_py import build_py as _build_py
 HOOK_SOURCE = Path(__file__).with_name("_lm_eval_hook.py")
 HOOK_MODULE = "_squeezekit_lm_eval_hook.py"
 PTH = "squeezekit-lm-eval.pth"
-PTH_LINE = "import _squeezekit_lm_eval_hook\n"
+# Runs at every interpreter start: it must never fail, even once the hook module is gone (a stale .pth after a
+# partial uninstall), so it imports the hook only if it can be found.
+PTH_LINE = (
+    "import importlib.util as _u; _u.find_spec('_squeezekit_lm_eval_hook') and __import__('_squeezekit_lm_eval_hook')\n"
+)
 
 
 class build_py(_build_py):

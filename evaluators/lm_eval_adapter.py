@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,10 @@ class SqueezekitLM(HFLM):
             from squeezekit.models import default_model_dir
 
             pretrained = str(default_model_dir())
+            # lm-eval builds task metadata from the model_args as given: tasks that size their prompts with a
+            # tokenizer (RULER) cannot see this default, and lm-eval offers no way to tell them. Say what to pass.
+            print(f"squeezekit: no pretrained= in --model_args: using the embedded model {pretrained}; RULER tasks need "
+                  f"it too: add pretrained={pretrained}", file=sys.stderr)
         if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: never ask a hub for anything
             pretrained = str(pretrained)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .config import Config
 from .errors import (
     BudgetError,
+    CommandLineError,
     ConfigError,
     InputError,
     PluginError,
@@ -18,6 +19,7 @@ from .errors import (
     SqueezekitError,
     UnknownPluginError,
     UnsupportedModelError,
+    UntestedVersionWarning,
 )
 from .hookspecs import hookimpl
 from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, check
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationRequest",
     "BudgetError",
+    "CommandLineError",
     "Config",
     "ConfigError",
     "InputError",
@@ -40,6 +43,7 @@ __all__ = [
     "TokenEvictor",
     "UnknownPluginError",
     "UnsupportedModelError",
+    "UntestedVersionWarning",
     "check",
     "compress",
     "hookimpl",

@@ -58,7 +58,7 @@ def resolve(model: nn.Module) -> Resolved:
     """Locate the parts of ``model`` squeezekit hooks into, or raise `UnsupportedModelError` naming what is wrong."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
+    arch = ARCHITECTURES.get(str(model_type))
     if arch is None:
         raise UnsupportedModelError(
             f"architecture {model_type!r} ({type(model).__name__}) is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from .transformers_api import Cache, CacheLayerMixin
 _plain = torch.inference_mode(False)
 
 
-def _plain_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+def _plain_copy(t: Any) -> Any:
     if t is None or not t.is_inference():
         return t
     with _plain:
@@ -62,11 +63,17 @@ class SqueezeLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
+    # The slot tensors are set by the first `append` (until then, and after `reset`, they are None and
+    # ``is_initialized`` is False); the code below only runs once they exist.
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor  #: (B, H, C) bool
+    positions: torch.Tensor  #: (B, H, C) int32
+
     def __init__(self, cache: SqueezeCache, layer_idx: int):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
-        self.valid: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
+        self.keys = self.values = self.valid = self.positions = None  # type: ignore[assignment]
         self.attention: torch.Tensor | None = None  # accumulated attention, when the evictor needs it
         self.window_queries: torch.Tensor | None = None
         self.window_positions: torch.Tensor | None = None
@@ -114,8 +121,9 @@ class SqueezeLayer(CacheLayerMixin):
                     setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.positions = self.attention = None
-        self.budget, self.is_initialized = None, False
+        self.keys = self.values = self.valid = self.positions = None  # type: ignore[assignment]
+        self.attention = self.budget = None
+        self.is_initialized = False
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -234,8 +242,9 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _make_room(self, step: Step) -> None:
         """Before a one-token decode step: rows at their budget drop one token (the evictor picks which)."""
-        counts = self.counts()
-        full = (counts >= self.budget.to(counts.device).view(-1, 1)) & step.new_valid.to(counts.device)[:, :1]
+        counts, budget = self.counts(), self.budget
+        assert budget is not None  # (only bounded layers make room)
+        full = (counts >= budget.to(counts.device).view(-1, 1)) & step.new_valid.to(counts.device)[:, :1]
         if not bool(full.any()):
             return
         keep = torch.where(full, counts - 1, counts).amax(-1)  # counts are equal across heads of a row
@@ -332,7 +341,7 @@ class SqueezeLayer(CacheLayerMixin):
                 if extra:
                     t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
                 getattr(self, name)[rows] = t
-        if part.budget is not None:
+        if part.budget is not None and self.budget is not None:
             self.budget[rows] = part.budget
         self.heads_differ |= part.heads_differ
         self.steady = self.steady and steady
@@ -347,6 +356,14 @@ class SqueezeCache(Cache):
     length, known before a chunked prefill's first chunk, so that budgets are fractions of the prompt, not of the
     chunk; ``sync_timings``: synchronize the device around policy work so that `timings` are exact (benchmarks).
     """
+
+    layers: list[SqueezeLayer]  # type: ignore[assignment]  # transformers' Cache holds any layer kind
+    # Per-sequence state, set by the first step (None before it, like the layers' slot tensors):
+    seen: torch.Tensor  #: (B,) real tokens per sequence
+    prompt_len: torch.Tensor  #: (B,) real tokens of each prompt
+    importance: torch.Tensor  #: (B, L) prefill cosine similarity
+    budgets: torch.Tensor  #: (B, L) per-layer budgets (-1 = unbounded)
+    step: Step  #: the step running now (None between steps)
 
     def __init__(
         self,
@@ -363,11 +380,7 @@ class SqueezeCache(Cache):
         self.budget_layers = list(layers)
         self.shared, self.expected_prompt_len, self.sync_timings = shared, expected_prompt_len, sync_timings
         self.length = 0  # tokens processed per row, padding included (what DynamicCache would report)
-        self.seen: torch.Tensor | None = None  # (B,) real tokens per sequence
-        self.step: Step | None = None
-        self.prompt_len: torch.Tensor | None = None
-        self.importance: torch.Tensor | None = None  # (B, L) prefill cosine similarity
-        self.budgets: torch.Tensor | None = None  # (B, L) per-layer budgets (-1 = unbounded)
+        self.seen = self.step = self.prompt_len = self.importance = self.budgets = None  # type: ignore[assignment]
         self.full_kv_bytes_prefill = 0  # keys + values of the whole prompt, as a full cache would hold them
         self.kv_bytes_prefill = 0  # keys + values kept at the end of prefill
         self.peak_kv_bytes_prefill = 0  # the most keys + values allocated at any point of the prefill
@@ -418,7 +431,7 @@ class SqueezeCache(Cache):
         step.counted = True
         self.host_seen_max += step.new_valid.shape[1] if step.all_valid else int(step.new_valid.sum(-1).max())
         if step.prefill:
-            self.importance = importance
+            self.importance = importance  # type: ignore[assignment]  # (given at every prefill)
             self.full_kv_bytes_prefill = self.kv_nbytes()
             self.peak_kv_bytes_prefill = max(self.peak_kv_bytes_prefill, self.full_kv_bytes_prefill)
         for layer in self.layers:
@@ -429,7 +442,7 @@ class SqueezeCache(Cache):
             self._enforce_budgets(compact=False)
         for layer in self.layers:
             layer.window_queries = layer.window_positions = None
-        self.step = None
+        self.step = None  # type: ignore[assignment]
 
     def advance(self) -> None:
         """Account for one decode step whose work ran without Python (a CUDA-graph replay of a steady step)."""

@@ -6,6 +6,7 @@ squeezekit/commands.py, others from plugins); a command's options and code are i
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from .cli_options import Parser, unknown_option
 from .errors import PluginError, SqueezekitError
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(argv)
         args, extra = parser.parse_known_args(argv)
         if extra:
-            command = next(a for a in parser._actions if a.dest == "command").choices[args.command]
+            subparsers = next(a for a in parser._actions if a.dest == "command")
+            command = cast("dict[str, Parser]", subparsers.choices)[args.command]
             if not any(item.startswith("-") for item in extra):
                 command.error(f"unrecognized arguments: {' '.join(extra)}")
             raise unknown_option(command, extra)

@@ -29,6 +29,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+EMPTY = "the prompt has no tokens once tokenized; give a non-empty prompt"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from .errors import InputError
 
     config = config_from_args(args)  # a bad config fails before the model loads
+    if args.raw and not args.prompt.strip() and not args.context:
+        raise InputError(EMPTY)
     text = args.prompt
     if args.context:
         try:
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer([text], return_tensors="pt")
     if ids["input_ids"].shape[1] == 0:
-        raise InputError("the prompt has no tokens once tokenized; give a non-empty prompt")
+        raise InputError(EMPTY)
     _status(f"squeezekit: prefilling {ids['input_ids'].shape[1]} tokens ...")
     with torch.inference_mode(), compress(model, config) as compressor:
         out = model.generate(

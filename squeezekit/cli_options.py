@@ -12,13 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import NO_VALUE, ConfigError, SqueezekitError, shown
+from .errors import NO_VALUE, CommandLineError, ConfigError, shown
 
 SOURCE = "command line"
-
-
-class CommandLineError(SqueezekitError):
-    """A command-line argument argparse itself rejects (missing, not a choice, wrong type)."""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -150,7 +146,8 @@ def config_from_args(args: argparse.Namespace):
 def unknown_option(parser: argparse.ArgumentParser, extra: list[str]) -> ConfigError:
     """The one-line `ConfigError` for a mistyped option (``--budgte 0.2``), naming the nearest valid one."""
     i = next(i for i, item in enumerate(extra) if item.startswith("-"))
-    flag, sep, value = extra[i].partition("=")
+    flag, sep, text = extra[i].partition("=")
+    value: object = text
     if not sep:
         value = extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("-") else NO_VALUE
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]

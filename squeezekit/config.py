@@ -79,6 +79,8 @@ def _number(key: str, value: Any, source: str | None, integer: bool) -> float | 
         if not value.is_integer():
             raise ConfigError(key, value, "expected an integer", source)
         value = int(value)
+    if integer and not -(2**63) <= value < 2**63:
+        raise ConfigError(key, value, "expected an integer within 64 bits", source)
     if not integer:
         try:
             value = float(value)
@@ -145,7 +147,9 @@ def keys() -> dict[str, Key]:
     return out
 
 
-def unknown_key(key: str, value: Any, known: list[str], what: str, source: str | None, extra: list[str] = ()):
+def unknown_key(
+    key: str, value: Any, known: list[str], what: str, source: str | None, extra: tuple[str, ...] = ()
+) -> ConfigError:
     """The one-line `ConfigError` for an unknown key: the keys it could have been, and the nearest one."""
     near = difflib.get_close_matches(key, sorted(set(known) | set(extra)), n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -168,7 +172,11 @@ class Config:
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_mapping(
-        cls, values: dict[str, Any], source: str | None = None, text: bool = False, others: tuple[str, frozenset] = ()
+        cls,
+        values: dict[str, Any],
+        source: str | None = None,
+        text: bool = False,
+        others: tuple[str, frozenset[str]] | None = None,
     ) -> Config:
         """Validate a flat mapping. ``text=True`` types string values (they came from ``k=v``, CLI flags, labels).
 
@@ -219,7 +227,7 @@ class Config:
                 other_what, other_keys = others or ("", frozenset())
                 if other_what:
                     what += f", nor {other_what}"
-                raise unknown_key(key, value, known, what, source, sorted(other_keys))
+                raise unknown_key(key, value, known, what, source, tuple(sorted(other_keys)))
             params[key] = _typed(key, value, owner.params()[key].type, text, source)
         config = cls(**core, params=tuple(sorted(params.items())))
         config._validate_plugins(source)
@@ -228,11 +236,11 @@ class Config:
     def _validate_plugins(self, source: str | None) -> None:
         """Build every plugin now (they validate their parameters), rather than mid-run; check the floor."""
         self.build_allocator(source)
-        evictors = [(self.build_evictor(source), self.info("evictor").origin)]
+        evictors = [(self.build_evictor(source), self.origin("evictor"))]
         if self.fallback_allocator is not None:
             self.build_allocator(source, fallback=True)
         if self.fallback_evictor is not None:
-            evictors.append((self.build_evictor(source, fallback=True), self.info("evictor", True).origin))
+            evictors.append((self.build_evictor(source, fallback=True), self.origin("evictor", fallback=True)))
         if self.absolute:
             floor, setter = evictor_floor(evictors)
             if self.budget < floor:
@@ -322,6 +330,13 @@ class Config:
         """The registry entry of the allocator / evictor (or of its fallback: None when unset)."""
         name = getattr(self, f"fallback_{kind}" if fallback else kind)
         return None if name is None else registry().get(kind, name, source)
+
+    def origin(self, kind: str, fallback: bool = False) -> str:
+        """``PACKAGE VERSION`` of the allocator / evictor (or of its fallback, which must be set)."""
+        info = self.info(kind, fallback)
+        if info is None:
+            raise ValueError(f"no fallback_{kind} is set")
+        return info.origin
 
     def _build(self, kind: str, source: str | None, fallback: bool = False):
         info = self.info(kind, fallback, source)

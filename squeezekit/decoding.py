@@ -59,9 +59,11 @@ class GreedyDecoder:
                 self.graph.replay()
                 tokens.append(self._next.clone())
                 replays -= 1
+            graph, nxt = self.graph, self._next
+            assert graph is not None and nxt is not None
             for _ in range(replays):
                 self.cache.advance()
-                self.graph.replay()
-                tokens.append(self._next.clone())
+                graph.replay()
+                tokens.append(nxt.clone())
         self.cache.check_nan()
         return torch.stack(tokens, dim=1)

@@ -56,6 +56,10 @@ class UnknownPluginError(ConfigError):
         super().__init__(key or kind, name, accepted, source)
 
 
+class CommandLineError(SqueezekitError):
+    """A command-line argument argparse itself rejects (missing, not a choice, wrong type)."""
+
+
 class BudgetError(SqueezekitError, ValueError):
     """A budget that cannot be honoured for this prompt (e.g. smaller than the evictor's floor)."""
 
@@ -66,6 +70,10 @@ class PluginError(SqueezekitError, RuntimeError):
     def __init__(self, plugin: str, origin: str, problem: str):
         self.plugin, self.origin, self.problem = plugin, origin, problem
         super().__init__(f"plugin {plugin!r} from {origin}: {problem}")
+
+
+class UntestedVersionWarning(UserWarning):
+    """transformers is outside the range squeezekit was tested with (see squeezekit/transformers_api.py)."""
 
 
 class PluginFallbackWarning(UserWarning):

@@ -85,7 +85,7 @@ def load_model(path: str | os.PathLike | None = None, dtype=None, device: str | 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if device:
-        model = model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # (transformers types `to` through a decorator)
     return model.eval(), tokenizer
 
 

@@ -53,7 +53,7 @@ class PluginInfo:
 
     name: str
     kind: str  # "allocator" or "evictor"
-    cls: type
+    cls: Any  #: the plugin's class (a LayerBudgetAllocator or TokenEvictor dataclass)
     entry_point: str
     package: str
     version: str
@@ -159,7 +159,12 @@ def _params(cls: type, plugin: str) -> dict[str, Param]:
         typ = args[0] if args else hint
         if typ not in (int, float, bool, str):
             typ = str
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         help_text = f.metadata.get("help") or comments.get(f.name, "")
         out[f.name] = Param(f.name, typ, default, help_text, plugin)
     return out

@@ -48,13 +48,13 @@ class PolicyRunner:
     def __init__(self, config: Config):
         self.config = config
         self._policies: dict[str, Any] = {"allocator": config.build_allocator(), "evictor": config.build_evictor()}
-        self._origins = {kind: config.info(kind).origin for kind in KINDS}
+        self._origins = {kind: config.origin(kind) for kind in KINDS}
         self._fallbacks = {kind: config._build(kind, None, fallback=True) for kind in KINDS}
         #: the errors that made a fallback take over, by kind
         self.failures: dict[str, PluginError] = {}
         evictors = [(self.evictor, self._origins["evictor"])]
         if self._fallbacks["evictor"] is not None:
-            evictors.append((self._fallbacks["evictor"], config.info("evictor", fallback=True).origin))
+            evictors.append((self._fallbacks["evictor"], config.origin("evictor", fallback=True)))
         #: the fewest tokens a layer keeps (the largest floor of the evictor and its fallback), and whose it is
         self.floor, self.floor_setter = evictor_floor(evictors)
         self._nan: torch.Tensor | None = None
@@ -98,7 +98,7 @@ class PolicyRunner:
         )
         self.failures[kind] = error
         self._policies[kind] = fallback
-        self._origins[kind] = self.config.info(kind, fallback=True).origin
+        self._origins[kind] = self.config.origin(kind, fallback=True)
         return True
 
     def guarded(self, kind: str, fn: Callable[[], T]) -> T:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+
+from .errors import UntestedVersionWarning
 
 #: the transformers releases the suite passes on (lowest tested .. newest tested, next minor excluded)
 TESTED_RANGE = ">=5.17,<5.25"
@@ -41,6 +44,7 @@ CACHE_NAMES = ("cache", "past_key_values")
 
 def cache_argument(module: Any) -> str:
     """The keyword under which ``module``'s forward takes the cache (read from its signature)."""
+    params: Mapping[str, Any]
     try:
         params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -85,7 +89,7 @@ def attn_implementation(model: Any) -> str | None:
     return model.config._attn_implementation
 
 
-def set_attn_implementation(model: Any, name: str) -> None:
+def set_attn_implementation(model: Any, name: str | None) -> None:
     """Switch every attention layer of ``model`` to ``name`` (``PreTrainedModel.set_attn_implementation``)."""
     model.set_attn_implementation(name)
 
@@ -99,13 +103,12 @@ def text_config(model: Any) -> Any:
 
 
 # -- versions ----------------------------------------------------------------------------------------------------------
-class UntestedVersionWarning(UserWarning):
-    """transformers is outside the range squeezekit was tested with."""
-
-
 def version_problem(version: str | None = None) -> str | None:
     """One line naming the installed transformers and the tested range when it lies outside; else None."""
-    version = version or transformers.__version__
+    if version is None:
+        import transformers as installed  # (the module now in sys.modules: a test may have replaced it)
+
+        version = installed.__version__
     if TESTED.contains(Version(version).base_version):  # 5.24.1.dev0 counts as 5.24.1
         return None
     return f"transformers {version} is untested with squeezekit (tested: {TESTED_RANGE}); results may be wrong or fail"

@@ -1,0 +1,112 @@
+"""What a careless plugin or a hostile input can no longer do (issue 13), beyond the one-line errors of
+tests/test_errors.py: writes to the copies a plugin is given change nothing, messages stay short and printable,
+a stale start-up hook is silent, an empty cache variable is no cache directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+from tiny_models import batch, tiny_model
+
+import squeezekit
+from squeezekit import Config
+from squeezekit.cache import SqueezeCache
+from squeezekit.transformers_api import cache_in
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+def test_writes_to_budget_and_seen_change_nothing(plugin_site):
+    """An evictor that overwrites ``view.budget`` / ``view.seen`` writes into its own copies: every layer still holds
+    at most its budget at every step, and the output equals the well-behaved evictor's."""
+    plugin_site.add("sk_greedy", textwrap.dedent('''
+        from dataclasses import dataclass
+
+        import squeezekit
+
+
+        @dataclass
+        class Greedy(squeezekit.TokenEvictor):
+            """Tries to keep everything by raising its own budget."""
+
+            name = "greedy"
+
+            def score(self, view):
+                view.budget.fill_(10**6)
+                view.seen.zero_()
+                return view.positions.float()
+
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(Greedy)
+    '''), package="sk-greedy", version="1.0", entry_points={"greedy": "sk_greedy"})
+    plugin_site.reload()
+    model = tiny_model("llama")
+    ids, mask = batch(2, 48, pad=6)
+    held = []
+
+    def spy(module, args, kwargs, output):
+        cache = cache_in(kwargs)
+        if isinstance(cache, SqueezeCache) and cache.budgets is not None:
+            held.append(all(bool((layer.counts() <= layer.budget.view(-1, 1)).all()) for layer in cache.layers))
+
+    outs = {}
+    for evictor in ("greedy", "sliding_window"):
+        params = {"window": 1} if evictor == "sliding_window" else {}
+        with squeezekit.compress(model, allocator="uniform", evictor=evictor, budget=0.25, **params) as c:
+            handle = model.model.register_forward_hook(spy, with_kwargs=True)
+            try:
+                outs[evictor] = model.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY)
+            finally:
+                handle.remove()
+            assert c.summary()["kv_bytes_kept"] <= 0.25 * c.summary()["kv_bytes_full"] * 1.05
+    assert held and all(held)
+    assert torch.equal(outs["greedy"], outs["sliding_window"])  # the same ranking: most recent first
+
+
+def test_huge_values_give_short_messages():
+    """A 50 MB value (or key) gives an error line of a few hundred characters, not 50 MB."""
+    big = "x" * 50_000_000
+    for kwargs in ({"evictor": big}, {big: 1}, {"budget": big}):
+        try:
+            Config.from_kwargs(**kwargs)
+        except squeezekit.ConfigError as exc:
+            message = str(exc)
+        assert len(message) < 600 and "\n" not in message, len(message)
+
+
+def test_control_characters_are_never_echoed_raw(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('"\\e[31mbudget\\e[0m": 0.2\n')
+    try:
+        Config.from_file(path)
+    except squeezekit.ConfigError as exc:
+        message = str(exc)
+    assert "\x1b" not in message and "\\x1b[31mbudget" in message
+
+
+def test_a_stale_startup_hook_is_silent(tmp_path):
+    """The .pth line squeezekit installs imports its hook only if the hook module is there: after a partial
+    uninstall, Python still starts without a traceback."""
+    from squeezekit.evaluators._build import PTH, PTH_LINE
+
+    (tmp_path / PTH).write_text(PTH_LINE)  # the line alone, its module gone
+    code = f"import site; site.addsitedir({str(tmp_path)!r}); print('started')"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "started\n" and out.stderr == "", out.stderr
+
+
+def test_an_empty_cache_variable_means_unset(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from squeezekit.models import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("SQUEEZEKIT_CACHE", "")
+    assert cache_dir() == tmp_path / "squeezekit"  # never ~/.cache itself
+    monkeypatch.setenv("SQUEEZEKIT_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == Path(tmp_path / "mine")
