@@ -687,7 +687,7 @@ def test_unparsable_config_files(tmp_path):
     raised("file-encoding", lambda: Config.from_file(path), path=repr(str(path)), byte=19)
     # 542 bytes of nested aliases would expand to gigabytes: refused at the first alias, in microseconds
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
     path, fn = bad("bomb.yaml", bomb + "budget: *i\n")
     raised("file-alias", fn, path=repr(str(path)), line=2)
     path, fn = bad("twice.yaml", "budget: 0.2\nevictor: h2o\nbudget: 0.9\n")
@@ -1217,7 +1217,7 @@ def count_line() -> str:
     tests = [getattr(test_fuzz, name) for name in dir(test_fuzz) if name.startswith("test_")]
     fuzz = sum(t._hypothesis_internal_use_settings.max_examples for t in tests if hasattr(t, "hypothesis"))
     return (f"The suite tries {sum(checked.values())} bad inputs against these {len(CATALOGUE)} rows "
-            f"(`tests/test_errors.py`, every row at least once), and {fuzz} random configs, inputs and plugins "
+            f"(`tests/test_errors.py`, every row at least once), and {fuzz} random configs and inputs "
             f"in `tests/test_fuzz.py`, whose every error must match a row.")
 
 
