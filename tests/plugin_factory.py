@@ -40,7 +40,8 @@ class OldestFirst(squeezekit.TokenEvictor):
     """Oldest first: keeps the first tokens of the prompt (and the engine keeps the newest)."""
 
     name = "oldest_first"
-    skip: int = 0  # ignore this many leading tokens
+    #: ignore this many leading tokens
+    skip: int = 0
 
     def __post_init__(self):
         squeezekit.check("skip", self.skip, self.skip >= 0, "must be an integer >= 0")

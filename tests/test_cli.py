@@ -187,3 +187,42 @@ def test_doc_config_file_and_generate_flags(plugin_site, tmp_path, capsys, monke
     args = build_parser(argv).parse_args(argv)
     assert args.command == "generate"
     assert config_from_args(args) == Config.from_kwargs(evictor="keynorm", window=16, budget=0.2)
+
+
+# ---- a third-party plugin's parameters are first-class -----------------------------------------------------------
+
+
+def test_a_plugins_parameter_is_a_flag_with_help_and_default(plugin_site, capsys):
+    """A plugin field (with its #: comment) is a flag of every config-taking command, in --help with its default,
+    and reaches the config like any key."""
+    from squeezekit import Config
+    from squeezekit.cli import build_parser
+    from squeezekit.cli_options import config_from_args
+
+    plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", version="0.3.1")
+    plugin_site.reload()
+    for command in ("generate", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "--skip N [oldest_first] ignore this many leading tokens (default: 0)" in help_text, command
+    argv = ["generate", "hi", "--evictor", "oldest_first", "--skip", "3", "--budget", "0.5"]
+    args = build_parser(argv).parse_args(argv)
+    assert config_from_args(args) == Config.from_kwargs(evictor="oldest_first", skip=3, budget=0.5)
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    """Every option of every command has help text; those with a value show their default."""
+    import argparse
+
+    from squeezekit.cli import build_parser
+    from squeezekit.registry import registry
+
+    for command in registry().commands:
+        parser = build_parser([command])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (command, action.option_strings)
+                if action.nargs != 0 and action.default not in (None, False, [], argparse.SUPPRESS):
+                    assert "default" in sub.formatter_class(command)._get_help_string(action), (command, action.dest)

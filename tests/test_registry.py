@@ -611,7 +611,7 @@ def _doc_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("hook", ["register_allocators", "register_evictors"])
+@pytest.mark.parametrize("hook", ["register_allocators", "register_evictors", "register_commands"])
 def test_doc_quotes_the_hook_specs(hook):
     import inspect
 
