@@ -8,6 +8,8 @@ how much cache (a `LayerBudgetAllocator`) and which tokens each layer keeps (a `
 
 from __future__ import annotations
 
+from typing import Any
+
 from .config import Config
 from .errors import (
     BudgetError,
@@ -54,7 +56,7 @@ __all__ = [
 _LAZY = {"compress": ".compressor", "Compressor": ".compressor", "load_default_model": ".models", "load_model": ".models"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # The data path imports transformers (seconds); plugins and config tools do not need it.
     if name in _LAZY:
         import importlib

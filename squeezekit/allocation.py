@@ -75,7 +75,15 @@ def plan_budgets(
     return out
 
 
-def check_budget(budget: float, mean, total, kept_whole, n, L: int, runner: PolicyRunner) -> None:
+def check_budget(
+    budget: float,
+    mean: torch.Tensor,
+    total: torch.Tensor,
+    kept_whole: torch.Tensor,
+    n: torch.Tensor,
+    L: int,
+    runner: PolicyRunner,
+) -> None:
     """Every layer keeps at least the floor (>= 1 token). A fractional budget too small for some prompt of the batch
     is a `BudgetError` whose suggestion works for every sequence of the batch (it is computed for the shortest)."""
     floor = runner.floor

@@ -9,6 +9,7 @@ layer's input hidden state (the residual stream before its input norm) and that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -48,7 +49,7 @@ class Resolved:
     compressible: list[int]  #: layers whose budget the allocator sets (full-attention layers)
 
 
-def _get(obj, path: str):
+def _get(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj

@@ -58,7 +58,7 @@ class _Progress:
         self.bar = tqdm(total=total, desc="generating", unit="token", file=sys.stderr, disable=None, leave=False)
         self.prompt_seen = False
 
-    def put(self, value) -> None:
+    def put(self, value: object) -> None:
         if not self.prompt_seen:  # the first call hands over the prompt
             self.prompt_seen = True
             return

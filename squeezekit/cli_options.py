@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from .config import Config
 
 from .errors import NO_VALUE, CommandLineError, ConfigError, shown
 
@@ -20,7 +24,7 @@ SOURCE = "command line"
 class HelpFormatter(argparse.HelpFormatter):
     """Shows every option's default (unless its help already does) and keeps descriptions' line breaks."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
         if "%(default)" in text or "default" in text or default in (None, argparse.SUPPRESS, False, [], ""):
@@ -29,7 +33,7 @@ class HelpFormatter(argparse.HelpFormatter):
             text += " (default: %(default)s)"
         return text
 
-    def _fill_text(self, text, width, indent):
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
         return "\n\n".join(argparse.HelpFormatter._fill_text(self, part, width, indent) for part in text.split("\n\n"))
 
 
@@ -40,12 +44,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise CommandLineError(f"{message} (see {self.prog} --help)")
 
 
 # ---- checked argument types (argparse reports their ValueError/TypeError as one line) ---------------------------------
-def int_at_least(low: int):
+def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (argparse reports a bad value as ``invalid integer >= low value``)."""
 
     def parse(text: str) -> int:
@@ -135,7 +139,7 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> Config:
     """Merge ``--config FILE``, then flags, into one validated Config (flags win)."""
     from .config import Config
 

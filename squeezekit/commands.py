@@ -5,11 +5,13 @@ Each command's options and code live in their own module, imported only when tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .hookspecs import hookimpl
 
 
 @hookimpl
-def register_commands(register):
+def register_commands(register: Callable[..., None]) -> None:
     register("generate", "generate text with a compressed KV cache and report the memory it kept",
              "squeezekit.cli_generate:add")
     register("plugins", "list the installed allocators and evictors, with the package each comes from",

@@ -338,7 +338,7 @@ class Config:
             raise ValueError(f"no fallback_{kind} is set")
         return info.origin
 
-    def _build(self, kind: str, source: str | None, fallback: bool = False):
+    def _build(self, kind: str, source: str | None, fallback: bool = False) -> Any:
         info = self.info(kind, fallback, source)
         if info is None:
             return None
@@ -350,18 +350,18 @@ class Config:
         except Exception as exc:
             raise PluginError(info.name, info.origin, f"constructor raised {type(exc).__name__}: {exc}") from None
 
-    def build_allocator(self, source: str | None = None, fallback: bool = False):
+    def build_allocator(self, source: str | None = None, fallback: bool = False) -> Any:
         """A new instance of the allocator (``fallback=True``: of the fallback allocator, None when unset)."""
         return self._build("allocator", source, fallback)
 
-    def build_evictor(self, source: str | None = None, fallback: bool = False):
+    def build_evictor(self, source: str | None = None, fallback: bool = False) -> Any:
         """A new instance of the evictor (``fallback=True``: of the fallback evictor, None when unset)."""
         return self._build("evictor", source, fallback)
 
     def describe(self) -> str:
         """A one-line human summary, e.g. ``squeeze(p=0.4) + streaming(sinks=4, window=8) @ budget 0.2``."""
 
-        def fmt(obj) -> str:
+        def fmt(obj: Any) -> str:
             fields = ", ".join(f"{f.name}={getattr(obj, f.name)}" for f in dataclasses.fields(obj) if f.init)
             return f"{obj.name}({fields})"
 
@@ -382,7 +382,7 @@ class Config:
 FLOOR_KEYS = ("sinks", "window")
 
 
-def floor_hint(evictor) -> str:
+def floor_hint(evictor: Any) -> str:
     """`` or lower sinks/window``: the evictor's parameters that set its floor, for budget error messages."""
     names = [k for k in FLOOR_KEYS if k in {f.name for f in dataclasses.fields(evictor)}]
     return f" or lower {'/'.join(names)}" if names else ""
@@ -462,7 +462,7 @@ def _load_yaml(text: str, source: str) -> Any:
     class Loader(yaml.SafeLoader):
         """safe_load, refusing aliases (a few bytes of nested aliases expand to gigabytes) and duplicate keys."""
 
-        def compose_node(self, parent, index):
+        def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
                 raise ConfigError(
@@ -470,7 +470,7 @@ def _load_yaml(text: str, source: str) -> Any:
                 )
             return super().compose_node(parent, index)
 
-        def construct_mapping(self, node, deep=False):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             mapping = super().construct_mapping(node, deep=deep)
             seen: set = set()
             for key_node, _ in node.value:

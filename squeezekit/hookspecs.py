@@ -7,6 +7,8 @@ called once, when the registry first loads; results are not returned but passed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pluggy
 
 hookspec = pluggy.HookspecMarker("squeezekit")
@@ -14,7 +16,7 @@ hookimpl = pluggy.HookimplMarker("squeezekit")
 
 
 @hookspec
-def register_allocators(register):
+def register_allocators(register: Callable[[type], None]) -> None:
     """Register layer-budget allocators.
 
     :param register: call ``register(cls)`` once per class; ``cls`` subclasses
@@ -26,7 +28,7 @@ def register_allocators(register):
 
 
 @hookspec
-def register_evictors(register):
+def register_evictors(register: Callable[[type], None]) -> None:
     """Register token evictors.
 
     :param register: call ``register(cls)`` once per class; ``cls`` subclasses `squeezekit.TokenEvictor`, is a
@@ -38,7 +40,7 @@ def register_evictors(register):
 
 
 @hookspec
-def register_commands(register):
+def register_commands(register: Callable[..., None]) -> None:
     """Register ``squeezekit`` subcommands.
 
     :param register: call ``register(name, help, add)`` once per command: ``name`` (lowercase, e.g. ``"calibrate"``)

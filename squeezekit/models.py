@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from .errors import SqueezekitError, shown
 
@@ -62,7 +63,12 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(path: str | os.PathLike | None = None, dtype=None, device: str | None = None, attn_implementation: str = "sdpa"):
+def load_model(
+    path: str | os.PathLike | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local directory, or the embedded default model when ``path`` is None."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -89,6 +95,6 @@ def load_model(path: str | os.PathLike | None = None, dtype=None, device: str | 
     return model.eval(), tokenizer
 
 
-def load_default_model(**kwargs):
+def load_default_model(**kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, the embedded default model."""
     return load_model(None, **kwargs)

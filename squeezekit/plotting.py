@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
-def pyplot():
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,7 +16,7 @@ def pyplot():
     return plt
 
 
-def plot_layers(importance, budgets, path: str | Path, title: str = "") -> Path:
+def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str | Path, title: str = "") -> Path:
     """Bars: each layer's token budget; line: its importance (cosine similarity before vs after attention).
 
     ``importance`` and ``budgets`` are per-layer sequences (for a batch, pass the first sequence's or the mean).

@@ -80,7 +80,7 @@ class Command:
     add: Callable[[Any], None] | str  #: a callable, or ``"module:function"`` imported when the command runs
     origin: str
 
-    def add_to(self, parser) -> None:
+    def add_to(self, parser: Any) -> None:
         add = self.add
         if isinstance(add, str):
             import importlib
@@ -202,7 +202,7 @@ def _command_problem(name: object, help_text: object, add: object) -> str | None
     return None
 
 
-def _package_of(ep) -> tuple[str, str]:
+def _package_of(ep: metadata.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     return (dist.metadata["Name"], dist.version) if dist is not None else (ep.value.split(":")[0], "?")
 
@@ -258,7 +258,9 @@ def _own_version() -> str:
         return "?"
 
 
-def _register_module(reg: Registry, pm: pluggy.PluginManager, module, ep_name: str, package: str, version: str):
+def _register_module(
+    reg: Registry, pm: pluggy.PluginManager, module: Any, ep_name: str, package: str, version: str
+) -> None:
     origin = f"{package} {version}"
     try:
         pm.register(module, name=ep_name)  # validates hookimpl names and arguments against the specs

@@ -110,7 +110,9 @@ class PolicyRunner:
                 if not self.fall_back(kind, exc):
                     raise
 
-    def _call(self, kind: str, method: str, *args, watch: Any = None, check: Callable[[Any], str | None] | None = None):
+    def _call(
+        self, kind: str, method: str, *args: Any, watch: Any = None, check: Callable[[Any], str | None] | None = None
+    ) -> Any:
         """One call of a plugin method, its output checked: any failure is a `PluginError` (see the module doc)."""
         plugin = self._policies[kind]
         before = [_version(getattr(watch, f, None)) for f in LIVE_FIELDS] if watch is not None else []
@@ -151,7 +153,7 @@ class PolicyRunner:
     def _scores(self, view: LayerView, defer_nan: bool = False) -> torch.Tensor:
         valid = view.valid
 
-        def check(score) -> str | None:
+        def check(score: Any) -> str | None:
             if not isinstance(score, torch.Tensor):
                 return f"score() must return a tensor, got {type(score).__name__}"
             if tuple(score.shape) != tuple(valid.shape):
