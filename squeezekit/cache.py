@@ -99,6 +99,8 @@ class SqueezeLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13 (see transformers_api)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Only used by transformers' own mask builders, which squeezekit's attention does not use.
         return self.capacity + query_length, 0

@@ -32,7 +32,8 @@ TESTED = SpecifierSet(TESTED_RANGE)
 # -- the cache ------------------------------------------------------------------------------------------------------
 #: base classes of squeezekit's cache. Relied on: ``Cache(layers=[...])`` keeps the layer objects it is given and
 #: routes ``update(k, v, layer_idx, ...)`` / ``get_seq_length`` to them; a layer implements ``lazy_initialization``,
-#: ``update``, ``get_seq_length``, ``get_max_length``, ``get_mask_sizes``, ``reset``, ``batch_select_indices``,
+#: ``update``, ``get_seq_length``, ``get_max_length`` (``get_max_cache_shape`` before 5.13), ``get_mask_sizes``,
+#: ``reset``, ``batch_select_indices``,
 #: ``batch_repeat_interleave``, ``reorder_cache`` and the flags ``is_sliding``, ``is_compileable``, ``is_croppable``.
 from transformers.cache_utils import Cache as Cache  # noqa: E402
 from transformers.cache_utils import CacheLayerMixin as CacheLayerMixin  # noqa: E402
