@@ -92,6 +92,8 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     micro_batch: int = 8,
     chunk: int | None = None,
+    logits_to_keep: int = 1,
+    on_logits=None,
 ):
     """Prefill ``input_ids`` (B, T) in micro-batches inside an active ``compress`` block.
 
@@ -107,9 +109,17 @@ def prefill(
     prompt length it has seen reuse its budgets; other lengths are allocated from its mean importance. So rows with
     equal prompt lengths get equal budgets, and the assembled cache can take the CUDA-graph decode path.
 
+    Left padding (``attention_mask``) gets the positions ``model.generate`` gives it: each sequence starts at 0.
+
+    ``on_logits(rows, logits)``, if given, is called once per micro-batch, as it comes, with its rows (a slice of the
+    batch) and the logits of their last ``logits_to_keep`` input positions, (rows, logits_to_keep, vocab) (scoring
+    prompts needs more than the last one; ``chunk`` keeps only the last).
+
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
+    if chunk and logits_to_keep > 1:
+        raise InputError("squeezekit.batching.prefill keeps the logits of the last position only with a chunked prefill")
     active = model_compressor(model)  # InputError outside a compress block
     if compressor is None:
         compressor = active
@@ -121,8 +131,11 @@ def prefill(
         for start in range(0, batch, micro_batch):
             sl = slice(start, start + micro_batch)
             mask = None if attention_mask is None else attention_mask[sl]
-            part, last = _prefill_one(model, input_ids[sl], mask, chunk)
-            logits.append(last)
+            part, last = _prefill_one(model, input_ids[sl], mask, chunk, logits_to_keep)
+            if on_logits is not None:
+                on_logits(sl, last)
+            logits.append(last[:, -1] if last.shape[1] == 1 else last[:, -1].clone())  # not a view of all kept
+            del last
             if micro_batch >= batch:
                 cache = part
                 break
@@ -146,14 +159,17 @@ def prefill(
     return cache, torch.cat(logits)
 
 
-def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int | None):
+def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int | None, keep: int = 1):
+    """One micro-batch: ``(cache, logits of the last ``keep`` positions (b, keep, vocab))``."""
     T = ids.shape[1]
+    # left padding: positions count real tokens only, as model.generate (and every later decode step) counts them
+    positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp_min(0)
     if not chunk or chunk >= T:
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        return output_cache(out), out.logits[:, -1]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
+        return output_cache(out), out.logits
     if mask is None:
         mask = torch.ones_like(ids)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = None
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
@@ -164,7 +180,7 @@ def _prefill_one(model, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int
             cache = SqueezeCache(model_compressor(model), len(model_compressor(model).resolved.layers))
             cache.expected_prompt_len = mask.sum(-1)
         out = model(input_ids=ids[:, s:e], **{cache_argument(model): cache}, **kwargs)
-        last = out.logits[:, -1]
+        last = out.logits[:, -1:]
         del out
         # buffers keep their room for a chunk until compact(): this is the most the prefill holds
         cache.peak_kv_bytes_prefill = max(cache.peak_kv_bytes_prefill, cache.kv_nbytes())
