@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="DIR", help="a local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"units TASK@LENGTH:N, comma-separated (default: {DEFAULT_SUITE})")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); recorded in the results")
     p.add_argument("--extend-chunk", type=int, default=None, help="tokens per extend forward when scoring (default 16)")
     p.add_argument("--text-file", metavar="FILE", help="text for the pass key / perplexity tasks (default: bible-kjv, ...)")
     p.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if `bible` is missing")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         configs = [config_from_args(args)]
     data = run_sweep(configs, units, Path(args.out), args.model, args.batch_size, args.text_file, args.extend_chunk,
-                     shard=(i, n))
+                     shard=(i, n), device=args.device, dtype=args.dtype)
     from .sweep import cell_key
 
     for config in configs:

@@ -27,6 +27,9 @@ How each request type sees the compressed cache (batch > 1, padded, like generat
   ``rolling_prompt`` share of each window (at least its context) is the prompt: it is prefilled and compressed, and
   the rest of the window is scored against the compressed cache. The budget is a fraction of that prompt.
 
+With ``budget=1`` nothing is ever evicted, so the whole input of a request is one prefill (one forward, as `HFLM`
+scores it) instead of a prefill and extend forwards.
+
 Adapter arguments (not part of the squeezekit schema):
 
 * ``extend_chunk`` (int, default 16): tokens per extend forward. Generation is ``extend_chunk=1``; larger chunks
@@ -280,6 +283,8 @@ class SqueezekitLM(HFLM):
                 if self._rolling:
                     prompt = max(prompt, _prompt_tokens(self.rolling_prompt, n))
                 prompt = min(max(prompt, 2), n)
+                if self.squeeze_config.full:  # nothing is ever evicted: the whole input in one forward, as HFLM does
+                    prompt = n
                 unique[key] = {"inp": inp, "targets": full[1:], "s": s, "P": prompt}
             members.append((key, continuation[-1]))
 

@@ -117,7 +117,7 @@ class Evaluator:
     """A loaded model plus loaded task data; `run(config, unit)` evaluates one unit under one config."""
 
     def __init__(self, model_dir: str | None, units: list[Unit], batch_size: int = 4, text_file: str | None = None,
-                 extend_chunk: int | None = None):
+                 extend_chunk: int | None = None, device: str | None = None, dtype: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from squeezekit.models import default_model_dir
@@ -130,7 +130,9 @@ class Evaluator:
         from .lm_eval_adapter import SqueezekitLM
 
         extra = {} if extend_chunk is None else {"extend_chunk": extend_chunk}
-        self.lm = SqueezekitLM(pretrained=self.model_dir, batch_size=batch_size, budget=1.0, **extra)
+        self.device, self.dtype = resolve_device(device, dtype)
+        self.lm = SqueezekitLM(pretrained=self.model_dir, batch_size=batch_size, budget=1.0, device=self.device,
+                               dtype=self.dtype, **extra)
         self._loaded: dict[str, dict] = {}
         self._tm = None
 
@@ -193,6 +195,35 @@ class Evaluator:
         return result
 
 
+def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """``(device, dtype)``: CUDA when there is one, else the CPU; bfloat16 on CUDA, float32 on the CPU."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+#: what results written before the device was recorded ran on (the CPU sweeps of docs/results)
+UNRECORDED_DEVICE = {"device": "cpu", "dtype": "float32"}
+
+
+def check_device(data: dict, device: str, dtype: str, path: Path) -> None:
+    """Results of one store come from one device kind and dtype: another one is a `ConfigError`."""
+    from squeezekit.errors import ConfigError
+
+    if not data["cells"]:
+        return
+    meta = data.get("meta", {})
+    have = {k: meta.get(k, UNRECORDED_DEVICE[k]) for k in ("device", "dtype")}
+    want = {"device": device.split(":")[0], "dtype": dtype}
+    if have != want:
+        raise ConfigError(
+            "--device/--dtype", f"{want['device']}/{want['dtype']}",
+            f"{path} holds results from {have['device']}/{have['dtype']}; give another --out (results of different "
+            f"devices or dtypes are not mixed in one store)", "command line",
+        )  # fmt: skip
+
+
 def _sd(xs: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -244,24 +275,28 @@ def save_results(path: Path, data: dict) -> dict:
 
 
 def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_size=4, text_file=None,
-              extend_chunk=None, progress=True, shard: tuple[int, int] = (0, 1)) -> dict:
+              extend_chunk=None, progress=True, shard: tuple[int, int] = (0, 1), device: str | None = None,
+              dtype: str | None = None) -> dict:
     """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot.
 
     ``shard=(i, n)`` runs only configs i, i+n, i+2n, ...: n processes (say one per core, each single-threaded)
-    share one sweep and one results file.
+    share one sweep and one results file. ``device``/``dtype`` (default `resolve_device`'s) are recorded in the
+    results' meta; a store holding results of another device or dtype is refused (`check_device`).
     """
     from tqdm import tqdm
 
     path = out_dir / "results.json"
     configs = configs[shard[0] :: shard[1]]
     data = load_results(path)
+    device, dtype = resolve_device(device, dtype)
+    check_device(data, device, dtype, path)
     todo = [(c, u) for c in configs for u in units if u.key not in data["cells"].get(cell_key(c), {}).get("units", {})]
     evaluator = None
     bar = tqdm(total=len(configs) * len(units), initial=len(configs) * len(units) - len(todo), desc="sweep",
                disable=not progress, unit="unit", dynamic_ncols=True)
     for config, unit in todo:
         if evaluator is None:
-            evaluator = Evaluator(model_dir, units, batch_size, text_file, extend_chunk)
+            evaluator = Evaluator(model_dir, units, batch_size, text_file, extend_chunk, device, dtype)
             from .tasks.utils import find_text  # the same resolution the tasks use
 
             data["meta"].update(
@@ -271,6 +306,8 @@ def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_s
                 extend_chunk=evaluator.lm.extend_chunk,
                 rolling_prompt=evaluator.lm.rolling_prompt,
                 batch_size=batch_size,
+                device=device.split(":")[0],
+                dtype=dtype,
             )
         bar.set_postfix_str(f"{cell_key(config)} {unit.key}")
         result = evaluator.run(config, unit)
@@ -341,7 +378,8 @@ def markdown_table(data: dict) -> str:
     notes = [
         "",
         f"Model: {meta.get('model', '?')}; text: {meta.get('text', '?')}; suite: {meta.get('suite', '?')}; "
-        f"extend_chunk {meta.get('extend_chunk', '?')}, rolling_prompt {meta.get('rolling_prompt', '?')}.",
+        f"extend_chunk {meta.get('extend_chunk', '?')}, rolling_prompt {meta.get('rolling_prompt', '?')}; "
+        f"{meta.get('device', UNRECORDED_DEVICE['device'])}, {meta.get('dtype', UNRECORDED_DEVICE['dtype'])}.",
         "Each cell: mean ± standard error over its samples (accuracy), or word perplexity ± its standard error "
         "(delta method over per-document NLL). KV kept: bytes of keys/values after prefill, over the full cache.",
         "",

@@ -1,6 +1,6 @@
 """The lm-eval adapter on the serving machinery gives today's results: the same generated tokens as
 ``model.generate`` (old path), and the same log-likelihoods as the adapter before the serving path (its scoring code
-is kept below, verbatim, as the reference)."""
+is kept, verbatim, in squeezekit/evaluators/reference.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
 from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
+from squeezekit.evaluators.reference import PreviousScoringLM as LegacyLM  # noqa: E402
 from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
-from squeezekit.transformers_api import cache_argument, output_cache  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,90 +31,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
-class LegacyLM(SqueezekitLM):
-    """The adapter's scoring as it was before the serving path (commit 2dcf68c), verbatim: the reference."""
-
-    def _score_batch(self, rows: list[dict]) -> None:
-        device = self.device
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id or 0
-        B = len(rows)
-        for row in rows:
-            row["shared_ll"], row["shared_greedy"], row["last"] = 0.0, True, None
-        if any(row["P"] < 2 for row in rows):
-            for row in rows:
-                with torch.no_grad():
-                    logits = self.model(torch.tensor([row["inp"]], device=device)).logits[0]
-                self._take(row, 0, F.log_softmax(logits.float(), dim=-1))
-            return
-        maxP = max(row["P"] for row in rows)
-        ids = torch.full((B, maxP), pad, dtype=torch.long)
-        mask = torch.zeros(B, maxP, dtype=torch.long)
-        for b, row in enumerate(rows):
-            P = row["P"]
-            ids[b, maxP - P :] = torch.tensor(row["inp"][:P])
-            mask[b, maxP - P :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        keep = max(row["P"] - row["s"] for row in rows)
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        with torch.no_grad(), self._compress() as compressor:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep)
-            self._record(compressor)
-            cache = output_cache(out)
-            for b, row in enumerate(rows):
-                first = row["s"]
-                cols = out.logits[b, keep - (row["P"] - first) :]
-                self._take(row, first, F.log_softmax(cols.float(), dim=-1))
-            del out
-            rest = max(len(row["inp"]) - row["P"] for row in rows)
-            C = self.extend_chunk
-            for k in range(0, rest, C):
-                w = min(C, rest - k)
-                new = torch.full((B, w), pad, dtype=torch.long)
-                new_mask = torch.zeros(B, w, dtype=torch.long)
-                new_pos = torch.zeros(B, w, dtype=torch.long)
-                for b, row in enumerate(rows):
-                    start = row["P"] + k
-                    toks = row["inp"][start : start + w]
-                    if toks:
-                        new[b, : len(toks)] = torch.tensor(toks)
-                        new_mask[b, : len(toks)] = 1
-                    new_pos[b] = torch.arange(start, start + w).clamp_max(len(row["inp"]) - 1)
-                mask = torch.cat([mask, new_mask.to(device)], dim=1)
-                out = self.model(
-                    input_ids=new.to(device),
-                    attention_mask=mask,
-                    position_ids=new_pos.to(device),
-                    use_cache=True,
-                    **{cache_argument(self.model): cache},
-                )
-                for b, row in enumerate(rows):
-                    start = row["P"] + k
-                    m = int(new_mask[b].sum())
-                    if m:
-                        self._take(row, start, F.log_softmax(out.logits[b, :m].float(), dim=-1))
-                cache = output_cache(out)
-                del out
-
-    @staticmethod
-    def _take(row: dict, first: int, logprobs: torch.Tensor) -> None:
-        n = len(row["inp"])
-        lo = max(first, row["s"])
-        hi = min(first + logprobs.shape[0], n)
-        if hi <= lo:
-            return
-        lp = logprobs[lo - first : hi - first]
-        shared_hi = min(hi, n - 1)
-        if shared_hi > lo:
-            targets = torch.tensor(row["targets"][lo:shared_hi], device=lp.device)
-            part = lp[: shared_hi - lo]
-            row["shared_ll"] += float(part.gather(1, targets[:, None]).sum())
-            row["shared_greedy"] = row["shared_greedy"] and bool((part.argmax(-1) == targets).all())
-        if hi == n:
-            row["last"] = lp[-1].cpu()
 
 
 def _lm(tiny, cls=SqueezekitLM, **kw):
@@ -201,13 +115,6 @@ def test_generate_until_texts_equal(tiny, config):
     for until in ([], ["\n"], [" "], words[:2]):
         assert _gen(slow, until) == _gen(fast, until), until
     assert fast.kv_bytes == slow.kv_bytes  # the same prefills, compressed alike
-
-
-def test_budget_one_serving_path_matches_plain_hflm(tiny):
-    plain = HFLM(pretrained=tiny, device="cpu", batch_size=3)
-    fast = _lm(tiny, fast=True, budget=1.0)
-    for until in ([], [" "]):
-        assert _gen(plain, until) == _gen(fast, until)
 
 
 def test_micro_batches_with_a_per_sequence_allocator_are_exact(tiny):
