@@ -183,6 +183,8 @@ class SqueezekitLM(HFLM):
         self._rolling = False
         #: KV bytes kept / full after each prefill, summed over every compressed forward of this instance
         self.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+        #: generate_until batches by path: the serving path, or model.generate
+        self.generate_batches = {"serving": 0, "generate": 0}
 
     # -- bookkeeping -----------------------------------------------------------------------------------------------
     def _compress(self):
@@ -205,6 +207,7 @@ class SqueezekitLM(HFLM):
     # -- generate_until ------------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         eos = self._serving_eos(context, max_length, generation_kwargs)
+        self.generate_batches["serving" if eos is not None else "generate"] += 1
         if eos is not None:
             return self._serve(context, generation_kwargs.get("attention_mask"), max_length - context.shape[1], stop, eos)
         with torch.no_grad(), self._compress() as compressor:

@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compressed", default="allocator=squeeze,evictor=streaming,budget=0.2",
                    help="the compressed squeezekit config, k=v,... (model_args syntax)")
     p.add_argument("--max-gen-toks", type=int, default=None, help="override the generation tasks' own max_gen_toks")
+    p.add_argument("--fast", default="auto", choices=("auto", "true", "false"),
+                   help="squeezekit's serving path for greedy generation (auto: on CUDA; true: also on the CPU)")
     p.add_argument("--check", type=int, default=8, help="samples per unit run again through model.generate (0: none)")
     p.add_argument("--warmup", type=int, default=2, help="untimed samples per method before timing (0: none)")
     p.add_argument("--text-file", default=None, help="text for squeezekit_ppl (default: see squeezekit/evaluators/tasks)")
@@ -113,7 +115,7 @@ def make_lm(method: str, model, tok_dir: str, args, previous: bool = False):
     from .lm_eval_adapter import SqueezekitLM
     from .reference import PreviousScoringLM
 
-    cls, extra = SqueezekitLM, {}
+    cls, extra = SqueezekitLM, {"fast": args.fast}
     if previous:
         cls, extra = PreviousScoringLM, {"fast": False}
     elif args.micro_batch is not None:
@@ -300,6 +302,7 @@ def run(args) -> dict:
             for task, L, n in units:
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+                    lm.generate_batches = {"serving": 0, "generate": 0}
                 _sync(device)
                 t0 = time.perf_counter()
                 out = evaluate(lm=lm, task_dict=loader.get(task, L, n), limit=n, bootstrap_iters=0, log_samples=True,
@@ -312,7 +315,8 @@ def run(args) -> dict:
                 row = {"model": name, "method": method, "task": task, "length": L, "n": len(responses[(method, task, L)]),
                        "seconds": round(seconds, 3), "metric": metric, "value": value,
                        "kv_fraction": kv["kept"] / kv["full"] if kv and kv["full"] else None,
-                       "describe": lm.squeeze_config.describe() if hasattr(lm, "squeeze_config") else "transformers"}  # fmt: skip
+                       "describe": lm.squeeze_config.describe() if hasattr(lm, "squeeze_config") else "transformers",
+                       "generate_batches": dict(getattr(lm, "generate_batches", {}))}  # fmt: skip
                 if device.startswith("cuda"):
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     torch.cuda.reset_peak_memory_stats()
@@ -413,6 +417,11 @@ def markdown(data: dict) -> str:
             n = (hf or full or comp)["n"]
             lines.append(f"| {task} | {L} | {n} | {sec(hf)} | {sec(full)} | {ratio(full)} | {sec(comp)} | {ratio(comp)} | "
                          f"{val(hf)} | {val(full)} | {val(comp)} | {kv} |")  # fmt: skip
+        paths = [f"{r['method']} {r['task']}@{r['length']}: {r['generate_batches']['serving']} of "
+                 f"{sum(r['generate_batches'].values())}" for r in rows if sum(r.get("generate_batches", {}).values())]
+        if paths:
+            lines += ["", "generate_until batches through the serving path (the rest through model.generate): "
+                      + "; ".join(paths) + "."]  # fmt: skip
         lines += ["", "Targets (wall time of `evaluate`, summed over the units named):", ""]
         for t in targets(data, model):
             verdict = "**met**" if t["met"] else "**not met**"

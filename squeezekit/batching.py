@@ -45,7 +45,7 @@ class Assembler:
                     setattr(layer, name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
             if part.budget is not None:
                 layer.budget = part.budget.new_zeros(batch)
-            layer.window, layer.steady = part.window, part.steady
+            layer.window, layer.steady, layer.holes = part.window, part.steady, part.holes
             layer.lazy_initialization(layer.keys, layer.values)
 
     def add(self, cache: SqueezeCache) -> None:
@@ -65,8 +65,10 @@ class Assembler:
             if part.capacity > layer.capacity:  # rare: this micro-batch got a larger budget for the layer
                 for name, fill in _SLOT_TENSORS:
                     setattr(layer, name, _pad_slots(getattr(layer, name), part.capacity, fill))
-                layer.steady = False
-            steady = part.steady and part.capacity == layer.capacity
+                layer.holes = True  # the rows so far now have free slots
+            # a row padded to the batch's buffer has free slots: still steady (squeezekit.cache.SqueezeLayer.holes)
+            layer.holes = layer.holes or part.holes or part.capacity < layer.capacity
+            steady = part.steady
             for name, fill in _SLOT_TENSORS:
                 t = getattr(part, name)
                 if t is not None:

@@ -58,9 +58,13 @@ class SqueezeLayer(CacheLayerMixin):
         self.window: int | None = None  # the model's own sliding window for this layer, if any
         self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
         self.heads_differ = False  # once per-head eviction happened, masks are per KV head
-        #: host-side: every slot of every row is valid and every row is at its budget. A decode step then evicts one
-        #: token and writes the new one in its slot: shapes never change, no mask, no host sync (CUDA-graph safe).
+        #: host-side: every row is at its budget. A decode step then evicts one token and writes the new one: shapes
+        #: never change, no host sync (CUDA-graph safe). Without `holes`, in the evicted token's slot and no mask.
         self.steady = False
+        #: host-side, with `steady`: some rows have free slots (a smaller budget than the buffer, or padding). A step
+        #: then writes where the general path would (the first free slot once the victim's is freed) and attention
+        #: masks by slot: bitwise what the general path computes, without its host syncs.
+        self.holes = False
 
     # -- transformers' layer API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -177,6 +181,10 @@ class SqueezeLayer(CacheLayerMixin):
         """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
         victim = self.cache.with_fallback("evictor", self._steady_victim)
         step = self.cache.step
+        if self.holes:  # as _make_room + append: free the victim's slot, write into the first free one
+            self.valid.scatter_(2, victim, False)
+            victim = (~self.valid).to(torch.int8).argmax(-1, keepdim=True)
+            self.valid.scatter_(2, victim, True)
         B, H, _, D = self.keys.shape
         self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
         self.values.scatter_(2, victim[..., None].expand(B, H, 1, D), v)
@@ -200,7 +208,7 @@ class SqueezeLayer(CacheLayerMixin):
         problem = check_selection(idx, view, keep)
         if problem:
             raise PluginError(evictor.name, self.cache.origin("evictor"), problem)
-        dropped = torch.ones_like(self.valid)
+        dropped = self.valid.clone()
         dropped.scatter_(2, idx.long().clamp_min(0), False)
         return dropped.to(torch.int8).argmax(-1, keepdim=True)
 
@@ -299,6 +307,12 @@ class SqueezeLayer(CacheLayerMixin):
             kept.scatter_(2, safe, used)
             self.valid &= kept
         self.heads_differ = True
+
+    def steady_state(self) -> None:
+        """Set `steady` (every row at its budget) and `holes` (some slot free) from the slots (host sync)."""
+        counts = self.counts()
+        self.steady = bool((counts == self.budget.to(counts.device).view(-1, 1)).all())
+        self.holes = self.steady and not bool(self.valid.all())
 
     def drop_out_of_window(self, compact: bool) -> None:
         """Sliding-window layers: forget tokens no future query can attend to (after prefill, shrink to fit)."""
@@ -507,7 +521,7 @@ class SqueezeCache(Cache):
                 keep = torch.minimum(counts, layer.budget)
                 layer.evict(keep, "prefill" if compact else "decode", compact=compact)
             if layer.window is None:
-                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
+                layer.steady_state()
 
     def check_nan_later(self, score: torch.Tensor) -> None:
         """Record, without a host sync, whether an evictor scored a cached token NaN (checked by `check_nan`)."""
@@ -535,7 +549,7 @@ class SqueezeCache(Cache):
             if int(counts.max()) < layer.capacity:
                 layer._keep(top_slots(layer.positions.float(), layer.view("prefill"), counts), compact=True)
             if layer.window is None:
-                layer.steady = bool((layer.counts() == layer.capacity).all()) and bool((layer.budget == layer.capacity).all())
+                layer.steady_state()
         # The prefill saw the prompt one chunk at a time: account as if it had gone through at once.
         self.full_kv_bytes_prefill = sum(
             2 * layer.keys[:, :, :1].numel() * self.length * layer.keys.element_size()

@@ -33,13 +33,16 @@ def test_timing_script_runs_on_cpu(tmp_path, capsys):
     text.write_text(standin_text(4000, seed=2))
     out = tmp_path / "out"
     args = ["--out", str(out), "--device", "cpu", "--models", "tiny", "--limit", "2", "--ppl-limit", "2",
-            "--lengths", "512", "--batch-size", "2", "--check", "2", "--warmup", "1", "--text-file", str(text)]  # fmt: skip
+            "--lengths", "512", "--batch-size", "2", "--check", "2", "--warmup", "1", "--text-file", str(text),
+            "--fast", "true"]  # fmt: skip
     assert lm_eval_timing.main(args) == 0
     data = json.loads((out / "lm-eval-timing.json").read_text())
     runs = {(r["method"], r["task"], r["length"]): r for r in data["runs"]}
     assert set(runs) == {(m, t, 512) for m in lm_eval_timing.METHODS for t in ("niah_single_1", "squeezekit_ppl")}
     assert all(r["seconds"] > 0 and r["n"] == 2 for r in runs.values())
     assert 0.15 < runs[("squeezekit@compressed", "niah_single_1", 512)]["kv_fraction"] < 0.25
+    for method in lm_eval_timing.METHODS[1:]:  # squeezekit generated through the serving path, as it will on CUDA
+        assert runs[(method, "niah_single_1", 512)]["generate_batches"] == {"serving": 1, "generate": 0}
     meta = data["meta"]["models"]["tiny"]
     assert meta["environment"]["device"] == "cpu" and meta["environment"]["dtype"] == "float32"
     assert "--models tiny" in meta["command"]
