@@ -141,6 +141,22 @@ CATALOGUE = [
     Row("adapter-attn", "lm-eval model_args attn_implementation other than sdpa / eager", "ConfigError",
         "config error: model_args: attn_implementation = {value}: must be 'sdpa' or 'eager'",
         "test_evaluation_command_arguments"),
+    Row("adapter-fast", "lm-eval model_args fast other than true / false / auto", "ConfigError",
+        "config error: model_args: fast = {value}: must be true or false or auto",
+        "test_evaluation_command_arguments"),
+    Row("adapter-cuda-graph", "lm-eval model_args cuda_graph other than true / false", "ConfigError",
+        "config error: model_args: cuda_graph = {value}: must be true or false",
+        "test_evaluation_command_arguments"),
+    Row("adapter-micro-batch", "lm-eval model_args micro_batch not an integer >= 1", "ConfigError",
+        "config error: model_args: micro_batch = {value}: must be an integer >= 1",
+        "test_evaluation_command_arguments"),
+    Row("adapter-check-every", "lm-eval model_args check_every not an integer >= 1", "ConfigError",
+        "config error: model_args: check_every = {value}: must be an integer >= 1",
+        "test_evaluation_command_arguments"),
+    Row("eval-device", "squeezekit eval --out holding results of another device kind or dtype", "ConfigError",
+        "config error: command line: --device/--dtype = {value}: {path} holds results from {have}; give another --out "
+        "(results of different devices or dtypes are not mixed in one store)",
+        "test_evaluation_command_arguments"),
     Row("adapter-causal", "lm-eval --model squeezekit with an encoder-decoder model", "UnsupportedModelError",
         "the squeezekit lm-eval model serves decoder-only (causal) models only",
         "test_evaluation_command_arguments"),
@@ -522,6 +538,13 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
         err = _cli_error(main, ["eval", "--sweep", "--out", str(tmp_path), *argv])
         assert err == ROWS[key].template.format(**values), (argv, err)
     pytest.importorskip("lm_eval")
+    import json
+
+    store = tmp_path / "gpu-results"
+    store.mkdir()
+    (store / "results.json").write_text(json.dumps({"meta": {"device": "cuda", "dtype": "bfloat16"}, "cells": {"full": {}}}))
+    err = _cli_error(main, ["eval", "--out", str(store), "--device", "cpu", "--suite", "squeezekit_ppl@256:1"])
+    assert err == ROWS["eval-device"].template.format(value="'cpu/float32'", path=store / "results.json", have="cuda/bfloat16")
     from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
 
     def lm(extra: str):
@@ -532,6 +555,10 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     raised("rolling-prompt", lm("rolling_prompt=0"), value="0")
     raised("rolling-prompt", lm("rolling_prompt=1.5"), value="1.5")
     raised("adapter-attn", lm("attn_implementation=flex_attention"), value="'flex_attention'")
+    raised("adapter-fast", lm("fast=sometimes"), value="'sometimes'")
+    raised("adapter-cuda-graph", lm("cuda_graph=auto"), value="'auto'")
+    raised("adapter-micro-batch", lm("micro_batch=0"), value="0")
+    raised("adapter-check-every", lm("check_every=1.5"), value="1.5")
     import transformers as tf
 
     t5 = tmp_path / "tiny-t5"
