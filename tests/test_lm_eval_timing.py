@@ -43,7 +43,8 @@ def test_timing_script_runs_on_cpu(tmp_path, capsys):
     assert 0.15 < runs[("squeezekit@compressed", "niah_single_1", 512)]["kv_fraction"] < 0.25
     for method in lm_eval_timing.METHODS[1:]:  # squeezekit generated through the serving path, as it will on CUDA
         assert runs[(method, "niah_single_1", 512)]["generate_batches"] == {"serving": 1, "generate": 0}
-    meta = data["meta"]["models"]["tiny"]
+    (meta,) = data["meta"]["invocations"]
+    assert meta["model"] == "tiny" and meta["units"] == ["niah_single_1@512:2", "squeezekit_ppl@512:2"]
     assert meta["environment"]["device"] == "cpu" and meta["environment"]["dtype"] == "float32"
     assert "--models tiny" in meta["command"]
     checks = {(c["task"], c["what"]): c for c in data["checks"]}
@@ -55,6 +56,12 @@ def test_timing_script_runs_on_cpu(tmp_path, capsys):
     assert "| niah_single_1 | 512 | 2 |" in report and "| squeezekit_ppl | 512 | 2 |" in report
     assert report.count("met**") == 2  # both targets stated, met or not, from the measured numbers
     assert "squeezekit@1.0 <= 1.1x hf on all units" in report and "<= 0.6x hf on the 512-token units" in report
+    # a second invocation for one task replaces that unit's rows only
+    assert lm_eval_timing.main([*args[:-2], "--tasks", "squeezekit_ppl", "--check", "0", "--warmup", "0"]) == 0
+    again = json.loads((out / "lm-eval-timing.json").read_text())
+    assert len(again["runs"]) == 6 and [inv["units"] for inv in again["meta"]["invocations"]] == [
+        ["niah_single_1@512:2"], ["squeezekit_ppl@512:2"]]  # fmt: skip
+    assert {c["task"] for c in again["checks"] if c["what"].startswith("compressed")} == {"niah_single_1"}
 
 
 def test_targets_from_numbers():
@@ -64,6 +71,7 @@ def test_targets_from_numbers():
     full, compressed = lm_eval_timing.targets(data, "m")
     assert full["ratio"] == pytest.approx(33.5 / 30) and not full["met"]
     assert compressed["scope"] == "the 8192-token units" and compressed["ratio"] == pytest.approx(0.55) and compressed["met"]
+    assert compressed["per_unit"] == {"t@8192": pytest.approx(0.55)}
 
 
 class FakeEvaluator:
