@@ -293,8 +293,14 @@ class SqueezekitLM(HFLM):
 
         if isinstance(self.batch_size, int) and self.batch_size > 0:
             bs = self.batch_size
+        elif override_bs:
+            bs = override_bs
+        elif str(self.batch_size).startswith("auto"):  # as HFLM: the largest batch that fits, detected once
+            if getattr(self, "_auto_batch", None) is None:
+                self._auto_batch = self._detect_batch_size()
+            bs = self._auto_batch
         else:
-            bs = override_bs or 1
+            bs = 1
         order = sorted(unique, key=lambda k: (-len(k[0]), k))
         pbar = tqdm(total=len(order), disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood requests")
         for i in range(0, len(order), bs):

@@ -201,3 +201,16 @@ def test_scoring_blocks_split_long_prompts(tiny, monkeypatch):
     ref = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
     monkeypatch.setattr(adapter, "SCORE_BLOCK", 3 * len(lm.tokenizer))  # 3 columns a block
     assert abs(lm.loglikelihood_rolling(reqs, disable_tqdm=True)[0] - ref[0]) <= 1e-9 * abs(ref[0])
+
+
+def test_auto_batch_size_scores_in_detected_batches(tiny):
+    """batch_size=auto: the largest batch that fits, detected once, as HFLM does (not one request at a time)."""
+    lm = SqueezekitLM(pretrained=tiny, device="cpu", batch_size="auto", max_batch_size=4, budget=0.3, evictor="h2o",
+                      extend_chunk=8, max_length=256)  # detection runs forwards of max_length tokens
+    reqs = _requests(lm.tokenizer)
+    sizes = []
+    score = lm._score_batch
+    lm._score_batch = lambda rows: sizes.append(len(rows)) or score(rows)
+    _close(_lm(tiny, LegacyLM, batch_size=4, budget=0.3, evictor="h2o")._loglikelihood_tokens(reqs, disable_tqdm=True),
+           lm._loglikelihood_tokens(reqs, disable_tqdm=True))  # fmt: skip
+    assert lm._auto_batch == 4 and sizes[0] == 4
