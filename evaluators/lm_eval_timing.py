@@ -250,7 +250,6 @@ def run(args) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from lm_eval.evaluator import evaluate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -274,7 +273,14 @@ def run(args) -> dict:
     for inv in meta:
         inv["units"] = [u for u in inv["units"] if (inv["model"], *_unit_key(u)) not in ran]
     meta[:] = [inv for inv in meta if inv["units"]]
-    scratch = Path(tempfile.mkdtemp(prefix="lm-eval-timing-"))
+    with tempfile.TemporaryDirectory(prefix="lm-eval-timing-") as scratch:
+        return _run_models(args, data, models, tasks, lengths, meta, Path(scratch), device, dtype, dtype_name, out_dir)
+
+
+def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype, dtype_name, out_dir) -> dict:
+    import torch
+    from lm_eval.evaluator import evaluate
+
     task_sets: dict[str, Tasks] = {}
     for name in models:
         tok_dir = tokenizer_dir(name, scratch)
