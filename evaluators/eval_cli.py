@@ -27,6 +27,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=DEFAULT_SUITE, help="units TASK@LENGTH:N (N samples of TASK at prompts of "
                         "about LENGTH tokens), comma-separated")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences per batch")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); part of the results' setting")
     parser.add_argument("--extend-chunk", type=positive_int, default=None,
                         help="tokens per extend forward when scoring (default: the adapter's, 16)")
     parser.add_argument("--text-file", metavar="FILE", type=text_file,
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from .reports import summarize
     from .results import cell_key
     from .suite import parse_suite
-    from .sweep import run_sweep, sweep_configs
+    from .sweep import resolve_device, run_sweep, sweep_configs
 
     units = parse_suite(args.suite)
     shard = _shard(args.shard)
@@ -107,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.install_text:
         _install_text()
     text_file = str(args.text_file) if args.text_file else None
+    device, dtype = resolve_device(args.device, args.dtype)
     data = run_sweep(configs, units, Path(args.out), args.model, args.batch_size, text_file, args.extend_chunk,
-                     shard=shard)
+                     shard=shard, device=device, dtype=dtype)
     for config in configs:
         cell = data["cells"].get(cell_key(config))
         if cell is None:

@@ -4,13 +4,20 @@
 
 ``--model_args`` are the squeezekit config schema (``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``,
 ``window``, ``heavy_ratio`` and the chosen plugins' own parameters) plus `HFLM`'s own arguments (``pretrained``,
-``batch_size``, ``device``, ``dtype``, ``max_length``, ...) plus the three below. Any other key is a one-line
+``batch_size``, ``device``, ``dtype``, ``max_length``, ...) plus the adapter's own, below. Any other key is a one-line
 `squeezekit.ConfigError` naming the nearest valid key. ``pretrained`` defaults to the embedded SmolLM2 model.
 
 How each request type sees the compressed cache (batch > 1, padded, like generation):
 
-* ``generate_until``: ``model.generate`` runs inside ``squeezekit.compress``: the prompt is prefilled, budgets are
-  allocated and the cache is evicted, then every new token attends to the compressed cache.
+* ``generate_until``: the prompt is prefilled inside ``squeezekit.compress``, budgets are allocated and the cache is
+  evicted, then every new token attends to the compressed cache. Greedy requests (``do_sample`` false and nothing
+  else that changes the argmax: `squeezekit.transformers_api.greedy_eos`) take the serving path when ``fast`` is on
+  (by default on CUDA): `squeezekit.batching.prefill` in micro-batches of ``micro_batch`` rows, then
+  `squeezekit.decoding.GreedyDecoder` (a CUDA graph once every row of every layer is at its budget, also when the
+  rows' prompts, hence budgets, differ), with the stop sequences checked on the host every ``check_every`` tokens. Where ``model.generate`` would have stopped is replayed on the host with
+  lm-eval's own stopping criteria and the model's end-of-sequence ids, and the tokens decoded past it are dropped,
+  so the output equals ``model.generate``'s token for token. Any other request (sampling, beams, a logits
+  processor in the model's generation config, autocast) runs ``model.generate`` inside ``squeezekit.compress``.
 * ``loglikelihood``: one forward pass never evicts anything, so the context is prefilled first (compressed at the
   end of that forward, exactly as a prompt before generation) and the continuation is then scored in *extend*
   forwards of ``extend_chunk`` tokens against the compressed cache, which is evicted back to its budget after each
@@ -20,14 +27,28 @@ How each request type sees the compressed cache (batch > 1, padded, like generat
   ``rolling_prompt`` share of each window (at least its context) is the prompt: it is prefilled and compressed, and
   the rest of the window is scored against the compressed cache. The budget is a fraction of that prompt.
 
+With ``budget=1`` nothing is ever evicted, so the whole input of a request is one prefill (one forward, as `HFLM`
+scores it) instead of a prefill and extend forwards.
+
 Adapter arguments (not part of the squeezekit schema):
 
 * ``extend_chunk`` (int, default 16): tokens per extend forward. Generation is ``extend_chunk=1``; larger chunks
   are faster, and a token also sees (uncompressed) the earlier tokens of its own chunk.
 * ``rolling_prompt`` (float in (0, 1] or int tokens, default 0.5): the prompt part of a perplexity window.
 * ``attn_implementation`` (``sdpa`` or ``eager``, default: the model's): passed to ``from_pretrained``.
+* ``fast`` (``auto``, true or false; default ``auto``: on when the model runs on CUDA): the serving path above for
+  greedy ``generate_until`` requests. Its output equals ``model.generate``'s (tests/test_lm_eval_fast_path.py).
+* ``micro_batch`` (int, default: the whole batch): rows per prefill forward, in ``generate_until``'s serving path
+  (``model.generate`` prefills the whole batch at once) and when scoring. Smaller micro-batches hold less of the uncompressed prompt at once, so the batch (``batch_size``)
+  can grow. A batch-level allocator (``squeeze`` with ``per="batch"``, the default) then allocates every
+  micro-batch from the first one's mean layer importance (`squeezekit.batching.prefill`) instead of the whole
+  batch's, which can change the budgets and so the scores; per-sequence allocators give the same scores.
+* ``check_every`` (int, default 8): tokens decoded between two host-side stop checks in the serving path (it
+  decodes at most ``check_every - 1`` tokens past the last stop, which are dropped).
+* ``cuda_graph`` (bool, default true): let the serving path's decoder replay its step as a CUDA graph.
 
 With ``budget=1`` nothing is evicted and every score equals plain `HFLM`'s (tests/test_lm_eval_adapter.py).
+Scores are summed in float64 on the device and read back once per batch (no host sync per token or chunk).
 """
 
 from __future__ import annotations
@@ -46,14 +67,19 @@ from tqdm import tqdm
 
 from squeezekit.config import Config
 from squeezekit.errors import ConfigError, UnsupportedModelError
-from squeezekit.transformers_api import cache_argument, output_cache
+from squeezekit.transformers_api import cache_argument, greedy_eos, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
 HFLM_KEYS = frozenset(p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs"))
 #: the adapter's own arguments (documented in the module docstring)
-ADAPTER_KEYS = frozenset({"extend_chunk", "rolling_prompt", "attn_implementation"})
+ADAPTER_KEYS = frozenset(
+    {"extend_chunk", "rolling_prompt", "attn_implementation", "fast", "micro_batch", "check_every", "cuda_graph"}
+)
 DEFAULT_EXTEND_CHUNK = 16
 DEFAULT_ROLLING_PROMPT = 0.5
+DEFAULT_CHECK_EVERY = 8
+#: most float32 elements of log-probabilities scored at once (bounds the memory of scoring long prompts)
+SCORE_BLOCK = 1 << 26
 SOURCE = "model_args"
 
 
@@ -82,6 +108,19 @@ def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: s
     return number
 
 
+def _switch(args: dict[str, Any], key: str, default, auto: bool = False):
+    """Pop adapter argument ``key`` as a bool (or ``"auto"`` where allowed); anything else: `ConfigError`."""
+    value = args.pop(key, default)
+    text = str(value).strip().lower()
+    if auto and text == "auto":
+        return "auto"
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(key, value, "must be true or false" + (" or auto" if auto else ""), SOURCE)
+
+
 def _prompt_tokens(rolling_prompt: float, n: int) -> int:
     return int(rolling_prompt * n) if rolling_prompt <= 1 else int(rolling_prompt)
 
@@ -98,6 +137,13 @@ class SqueezekitLM(HFLM):
             hf, "rolling_prompt", DEFAULT_ROLLING_PROMPT, float, lambda v: 0 < v <= 1 or (v > 1 and v == int(v)),
             "must be a fraction in (0, 1] or a whole number of tokens",
         )  # fmt: skip
+        self.fast = _switch(hf, "fast", "auto", auto=True)
+        self.micro_batch = None  # the whole batch
+        if hf.get("micro_batch") is not None:
+            self.micro_batch = _number(hf, "micro_batch", None, int, lambda v: v >= 1, "must be an integer >= 1")
+        hf.pop("micro_batch", None)
+        self.check_every = _number(hf, "check_every", DEFAULT_CHECK_EVERY, int, lambda v: v >= 1, "must be an integer >= 1")
+        self.cuda_graph = _switch(hf, "cuda_graph", True)
         attn = hf.pop("attn_implementation", None)
         if attn is not None:
             if attn not in ("sdpa", "eager"):
@@ -122,6 +168,8 @@ class SqueezekitLM(HFLM):
         self._rolling = False
         #: KV bytes kept / full after each prefill, summed over every compressed forward of this instance
         self.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+        #: generate_until batches by path: the serving path, or model.generate
+        self.generate_batches = {"serving": 0, "generate": 0}
 
     # -- bookkeeping -----------------------------------------------------------------------------------------------
     def _compress(self):
@@ -143,10 +191,56 @@ class SqueezekitLM(HFLM):
 
     # -- generate_until ------------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        eos = self._serving_eos(context, max_length, generation_kwargs)
+        self.generate_batches["serving" if eos is not None else "generate"] += 1
+        if eos is not None:
+            return self._serve(context, generation_kwargs.get("attention_mask"), max_length - context.shape[1], stop, eos)
         with torch.no_grad(), self._compress() as compressor:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             self._record(compressor)
         return out
+
+    def _serving_on(self) -> bool:
+        return self.device.type == "cuda" if self.fast == "auto" else bool(self.fast)
+
+    def _serving_eos(self, context, max_length, generation_kwargs) -> tuple[int, ...] | None:
+        """The end-of-sequence ids when this request takes the serving path (greedy, see the module docstring)."""
+        if not self._serving_on() or self.mixed_precision_dtype is not None or max_length - context.shape[1] < 1:
+            return None
+        kwargs = {k: v for k, v in generation_kwargs.items() if k not in ("attention_mask", "temperature")}
+        temperature = generation_kwargs.get("temperature", 0.0)
+        if kwargs.get("do_sample") is None and temperature == 0.0:  # as HFLM._model_generate decides
+            kwargs["do_sample"] = False
+        if kwargs.get("do_sample") is not False:
+            return None
+        return greedy_eos(self.model, kwargs)
+
+    def _serve(self, context, mask, max_new: int, stop: list[str], eos: tuple[int, ...]) -> torch.Tensor:
+        """``model.generate``'s output (context + new tokens) through the serving path: micro-batched prefill, then
+        the greedy decoder, ``check_every`` tokens between host-side stop checks."""
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        from squeezekit.batching import prefill
+        from squeezekit.decoding import GreedyDecoder
+
+        B = context.shape[0]
+        pad = self.tokenizer.pad_token_id
+        if pad is None:  # what generate pads finished sequences with then
+            pad = eos[0] if eos else 0
+        replay = GenerateStops(stop_sequences_criteria(self.tokenizer, stop, 0, B), eos, pad, max_new, B)
+        with torch.inference_mode(), self._compress() as compressor:
+            cache, logits = prefill(self.model, compressor, context, mask, micro_batch=self.micro_batch or B)
+            self._record(compressor)
+            first = logits.argmax(-1)
+            del logits
+            end = replay.advance(first[:, None].cpu())
+            if end is None:
+                decoder = GreedyDecoder(self.model, cache, first, cuda_graph=self.cuda_graph)
+                while end is None:
+                    end = replay.advance(decoder.run(min(self.check_every, max_new - replay.n)).cpu())
+                del decoder
+            del cache
+        return torch.cat([context, replay.tokens[:, :end].to(context.device)], dim=1)
 
     # -- loglikelihood_rolling -------------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -177,13 +271,21 @@ class SqueezekitLM(HFLM):
                 if self._rolling:
                     prompt = max(prompt, _prompt_tokens(self.rolling_prompt, n))
                 prompt = min(max(prompt, 2), n)
+                if self.squeeze_config.full:  # nothing is ever evicted: the whole input in one forward, as HFLM does
+                    prompt = n
                 unique[key] = {"inp": inp, "targets": full[1:], "s": s, "P": prompt}
             members.append((key, continuation[-1]))
 
         if isinstance(self.batch_size, int) and self.batch_size > 0:
             bs = self.batch_size
+        elif override_bs:
+            bs = override_bs
+        elif str(self.batch_size).startswith("auto"):  # as HFLM: the largest batch that fits, detected once
+            if getattr(self, "_auto_batch", None) is None:
+                self._auto_batch = self._detect_batch_size()
+            bs = self._auto_batch
         else:
-            bs = override_bs or 1
+            bs = 1
         order = sorted(unique, key=lambda k: (-len(k[0]), k))
         pbar = tqdm(total=len(order), disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood requests")
         for i in range(0, len(order), bs):
@@ -204,82 +306,146 @@ class SqueezekitLM(HFLM):
 
     def _score_batch(self, rows: list[dict]) -> None:
         """Prefill the prompts (compressed), then extend with the rest; store each row's scores in place."""
+        from squeezekit.batching import prefill
+
         device = self.device
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
         B = len(rows)
-        for row in rows:
-            row["shared_ll"], row["shared_greedy"], row["last"] = 0.0, True, None
+        scores = Scores(rows, device)
         if any(row["P"] < 2 for row in rows):  # a 1-token input: no cache to compress, plain forward
-            for row in rows:
-                with torch.no_grad():
-                    logits = self.model(torch.tensor([row["inp"]], device=device)).logits[0]
-                self._take(row, 0, F.log_softmax(logits.float(), dim=-1))
+            for b, row in enumerate(rows):
+                with torch.inference_mode():
+                    logits = self.model(torch.tensor([row["inp"]], device=device)).logits
+                scores.add(logits, torch.zeros(1, dtype=torch.long, device=device), slice(b, b + 1))
+            scores.finish(rows)
             return
         maxP = max(row["P"] for row in rows)
         ids = torch.full((B, maxP), pad, dtype=torch.long)
         mask = torch.zeros(B, maxP, dtype=torch.long)
+        rest = max(len(row["inp"]) - row["P"] for row in rows)
+        new = torch.full((B, rest), pad, dtype=torch.long)  # the rest of each input, right-padded
+        new_mask = torch.zeros(B, rest, dtype=torch.long)
+        new_pos = torch.zeros(B, rest, dtype=torch.long)
         for b, row in enumerate(rows):  # left padding, as for generation
-            P = row["P"]
+            P, n = row["P"], len(row["inp"])
             ids[b, maxP - P :] = torch.tensor(row["inp"][:P])
             mask[b, maxP - P :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            if n > P:
+                new[b, : n - P] = torch.tensor(row["inp"][P:])
+                new_mask[b, : n - P] = 1
+            new_pos[b] = torch.arange(P, P + rest).clamp_max(n - 1)
+        prompt = torch.tensor([row["P"] for row in rows], device=device)
         keep = max(row["P"] - row["s"] for row in rows)
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        with torch.no_grad(), self._compress() as compressor:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep)
+        ids, mask = ids.to(device), mask.to(device)
+        new, new_pos = new.to(device), new_pos.to(device)
+        mask = torch.cat([mask, new_mask.to(device)], dim=1)
+        with torch.inference_mode(), self._compress() as compressor:
+            # prefill column j of a row is its input position P - keep + j
+            cache, _ = prefill(self.model, compressor, ids, mask[:, :maxP], micro_batch=self.micro_batch or B,
+                               logits_to_keep=keep, on_logits=lambda sl, lg: scores.add(lg, prompt[sl] - keep, sl))
             self._record(compressor)
-            cache = output_cache(out)
-            for b, row in enumerate(rows):
-                first = row["s"]  # prefill positions s..P-1 are scored by the prefill's last P-s columns
-                cols = out.logits[b, keep - (row["P"] - first) :]
-                self._take(row, first, F.log_softmax(cols.float(), dim=-1))
-            del out
-            rest = max(len(row["inp"]) - row["P"] for row in rows)
             C = self.extend_chunk
             for k in range(0, rest, C):
                 w = min(C, rest - k)
-                new = torch.full((B, w), pad, dtype=torch.long)
-                new_mask = torch.zeros(B, w, dtype=torch.long)
-                new_pos = torch.zeros(B, w, dtype=torch.long)
-                for b, row in enumerate(rows):
-                    start = row["P"] + k
-                    toks = row["inp"][start : start + w]
-                    if toks:
-                        new[b, : len(toks)] = torch.tensor(toks)
-                        new_mask[b, : len(toks)] = 1
-                    new_pos[b] = torch.arange(start, start + w).clamp_max(len(row["inp"]) - 1)
-                mask = torch.cat([mask, new_mask.to(device)], dim=1)
                 out = self.model(
-                    input_ids=new.to(device),
-                    attention_mask=mask,
-                    position_ids=new_pos.to(device),
+                    input_ids=new[:, k : k + w],
+                    attention_mask=mask[:, : maxP + k + w],
+                    position_ids=new_pos[:, k : k + w],
                     use_cache=True,
                     **{cache_argument(self.model): cache},
                 )
-                for b, row in enumerate(rows):
-                    start = row["P"] + k
-                    m = int(new_mask[b].sum())
-                    if m:
-                        self._take(row, start, F.log_softmax(out.logits[b, :m].float(), dim=-1))
+                scores.add(out.logits, prompt + k, slice(0, B))
                 cache = output_cache(out)
                 del out
+            del cache
+        scores.finish(rows)
 
-    @staticmethod
-    def _take(row: dict, first: int, logprobs: torch.Tensor) -> None:
-        """Add the scores of input positions first .. first+len-1 (only those at or after the row's ``s``)."""
-        n = len(row["inp"])
-        lo = max(first, row["s"])
-        hi = min(first + logprobs.shape[0], n)
-        if hi <= lo:
-            return
-        lp = logprobs[lo - first : hi - first]
-        shared_hi = min(hi, n - 1)  # positions before the last one: targets shared by the whole group
-        if shared_hi > lo:
-            targets = torch.tensor(row["targets"][lo:shared_hi], device=lp.device)
-            part = lp[: shared_hi - lo]
-            row["shared_ll"] += float(part.gather(1, targets[:, None]).sum())
-            row["shared_greedy"] = row["shared_greedy"] and bool((part.argmax(-1) == targets).all())
-        if hi == n:
-            row["last"] = lp[-1].cpu()
+
+class Scores:
+    """The log-likelihood sums of a batch of scored rows, kept on the device until `finish` (one transfer).
+
+    Per row: ``ll`` (float64) sums the log-probability of every target at input positions ``s`` .. ``n - 2`` (shared
+    by all requests of a group), ``greedy`` whether each of those targets was the argmax, and ``last`` the
+    log-probabilities at position ``n - 1`` (whose target differs between the requests of a group).
+    """
+
+    def __init__(self, rows: list[dict], device):
+        B = len(rows)
+        n = max(len(row["inp"]) for row in rows)
+        targets = torch.zeros(B, n, dtype=torch.long)
+        for b, row in enumerate(rows):
+            targets[b, : len(row["targets"])] = torch.tensor(row["targets"])
+        self.targets = targets.to(device)
+        self.n = torch.tensor([len(row["inp"]) for row in rows], device=device)
+        self.s = torch.tensor([row["s"] for row in rows], device=device)
+        self.ll = torch.zeros(B, dtype=torch.float64, device=device)
+        self.greedy = torch.ones(B, dtype=torch.bool, device=device)
+        self.last: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor, first: torch.Tensor, rows: slice) -> None:
+        """Score ``logits`` (b, w, vocab) of batch rows ``rows``: column j of row i is input position first[i] + j.
+        Columns outside a row's scored positions are ignored. No host sync."""
+        b, w, V = logits.shape
+        cols = max(1, SCORE_BLOCK // V)
+        for c0 in range(0, w, cols):
+            c1 = min(w, c0 + cols)
+            per = max(1, SCORE_BLOCK // ((c1 - c0) * V))
+            for r0 in range(0, b, per):
+                r1 = min(b, r0 + per)
+                pos = first[r0:r1, None] + torch.arange(c0, c1, device=first.device)
+                self._add(logits[r0:r1, c0:c1], pos, slice(rows.start + r0, rows.start + r1))
+
+    def _add(self, logits: torch.Tensor, pos: torch.Tensor, rows: slice) -> None:
+        lp = F.log_softmax(logits.float(), dim=-1)
+        n, s = self.n[rows, None], self.s[rows, None]
+        targets = self.targets[rows].gather(1, pos.clamp(0, self.targets.shape[1] - 1))
+        shared = (pos >= s) & (pos < n - 1)
+        got = lp.gather(-1, targets[..., None]).squeeze(-1)
+        self.ll[rows] += (got.double() * shared).sum(-1)
+        self.greedy[rows] &= ((lp.argmax(-1) == targets) | ~shared).all(-1)
+        is_last = (pos == n - 1) & (pos >= s)
+        if self.last is None:
+            self.last = torch.zeros(self.ll.shape[0], lp.shape[-1], dtype=torch.float32, device=lp.device)
+        at = is_last.to(torch.int8).argmax(-1)
+        last = lp[torch.arange(lp.shape[0], device=lp.device), at]
+        self.last[rows] = torch.where(is_last.any(-1, keepdim=True), last, self.last[rows])
+
+    def finish(self, rows: list[dict]) -> None:
+        """Store each row's ``shared_ll``, ``shared_greedy`` and ``last`` (on the host)."""
+        if self.last is None:
+            self.last = torch.zeros(self.ll.shape[0], 1, device=self.ll.device)
+        ll, greedy, last = self.ll.cpu().tolist(), self.greedy.cpu().tolist(), self.last.cpu()
+        for b, row in enumerate(rows):
+            row["shared_ll"], row["shared_greedy"], row["last"] = ll[b], greedy[b], last[b]
+
+
+class GenerateStops:
+    """Where ``model.generate`` (as lm-eval's HFLM calls it) ends, replayed on the host as tokens come.
+
+    Each step, exactly as ``generate`` does: a sequence already ended gets ``pad`` instead of its token; lm-eval's
+    stop-sequence criteria (`stop_sequences_criteria`, built for the new tokens only) see the tokens; a sequence whose
+    token is an end-of-sequence id ends. Generation ends when one criterion holds for the whole batch (lm-eval's
+    criteria end the batch together), when every sequence has ended, or after ``max_new`` tokens.
+    """
+
+    def __init__(self, criteria, eos: tuple[int, ...], pad: int, max_new: int, batch: int):
+        self.criteria, self.pad, self.max_new = list(criteria), pad, max_new
+        self.eos = torch.tensor(eos, dtype=torch.long)
+        self.tokens = torch.full((batch, max_new), pad, dtype=torch.long)  # what generate returns after the prompt
+        self.ended = torch.zeros(batch, dtype=torch.bool)
+        self.n = 0
+
+    def advance(self, new: torch.Tensor) -> int | None:
+        """Take the next greedy tokens (B, k) (on the host); the number of tokens generate returns once known."""
+        for token in new.unbind(1):
+            k = self.n
+            self.tokens[:, k] = torch.where(self.ended, self.pad, token)
+            self.n += 1
+            done = [bool(criterion(self.tokens[:, : self.n], None)) for criterion in self.criteria]  # all, in order
+            if self.eos.numel():
+                self.ended |= torch.isin(self.tokens[:, k], self.eos)
+            if any(done) or bool(self.ended.all()) or self.n >= self.max_new:
+                return self.n
+        return None

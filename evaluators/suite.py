@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +81,16 @@ def parse_suite(text: str) -> list[Unit]:
 
 @contextlib.contextmanager
 def capped_ruler_samples(cap: int):
-    """While loading: RULER's generators build at most ``cap`` samples instead of 500 (the first ``cap``, the same
-    samples). lm-eval 0.4.13 hard-codes ``num_samples=500`` in its RULER generators and offers no setting for it, so
-    there is no public route: the generators are wrapped for the duration of the block and restored after it."""
-    patched = []
-    for name in ("niah_utils", "vt_utils", "cwe_utils", "fwe_utils"):
+    """While loading: RULER's generators build at most ``cap`` samples instead of 500 (the first ``cap``: the same
+    samples). lm-eval 0.4.13 hard-codes ``num_samples=500`` in its RULER task functions and offers no setting for
+    it: there is no public route, so the generators are wrapped for the duration of the block and restored after it.
+    Its YAML loader re-executes a task module unless the one in ``sys.modules`` carries the file's ``__mtime__``
+    (lm_eval/tasks/_yaml_loader.py), so the wrapped modules get it, or the wrap would be lost."""
+    patched: list[tuple[object, str, object]] = []
+    for name in ("prepare_niah", "niah_utils", "vt_utils", "cwe_utils", "fwe_utils"):
         module = importlib.import_module(f"lm_eval.tasks.ruler.{name}")
+        if getattr(module, "__file__", None) and not hasattr(module, "__mtime__"):
+            module.__mtime__ = os.stat(module.__file__).st_mtime_ns  # type: ignore[attr-defined]
         for attr, fn in list(vars(module).items()):
             if not (callable(fn) and getattr(fn, "__module__", "").startswith("lm_eval.tasks.ruler")):
                 continue
@@ -98,8 +103,7 @@ def capped_ruler_samples(cap: int):
 
             @functools.wraps(fn)
             def capped(*args, _fn=fn, **kwargs):
-                if kwargs.get("num_samples", 0) > cap:
-                    kwargs["num_samples"] = cap
+                kwargs["num_samples"] = min(int(kwargs.get("num_samples", 500)), cap)
                 return _fn(*args, **kwargs)
 
             patched.append((module, attr, fn))
@@ -111,9 +115,27 @@ def capped_ruler_samples(cap: int):
             setattr(module, attr, fn)
 
 
-def load_unit(unit: Unit, model_dir: str, text_file: str | None = None) -> dict:
+@contextlib.contextmanager
+def offline_nltk():
+    """RULER's niah module asks NLTK to download ``punkt_tab`` at import when it is missing (used for essay haystacks
+    only, not the tasks here): never reach for the network (an offline GPU machine would wait on it)."""
+    try:
+        import nltk
+    except ImportError:
+        yield
+        return
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        nltk.download = download
+
+
+def load_unit(unit: Unit, model_dir: str, text_file: str | None = None, max_gen_toks: int | None = None) -> dict:
     """lm-eval's loaded task dict for ``unit`` (prompts sized with ``model_dir``'s tokenizer), zero-shot, with
-    generation cut to what the answers need. A TaskManager indexes only RULER's and squeezekit's task folders."""
+    generation cut to what the answers need (``max_gen_toks``, default `MAX_GEN_TOKS`). A TaskManager indexes only
+    RULER's and squeezekit's task folders, with the unit's metadata (TaskManager takes it when it is built)."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
@@ -122,11 +144,12 @@ def load_unit(unit: Unit, model_dir: str, text_file: str | None = None) -> dict:
         metadata["text_file"] = text_file
     ruler_dir = Path(lm_eval.tasks.__file__).parent / "ruler"
     manager = TaskManager(include_path=[str(TASKS_DIR), str(ruler_dir)], include_defaults=False, metadata=metadata)
-    with capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext():
+    with offline_nltk(), capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext():
         loaded = manager.load([unit.task])
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
-        if task.get_config("output_type") == "generate_until" and unit.task in MAX_GEN_TOKS:
-            task.set_config(key="generation_kwargs", value={"max_gen_toks": MAX_GEN_TOKS[unit.task]}, update=True)
+        tokens = max_gen_toks or MAX_GEN_TOKS.get(unit.task)
+        if task.get_config("output_type") == "generate_until" and tokens:
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": tokens}, update=True)
     return loaded

@@ -55,6 +55,19 @@ def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None =
     return configs
 
 
+def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """``(device, dtype)``: CUDA when there is one, else the CPU; bfloat16 on CUDA, float32 on the CPU. A CUDA device
+    asked for where there is none is a one-line error."""
+    import torch
+
+    from squeezekit.errors import InputError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def setting(model_dir: str, text_file: str | None, batch_size: int, extend_chunk: int, rolling_prompt: float,
             device: str, dtype: str) -> dict[str, Any]:
     """What decides a store's scores besides the config and the unit (see results.py)."""
@@ -84,9 +97,10 @@ def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_s
     from .reports import write_reports
 
     model_dir = str(model_dir or default_model_dir())
-    device = str(model_args.get("device") or "cpu")
+    device, dtype = resolve_device(model_args.pop("device", None), model_args.pop("dtype", None))
+    model_args.update(device=device, dtype=dtype)
     identity = setting(model_dir, text_file, batch_size, extend_chunk or DEFAULT_EXTEND_CHUNK, DEFAULT_ROLLING_PROMPT,
-                       device.split(":")[0], str(model_args.get("dtype") or "float32"))
+                       device.split(":")[0], dtype)
     store = ResultStore(out_dir, identity)  # refuses an --out of another setting before anything loads
     configs = configs[shard[0] :: shard[1]]
     todo = [(c, u) for c in configs for u in units if not store.has(c, u)]

@@ -131,7 +131,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
 
     causal_only = fresh and step.all_valid and (window is None or window >= q)
     if layer is not None and layer.steady and q == 1:
-        full_buffer = True  # host-known: every slot valid, no window (no sync on the hot path)
+        full_buffer = not layer.holes  # host-known (no sync on the hot path); free slots: masked below
     else:
         full_buffer = q == 1 and bool(kv_valid.all()) and (
             window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)

@@ -4,6 +4,7 @@ whole batch's: the freed memory becomes batch size."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,9 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     micro_batch: int = 8,
     chunk: int | None = None,
-):
+    logits_to_keep: int = 1,
+    on_logits: Callable[[slice, torch.Tensor], None] | None = None,
+) -> tuple[SqueezeCache, torch.Tensor]:
     """Prefill ``input_ids`` (B, T) in micro-batches inside ``compressor``'s active ``compress`` block on ``model``
     (what ``with squeezekit.compress(model, ...) as compressor`` gives).
 
@@ -39,9 +42,17 @@ def prefill(
     `squeezekit.allocation.BatchAllocation` passed to every micro-batch's cache). So rows with equal prompt lengths
     get equal budgets, and the assembled cache can take the CUDA-graph decode path.
 
+    Left padding (``attention_mask``) gets the positions ``model.generate`` gives it: each sequence starts at 0.
+
+    ``on_logits(rows, logits)``, if given, is called once per micro-batch, as it comes, with its rows (a slice of the
+    batch) and the logits of their last ``logits_to_keep`` input positions, (rows, logits_to_keep, vocab) (scoring
+    prompts needs more than the last one; ``chunk`` keeps only the last).
+
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
     """
+    if chunk and logits_to_keep > 1:
+        raise InputError("squeezekit.batching.prefill keeps the logits of the last position only with a chunked prefill")
     if not (getattr(compressor, "active", False) and compressor.model is model):
         if attn_implementation(model) == ATTENTION:  # the model is in a block, but not this one
             raise InputError("squeezekit.batching.prefill got the Compressor of another compress() block than the model's")
@@ -53,8 +64,11 @@ def prefill(
     for start in range(0, batch, micro_batch):
         rows = slice(start, start + micro_batch)
         mask = None if attention_mask is None else attention_mask[rows]
-        part, last = _prefill_one(model, compressor, input_ids[rows], mask, chunk, shared)
-        logits.append(last)
+        part, last = _prefill_one(model, compressor, input_ids[rows], mask, chunk, shared, logits_to_keep)
+        if on_logits is not None:
+            on_logits(rows, last)
+        logits.append(last[:, -1] if last.shape[1] == 1 else last[:, -1].clone())  # not a view of all kept
+        del last
         if micro_batch >= batch:
             cache = part
             break
@@ -72,15 +86,21 @@ def prefill(
     return cache, torch.cat(logits)
 
 
-def _prefill_one(model, compressor: Compressor, ids, mask, chunk: int | None, shared: BatchAllocation):
+def _prefill_one(
+    model, compressor: Compressor, ids, mask, chunk: int | None, shared: BatchAllocation, keep: int = 1
+) -> tuple[SqueezeCache, torch.Tensor]:
+    """One micro-batch: ``(cache, logits of its last ``keep`` positions (b, keep, vocab))``."""
     T = ids.shape[1]
+    # left padding: positions count real tokens only, as model.generate (and every later decode step) counts them
+    positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp_min(0)
     if not chunk or chunk >= T:
         cache = compressor.new_cache(shared=shared)
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **compressor.cache_kwargs(cache))
-        return output_cache(out), out.logits[:, -1]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                    **compressor.cache_kwargs(cache))
+        return output_cache(out), out.logits
     if mask is None:
         mask = torch.ones_like(ids)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = compressor.new_cache(shared=shared, expected_prompt_len=mask.sum(-1))
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
@@ -88,7 +108,7 @@ def _prefill_one(model, compressor: Compressor, ids, mask, chunk: int | None, sh
             input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], use_cache=True,
             logits_to_keep=1, **compressor.cache_kwargs(cache),
         )  # fmt: skip
-        last = out.logits[:, -1]
+        last = out.logits[:, -1:]
         del out
         # buffers keep their room for a chunk until compact(): this is the most the prefill holds
         cache.peak_kv_bytes_prefill = max(cache.peak_kv_bytes_prefill, cache.kv_nbytes())

@@ -81,9 +81,13 @@ class SqueezeLayer(CacheLayerMixin):
         self.window: int | None = None  # the model's own sliding window for this layer, if any
         self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
         self.heads_differ = False  # once per-head eviction happened, masks are per KV head
-        #: host-side: every slot of every row is valid and every row is at its budget. A decode step then evicts one
-        #: token and writes the new one in its slot: shapes never change, no mask, no host sync (CUDA-graph safe).
+        #: host-side: every row is at its budget. A decode step then evicts one token and writes the new one: shapes
+        #: never change, no host sync (CUDA-graph safe). Without `holes`, in the evicted token's slot and no mask.
         self.steady = False
+        #: host-side, with `steady`: some rows have free slots (a smaller budget than the buffer, or padding). A step
+        #: then writes where the general path would (the first free slot once the victim's is freed) and attention
+        #: masks by slot: bitwise what the general path computes, without its host syncs.
+        self.holes = False
 
     # -- transformers' layer API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -210,6 +214,10 @@ class SqueezeLayer(CacheLayerMixin):
         # the new token will be the newest: every held token competes (protect_newest=False)
         victim = self.cache.runner.victims(lambda: self.view("decode"), protect_newest=False, defer_nan=True)
         step = self.cache.step
+        if self.holes:  # as _make_room + append: free the victim's slot, write into the first free one
+            self.valid.scatter_(2, victim, False)
+            victim = (~self.valid).to(torch.int8).argmax(-1, keepdim=True)
+            self.valid.scatter_(2, victim, True)
         B, H, _, D = self.keys.shape
         self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
         self.values.scatter_(2, victim[..., None].expand(B, H, 1, D), v)
@@ -312,10 +320,12 @@ class SqueezeLayer(CacheLayerMixin):
                 self.shrink_to_fit()
 
     def update_steady(self) -> None:
-        """Recompute `steady` (host sync: only between steps that change shapes)."""
+        """Recompute `steady` (every row at its budget) and `holes` (some slot free) from the slots (host sync: only
+        between steps that change shapes). Sliding-window layers are never steady."""
         if self.window is None and self.budget is not None:
-            full = bool((self.counts() == self.capacity).all())
-            self.steady = full and bool((self.budget == self.capacity).all())
+            counts = self.counts()
+            self.steady = bool((counts == self.budget.to(counts.device).view(-1, 1)).all())
+            self.holes = self.steady and not bool(self.valid.all())
 
     # -- building a batch cache from micro-batches (squeezekit.batching) --------------------------------------------
     def preallocate(self, like: SqueezeLayer, batch: int) -> None:
@@ -327,15 +337,17 @@ class SqueezeLayer(CacheLayerMixin):
                     setattr(self, name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
             if like.budget is not None:
                 self.budget = like.budget.new_zeros(batch)
-        self.window, self.steady = like.window, like.steady
+        self.window, self.steady, self.holes = like.window, like.steady, like.holes
         self.lazy_initialization(self.keys, self.values)
 
     def copy_rows(self, part: SqueezeLayer, rows: slice) -> None:
         """Copy ``part``'s rows into ``rows`` (growing the slots if ``part`` holds more), then free ``part``."""
         if part.capacity > self.capacity:  # rare: this micro-batch got a larger budget for the layer
             self._pad_to(part.capacity)
-            self.steady = False
-        steady = part.steady and part.capacity == self.capacity
+            self.holes = True  # the rows so far now have free slots
+        # a row padded to the batch's buffer has free slots: still steady (see `holes`)
+        self.holes = self.holes or part.holes or part.capacity < self.capacity
+        steady = part.steady
         for name, fill in _SLOTS:
             t = getattr(part, name)
             if t is not None:

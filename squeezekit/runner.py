@@ -192,7 +192,7 @@ class PolicyRunner:
             keep = view.budget - 1  # a plugin's own select: the generic path (validated)
             check = lambda idx: check_selection(idx, view, keep)  # noqa: E731
             idx = self._call("evictor", "select", view, keep, watch=view, check=check)
-            dropped = torch.ones_like(view.valid)
+            dropped = view.valid.clone()  # the victim: a valid slot select() did not keep
             dropped.scatter_(2, idx.long().clamp_min(0), False)
             return dropped.to(torch.int8).argmax(-1, keepdim=True)
 

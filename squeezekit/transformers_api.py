@@ -9,7 +9,9 @@ Used as is, without a wrapper (public, stable API):
   - ``AutoModelForCausalLM.from_pretrained(dir, dtype=, attn_implementation=, local_files_only=, gguf_file=)``,
     ``AutoConfig.for_model``, ``from_config``, ``save_pretrained``, ``AutoTokenizer`` (squeezekit.models, bench);
   - ``model.generate``: builds an empty `Cache` for the first forward and feeds each forward's returned cache to the
-    next (so the cache the compressor substitutes is the one generation keeps); the forward's ``logits_to_keep``.
+    next (so the cache the compressor substitutes is the one generation keeps); the forward's ``logits_to_keep``;
+    ``position_ids`` from the attention mask (each left-padded sequence starts at 0), as squeezekit's own prefill
+    and decoder give them.
 """
 
 from __future__ import annotations
@@ -101,6 +103,48 @@ def text_config(model: Any) -> Any:
     ``layer_types`` (``"full_attention"`` marks the layers squeezekit budgets) and ``max_position_embeddings``."""
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+# -- generation --------------------------------------------------------------------------------------------------------
+#: generation-config fields that never change which token greedy search picks or when it stops (sampling-only
+#: warpers, beam-only knobs, output switches, the special ids read separately, and ``max_length``, which the caller
+#: passes explicitly)
+GREEDY_NEUTRAL = frozenset({
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "length_penalty", "early_stopping", "use_cache", "output_attentions", "output_hidden_states", "output_scores",
+    "output_logits", "return_dict_in_generate", "pad_token_id", "bos_token_id", "eos_token_id",
+    "decoder_start_token_id", "max_length", "transformers_version",
+})  # fmt: skip
+
+
+def greedy_eos(model: Any, kwargs: dict) -> tuple[int, ...] | None:
+    """The end-of-sequence ids at which ``model.generate(**kwargs)`` ends a sequence, when that call is plain greedy
+    search; None when it is not (sampling, beams, or any logits processor or extra stopping rule).
+
+    Relied on: ``model.generation_config`` updated with ``kwargs`` (``GenerationConfig.update`` returns the keys it
+    does not know) is what ``generate`` runs with; a field at `GenerationConfig`'s default adds no logits processor
+    and no stopping criterion; with ``do_sample`` false and one beam, ``generate`` takes the argmax of the last
+    position's logits; ``eos_token_id`` (an int or a list) ends a sequence, which then gets ``pad_token_id``.
+    """
+    import copy
+
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(model.generation_config)
+    if config.update(**kwargs):  # something generate would take as a model input, not a generation setting
+        return None
+    if config.do_sample or (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        return None
+    default = GenerationConfig().to_dict()
+    for key, value in config.to_dict().items():
+        if key.startswith("_") or key in GREEDY_NEUTRAL or key in ("do_sample", "num_beams", "num_return_sequences"):
+            continue
+        if value != default.get(key):
+            return None
+    eos = config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 # -- versions ----------------------------------------------------------------------------------------------------------

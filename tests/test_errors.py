@@ -185,6 +185,18 @@ CATALOGUE = [
     Row("adapter-attn", "lm-eval model_args attn_implementation other than sdpa / eager", "ConfigError",
         "config error: model_args: attn_implementation = {value}: must be 'sdpa' or 'eager'",
         "test_evaluation_command_arguments"),
+    Row("adapter-fast", "lm-eval model_args fast other than true / false / auto", "ConfigError",
+        "config error: model_args: fast = {value}: must be true or false or auto",
+        "test_evaluation_command_arguments"),
+    Row("adapter-cuda-graph", "lm-eval model_args cuda_graph other than true / false", "ConfigError",
+        "config error: model_args: cuda_graph = {value}: must be true or false",
+        "test_evaluation_command_arguments"),
+    Row("adapter-micro-batch", "lm-eval model_args micro_batch not an integer >= 1", "ConfigError",
+        "config error: model_args: micro_batch = {value}: must be an integer >= 1",
+        "test_evaluation_command_arguments"),
+    Row("adapter-check-every", "lm-eval model_args check_every not an integer >= 1", "ConfigError",
+        "config error: model_args: check_every = {value}: must be an integer >= 1",
+        "test_evaluation_command_arguments"),
     Row("adapter-causal", "lm-eval --model squeezekit with an encoder-decoder model", "UnsupportedModelError",
         "the squeezekit lm-eval model serves decoder-only (causal) models only",
         "test_evaluation_command_arguments"),
@@ -632,6 +644,10 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     raised("rolling-prompt", lm("rolling_prompt=0"), value="0")
     raised("rolling-prompt", lm("rolling_prompt=1.5"), value="1.5")
     raised("adapter-attn", lm("attn_implementation=flex_attention"), value="'flex_attention'")
+    raised("adapter-fast", lm("fast=sometimes"), value="'sometimes'")
+    raised("adapter-cuda-graph", lm("cuda_graph=auto"), value="'auto'")
+    raised("adapter-micro-batch", lm("micro_batch=0"), value="0")
+    raised("adapter-check-every", lm("check_every=1.5"), value="1.5")
     import transformers as tf
 
     t5 = tmp_path / "tiny-t5"

@@ -143,3 +143,14 @@ def test_suite_parsing_errors():
         suite.parse_suite("hellaswag@1024:8")
     with pytest.raises(ConfigError, match="TASK@LENGTH:N"):
         suite.parse_suite("niah_single_1:8")
+
+
+def test_ruler_units_build_only_their_samples(tiny):
+    """A unit of N RULER samples builds N (not lm-eval's 500), and the wrapped generators are restored after."""
+    import lm_eval.tasks.ruler.prepare_niah as prepare
+
+    before = prepare.generate_samples
+    loaded = suite.load_unit(suite.Unit("niah_single_1", 512, 3), tiny)
+    (task,) = loaded["tasks"].values()
+    assert len(task.dataset["test"]) == 3
+    assert prepare.generate_samples is before

@@ -63,6 +63,17 @@ def test_budget_one_matches_plain_hflm(tiny, plain):
             assert abs(r - g) < 1e-4 and rg == gg
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_budget_one_generation_matches_plain_hflm(tiny, plain, fast):
+    """model.generate inside compress, and the serving path (micro-batched prefill + greedy decoder), alike."""
+    prompts = [standin_text(30 + 23 * i, seed=40 + i) for i in range(5)]
+    for until in ([], [" "]):
+        kwargs = {"until": until, "max_gen_toks": 16, "do_sample": False}
+        reqs = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+        ref = plain.generate_until(reqs, disable_tqdm=True)
+        assert _lm(tiny, budget=1.0, fast=fast, micro_batch=2).generate_until(reqs, disable_tqdm=True) == ref
+
+
 def test_small_budget_changes_multi_token_scores_only(tiny, plain):
     reqs = _requests(plain.tokenizer)
     ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
