@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .kernels import attention as kernels
 from .policies import Stat
 
 NAME = "squeezekit"
@@ -123,6 +124,13 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
         )
 
+    if q > 1 and not softcap and not full_buffer and compressor.backend == "sdpa" and (want_probs or not causal_only):
+        # masked multi-token steps (H2O's prefill, chunked or padded prefill): fused Triton kernels on CUDA
+        fused = kernels.masked_attention(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, fresh, want_probs)
+        if fused is not None:
+            if want_probs:
+                layer.attention += fused[1]
+            return fused[0], None
     if compressor.backend == "eager" or want_probs or softcap:
         if full_buffer:
             mask_for = lambda s, e: None  # noqa: E731

@@ -1,0 +1,170 @@
+"""squeezekit's Triton kernels on the CPU, through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+when there is no GPU): the masked attention + per-slot column sums against the explicit softmax path, and the
+dispatch in squeezekit.attention (CPU keeps the plain path unless told otherwise)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import batch, tiny_model
+
+import squeezekit
+from squeezekit import kernels
+from squeezekit.attention import _explicit, _mask
+from squeezekit.batching import prefill
+from squeezekit.decoding import GreedyDecoder
+
+pytestmark = pytest.mark.skipif(
+    not (kernels.triton_available() and kernels.interpreting()), reason="needs Triton and TRITON_INTERPRET=1"
+)
+
+
+def _reference(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling):
+    mask_for = lambda s, e: _mask(kv_valid, kv_pos, q_pos[:, s:e], window)  # noqa: E731
+    return _explicit(query, key, value, mask_for, scaling, None, q_valid.float(), True)
+
+
+def _fresh(B, Hq, H, q, D, pad_rows=(), right=False, seed=0):
+    """A fresh prefill layer: slot i holds token i; some rows padded on the left (or right)."""
+    g = torch.Generator().manual_seed(seed)
+    query, key, value = (torch.randn(B, h, q, D, generator=g) for h in (Hq, H, H))
+    valid = torch.ones(B, q, dtype=torch.bool)
+    for b, n in pad_rows:
+        if right:
+            valid[b, q - n :] = False
+        else:
+            valid[b, :n] = False
+    pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, -1)
+    return query, key, value, valid[:, None, :], pos[:, None, :].to(torch.int32), pos, valid
+
+
+def _later_step(B, Hq, H, q, C, D, seed=0):
+    """A non-fresh layer (a chunk of a chunked prefill, or any later step): C unordered slots, per-head validity
+    (after eviction), the q new tokens written into free slots, one padded new token in row 1."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, Hq, q, D, generator=g)
+    key, value = torch.randn(B, H, C, D, generator=g), torch.randn(B, H, C, D, generator=g)
+    seen = torch.tensor([37, 41])[:B]
+    q_valid = torch.ones(B, q, dtype=torch.bool)
+    q_valid[1, 0] = False
+    q_pos = (seen.view(-1, 1) + q_valid.long().cumsum(-1) - 1).masked_fill(~q_valid, -1)
+    kv_valid = torch.zeros(B, H, C, dtype=torch.bool)
+    kv_pos = torch.full((B, H, C), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            slots = torch.randperm(C, generator=g)
+            new, old = slots[:q], slots[q:]
+            kv_valid[b, h, new], kv_pos[b, h, new] = q_valid[b], q_pos[b].to(torch.int32)
+            kept = old[: len(old) - 3 - h]  # a few free slots, a different number per head
+            kv_valid[b, h, kept] = True
+            kv_pos[b, h, kept] = torch.randperm(int(seen[b]), generator=g)[: len(kept)].to(torch.int32)
+    return query, key, value, kv_valid, kv_pos, q_pos, q_valid
+
+
+CASES = {
+    "gqa": dict(B=2, Hq=4, H=2, q=37, D=16),
+    "left-padding": dict(B=3, Hq=4, H=2, q=40, D=16, pad_rows=((1, 7), (2, 19))),
+    "right-padding": dict(B=2, Hq=4, H=2, q=33, D=16, pad_rows=((1, 10),), right=True),
+    "mha-head-dim-24": dict(B=2, Hq=2, H=2, q=35, D=24, pad_rows=((0, 3),)),
+    "group-of-4": dict(B=1, Hq=8, H=2, q=50, D=32),
+}
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fresh_prefill_matches_the_explicit_path(case, window):
+    from squeezekit.kernels.attention import attention_lse, column_sums
+
+    query, key, value, kv_valid, kv_pos, q_pos, q_valid = _fresh(**CASES[case])
+    scaling = query.shape[-1] ** -0.5
+    ref_out, ref_sums = _reference(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling)
+    for causal_slots in (True, False):  # the diagonal skip changes nothing
+        out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
+        sums = column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
+        assert out.shape == ref_out.shape and sums.shape == ref_sums.shape
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)  # padding rows too (finite, as explicit)
+        assert float((sums - ref_sums).abs().max() / ref_sums.abs().max()) < 1e-5
+        # every real query hands out probability 1 per query head
+        G = query.shape[1] // key.shape[1]
+        assert torch.allclose(sums.sum((1, 2)), q_valid.sum(-1).float() * G * key.shape[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 15])
+def test_later_step_with_unordered_per_head_slots_matches_the_explicit_path(window):
+    from squeezekit.kernels.attention import attention_lse, column_sums
+
+    query, key, value, kv_valid, kv_pos, q_pos, q_valid = _later_step(B=2, Hq=4, H=2, q=12, C=45, D=16)
+    scaling = 0.25
+    ref_out, ref_sums = _reference(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling)
+    out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, False)
+    sums = column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert float((sums - ref_sums).abs().max() / ref_sums.abs().max()) < 1e-5
+    assert bool((sums[~kv_valid] == 0).all())  # free slots receive nothing
+
+
+def _spy():
+    return dict(kernels.settings.calls)
+
+
+def _h2o_run(model, ids, mask, steps=6, chunk=None):
+    with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4) as c:
+        cache, logits = prefill(model, c, ids, mask, micro_batch=ids.shape[0], chunk=chunk)
+        attention = [layer.attention.clone() for layer in cache.layers]
+        tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(steps)
+        return logits, attention, tokens, c.summary()["budgets"]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "mistral_window"])
+def test_dispatch_cpu_keeps_the_explicit_path_and_the_interpreted_kernels_agree(arch):
+    model = tiny_model(arch)
+    ids, mask = batch(3, 48, pad=5)
+    before = _spy()
+    ref = _h2o_run(model, ids, mask)
+    assert _spy() == before  # CPU: the plain path, kernels untouched
+    with kernels.configured(interpret=True):
+        got = _h2o_run(model, ids, mask)
+    assert _spy()["attention"] == before["attention"] + 4  # the prefill's 4 layers (decode steps: one query, plain)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)  # last-token logits
+    for a, b in zip(got[1], ref[1], strict=True):  # the accumulated attention after prefill, per slot
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    assert torch.equal(got[3], ref[3]) and torch.equal(got[2], ref[2])  # same budgets, same greedy tokens
+
+
+def test_kernels_off_and_failure_fall_back_to_the_plain_path(monkeypatch):
+    model = tiny_model("llama")
+    ids, mask = batch(2, 40, pad=4)
+    ref = _h2o_run(model, ids, mask, steps=3)
+    before = _spy()
+    with kernels.configured("steady", interpret=True):  # attention kernel not chosen
+        got = _h2o_run(model, ids, mask, steps=3)
+    assert _spy() == before and torch.equal(got[2], ref[2])
+    from squeezekit.kernels import attention as ka
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(ka, "attention_lse", broken)
+    monkeypatch.setattr(ka, "_fall_back_on_error", lambda query: True)  # as on the GPU
+    with kernels.configured(interpret=True):
+        with pytest.warns(RuntimeWarning, match="fused 'attention' kernel failed"):
+            got = _h2o_run(model, ids, mask, steps=3)
+        assert "attention" in kernels.settings.failed and not kernels.use("attention", ids)
+    assert torch.equal(got[2], ref[2]) and "attention" not in kernels.settings.failed
+
+
+def test_chunked_prefill_through_the_masked_kernel_matches():
+    """Chunks after the first are masked steps over unordered slots: the kernel serves them (no colsum)."""
+    model = tiny_model("llama")
+    ids, mask = batch(2, 60, pad=6)
+    with squeezekit.compress(model, evictor="streaming", budget=0.3, sinks=2, window=4) as c:
+        cache, ref_logits = prefill(model, c, ids, mask, micro_batch=2, chunk=20)
+        ref = GreedyDecoder(model, cache, ref_logits.argmax(-1), cuda_graph=False).run(4)
+    before = _spy()["attention"]
+    with kernels.configured(interpret=True):
+        with squeezekit.compress(model, evictor="streaming", budget=0.3, sinks=2, window=4) as c:
+            cache, logits = prefill(model, c, ids, mask, micro_batch=2, chunk=20)
+            got = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(4)
+    assert _spy()["attention"] == before + 3 * 4  # 3 chunks x 4 layers (the first chunk is padded: masked too)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, ref)
