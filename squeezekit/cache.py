@@ -21,6 +21,7 @@ import torch
 from .budget import check_budgets
 from .config import floor_hint
 from .errors import BudgetError, InputError, PluginError  # noqa: F401
+from .kernels import steady as steady_kernel
 from .policies import AllocationRequest, LayerView, Stat, TokenEvictor
 from .selection import check_selection, victim_slots
 from .transformers_api import Cache, CacheLayerMixin
@@ -175,6 +176,10 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _steady_append(self, k: torch.Tensor, v: torch.Tensor):
         """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
+        victim = self.cache.with_fallback("evictor", lambda: steady_kernel.append_steady(self, k, v))
+        if victim is not None:  # one fused kernel did it all (CUDA; squeezekit.kernels.steady)
+            self.new_slots, self.heads_differ = victim, True
+            return self.keys, self.values
         victim = self.cache.with_fallback("evictor", self._steady_victim)
         step = self.cache.step
         B, H, _, D = self.keys.shape
@@ -218,7 +223,9 @@ class SqueezeLayer(CacheLayerMixin):
             raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned shape {tuple(score.shape)}, expected {tuple(self.valid.shape)}")
         if score.device != self.valid.device:
             raise PluginError(evictor.name, cache.origin("evictor"), f"score() returned a tensor on {score.device}, expected {self.valid.device}")
-        if defer_nan and score.is_cuda:
+        if defer_nan == "fused":  # the caller's kernel records NaN (squeezekit.kernels.steady)
+            pass
+        elif defer_nan and score.is_cuda:
             cache.check_nan_later(score)
         elif bool((torch.isnan(score) & self.valid).any()):
             raise PluginError(evictor.name, cache.origin("evictor"), "score() returned NaN for a cached token")

@@ -168,3 +168,65 @@ def test_chunked_prefill_through_the_masked_kernel_matches():
     assert _spy()["attention"] == before + 3 * 4  # 3 chunks x 4 layers (the first chunk is padded: masked too)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, ref)
+
+
+def test_steady_write_matches_victim_slots_and_the_scatters():
+    """Victim choice (ties to the older token, NaN lowest, +inf kept) and the in-place write, against the plain path."""
+    from squeezekit.kernels.steady import steady_write
+    from squeezekit.policies import LayerView
+    from squeezekit.selection import victim_slots
+
+    g = torch.Generator().manual_seed(3)
+    B, H, S, D = 3, 2, 37, 16
+    score = torch.randint(0, 4, (B, H, S), generator=g).float()  # many exact ties
+    score[0, 0, 5] = float("nan")
+    score[1, 1, :] = float("inf")
+    score[2, 0, 30:] = float("-inf")
+    positions = torch.stack([torch.randperm(100, generator=g)[:S] for _ in range(B * H)]).view(B, H, S).to(torch.int32)
+    valid = torch.ones(B, H, S, dtype=torch.bool)
+    keys, values = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    attention = torch.rand(B, H, S, generator=g)
+    k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+    new_pos = torch.tensor([[100], [101], [102]])
+    view = LayerView(keys, values, valid, positions, new_pos.view(-1) + 1, torch.full((B,), S), 0, 1, "decode")
+    ref = victim_slots(score, view, protect_newest=False)
+    want = [t.clone() for t in (keys, values, positions, attention)]
+    want[0].scatter_(2, ref[..., None].expand(B, H, 1, D), k)
+    want[1].scatter_(2, ref[..., None].expand(B, H, 1, D), v)
+    want[2].scatter_(2, ref, new_pos.to(torch.int32)[:, None, :].expand(B, H, 1))
+    want[3].scatter_(2, ref, torch.zeros(B, H, 1))
+    flag = torch.zeros((), dtype=torch.bool)
+    with kernels.configured(interpret=True):
+        victim = steady_write(score, valid, positions, keys, values, attention, k, v, new_pos, flag)
+    assert torch.equal(victim, ref)
+    for got, exp in zip((keys, values, positions, attention), want, strict=True):
+        assert torch.equal(got, exp)
+    assert bool(flag)  # the NaN score is recorded, not raised
+    score[0, 0, 5] = 0.0
+    flag.zero_()
+    with kernels.configured(interpret=True):
+        steady_write(score, valid, positions, keys, values, None, k, v, new_pos, flag)
+    assert not bool(flag)
+
+
+@pytest.mark.parametrize("evictor", ["streaming", "h2o"])
+def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache(evictor):
+    model = tiny_model("mistral")
+    ids, _ = batch(4, 40)
+
+    def run():
+        with squeezekit.compress(model, evictor=evictor, budget=0.3, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+            assert all(layer.steady for layer in cache.layers)
+            tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(8)
+            return tokens, [(layer.keys, layer.positions, layer.attention) for layer in cache.layers]
+
+    ref = run()
+    before = _spy()["steady"]
+    with kernels.configured("steady", interpret=True):
+        got = run()
+    assert _spy()["steady"] == before + 4 * 8  # 4 layers x 8 steady steps
+    assert torch.equal(got[0], ref[0])
+    for a, b in zip(got[1], ref[1], strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert (a[2] is None) == (b[2] is None) and (a[2] is None or torch.equal(a[2], b[2]))

@@ -9,8 +9,8 @@
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
-Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: every kernel, on CUDA tensors, when Triton imports), ``off``,
-or a comma-separated list of the kernels to use (``attention,steady``). CPU tensors always take the plain torch
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention`` and ``steady``, on CUDA tensors, when Triton
+imports), ``all`` (``compile`` too), ``off``, or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch
 paths, except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was
 imported (tests: Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
@@ -25,11 +25,14 @@ import os
 import warnings
 
 KERNELS = ("attention", "steady", "compile")
+DEFAULT = ("attention", "steady")
 
 
 def _parse(text: str | None) -> set[str]:
     text = (text or "auto").strip().lower()
-    if text in ("auto", "all", "on", "1"):
+    if text == "auto":  # the kernels that keep results as they are (compile changes bf16 rounding: opt-in)
+        return set(DEFAULT)
+    if text in ("all", "on", "1"):
         return set(KERNELS)
     if text in ("off", "none", "0", ""):
         return set()
