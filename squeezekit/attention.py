@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .kernels import attention as kernels
+from .kernels import decode as decode_kernel
 from .policies import Stat
 
 NAME = "squeezekit"
@@ -146,6 +147,9 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     if full_buffer:  # one query per sequence: fold the group into the query axis, no mask, no repeated K/V
+        out = decode_kernel.decode_attention(query, key, value, scaling)  # opt-in Triton kernel (CUDA), else None
+        if out is not None:
+            return out, None
         out = F.scaled_dot_product_attention(_fold(query, H), key, value, scale=scaling)
         return _unfold(out, Hq, q), None
     shared = step.shared_masks if (fresh and layer is not None) else None

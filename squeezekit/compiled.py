@@ -26,6 +26,9 @@ from .architectures import resolve
 #: torch.compile mode of the layers (no Inductor CUDA graphs: squeezekit captures its own)
 MODE = "default"
 MODES = ("default", "max-autotune-no-cudagraphs")
+#: torch.compile's ``dynamic``: True compiles the batch dimension symbolically, so one compilation serves every
+#: batch size of 2 or more (the other sizes specialise against the weights' static shapes)
+DYNAMIC: bool | None = True
 
 
 def wanted(compile: bool | None, tensor: torch.Tensor) -> bool:
@@ -56,7 +59,7 @@ def compiled_layers(model, enabled: bool = True, mode: str | None = None):
     register_attention(attention.NAME, torch.compiler.disable(attention.squeezekit_attention, recursive=True))
     try:
         for layer in layers:
-            layer.compile(mode=None if mode == "default" else mode, fullgraph=False)
+            layer.compile(mode=None if mode == "default" else mode, fullgraph=False, dynamic=DYNAMIC)
         yield layers
     finally:
         for layer in layers:

@@ -230,3 +230,39 @@ def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache(evicto
     for a, b in zip(got[1], ref[1], strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert (a[2] is None) == (b[2] is None) and (a[2] is None or torch.equal(a[2], b[2]))
+
+
+@pytest.mark.parametrize("B,H,G,S,D", [(1, 2, 4, 100, 16), (3, 2, 2, 37, 24), (4, 4, 1, 70, 16), (1, 1, 8, 130, 32)])
+def test_decode_attention_matches_sdpa_over_the_folded_query(B, H, G, S, D):
+    """Split shares merged by log-sum-exp (small B x H) and one share per row (large), GQA groups 1..8."""
+    import torch.nn.functional as F
+
+    from squeezekit.attention import _fold, _unfold
+    from squeezekit.kernels import decode
+
+    g = torch.Generator().manual_seed(B * 100 + S)
+    query = torch.randn(B, H * G, 1, D, generator=g)
+    key, value = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    ref = _unfold(F.scaled_dot_product_attention(_fold(query, H), key, value, scale=0.3), H * G, 1)
+    assert decode.decode_attention(query, key, value, 0.3) is None  # off unless chosen
+    with kernels.configured("decode", interpret=True):
+        out = decode.decode_attention(query, key, value, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert decode.splits(B, H, S, 8, 16) == (1 if B * H >= 16 else max(1, min(-(-32 // (B * H)), S // 32)))
+
+
+def test_steady_decode_with_the_decode_kernel_gives_the_same_tokens():
+    model = tiny_model("llama")
+    ids, _ = batch(2, 40)
+
+    def run():
+        with squeezekit.compress(model, evictor="streaming", budget=0.3, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+            return GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
+
+    ref = run()
+    before = _spy()["decode"]
+    with kernels.configured("steady,decode", interpret=True):
+        got = run()
+    assert _spy()["decode"] == before + 4 * 6
+    assert torch.equal(got, ref)

@@ -6,11 +6,14 @@
   second kernel sums the softmax probabilities per slot from that log-sum-exp. Replaces the explicit softmax in
   fp32 query blocks (H2O's prefill) and the materialised boolean masks of chunked or padded prefill.
 - ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``).
+- ``decode``: the steady decode step's attention over a full slot buffer, split-KV with the query heads of a KV
+  head together, written in transformers' layout (``decode.decode_attention``). Opt-in: it rounds differently
+  from SDPA's kernels.
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
 Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention`` and ``steady``, on CUDA tensors, when Triton
-imports), ``all`` (``compile`` too), ``off``, or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch
+imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch
 paths, except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was
 imported (tests: Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
@@ -24,13 +27,13 @@ import functools
 import os
 import warnings
 
-KERNELS = ("attention", "steady", "compile")
+KERNELS = ("attention", "steady", "decode", "compile")
 DEFAULT = ("attention", "steady")
 
 
 def _parse(text: str | None) -> set[str]:
     text = (text or "auto").strip().lower()
-    if text == "auto":  # the kernels that keep results as they are (compile changes bf16 rounding: opt-in)
+    if text == "auto":  # the kernels that keep results as they are (decode and compile change bf16 rounding: opt-in)
         return set(DEFAULT)
     if text in ("all", "on", "1"):
         return set(KERNELS)
