@@ -115,10 +115,9 @@ def _h2o_run(model, ids, mask, steps=6, chunk=None):
         return logits, attention, tokens, c.summary()["budgets"]
 
 
-@pytest.mark.parametrize("arch", ["mistral", "mistral_window"])
-def test_dispatch_cpu_keeps_the_explicit_path_and_the_interpreted_kernels_agree(arch):
-    model = tiny_model(arch)
-    ids, mask = batch(3, 48, pad=5)
+def test_dispatch_cpu_keeps_the_explicit_path_and_the_interpreted_kernels_agree():
+    model = tiny_model("mistral_window")  # a sliding window of 24 tokens: the windowed mask and column sums
+    ids, mask = batch(3, 40, pad=5)
     before = _spy()
     ref = _h2o_run(model, ids, mask)
     assert _spy() == before  # CPU: the plain path, kernels untouched
@@ -209,23 +208,22 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     assert not bool(flag)
 
 
-@pytest.mark.parametrize("evictor", ["streaming", "h2o"])
-def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache(evictor):
+def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache():
     model = tiny_model("mistral")
-    ids, _ = batch(4, 40)
+    ids, _ = batch(2, 40)
 
-    def run():
-        with squeezekit.compress(model, evictor=evictor, budget=0.3, window=4) as c:
-            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+    def run():  # h2o: its accumulated attention is reset in the written slot too
+        with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=1)
             assert all(layer.steady for layer in cache.layers)
-            tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(8)
+            tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
             return tokens, [(layer.keys, layer.positions, layer.attention) for layer in cache.layers]
 
     ref = run()
     before = _spy()["steady"]
     with kernels.configured("steady", interpret=True):
         got = run()
-    assert _spy()["steady"] == before + 4 * 8  # 4 layers x 8 steady steps
+    assert _spy()["steady"] == before + 4 * 6  # 4 layers x 6 steady steps
     assert torch.equal(got[0], ref[0])
     for a, b in zip(got[1], ref[1], strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -258,11 +256,31 @@ def test_steady_decode_with_the_decode_kernel_gives_the_same_tokens():
     def run():
         with squeezekit.compress(model, evictor="streaming", budget=0.3, window=4) as c:
             cache, logits = prefill(model, c, ids, None, micro_batch=2)
-            return GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
+            return GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(4)
 
     ref = run()
     before = _spy()["decode"]
-    with kernels.configured("steady,decode", interpret=True):
+    with kernels.configured("decode", interpret=True):
         got = run()
-    assert _spy()["decode"] == before + 4 * 6
+    assert _spy()["decode"] == before + 4 * 4
     assert torch.equal(got, ref)
+
+
+def test_kernels_compile_for_hopper():
+    """Every configuration the GPU path launches compiles for sm_90 with Triton's bundled ptxas, no GPU needed (bf16
+    autotune tiles, the fp32 launch, the steady write and the decode kernels) and fits in shared memory: the
+    lowering errors the interpreter cannot see. In a process of its own: the interpreter is on in this one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).with_name("kernels_aot.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "compiled" in done.stdout

@@ -159,15 +159,24 @@ def _colsum(
 
 
 def _configs(kind: str):
+    """Tile configurations the autotuner tries (bf16/fp16 on the GPU; wgmma tiles for Hopper)."""
     if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2)]
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     else:
-        shapes = [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 3), (128, 128, 8, 2)]
+        shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 #: the tile sizes the interpreter uses (small, so that tests cross many tile boundaries)
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+#: fp32 on the GPU (tests and checks only): one small configuration, no autotuning (fp32 tiles compile slowly)
+FP32_LAUNCH = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _launch_options(dtype) -> dict:
+    if interpreting():
+        return dict(INTERPRET_BLOCKS)
+    return dict(FP32_LAUNCH) if dtype == torch.float32 else {}
 
 
 def _import_triton():
@@ -177,16 +186,21 @@ def _import_triton():
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels():
+def _jitted():
     _import_triton()
-    fwd, colsum = triton.jit(_fwd), triton.jit(_colsum)
-    if interpreting():
-        return fwd, colsum
+    return triton.jit(_fwd), triton.jit(_colsum)
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned():
+    fwd, colsum = _jitted()
     key = ["BUCKET", "G", "D"]
-    return (
-        triton.autotune(_configs("fwd"), key=key)(fwd),
-        triton.autotune(_configs("colsum"), key=key)(colsum),
-    )
+    return triton.autotune(_configs("fwd"), key=key)(fwd), triton.autotune(_configs("colsum"), key=key)(colsum)
+
+
+def _kernels(dtype):
+    """(forward, colsum): autotuned for half precision on the GPU, plain under the interpreter or in fp32."""
+    return _jitted() if interpreting() or dtype == torch.float32 else _tuned()
 
 
 def _bucket(n: int) -> int:
@@ -199,8 +213,7 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
     (B, Hm, C) with Hm 1 or H; q_pos/q_valid (B, q). Returns (out (B, q, Hq, D), lse2 (B, Hq, q) fp32, base 2)."""
     B, Hq, nq, D = query.shape
     H, C = key.shape[1], key.shape[2]
-    interpret = interpreting()
-    fwd, _ = _kernels()
+    fwd, _ = _kernels(query.dtype)
     out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
     lse = torch.empty(B, Hq, nq, dtype=torch.float32, device=query.device)
     valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
@@ -212,7 +225,7 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
         kv_pos = kv_pos.expand_as(valid8).contiguous()
         valid8 = valid8.contiguous()
         head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
-    blocks = INTERPRET_BLOCKS if interpret else {}
+    blocks = _launch_options(query.dtype)
 
     def grid(meta):
         return (triton.cdiv(nq, meta["BLOCK_M"]), B * Hq)
@@ -234,8 +247,7 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     query heads sharing its KV head (``lse`` from `attention_lse`)."""
     B, Hq, nq, D = query.shape
     H, C = key.shape[1], key.shape[2]
-    interpret = interpreting()
-    _, colsum = _kernels()
+    _, colsum = _kernels(query.dtype)
     sums = torch.empty(B, H, C, dtype=torch.float32, device=query.device)
     valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
     kv_pos = kv_pos.to(torch.int32)
@@ -245,7 +257,7 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
     qp = q_pos.to(torch.int32).contiguous()
     qv = q_valid.to(torch.int8).contiguous()
-    blocks = INTERPRET_BLOCKS if interpret else {}
+    blocks = _launch_options(query.dtype)
 
     def grid(meta):
         return (triton.cdiv(C, meta["BLOCK_N"]), B * H)
