@@ -39,7 +39,7 @@ CONFIGS = {
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
     ),
 }
-AUTO_BATCHES = [1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768]
+AUTO_BATCHES = [1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
 
 
 @dataclass

@@ -38,6 +38,8 @@ class Step:
     counted: bool = False  # end_step has added the new tokens to `seen`
     #: masks shared by layers whose slots are laid out alike in this step, keyed by (window, device)
     shared_masks: dict = field(default_factory=dict)
+    #: `SqueezeCache.seen_after_step`, computed once per step (every layer's evictor view asks for it)
+    seen_after: torch.Tensor | None = None
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -384,7 +386,9 @@ class SqueezeCache(Cache):
     def seen_after_step(self) -> torch.Tensor:
         """(B,) tokens per sequence once the current step is done."""
         if self.step is not None and not self.step.counted:
-            return self.seen + self.step.new_valid.sum(-1)
+            if self.step.seen_after is None:
+                self.step.seen_after = self.seen + self.step.new_valid.sum(-1)
+            return self.step.seen_after
         return self.seen
 
     def end_step(self) -> None:
