@@ -133,7 +133,9 @@ def _colsum(
     kv = tl.load(KVValid + kv_base + offs_n * smn, mask=n_ok, other=0) != 0
     kp = tl.load(KVPos + kv_base + offs_n * smn, mask=n_ok, other=0)
     kv = kv & n_ok
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    # (slots x queries) tiles: the probabilities accumulate elementwise in the dot's own layout and are reduced over
+    # the queries once at the end (no cross-warp reduction per tile)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     lo = 0
     if CAUSAL_SLOTS:  # real queries before this block's first slot see none of it (padding rows are not summed)
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
@@ -149,13 +151,12 @@ def _colsum(
             lse = tl.load(Lse + b * slb + hq * slh + offs_m * slm, mask=m_ok, other=0.0)
             qp = tl.load(QPos + b * spb + offs_m * spm, mask=m_ok, other=-1)
             qv = tl.load(QValid + b * spb + offs_m * spm, mask=m_ok, other=0) != 0
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            allowed = kv[None, :] & (kp[None, :] <= qp[:, None]) & (qv & m_ok)[:, None]
+            s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
+            allowed = kv[:, None] & (kp[:, None] <= qp[None, :]) & (qv & m_ok)[None, :]
             if HAS_WINDOW:
-                allowed = allowed & ((qp[:, None] - kp[None, :]) < window)
-            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            acc += tl.sum(p, 0)
-    tl.store(Sums + pid_bh * NK + offs_n, acc, mask=n_ok)
+                allowed = allowed & ((qp[None, :] - kp[:, None]) < window)
+            acc += tl.where(allowed, tl.exp2(s - lse[None, :]), 0.0)
+    tl.store(Sums + pid_bh * NK + offs_n, tl.sum(acc, 1), mask=n_ok)
 
 
 def _configs(kind: str):
