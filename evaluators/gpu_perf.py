@@ -109,19 +109,24 @@ def _kernels(choice):
 
 
 # -- 1. correctness ---------------------------------------------------------------------------------------------------
+#: the kernel checks' shapes (Mistral-7B's heads; smaller under the interpreter)
+ATTN_SIZES = dict(B=2, Hq=32, H=8, D=128, q=1024, pad=300, window=256, later_q=256, C=1500, seen=2000)
+
+
 def _attention_inputs(kind: str, dtype, device, g):
     """query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, causal_slots for one case."""
-    B, Hq, H, D = 2, 32, 8, 128
+    z = ATTN_SIZES
+    B, Hq, H, D = z["B"], z["Hq"], z["H"], z["D"]
     if kind in ("fresh-left-padding", "fresh-window"):
-        q = 1024
+        q = z["q"]
         valid = torch.ones(B, q, dtype=torch.bool)
-        valid[1, :300] = False
+        valid[1, : z["pad"]] = False
         pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, -1)
         query = torch.randn(B, Hq, q, D, generator=g).to(device, dtype)
         key, value = (torch.randn(B, H, q, D, generator=g).to(device, dtype) for _ in range(2))
-        window = 256 if kind == "fresh-window" else None
+        window = z["window"] if kind == "fresh-window" else None
         return query, key, value, valid[:, None].to(device), pos[:, None].to(device, torch.int32), pos.to(device), valid.to(device), window, True
-    q, C, seen = 256, 1500, 2000
+    q, C, seen = z["later_q"], z["C"], z["seen"]
     query = torch.randn(B, Hq, q, D, generator=g).to(device, dtype)
     key, value = (torch.randn(B, H, C, D, generator=g).to(device, dtype) for _ in range(2))
     q_valid = torch.ones(B, q, dtype=torch.bool)
@@ -168,6 +173,22 @@ def check_attention_kernels(r: Runner) -> None:
             plain_err = float(((plain_out.float() - ref_out) * real).abs().max())
             sums_err = float((sums - ref_sums).abs().max() / ref_sums.abs().max())
             plain_sums_err = float((plain_sums - ref_sums).abs().max() / ref_sums.abs().max())
+            if kind == "fresh-left-padding" and dtype == torch.bfloat16:  # the flash source, on an unpadded prompt
+                from squeezekit.kernels.attention import flash_lse
+
+                dpos = torch.arange(q_pos.shape[1], device=q_pos.device).expand_as(q_pos)
+                dvalid = torch.ones_like(q_valid)
+                dmasks = (dvalid[:, None], dpos[:, None].to(torch.int32), dpos, dvalid, None, scaling)
+                dref_out, dref_sums = _explicit_with(query.float(), key.float(), value.float(), *dmasks)
+                try:
+                    fout, flse = flash_lse(query, key, value, scaling)
+                    fsums = column_sums(query, key, flse, *dmasks[:4], None, scaling, True)
+                    ferr = float((fsums - dref_sums).abs().max() / dref_sums.abs().max())
+                    oerr = float((fout.float() - dref_out).abs().max())
+                    r.check("flash attention's log-sum-exp + Triton column sums vs explicit fp32 reference (bf16)",
+                            ferr <= 1e-3 and oerr <= 1.6e-2, colsum_rel_err=ferr, out_max_abs_err=oerr)  # fmt: skip
+                except RuntimeError as exc:
+                    r.check("flash attention's log-sum-exp (SQUEEZEKIT_LSE_SOURCE=flash) available", False, error=str(exc)[:300])
             tol = 1e-4 if dtype == torch.float32 else max(2 * plain_err, 1.6e-2)
             ok = out_err <= tol and sums_err <= 1e-4 and bool(torch.isfinite(out.float()).all())
             r.check(
@@ -322,16 +343,74 @@ def _prefill_time(r: Runner, model, B: int, method: str, kernels_choice: str, ch
     return row
 
 
+def prefill_attention_bench(r: Runner, model, B: int) -> dict:
+    """One layer's prefill attention at the micro-batch's shapes: what streaming runs (SDPA, causal) against h2o's
+    pieces (Triton forward, or torch's flash with its log-sum-exp, plus the column sums) and today's explicit path."""
+    import torch.nn.functional as F
+
+    from squeezekit import kernels
+    from squeezekit.kernels import attention as ka
+
+    cfg, T, dev = model.config, r.args.prompt_len, r.device
+    Hq, H = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    if not kernels.use("attention", torch.empty(0, device=dev)):
+        return {}
+    q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
+    k, v = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16), torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+    valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+    pos = torch.arange(T, device=dev).expand(B, T)
+    m = (valid[:, None], pos[:, None].to(torch.int32), pos, valid, None, D**-0.5)
+    _, lse = ka.attention_lse(q, k, v, *m, True)
+    fns = {
+        "sdpa_causal (streaming)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "triton_forward_lse": lambda: ka.attention_lse(q, k, v, *m, True),
+        "flash_forward_lse": lambda: ka.flash_lse(q, k, v, D**-0.5),
+        "triton_colsum": lambda: ka.column_sums(q, k, lse, *m, True),
+        "explicit (today's h2o)": lambda: _explicit_with(q, k, v, *m),
+    }
+    flops = 4 * B * Hq * T * T / 2 * D
+    row = {"B": B, "T": T}
+    for name, fn in fns.items():
+        try:
+            fn()
+            _sync(dev)
+            n = 2 if name.startswith("explicit") else 10
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(dev)
+            ms = 1000 * (time.perf_counter() - t) / n
+            row[name] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1)}
+        except Exception as exc:
+            row[name] = {"error": str(exc)[:200]}
+    return row
+
+
 def stage_h2o_prefill(r: Runner, model) -> None:
+    from squeezekit.kernels import attention as ka
+
     B, warm = r.args.prefill_batch, min(2, r.args.prefill_batch)
     for method in ("squeeze+streaming@0.2", "squeeze+h2o@0.2"):
         _prefill_time(r, model, warm, method, "auto")  # warm-up: kernel compilation and autotuning
+    r.results["prefill_attention"] = bench_row = prefill_attention_bench(r, model, r.args.micro_batch)
+    r.log({"prefill_attention": bench_row})
     stream = _prefill_time(r, model, B, "squeeze+streaming@0.2", "auto")
     h2o = _prefill_time(r, model, B, "squeeze+h2o@0.2", "auto")
     ratio = h2o["prefill_s"] / stream["prefill_s"]
     r.results["h2o_ratio"] = ratio
     r.target(f"h2o prefill vs streaming at B={B}", "<= 1.5x", f"{h2o['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {ratio:.2f}x",
              ratio <= 1.5, ratio if r.cuda else float("nan"))  # (CPU: no fused kernels, toy sizes)
+    if r.cuda:  # the other source of the dense case's log-sum-exp (SQUEEZEKIT_LSE_SOURCE=flash)
+        old, ka.LSE_SOURCE = ka.LSE_SOURCE, "flash"
+        try:
+            flash = _prefill_time(r, model, B, "squeeze+h2o@0.2", "auto")
+            flash["lse_source"] = "flash" if ka.LSE_SOURCE == "flash" else "flash refused: triton"
+        finally:
+            ka.LSE_SOURCE = old
+        f_ratio = flash["prefill_s"] / stream["prefill_s"]
+        r.target(f"h2o prefill vs streaming at B={B}, SQUEEZEKIT_LSE_SOURCE=flash", "<= 1.5x",
+                 f"{flash['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {f_ratio:.2f}x ({flash['lse_source']})", f_ratio <= 1.5)
     if r.left() > 60:  # for reference: today's explicit path, one micro-batch
         mb = r.args.micro_batch
         plain = _prefill_time(r, model, mb, "squeeze+h2o@0.2", "off")
@@ -620,6 +699,9 @@ def markdown(res: dict) -> str:
                 continue
             lines.append(f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
                          f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |")  # fmt: skip
+    if res.get("prefill_attention"):
+        lines += ["", "## Prefill attention alone (one layer, one micro-batch)", "", "```",
+                  json.dumps(res["prefill_attention"]), "```"]  # fmt: skip
     if res.get("decode_attention"):
         lines += ["", "## Decode attention alone (one layer, full buffer)", "", "```",
                   *[json.dumps(x) for x in res["decode_attention"]], "```"]  # fmt: skip

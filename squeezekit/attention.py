@@ -127,7 +127,9 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
 
     if q > 1 and not softcap and not full_buffer and compressor.backend == "sdpa" and (want_probs or not causal_only):
         # masked multi-token steps (H2O's prefill, chunked or padded prefill): fused Triton kernels on CUDA
-        fused = kernels.masked_attention(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, fresh, want_probs)
+        fused = kernels.masked_attention(
+            query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, fresh, want_probs, dense=causal_only
+        )
         if fused is not None:
             if want_probs:
                 layer.attention += fused[1]

@@ -130,6 +130,26 @@ def test_dispatch_cpu_keeps_the_explicit_path_and_the_interpreted_kernels_agree(
     assert torch.equal(got[3], ref[3]) and torch.equal(got[2], ref[2])  # same budgets, same greedy tokens
 
 
+def test_flash_lse_source_for_the_dense_causal_case(monkeypatch):
+    """``SQUEEZEKIT_LSE_SOURCE=flash``: torch's flash attention gives the output and log-sum-exp of an unpadded fresh
+    prefill (the column sums still come from the Triton kernel); padded prompts keep the Triton forward."""
+    from squeezekit.kernels import attention as ka
+
+    model = tiny_model("llama")
+    ids, _ = batch(2, 40)
+    ref = _h2o_run(model, ids, None, steps=3)
+    flash, original = [], ka.flash_lse
+    monkeypatch.setattr(ka, "LSE_SOURCE", "flash")
+    monkeypatch.setattr(ka, "flash_lse", lambda *a: flash.append(1) or original(*a))
+    with kernels.configured(interpret=True):
+        got = _h2o_run(model, ids, None, steps=3)
+    assert len(flash) == 4  # the 4 layers' prefill
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], ref[1], strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    assert torch.equal(got[2], ref[2])
+
+
 def test_kernels_off_and_failure_fall_back_to_the_plain_path(monkeypatch):
     model = tiny_model("llama")
     ids, mask = batch(2, 40, pad=4)
@@ -284,3 +304,38 @@ def test_kernels_compile_for_hopper():
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "compiled" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["left-padding", "later-step"])
+def test_half_precision_kernels_against_an_fp32_reference(case):
+    """The GPU runs these kernels in bf16/fp16 (probabilities cast to the value dtype before P.V, as flash does).
+    The interpreter's dot is wrong for bf16, right for fp16: fp16 checks that path here (bf16: evaluators/gpu_perf)."""
+    from squeezekit.kernels import decode
+    from squeezekit.kernels.attention import attention_lse, column_sums
+
+    if case == "left-padding":
+        inputs = _fresh(B=2, Hq=4, H=2, q=40, D=32, pad_rows=((1, 9),))
+        causal = True
+    else:
+        inputs = _later_step(B=2, Hq=4, H=2, q=12, C=45, D=32)
+        causal = False
+    query, key, value, kv_valid, kv_pos, q_pos, q_valid = inputs
+    masks = (kv_valid, kv_pos, q_pos, q_valid, None, 0.2)
+    half = [t.half() for t in (query, key, value)]
+    ref_out, ref_sums = _reference(*[t.float() for t in half], *masks)
+    out, lse = attention_lse(*half, *masks, causal)
+    sums = column_sums(half[0], half[1], lse, *masks, causal)
+    assert out.dtype == torch.float16
+    real = q_valid[:, :, None, None]
+    assert float(((out.float() - ref_out) * real).abs().max()) < 4e-3
+    assert float((sums - ref_sums).abs().max() / ref_sums.abs().max()) < 1e-5  # fp32 scores from fp16 inputs
+    q1 = half[0][:, :, -1:].contiguous()
+    k1, v1 = half[1].contiguous(), half[2].contiguous()
+    with kernels.configured("decode", interpret=True):
+        dec = decode.decode_attention(q1, k1, v1, 0.2)
+    import torch.nn.functional as F
+
+    from squeezekit.attention import _fold, _unfold
+
+    dref = _unfold(F.scaled_dot_product_attention(_fold(q1.float(), 2), k1.float(), v1.float(), scale=0.2), 4, 1)
+    assert dec.dtype == torch.float16 and float((dec.float() - dref).abs().max()) < 4e-3

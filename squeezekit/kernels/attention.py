@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import warnings
 
 import torch
 
@@ -275,20 +277,57 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     return sums
 
 
+#: where the dense causal case (a fresh prefill without padding, no window inside the prompt) gets its output and
+#: log-sum-exp: ``triton`` (`_fwd`) or ``flash`` (torch's own flash-attention op, which returns the log-sum-exp;
+#: the column sums still come from `_colsum`). ``SQUEEZEKIT_LSE_SOURCE``; the GPU script measures both.
+LSE_SOURCE = os.environ.get("SQUEEZEKIT_LSE_SOURCE", "triton")
+
+
+def flash_lse(query, key, value, scaling):
+    """torch's flash attention, causal, with its log-sum-exp: (out (B, q, Hq, D), lse2 (B, Hq, q) base 2)."""
+    if query.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
+    else:  # the CPU op (tests)
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scaling)
+    out, lse = res[0], res[1]
+    return out.transpose(1, 2), lse.float() * LOG2E
+
+
+def _flash_or_none(query, key, value, scaling):
+    """`flash_lse`, or (None, None) after switching `LSE_SOURCE` back to ``triton`` when torch's op refuses."""
+    global LSE_SOURCE
+    try:
+        return flash_lse(query, key, value, scaling)
+    except RuntimeError as exc:
+        if is_oom(exc) or not _fall_back_on_error(query):
+            raise
+        LSE_SOURCE = "triton"
+        warnings.warn(f"squeezekit: torch's flash attention refused ({str(exc)[:200]}); using the Triton forward", RuntimeWarning, stacklevel=3)
+        return None, None
+
+
 def _fall_back_on_error(query) -> bool:
     """On the GPU a failing kernel (an incompatible Triton, say) is switched off; under the interpreter (tests) the
     error is raised."""
     return query.device.type == "cuda"
 
 
-def masked_attention(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots, colsum):
+def masked_attention(
+    query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots, colsum, dense=False
+):
     """The fused path of `squeezekit.attention` for a multi-token step: ``(out (B, q, Hq, D), sums)`` with
     ``sums`` (B, H, C) fp32 when ``colsum`` else None; None when the kernel is off for this device (or failed
-    before: the caller then runs its plain path)."""
+    before: the caller then runs its plain path). ``dense``: plain causal attention over the step's own tokens (no
+    padding, no window inside the step), where `LSE_SOURCE` may be torch's flash attention."""
     if not use("attention", query):
         return None
     try:
-        out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
+        flash_ok = query.shape[-1] <= 256 and (query.dtype != torch.float32 or query.device.type == "cpu")
+        out = None
+        if dense and LSE_SOURCE == "flash" and flash_ok:
+            out, lse = _flash_or_none(query, key, value, scaling)
+        if out is None:
+            out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
         sums = column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots) if colsum else None
     except Exception as exc:
         if is_oom(exc) or not _fall_back_on_error(query):
