@@ -52,7 +52,7 @@ def _fwd(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
+    b = (pid_bh // HQ).to(tl.int64)  # 64-bit offsets: tensors past 2**31 elements
     hq = pid_bh % HQ
     h = hq // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +121,7 @@ def _colsum(
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: tensors past 2**31 elements
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -33,7 +33,7 @@ def _split(
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: tensors past 2**31 elements
     h = pid_bh % H
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -80,7 +80,7 @@ def _merge(
     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)  # one (b, hq)
-    b = pid // (H * G)
+    b = (pid // (H * G)).to(tl.int64)
     hq = pid % (H * G)
     h = hq // G
     g = hq % G

@@ -33,7 +33,7 @@ def _steady_write(
     HAS_ATTN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    b = pid // H
+    b = (pid // H).to(tl.int64)  # 64-bit offsets: large batches of long buffers
     h = pid % H
     best_key = tl.full([], float("inf"), tl.float32)
     best_pos = tl.full([], 2147483647, tl.int32)
