@@ -4,17 +4,20 @@ Correctness first, then the measurements; every target is printed and written as
 
 1. Correctness on the GPU: the Triton masked attention + per-slot column sums against the explicit softmax in fp32
    (random bf16 and fp32 inputs: fresh prefill with padding, a sliding window, a later step over unordered
-   per-head slots); the fused steady write against the plain victim selection + scatters (exact); greedy tokens
-   of the served path with each kernel on and off, and with the torch.compile'd decode step (fp32 on a 4-layer
-   model of the same shapes, exact; bf16 on the full model, agreement reported).
-2. h2o vs streaming prefill at B=32 (micro-batches of 16), with the fused kernels; h2o on the plain path too.
+   per-head slots; the flash log-sum-exp source too); the fused steady write against the plain victim selection +
+   scatters (exact); greedy tokens of the served path with the kernels on and off: exact for the steady write (bf16,
+   full model) and, in fp32 on a 4-layer model of the same shapes, for the attention kernels (h2o unpadded, padded,
+   chunked; chunked streaming) and for steady + decode kernels + compiled layers under the CUDA graph.
+2. h2o vs streaming prefill at B=32 (micro-batches of 16), with the fused kernels (and with the flash source); one
+   layer's prefill attention kernel by kernel; h2o on today's explicit path for reference.
 3. Chunked (~1024) vs unchunked prefill at B=32, with the fused kernels and without.
-4. The decode step vs the floor (weights + kept KV over the copy bandwidth, as ``squeezekit bench``) at B=128 ...
-   768: plain, with the fused steady write, and with compiled layers too. The cache is one real micro-batch's
-   (16 rows) repeated to B rows: the step's cost depends on shapes, not contents, and this skips B x 4096 tokens of
-   prefill. Two figures per row: the CUDA-graph replay alone, and the bench protocol (127 steps including the eager
-   warm-up and the capture, derived from a timed first run and a timed run of replays). Also the compute floor (the step's FLOPs at the measured GEMM rate), which bounds the
-   step at large batch.
+4. The decode step vs the floor (weights + kept KV over the copy bandwidth, as ``squeezekit bench``) at B=128 and
+   768, per variant (``--variants``: plain, steady write kernel, + decode attention kernel, + compiled layers).
+   The cache is one real micro-batch's (16 rows) repeated to B rows: the step's cost depends on shapes, not
+   contents, and this skips B x 4096 tokens of prefill. Two figures per row: the CUDA-graph replay alone, and the
+   bench protocol (127 steps including the eager warm-up and the capture, derived from a timed first run and a
+   timed run of replays). Also the compute floor (the step's FLOPs at the measured GEMM rate), which bounds the
+   step at large batch, and one layer's decode attention (SDPA vs the Triton kernel).
 5. B=1024 at budget 0.2, end to end like ``squeezekit bench`` (unchunked; chunked ~1024 if that runs out of memory).
 
 Mistral-7B shapes, random bf16 weights, 4096-token prompts (bench's model and protocol). The stages run in that order
