@@ -51,17 +51,20 @@ def main() -> int:
 
     attn = {"KVValid": "*i8", "KVPos": "*i32", "QPos": "*i32", "QValid": "*i8", "Lse": "*fp32", "Sums": "*fp32"}
     fp32 = ka.FP32_LAUNCH
-    for dt, prec, fwd, colsum in (
-        ("bf16", "tf32", ka._configs("fwd"), ka._configs("colsum")),
-        ("fp32", "ieee", [(fp32["BLOCK_M"], fp32["BLOCK_N"], fp32["num_warps"], fp32["num_stages"])], None),
+    wide = ka.FP32_LAUNCH_WIDE
+    for dt, prec, d, fwd, colsum in (
+        ("bf16", "tf32", 128, ka._configs("fwd"), ka._configs("colsum")),
+        ("bf16", "tf32", 256, ka._configs("fwd", True), ka._configs("colsum", True)),
+        ("fp32", "ieee", 128, [(fp32["BLOCK_M"], fp32["BLOCK_N"], fp32["num_warps"], fp32["num_stages"])], None),
+        ("fp32", "ieee", 256, [(wide["BLOCK_M"], wide["BLOCK_N"], wide["num_warps"], wide["num_stages"])], None),
     ):
         ptrs = {**attn, **{name: f"*{dt}" for name in ("Q", "K", "V", "Out")}}
         for c in fwd:
             m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
-            check(ka._fwd, ptrs, dict(HAS_WINDOW=True, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=128), w, s)
+            check(ka._fwd, ptrs, dict(HAS_WINDOW=True, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d), w, s)
         for c in colsum or [fwd[0]]:
             m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
-            consts = dict(HAS_WINDOW=False, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=128)
+            consts = dict(HAS_WINDOW=False, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d)
             check(ka._colsum, ptrs, consts, w, s)
     kv = {"Score": "*fp32", "Valid": "*i8", "Pos": "*i32", "Attn": "*fp32", "NewPos": "*i64", "Victim": "*i64", "NanFlag": "*u8"}
     kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
@@ -69,6 +72,7 @@ def main() -> int:
     parts = {"PartAcc": "*fp32", "PartM": "*fp32", "PartL": "*fp32", **{name: "*bf16" for name in ("Q", "K", "V", "Out")}}
     for one in (True, False):
         check(kd._split, parts, dict(ONE_SPLIT=one, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128), 4, 3)
+    check(kd._split, parts, dict(ONE_SPLIT=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256), 4, 3)
     check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
     print(f"compiled {n} kernel configurations for sm_90")
     return 0

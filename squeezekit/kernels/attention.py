@@ -161,9 +161,12 @@ def _colsum(
     tl.store(Sums + pid_bh * NK + offs_n, tl.sum(acc, 1), mask=n_ok)
 
 
-def _configs(kind: str):
-    """Tile configurations the autotuner tries (bf16/fp16 on the GPU; wgmma tiles for Hopper)."""
-    if kind == "fwd":
+def _configs(kind: str, wide: bool = False):
+    """Tile configurations the autotuner tries (bf16/fp16 on the GPU; wgmma tiles for Hopper). ``wide``: head dim
+    above 128 (smaller tiles, so that they fit in shared memory)."""
+    if wide:
+        shapes = [(64, 32, 4, 2), (64, 64, 8, 2)] if kind == "fwd" else [(32, 64, 4, 2), (64, 64, 8, 2)]
+    elif kind == "fwd":
         shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     else:
         shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
@@ -174,12 +177,15 @@ def _configs(kind: str):
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 #: fp32 on the GPU (tests and checks only): one small configuration, no autotuning (fp32 tiles compile slowly)
 FP32_LAUNCH = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+FP32_LAUNCH_WIDE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _launch_options(dtype) -> dict:
+def _launch_options(dtype, head_dim: int = 128) -> dict:
     if interpreting():
         return dict(INTERPRET_BLOCKS)
-    return dict(FP32_LAUNCH) if dtype == torch.float32 else {}
+    if dtype == torch.float32:
+        return dict(FP32_LAUNCH if head_dim <= 128 else FP32_LAUNCH_WIDE)
+    return {}
 
 
 def _import_triton():
@@ -194,16 +200,19 @@ def _jitted():
     return triton.jit(_fwd), triton.jit(_colsum)
 
 
-@functools.lru_cache(maxsize=1)
-def _tuned():
+@functools.lru_cache(maxsize=2)
+def _tuned(wide: bool):
     fwd, colsum = _jitted()
     key = ["BUCKET", "G", "D"]
-    return triton.autotune(_configs("fwd"), key=key)(fwd), triton.autotune(_configs("colsum"), key=key)(colsum)
+    return (
+        triton.autotune(_configs("fwd", wide), key=key)(fwd),
+        triton.autotune(_configs("colsum", wide), key=key)(colsum),
+    )
 
 
-def _kernels(dtype):
+def _kernels(dtype, head_dim: int = 128):
     """(forward, colsum): autotuned for half precision on the GPU, plain under the interpreter or in fp32."""
-    return _jitted() if interpreting() or dtype == torch.float32 else _tuned()
+    return _jitted() if interpreting() or dtype == torch.float32 else _tuned(head_dim > 128)
 
 
 def _bucket(n: int) -> int:
@@ -216,7 +225,7 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
     (B, Hm, C) with Hm 1 or H; q_pos/q_valid (B, q). Returns (out (B, q, Hq, D), lse2 (B, Hq, q) fp32, base 2)."""
     B, Hq, nq, D = query.shape
     H, C = key.shape[1], key.shape[2]
-    fwd, _ = _kernels(query.dtype)
+    fwd, _ = _kernels(query.dtype, D)
     out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
     lse = torch.empty(B, Hq, nq, dtype=torch.float32, device=query.device)
     valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
@@ -228,7 +237,7 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
         kv_pos = kv_pos.expand_as(valid8).contiguous()
         valid8 = valid8.contiguous()
         head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
-    blocks = _launch_options(query.dtype)
+    blocks = _launch_options(query.dtype, D)
 
     def grid(meta):
         return (triton.cdiv(nq, meta["BLOCK_M"]), B * Hq)
@@ -250,7 +259,7 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     query heads sharing its KV head (``lse`` from `attention_lse`)."""
     B, Hq, nq, D = query.shape
     H, C = key.shape[1], key.shape[2]
-    _, colsum = _kernels(query.dtype)
+    _, colsum = _kernels(query.dtype, D)
     sums = torch.empty(B, H, C, dtype=torch.float32, device=query.device)
     valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
     kv_pos = kv_pos.to(torch.int32)
@@ -260,7 +269,7 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
     qp = q_pos.to(torch.int32).contiguous()
     qv = q_valid.to(torch.int8).contiguous()
-    blocks = _launch_options(query.dtype)
+    blocks = _launch_options(query.dtype, D)
 
     def grid(meta):
         return (triton.cdiv(C, meta["BLOCK_N"]), B * H)

@@ -140,7 +140,7 @@ def decode_attention(query, key, value, scaling):
     interpret = interpreting()
     try:
         split, merge = _kernels()
-        block_n = 16 if interpret else 64
+        block_n = 16 if interpret else (64 if D <= 128 else 32)
         block_g = max(16, triton.next_power_of_2(G))
         block_d = max(16, triton.next_power_of_2(D))
         nsplit = splits(B, H, S, _sm_count(query.device), block_n)
