@@ -18,13 +18,15 @@ logits differ in the last bit and greedy tokens of near-tied logits can differ; 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from .architectures import resolve
 
-#: torch.compile mode of the layers (no Inductor CUDA graphs: squeezekit captures its own)
-MODE = "default"
+#: torch.compile mode of the layers (no Inductor CUDA graphs: squeezekit captures its own); ``SQUEEZEKIT_COMPILE_MODE``
+#: ``max-autotune-no-cudagraphs`` also tunes the decode GEMMs (minutes of compilation)
+MODE = os.environ.get("SQUEEZEKIT_COMPILE_MODE", "default")
 MODES = ("default", "max-autotune-no-cudagraphs")
 #: torch.compile's ``dynamic``: True compiles the batch dimension symbolically, so one compilation serves every
 #: batch size of 2 or more (the other sizes specialise against the weights' static shapes)
