@@ -619,10 +619,18 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(1, model.config.vocab_size, (B, a.prompt_len), generator=g).to(r.device)
     row = None
+    # the decode variant: the fastest the decode stage measured (compiled layers only if they worked there)
+    timed = [x for x in r.results.get("decode", []) if "replay_step_ms" in x]
+    if timed:
+        largest = max(x["B"] for x in timed)
+        variant = min((x for x in timed if x["B"] == largest), key=lambda x: x["replay_step_ms"])["variant"]
+    else:
+        variant = "steady"
+    choice, compile = VARIANTS[variant]
     for chunk in (None, a.chunk):
         _free(r.device)
         try:
-            with _kernels("auto"), torch.inference_mode():
+            with _kernels(choice), torch.inference_mode():
                 with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
                     _sync(r.device)
                     t0 = time.perf_counter()
@@ -630,7 +638,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
                     first = logits.argmax(-1)
                     _sync(r.device)
                     t1 = time.perf_counter()
-                    decoder = GreedyDecoder(model, cache, first, cuda_graph=True)
+                    decoder = GreedyDecoder(model, cache, first, cuda_graph=True, compile=compile)
                     decoder.run(a.big_new_tokens - 1)
                     _sync(r.device)
                     t2 = time.perf_counter()
@@ -648,7 +656,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
             continue
         floor = 1000 * (weight_bytes + kv) / bandwidth if bandwidth == bandwidth else float("nan")
         N = a.big_new_tokens
-        row = dict(B=B, chunk=chunk, prefill_s=round(t1 - t0, 2), bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2),
+        row = dict(B=B, chunk=chunk, variant=variant, prefill_s=round(t1 - t0, 2), bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2),
                    replay_step_ms=round(replay, 2), floor_ms=round(floor, 2), peak_gib=round(peak, 2),
                    kv_gib=round(kv / 2**30, 2), decode_tok_s=round(B * (N - 1) / (t2 - t1), 1),
                    decode_tok_s_replay=round(1000 * B / replay, 1), e2e_tok_s=round(B * N / (t2 - t0), 1))  # fmt: skip
@@ -662,7 +670,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
     r.target(f"B={B} at budget 0.2 fits", "runs", f"{how}: peak {row['peak_gib']} GiB, prefill {row['prefill_s']} s", True)
     r.target(f"decode step vs floor at B={B}", "<= 1.6x",
              f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: {row['replay_step_ms'] / row['floor_ms']:.2f}x "
-             f"(bench protocol {row['bench_step_ms']} ms)", row["replay_step_ms"] / row["floor_ms"] <= 1.6,
+             f"(bench protocol {row['bench_step_ms']} ms; {variant})", row["replay_step_ms"] / row["floor_ms"] <= 1.6,
              row["replay_step_ms"] / row["floor_ms"])  # fmt: skip
     tok = row["decode_tok_s_replay"]
     r.target(f"decode tok/s at B={B} vs transformers' best ({TRANSFORMERS_BEST:.0f}, 2026-11-30 baseline run)", ">= 15x",
