@@ -761,7 +761,7 @@ def parse(argv=None):
     p.add_argument("--check-batch", type=int, default=4)
     p.add_argument("--check-len", type=int, default=512)
     p.add_argument("--check-tokens", type=int, default=16)
-    p.add_argument("--time-budget-s", type=float, default=450.0, help="stages that would not fit are skipped (rerun them with --stages)")
+    p.add_argument("--time-budget-s", type=float, default=430.0, help="stages that would not fit are skipped (rerun them with --stages)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
     p.add_argument("--quick-compile", action="store_true", help="(quick mode) also run the compiled variant on the CPU")
     args = p.parse_args(argv)
