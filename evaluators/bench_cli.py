@@ -18,7 +18,7 @@ from pathlib import Path
 from squeezekit.cli_options import non_negative_int, positive_int
 from squeezekit.errors import ConfigError, InputError
 
-AUTO_BATCHES = [1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024]
+AUTO_BATCHES = [1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
 SOURCE = "command line"
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .kernels import attention as kernels
+from .kernels import decode as decode_kernel
 from .policies import Stat
 
 if TYPE_CHECKING:
@@ -137,6 +139,15 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
         )
 
+    if q > 1 and not softcap and not full_buffer and forward.backend == "sdpa" and (want_probs or not causal_only):
+        # masked multi-token steps (H2O's prefill, chunked or padded prefill): fused Triton kernels on CUDA
+        fused = kernels.masked_attention(
+            query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, fresh, want_probs, dense=causal_only
+        )
+        if fused is not None:
+            if want_probs:
+                layer.attention += fused[1]
+            return fused[0], None
     if forward.backend == "eager" or want_probs or softcap:
         if full_buffer:
             mask_for = lambda s, e: None  # noqa: E731
@@ -152,6 +163,9 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     if full_buffer:  # one query per sequence: fold the group into the query axis, no mask, no repeated K/V
+        out = decode_kernel.decode_attention(query, key, value, scaling)  # opt-in Triton kernel (CUDA), else None
+        if out is not None:
+            return out, None
         out = F.scaled_dot_product_attention(_fold(query, H), key, value, scale=scaling)
         return _unfold(out, Hq, q), None
     shared = step.shared_masks if (fresh and layer is not None) else None

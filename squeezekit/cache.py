@@ -24,6 +24,7 @@ import torch
 
 from .allocation import BatchAllocation, plan_budgets
 from .errors import InputError
+from .kernels import steady as steady_kernel
 from .policies import LayerView, Stat
 from .runner import PolicyRunner
 from .selection import top_slots
@@ -51,6 +52,8 @@ class Step:
     counted: bool = False  # end_step has added the new tokens to `seen`
     #: masks shared by layers whose slots are laid out alike in this step, keyed by (window, device)
     shared_masks: dict = field(default_factory=dict)
+    #: `SqueezeCache.seen_after_step`, computed once per step (every layer's evictor view asks for it)
+    seen_after: torch.Tensor | None = None
 
 
 _SLOTS = (("keys", 0.0), ("values", 0.0), ("valid", False), ("positions", -1), ("attention", 0.0))
@@ -211,6 +214,10 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _steady_append(self, k: torch.Tensor, v: torch.Tensor):
         """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
+        victim = steady_kernel.append_steady(self, k, v)
+        if victim is not None:  # one fused kernel did it all (CUDA; squeezekit.kernels.steady)
+            self.new_slots, self.heads_differ = victim, True
+            return self.keys, self.values
         # the new token will be the newest: every held token competes (protect_newest=False)
         victim = self.cache.runner.victims(lambda: self.view("decode"), protect_newest=False, defer_nan=True)
         step = self.cache.step
@@ -433,7 +440,9 @@ class SqueezeCache(Cache):
     def seen_after_step(self) -> torch.Tensor:
         """(B,) tokens per sequence once the current step is done."""
         if self.step is not None and not self.step.counted:
-            return self.seen + self.step.new_valid.sum(-1)
+            if self.step.seen_after is None:
+                self.step.seen_after = self.seen + self.step.new_valid.sum(-1)
+            return self.step.seen_after
         return self.seen
 
     def end_step(self, importance: torch.Tensor | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import compiled
 from .cache import SqueezeCache
 from .transformers_api import cache_argument
 
@@ -16,8 +17,11 @@ from .transformers_api import cache_argument
 class GreedyDecoder:
     """Greedy decoding of ``model`` from a prefilled `SqueezeCache` (inside its ``compress`` block)."""
 
-    def __init__(self, model, cache: SqueezeCache, first_tokens: torch.Tensor, cuda_graph: bool = True):
+    def __init__(
+        self, model, cache: SqueezeCache, first_tokens: torch.Tensor, cuda_graph: bool = True, compile: bool | None = None
+    ):
         self.model, self.cache = model, cache
+        self.compile = compiled.wanted(compile, first_tokens)  # torch.compile'd layers (squeezekit.compiled)
         self.cache_kwargs = {cache_argument(model): cache}
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
@@ -40,6 +44,10 @@ class GreedyDecoder:
     @torch.inference_mode()
     def run(self, steps: int) -> torch.Tensor:
         """Decode ``steps`` tokens; returns them (B, steps). The first input is ``first_tokens``."""
+        with compiled.compiled_layers(self.model, self.compile and self.graph is None):
+            return self._run(steps)
+
+    def _run(self, steps: int) -> torch.Tensor:
         tokens: list[torch.Tensor] = []
         if not self.use_graph:
             tokens = [self._step().clone() for _ in range(steps)]

@@ -150,7 +150,22 @@ class PolicyRunner:
         return self.guarded("allocator", once)
 
     # -- the evictor --------------------------------------------------------------------------------------------------
-    def _scores(self, view: LayerView, defer_nan: bool = False) -> torch.Tensor:
+    @property
+    def scores_only(self) -> bool:
+        """The evictor only scores (the engine selects): a fused kernel may select and write for it."""
+        return type(self.evictor).select is TokenEvictor.select
+
+    def kernel_scores(self, view_of: Callable[[], LayerView]) -> torch.Tensor:
+        """Checked scores for a fused kernel that selects the victims itself and records NaN in `nan_flag`."""
+        return self.guarded("evictor", lambda: self._scores(view_of(), defer_nan="kernel"))
+
+    def nan_flag(self, device: torch.device) -> torch.Tensor:
+        """The flag NaN scores are recorded in without a host sync (reported by `check_nan`)."""
+        if self._nan is None:
+            self._nan = torch.zeros((), dtype=torch.bool, device=device)
+        return self._nan
+
+    def _scores(self, view: LayerView, defer_nan: bool | str = False) -> torch.Tensor:
         valid = view.valid
 
         def check(score: Any) -> str | None:
@@ -162,7 +177,9 @@ class PolicyRunner:
                 return f"score() returned a tensor on {score.device}, expected {valid.device}"
             if score.dtype == torch.bool or not (score.is_floating_point() or score.dtype in _INTEGERS):
                 return f"score() must return a real-valued tensor, got {score.dtype}"
-            if defer_nan and score.is_cuda:
+            if defer_nan == "kernel":  # the caller's kernel records NaN (squeezekit.kernels.steady)
+                pass
+            elif defer_nan and score.is_cuda:
                 self._nan_later(score)
             elif score.is_floating_point() and bool((torch.isnan(score) & valid).any()):
                 return "score() returned NaN for a cached token"
@@ -200,9 +217,8 @@ class PolicyRunner:
 
     # -- NaN scores found on CUDA without a host sync ------------------------------------------------------------------
     def _nan_later(self, score: torch.Tensor) -> None:
-        if self._nan is None:
-            self._nan = torch.zeros((), dtype=torch.bool, device=score.device)
-        self._nan.logical_or_(torch.isnan(score.float()).any().to(self._nan.device, non_blocking=True))
+        flag = self.nan_flag(score.device)
+        flag.logical_or_(torch.isnan(score.float()).any().to(flag.device, non_blocking=True))
 
     def check_nan(self) -> None:
         """Report NaN scores recorded on the hot path (falls back when the config names a fallback evictor)."""

@@ -1,0 +1,70 @@
+"""The decode step's per-layer work compiled with torch.compile, inside squeezekit's own CUDA graph.
+
+A steady decode step of a 7B model runs ~50 small kernels per layer besides its GEMMs and attention: RMSNorm in
+fp32 round trips, rotary embedding, residual adds, SiLU x up. Replayed in a CUDA graph they no longer cost launches
+from Python but still ~2-4 us each on the GPU, ~4 ms a step at B=128. `compiled_layers` compiles each decoder layer
+(regional compilation: the layers share one compiled code, so the compile cost is one layer's), with Inductor
+fusing those into a few Triton kernels, while squeezekit's cache update and attention function stay opaque
+(``torch.compiler.disable``: their host-side bookkeeping and plugin calls run as written). Inductor's own CUDA
+graphs stay off (mode ``default`` or ``max-autotune-no-cudagraphs``): `squeezekit.decoding.GreedyDecoder`
+captures the whole step itself, compiled kernels included, after its eager warm-up steps have compiled everything.
+
+Numerics: the fused kernels round differently from the eager ones (fp32 reductions in another order), so bf16
+logits differ in the last bit and greedy tokens of near-tied logits can differ; in fp32 the tokens are the same
+(tests/test_compiled.py). That is why it is opt-in: ``GreedyDecoder(..., compile=True)``, or ``compile`` in
+``SQUEEZEKIT_KERNELS`` (squeezekit.kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .architectures import resolve
+
+#: torch.compile mode of the layers (no Inductor CUDA graphs: squeezekit captures its own); ``SQUEEZEKIT_COMPILE_MODE``
+#: ``max-autotune-no-cudagraphs`` also tunes the decode GEMMs (minutes of compilation)
+MODE = os.environ.get("SQUEEZEKIT_COMPILE_MODE", "default")
+MODES = ("default", "max-autotune-no-cudagraphs")
+#: torch.compile's ``dynamic``: True compiles the batch dimension symbolically, so one compilation serves every
+#: batch size of 2 or more (the other sizes specialise against the weights' static shapes)
+DYNAMIC: bool | None = True
+
+
+def wanted(compile: bool | None, tensor: torch.Tensor) -> bool:
+    """``compile`` if given, else whether ``compile`` is among the chosen kernels (on CUDA)."""
+    from . import kernels
+
+    if compile is not None:
+        return bool(compile)
+    return kernels.use("compile", tensor)
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool = True, mode: str | None = None):
+    """Within the block, ``model``'s decoder layers run compiled (see the module docstring); restored on exit."""
+    if not enabled:
+        yield None
+        return
+    mode = mode or MODE
+    if mode not in MODES:
+        raise ValueError(f"compile mode {mode!r}: one of {', '.join(MODES)} (Inductor's CUDA graphs must stay off)")
+    from . import attention
+    from .cache import SqueezeCache
+    from .transformers_api import register_attention
+
+    layers = resolve(model).layers
+    update = SqueezeCache.__dict__["update"]
+    SqueezeCache.update = torch.compiler.disable(update, recursive=True)
+    register_attention(attention.NAME, torch.compiler.disable(attention.squeezekit_attention, recursive=True))
+    try:
+        for layer in layers:
+            layer.compile(mode=None if mode == "default" else mode, fullgraph=False, dynamic=DYNAMIC)
+        yield layers
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the layer calls its own forward again
+        SqueezeCache.update = update
+        register_attention(attention.NAME, attention.squeezekit_attention)

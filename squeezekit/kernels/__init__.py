@@ -1,0 +1,118 @@
+"""Optional fused GPU kernels (Triton) for squeezekit's hot paths, each behind a switch with a safe fallback.
+
+- ``attention``: masked attention for multi-token steps (``attention.masked_attention``). A flash-style forward that
+  builds each layer's slot mask on the fly (validity, token positions, optional sliding window, GQA without
+  repeating K/V) and returns each query row's log-sum-exp; for evictors that need accumulated attention (H2O) a
+  second kernel sums the softmax probabilities per slot from that log-sum-exp. Replaces the explicit softmax in
+  fp32 query blocks (H2O's prefill) and the materialised boolean masks of chunked or padded prefill.
+- ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``).
+- ``decode``: the steady decode step's attention over a full slot buffer, split-KV with the query heads of a KV
+  head together, written in transformers' layout (``decode.decode_attention``). Opt-in: it rounds differently
+  from SDPA's kernels.
+- ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
+  (squeezekit.compiled).
+
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention`` and ``steady``, on CUDA tensors, when Triton
+imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch
+paths, except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was
+imported (tests: Triton's interpreter then runs the kernels on CPU tensors).
+A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
+and the plain path runs instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+
+KERNELS = ("attention", "steady", "decode", "compile")
+DEFAULT = ("attention", "steady")
+
+
+def _parse(text: str | None) -> set[str]:
+    text = (text or "auto").strip().lower()
+    if text == "auto":  # the kernels that keep results as they are (decode and compile change bf16 rounding: opt-in)
+        return set(DEFAULT)
+    if text in ("all", "on", "1"):
+        return set(KERNELS)
+    if text in ("off", "none", "0", ""):
+        return set()
+    chosen = {k.strip() for k in text.split(",") if k.strip()}
+    unknown = chosen - set(KERNELS)
+    if unknown:
+        raise ValueError(f"SQUEEZEKIT_KERNELS: unknown kernel(s) {sorted(unknown)}; known: {', '.join(KERNELS)}")
+    return chosen
+
+
+class Settings:
+    def __init__(self):
+        self.enabled: set[str] = _parse(os.environ.get("SQUEEZEKIT_KERNELS"))
+        self.interpret = False  # run the Triton kernels on CPU tensors through Triton's interpreter (tests)
+        self.failed: dict[str, str] = {}  # kernel -> the error that switched it off
+        #: how often each kernel ran (tests and the GPU script check which path was taken)
+        self.calls: dict[str, int] = {k: 0 for k in KERNELS}
+
+
+settings = Settings()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU tensors, on the host."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use(name: str, tensor) -> bool:
+    """Whether kernel ``name`` serves a computation on ``tensor``'s device."""
+    if name not in settings.enabled or name in settings.failed:
+        return False
+    if name == "compile":
+        return tensor.device.type == "cuda"
+    if tensor.device.type == "cuda":
+        return triton_available() and not interpreting()
+    return settings.interpret and interpreting() and triton_available()
+
+
+def failed(name: str, exc: BaseException) -> None:
+    """Switch kernel ``name`` off for the process after an error on its use (the caller then runs the plain path)."""
+    settings.failed[name] = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"squeezekit: the fused {name!r} kernel failed ({type(exc).__name__}: {str(exc)[:300]}); using the plain torch "
+        f"path for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@contextlib.contextmanager
+def configured(enabled=None, interpret: bool | None = None):
+    """Temporarily choose the kernels (an iterable of names, or a ``SQUEEZEKIT_KERNELS`` string) and interpretation."""
+    old = (settings.enabled, settings.interpret, dict(settings.failed))
+    if enabled is not None:
+        settings.enabled = _parse(enabled) if isinstance(enabled, str) else set(enabled)
+    if interpret is not None:
+        settings.interpret = interpret
+    settings.failed = {}
+    try:
+        yield settings
+    finally:
+        settings.enabled, settings.interpret, settings.failed = old
+
+

@@ -1,0 +1,82 @@
+"""Compile squeezekit's Triton kernels for sm_90 without a GPU (run by tests/test_kernels.py in its own process).
+
+Exit 0: every configuration compiled and fits in shared memory; 3: this Triton cannot compile ahead of time (skip).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+
+def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    sig = {
+        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "scale_log2" else "i32")
+        for n in inspect.signature(fn).parameters
+    }
+    compiled = triton.compile(
+        ASTSource(JITFunction(fn), sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )  # fmt: skip
+    return compiled.metadata.shared
+
+
+def main() -> int:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        print(f"this Triton has no ahead-of-time API: {exc}")
+        return 3
+    from squeezekit.kernels import attention as ka
+    from squeezekit.kernels import decode as kd
+    from squeezekit.kernels import steady as ks
+
+    ka._import_triton()
+    kd._kernels()
+    ks._kernel()
+    limit = 227 * 1024
+    n = 0
+
+    def check(fn, ptrs, consts, warps, stages):
+        nonlocal n
+        smem = _hopper_compile(fn, ptrs, consts, warps, stages)
+        assert smem <= limit, (fn.__name__, consts, smem)
+        n += 1
+
+    attn = {"KVValid": "*i8", "KVPos": "*i32", "QPos": "*i32", "QValid": "*i8", "Lse": "*fp32", "Sums": "*fp32"}
+    fp32 = ka.FP32_LAUNCH
+    wide = ka.FP32_LAUNCH_WIDE
+    for dt, prec, d, fwd, colsum in (
+        ("bf16", "tf32", 128, ka._configs("fwd"), ka._configs("colsum")),
+        ("bf16", "tf32", 256, ka._configs("fwd", True), ka._configs("colsum", True)),
+        ("fp32", "ieee", 128, [(fp32["BLOCK_M"], fp32["BLOCK_N"], fp32["num_warps"], fp32["num_stages"])], None),
+        ("fp32", "ieee", 256, [(wide["BLOCK_M"], wide["BLOCK_N"], wide["num_warps"], wide["num_stages"])], None),
+    ):
+        ptrs = {**attn, **{name: f"*{dt}" for name in ("Q", "K", "V", "Out")}}
+        for c in fwd:
+            m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
+            check(ka._fwd, ptrs, dict(HAS_WINDOW=True, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d), w, s)
+        for c in colsum or [fwd[0]]:
+            m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
+            consts = dict(HAS_WINDOW=False, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d)
+            check(ka._colsum, ptrs, consts, w, s)
+    kv = {"Score": "*fp32", "Valid": "*i8", "Pos": "*i32", "Attn": "*fp32", "NewPos": "*i64", "Victim": "*i64", "NanFlag": "*u8"}
+    kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
+    check(ks._steady_write, kv, dict(HAS_ATTN=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
+    parts = {"PartAcc": "*fp32", "PartM": "*fp32", "PartL": "*fp32", **{name: "*bf16" for name in ("Q", "K", "V", "Out")}}
+    for one in (True, False):
+        check(kd._split, parts, dict(ONE_SPLIT=one, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128), 4, 3)
+    check(kd._split, parts, dict(ONE_SPLIT=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256), 4, 3)
+    check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
+    print(f"compiled {n} kernel configurations for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

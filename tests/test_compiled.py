@@ -1,0 +1,44 @@
+"""The decode step with torch.compile'd decoder layers (squeezekit.compiled): same greedy tokens as the eager step
+(fp32 on the CPU; the CUDA-graph capture of the compiled step runs in evaluators/gpu_perf.py), the model restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import batch, tiny_model
+
+import squeezekit
+from squeezekit import compiled
+from squeezekit.batching import prefill
+from squeezekit.cache import SqueezeCache
+from squeezekit.decoding import GreedyDecoder
+
+
+def test_compiled_layers_give_the_same_tokens_and_are_removed_after():
+    model = tiny_model("mistral")
+    ids, _ = batch(4, 40)
+    update = SqueezeCache.__dict__["update"]
+
+    def run(compile):
+        with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+            decoder = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False, compile=compile)
+            assert decoder.compile is compile
+            first = decoder.run(5)
+            assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+            return torch.cat([first, decoder.run(3)], dim=1)  # a second run compiles again, reusing the code
+
+    torch._dynamo.reset()
+    ref = run(False)
+    got = run(True)
+    assert torch.equal(got, ref)
+    assert SqueezeCache.__dict__["update"] is update  # the opaque wrapper is gone
+
+
+def test_compile_is_opt_in_and_checks_its_mode():
+    ids = torch.zeros(2, dtype=torch.long)
+    assert compiled.wanted(None, ids) is False  # CPU, and not among the default kernels anyway
+    assert compiled.wanted(True, ids) is True
+    with pytest.raises(ValueError, match="Inductor's CUDA graphs must stay off"):
+        with compiled.compiled_layers(tiny_model("llama"), mode="reduce-overhead"):
+            pass
