@@ -28,7 +28,7 @@ from packaging.version import Version
 from .errors import UntestedVersionWarning
 
 #: the transformers releases the suite passes on (lowest tested .. newest tested, next minor excluded)
-TESTED_RANGE = ">=5.17,<5.25"
+TESTED_RANGE = ">=5.0,<5.25"
 TESTED = SpecifierSet(TESTED_RANGE)
 
 # -- the cache ------------------------------------------------------------------------------------------------------
