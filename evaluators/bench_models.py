@@ -18,20 +18,45 @@ import torch
 
 CONFIGS = {
     "mistral-7b": dict(
-        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, sliding_window=None,
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        sliding_window=None,
     ),
     "llama-2-7b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768,
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=32768,
     ),
     "llama-2-70b": dict(
-        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
     ),
     "tiny": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=4096,
     ),
 }
 
@@ -164,17 +189,21 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     decode = max(total - prefill, 1e-9)
     full_kv = B * L * kv_bytes_per_token(model)
     return dict(
-        prefill_s=round(prefill, 3), total_s=round(total, 3), decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
-        e2e_tok_s=round(B * new_tokens / total, 1), step_ms=round(1000 * decode / (new_tokens - 1), 2),
-        peak_gib=peak_gib(device), prefill_mem_gib=prefill_mem, kv_bytes=full_kv, kv_bytes_peak_prefill=full_kv,
+        prefill_s=round(prefill, 3),
+        total_s=round(total, 3),
+        decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
+        e2e_tok_s=round(B * new_tokens / total, 1),
+        step_ms=round(1000 * decode / (new_tokens - 1), 2),
+        peak_gib=peak_gib(device),
+        prefill_mem_gib=prefill_mem,
+        kv_bytes=full_kv,
+        kv_bytes_peak_prefill=full_kv,
         tokens=out[:, L:],
     )
 
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 
 
 def model_name(model: str) -> str:

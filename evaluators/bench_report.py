@@ -31,14 +31,21 @@ def write_reports(results: dict, out: Path) -> None:
         )
     checks = "\n".join(
         f"- {c['method']} vs {c['reference']}: {100 * c['token_agreement']:.1f}% of greedy tokens agree"
-        + (f"; prefill logits max abs diff {c['prefill_logits_max_abs_diff']} (logits up to {c['logit_scale']})" if "logit_scale" in c else "")
+        + (
+            f"; prefill logits max abs diff {c['prefill_logits_max_abs_diff']} (logits up to {c['logit_scale']})"
+            if "logit_scale" in c
+            else ""
+        )
         for c in results["checks"]
     )
     (out / f"{stem}.md").write_text(
         f"# squeezekit bench: {results['config']} on {results['device']}\n\n"
         f"torch {results['torch']}, transformers {results['transformers']}, prompts {results['prompt_len']} tokens, "
         f"{results['new_tokens']} new tokens, copy bandwidth {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s.\n\n"
-        + "\n".join(rows) + "\n\nCorrectness (same inputs):\n\n" + checks + "\n"
+        + "\n".join(rows)
+        + "\n\nCorrectness (same inputs):\n\n"
+        + checks
+        + "\n"
     )
     from squeezekit.plotting import pyplot
 

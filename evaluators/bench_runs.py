@@ -48,21 +48,35 @@ def _sizes(text: str, part: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise ConfigError("--methods", text, "expected hf or LABEL[~CHUNK][:B1/B2...], e.g. squeeze+h2o@0.2~1024:8/16 "
-                          "(chunk and batch sizes whole numbers >= 1)", "command line")
+        raise ConfigError(
+            "--methods",
+            text,
+            "expected hf or LABEL[~CHUNK][:B1/B2...], e.g. squeeze+h2o@0.2~1024:8/16 "
+            "(chunk and batch sizes whole numbers >= 1)",
+            "command line",
+        )
     return sizes
 
 
 def parse_methods(text: str) -> list[Method]:
     methods = [Method.parse(item) for item in text.split(",") if item.strip()]
     if not methods:
-        raise ConfigError("--methods", text, "expected at least one method, e.g. hf,squeeze+streaming@0.2", "command line")
+        raise ConfigError(
+            "--methods", text, "expected at least one method, e.g. hf,squeeze+streaming@0.2", "command line"
+        )
     return methods
 
 
 @torch.inference_mode()
 def run_squeezekit(
-    model, ids, new_tokens: int, device: str, config: Config, micro_batch: int, cuda_graph: bool, chunk: int | None = None
+    model,
+    ids,
+    new_tokens: int,
+    device: str,
+    config: Config,
+    micro_batch: int,
+    cuda_graph: bool,
+    chunk: int | None = None,
 ) -> dict:
     """One squeezekit run: micro-batched (optionally chunked) prefill, then the greedy decoder."""
     import squeezekit

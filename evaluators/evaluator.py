@@ -12,8 +12,14 @@ from .suite import Unit, load_unit
 
 
 class Evaluator:
-    def __init__(self, model_dir: str | None, batch_size: int = 4, text_file: str | None = None,
-                 extend_chunk: int | None = None, **model_args):
+    def __init__(
+        self,
+        model_dir: str | None,
+        batch_size: int = 4,
+        text_file: str | None = None,
+        extend_chunk: int | None = None,
+        **model_args,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from squeezekit.models import default_model_dir
@@ -35,8 +41,14 @@ class Evaluator:
         self.lm.squeeze_config = config
         self.lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
         t0 = time.time()
-        out = evaluate(lm=self.lm, task_dict=self._loaded[unit.key], limit=unit.n, log_samples=True,
-                       bootstrap_iters=0, verbosity="ERROR")
+        out = evaluate(
+            lm=self.lm,
+            task_dict=self._loaded[unit.key],
+            limit=unit.n,
+            log_samples=True,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
         seconds = time.time() - t0
         samples = sorted(next(iter(out["samples"].values())), key=lambda s: s["doc_id"])
         if unit.kind == "ppl":
@@ -44,13 +56,21 @@ class Evaluator:
             scores = [-ll / words for ll, words in pairs]  # per-document NLL per word
             total_ll, total_words = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
             value = math.exp(-total_ll / total_words)
-            result = {"metric": "word_perplexity", "value": value, "stderr": value * _sd(scores) / math.sqrt(len(scores))}
+            result = {
+                "metric": "word_perplexity",
+                "value": value,
+                "stderr": value * _sd(scores) / math.sqrt(len(scores)),
+            }
         else:
             metric = "acc" if unit.kind == "passkey" else str(unit.length)
             scores = [float(s[metric]) for s in samples]
             mean = sum(scores) / len(scores)
             result = {"metric": "accuracy", "value": mean, "stderr": _sd(scores) / math.sqrt(len(scores))}
         kv = self.lm.kv_bytes
-        result.update(n=len(scores), scores=scores, seconds=round(seconds, 1),
-                      kv_fraction=(kv["kept"] / kv["full"]) if kv["full"] else None)
+        result.update(
+            n=len(scores),
+            scores=scores,
+            seconds=round(seconds, 1),
+            kv_fraction=(kv["kept"] / kv["full"]) if kv["full"] else None,
+        )
         return result

@@ -129,7 +129,17 @@ def _attention_inputs(kind: str, dtype, device, g):
         query = torch.randn(B, Hq, q, D, generator=g).to(device, dtype)
         key, value = (torch.randn(B, H, q, D, generator=g).to(device, dtype) for _ in range(2))
         window = z["window"] if kind == "fresh-window" else None
-        return query, key, value, valid[:, None].to(device), pos[:, None].to(device, torch.int32), pos.to(device), valid.to(device), window, True
+        return (
+            query,
+            key,
+            value,
+            valid[:, None].to(device),
+            pos[:, None].to(device, torch.int32),
+            pos.to(device),
+            valid.to(device),
+            window,
+            True,
+        )
     q, C, seen = z["later_q"], z["C"], z["seen"]
     query = torch.randn(B, Hq, q, D, generator=g).to(device, dtype)
     key, value = (torch.randn(B, H, C, D, generator=g).to(device, dtype) for _ in range(2))
@@ -164,7 +174,9 @@ def check_attention_kernels(r: Runner) -> None:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
         for kind in ("fresh-left-padding", "fresh-window", "later-step-unordered-slots"):
-            query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, causal = _attention_inputs(kind, dtype, r.device, g)
+            query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, causal = _attention_inputs(
+                kind, dtype, r.device, g
+            )
             scaling = query.shape[-1] ** -0.5
 
             masks = (kv_valid, kv_pos, q_pos, q_valid, window, scaling)
@@ -192,7 +204,11 @@ def check_attention_kernels(r: Runner) -> None:
                     r.check("flash attention's log-sum-exp + Triton column sums vs explicit fp32 reference (bf16)",
                             ferr <= 1e-3 and oerr <= 1.6e-2, colsum_rel_err=ferr, out_max_abs_err=oerr)  # fmt: skip
                 except RuntimeError as exc:
-                    r.check("flash attention's log-sum-exp (SQUEEZEKIT_LSE_SOURCE=flash) available", False, error=str(exc)[:300])
+                    r.check(
+                        "flash attention's log-sum-exp (SQUEEZEKIT_LSE_SOURCE=flash) available",
+                        False,
+                        error=str(exc)[:300],
+                    )
             tol = 1e-4 if dtype == torch.float32 else max(2 * plain_err, 1.6e-2)
             ok = out_err <= tol and sums_err <= 1e-4 and bool(torch.isfinite(out.float()).all())
             r.check(
@@ -215,13 +231,17 @@ def check_steady_kernel(r: Runner) -> None:
     B, H, S, D = 64, 8, 819, 128
     dev = r.device
     score = torch.randint(0, 50, (B, H, S), generator=g).float().to(dev)
-    positions = torch.stack([torch.randperm(4096, generator=g)[:S] for _ in range(B * H)]).view(B, H, S).to(dev, torch.int32)
+    positions = (
+        torch.stack([torch.randperm(4096, generator=g)[:S] for _ in range(B * H)]).view(B, H, S).to(dev, torch.int32)
+    )
     valid = torch.ones(B, H, S, dtype=torch.bool, device=dev)
     keys, values = (torch.randn(B, H, S, D, generator=g).to(dev, torch.bfloat16) for _ in range(2))
     attention = torch.rand(B, H, S, generator=g).to(dev)
     k, v = (torch.randn(B, H, 1, D, generator=g).to(dev, torch.bfloat16) for _ in range(2))
     new_pos = torch.full((B, 1), 5000, device=dev)
-    view = LayerView(keys, values, valid, positions, new_pos.view(-1) + 1, torch.full((B,), S, device=dev), 0, 1, "decode")
+    view = LayerView(
+        keys, values, valid, positions, new_pos.view(-1) + 1, torch.full((B,), S, device=dev), 0, 1, "decode"
+    )
     ref = victim_slots(score, view, protect_newest=False)
     want = [t.clone() for t in (keys, values, positions, attention)]
     want[0].scatter_(2, ref[..., None].expand(B, H, 1, D), k)
@@ -282,7 +302,9 @@ def check_served_tokens(r: Runner, model, small_model) -> None:
         h2o_fused, logits_fused = _serve(model, ids, "squeeze+h2o@0.2", steps, a.check_batch)
         used = calls["attention"] > before
         with torch.inference_mode(), squeezekit.compress(model, evictor="h2o", budget=0.2):
-            slow = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)[:, ids.shape[1]:]
+            slow = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)[
+                :, ids.shape[1] :
+            ]
     r.check("h2o fast path (micro-batches + graph) == model.generate with the same kernels (bf16 full model)",
             agree(h2o_fused, slow) == 1.0, attention_kernel_used=used, agreement=agree(h2o_fused, slow))  # fmt: skip
     with _kernels("off"):
@@ -361,7 +383,10 @@ def prefill_attention_bench(r: Runner, model, B: int) -> dict:
     if not kernels.use("attention", torch.empty(0, device=dev)):
         return {}
     q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
-    k, v = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16), torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16),
+        torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16),
+    )
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     pos = torch.arange(T, device=dev).expand(B, T)
     m = (valid[:, None], pos[:, None].to(torch.int32), pos, valid, None, D**-0.5)
@@ -403,8 +428,13 @@ def stage_h2o_prefill(r: Runner, model) -> None:
     h2o = _prefill_time(r, model, B, "squeeze+h2o@0.2", "auto")
     ratio = h2o["prefill_s"] / stream["prefill_s"]
     r.results["h2o_ratio"] = ratio
-    r.target(f"h2o prefill vs streaming at B={B}", "<= 1.5x", f"{h2o['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {ratio:.2f}x",
-             ratio <= 1.5, ratio if r.cuda else float("nan"))  # (CPU: no fused kernels, toy sizes)
+    r.target(
+        f"h2o prefill vs streaming at B={B}",
+        "<= 1.5x",
+        f"{h2o['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {ratio:.2f}x",
+        ratio <= 1.5,
+        ratio if r.cuda else float("nan"),
+    )  # (CPU: no fused kernels, toy sizes)
     if r.cuda:  # the other source of the dense case's log-sum-exp (SQUEEZEKIT_LSE_SOURCE=flash)
         old, ka.LSE_SOURCE = ka.LSE_SOURCE, "flash"
         try:
@@ -413,8 +443,12 @@ def stage_h2o_prefill(r: Runner, model) -> None:
         finally:
             ka.LSE_SOURCE = old
         f_ratio = flash["prefill_s"] / stream["prefill_s"]
-        r.target(f"h2o prefill vs streaming at B={B}, SQUEEZEKIT_LSE_SOURCE=flash", "<= 1.5x",
-                 f"{flash['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {f_ratio:.2f}x ({flash['lse_source']})", f_ratio <= 1.5)
+        r.target(
+            f"h2o prefill vs streaming at B={B}, SQUEEZEKIT_LSE_SOURCE=flash",
+            "<= 1.5x",
+            f"{flash['prefill_s']:.2f} vs {stream['prefill_s']:.2f} s: {f_ratio:.2f}x ({flash['lse_source']})",
+            f_ratio <= 1.5,
+        )
     if r.left() > 60:  # for reference: today's explicit path, one micro-batch
         mb = r.args.micro_batch
         plain = _prefill_time(r, model, mb, "squeeze+h2o@0.2", "off")
@@ -554,7 +588,9 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
             r.results.setdefault("decode", []).append({"B": B, "skipped": "time budget"})
             continue
         S = max(1, round(0.2 * a.prompt_len))
-        attn = attention_bench(r, B, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, S, head_dim)
+        attn = attention_bench(
+            r, B, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, S, head_dim
+        )
         r.results.setdefault("decode_attention", []).append(attn)
         r.log(attn)
         for variant in variants:
@@ -668,7 +704,9 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
         r.target(f"B={B} at budget 0.2 fits", "runs", "out of memory, chunked too", False)
         return
     how = "unchunked" if row["chunk"] is None else f"chunked prefill ~{row['chunk']}"
-    r.target(f"B={B} at budget 0.2 fits", "runs", f"{how}: peak {row['peak_gib']} GiB, prefill {row['prefill_s']} s", True)
+    r.target(
+        f"B={B} at budget 0.2 fits", "runs", f"{how}: peak {row['peak_gib']} GiB, prefill {row['prefill_s']} s", True
+    )
     r.target(f"decode step vs floor at B={B}", "<= 1.6x",
              f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: {row['replay_step_ms'] / row['floor_ms']:.2f}x "
              f"(bench protocol {row['bench_step_ms']} ms; {variant})", row["replay_step_ms"] / row["floor_ms"] <= 1.6,
@@ -693,7 +731,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {met} |")
     lines += ["", "## Checks", ""]
     for c in res["checks"]:
-        extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items() if k not in ("check", "ok"))
+        extra = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items() if k not in ("check", "ok")
+        )
         lines.append(f"- {'ok' if c['ok'] else 'FAILED'}: {c['check']} ({extra})")
     if res.get("prefill"):
         lines += ["", "## Prefill", "", "| method | B | kernels | chunk | prefill s | peak GiB | prefill peak KV GiB | policy s |",
@@ -707,7 +747,9 @@ def markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for d in res["decode"]:
             if "replay_step_ms" not in d:
-                lines.append(f"| {d['B']} | {d.get('variant_failed', '')} {d.get('skipped', '')} {d.get('error', '')[:200]} | | | | | | |")
+                lines.append(
+                    f"| {d['B']} | {d.get('variant_failed', '')} {d.get('skipped', '')} {d.get('error', '')[:200]} | | | | | | |"
+                )
                 continue
             lines.append(f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
                          f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |")  # fmt: skip
@@ -753,7 +795,9 @@ def parse(argv=None):
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--decode-batches", default="128,768")
     p.add_argument("--variants", default="plain,steady,steady+decode+compile", help=f"of {', '.join(VARIANTS)}")
-    p.add_argument("--decode-steps", type=int, default=32, help="steps per timed run (bench's 127-step figure is derived)")
+    p.add_argument(
+        "--decode-steps", type=int, default=32, help="steps per timed run (bench's 127-step figure is derived)"
+    )
     p.add_argument("--decode-need-s", type=float, default=25.0, help="skip a decode batch with less time left")
     p.add_argument("--target-min-batch", type=int, default=128)
     p.add_argument("--big-batch", type=int, default=1024)
@@ -762,7 +806,12 @@ def parse(argv=None):
     p.add_argument("--check-batch", type=int, default=4)
     p.add_argument("--check-len", type=int, default=512)
     p.add_argument("--check-tokens", type=int, default=16)
-    p.add_argument("--time-budget-s", type=float, default=430.0, help="stages that would not fit are skipped (rerun them with --stages)")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=430.0,
+        help="stages that would not fit are skipped (rerun them with --stages)",
+    )
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
     p.add_argument("--quick-compile", action="store_true", help="(quick mode) also run the compiled variant on the CPU")
     args = p.parse_args(argv)
@@ -793,7 +842,14 @@ def main(argv=None) -> int:
     bandwidth = bench.copy_bandwidth(device)
     tflops = gemm_tflops(device)
     r.results.update(weight_bytes=weight_bytes, copy_bandwidth_Bps=bandwidth, gemm_tflops=tflops)
-    r.log({"model": args.config, "weight_gib": round(weight_bytes / 2**30, 2), "copy_TBps": bandwidth / 1e12, "gemm_tflops": tflops})
+    r.log(
+        {
+            "model": args.config,
+            "weight_gib": round(weight_bytes / 2**30, 2),
+            "copy_TBps": bandwidth / 1e12,
+            "gemm_tflops": tflops,
+        }
+    )
 
     def correctness():
         check_attention_kernels(r)

@@ -132,7 +132,9 @@ class SqueezekitLM(HFLM):
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         config, hf = split_model_args(kwargs)
         self.squeeze_config = config
-        self.extend_chunk = _number(hf, "extend_chunk", DEFAULT_EXTEND_CHUNK, int, lambda v: v >= 1, "must be an integer >= 1")
+        self.extend_chunk = _number(
+            hf, "extend_chunk", DEFAULT_EXTEND_CHUNK, int, lambda v: v >= 1, "must be an integer >= 1"
+        )
         self.rolling_prompt = _number(
             hf, "rolling_prompt", DEFAULT_ROLLING_PROMPT, float, lambda v: 0 < v <= 1 or (v > 1 and v == int(v)),
             "must be a fraction in (0, 1] or a whole number of tokens",
@@ -142,7 +144,9 @@ class SqueezekitLM(HFLM):
         if hf.get("micro_batch") is not None:
             self.micro_batch = _number(hf, "micro_batch", None, int, lambda v: v >= 1, "must be an integer >= 1")
         hf.pop("micro_batch", None)
-        self.check_every = _number(hf, "check_every", DEFAULT_CHECK_EVERY, int, lambda v: v >= 1, "must be an integer >= 1")
+        self.check_every = _number(
+            hf, "check_every", DEFAULT_CHECK_EVERY, int, lambda v: v >= 1, "must be an integer >= 1"
+        )
         self.cuda_graph = _switch(hf, "cuda_graph", True)
         attn = hf.pop("attn_implementation", None)
         if attn is not None:
@@ -155,8 +159,11 @@ class SqueezekitLM(HFLM):
             pretrained = str(default_model_dir())
             # lm-eval builds task metadata from the model_args as given: tasks that size their prompts with a
             # tokenizer (RULER) cannot see this default, and lm-eval offers no way to tell them. Say what to pass.
-            print(f"squeezekit: no pretrained= in --model_args: using the embedded model {pretrained}; RULER tasks need "
-                  f"it too: add pretrained={pretrained}", file=sys.stderr)
+            print(
+                f"squeezekit: no pretrained= in --model_args: using the embedded model {pretrained}; RULER tasks need "
+                f"it too: add pretrained={pretrained}",
+                file=sys.stderr,
+            )
         if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: never ask a hub for anything
             pretrained = str(pretrained)
@@ -194,7 +201,9 @@ class SqueezekitLM(HFLM):
         eos = self._serving_eos(context, max_length, generation_kwargs)
         self.generate_batches["serving" if eos is not None else "generate"] += 1
         if eos is not None:
-            return self._serve(context, generation_kwargs.get("attention_mask"), max_length - context.shape[1], stop, eos)
+            return self._serve(
+                context, generation_kwargs.get("attention_mask"), max_length - context.shape[1], stop, eos
+            )
         with torch.no_grad(), self._compress() as compressor:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             self._record(compressor)
@@ -242,7 +251,7 @@ class SqueezekitLM(HFLM):
             del cache
         return torch.cat([context, replay.tokens[:, :end].to(context.device)], dim=1)
 
-    # -- loglikelihood_rolling -------------------------------------------------------------------------------------------
+    # -- loglikelihood_rolling -----------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._rolling = True
         try:
@@ -250,7 +259,7 @@ class SqueezekitLM(HFLM):
         finally:
             self._rolling = False
 
-    # -- loglikelihood ----------------------------------------------------------------------------------------------------
+    # -- loglikelihood -------------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score each continuation against the cache compressed after prefilling its context.
 
@@ -259,7 +268,7 @@ class SqueezekitLM(HFLM):
         """
         unique: dict[tuple, dict] = {}
         members: list[tuple[tuple, int]] = []
-        for (_, context, continuation) in requests:
+        for _, context, continuation in requests:
             assert len(context) > 0 and 0 < len(continuation) <= self.max_length
             full = (context + continuation)[-(self.max_length + 1) :]
             inp = full[:-1]
@@ -343,8 +352,15 @@ class SqueezekitLM(HFLM):
         mask = torch.cat([mask, new_mask.to(device)], dim=1)
         with torch.inference_mode(), self._compress() as compressor:
             # prefill column j of a row is its input position P - keep + j
-            cache, _ = prefill(self.model, compressor, ids, mask[:, :maxP], micro_batch=self.micro_batch or B,
-                               logits_to_keep=keep, on_logits=lambda sl, lg: scores.add(lg, prompt[sl] - keep, sl))
+            cache, _ = prefill(
+                self.model,
+                compressor,
+                ids,
+                mask[:, :maxP],
+                micro_batch=self.micro_batch or B,
+                logits_to_keep=keep,
+                on_logits=lambda sl, lg: scores.add(lg, prompt[sl] - keep, sl),
+            )
             self._record(compressor)
             C = self.extend_chunk
             for k in range(0, rest, C):

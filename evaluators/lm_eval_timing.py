@@ -46,7 +46,9 @@ TARGET_FULL, TARGET_COMPRESSED = 1.1, 0.6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m squeezekit.evaluators.lm_eval_timing", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m squeezekit.evaluators.lm_eval_timing", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", required=True, help="folder for lm-eval-timing.json and .md")
     p.add_argument("--models", default="smollm2,mistral-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
@@ -56,22 +58,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=100, help="samples per niah unit")
     p.add_argument("--ppl-limit", type=int, default=32, help="documents per perplexity unit")
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size of hf and squeezekit@1.0")
-    p.add_argument("--compressed-batch-size", type=int, default=None, help="of the compressed config (default: --batch-size)")
-    p.add_argument("--micro-batch", type=int, default=None, help="squeezekit's prefill rows per forward (default: the batch)")
-    p.add_argument("--compressed", default="allocator=squeeze,evictor=streaming,budget=0.2",
-                   help="the compressed squeezekit config, k=v,... (model_args syntax)")
+    p.add_argument(
+        "--compressed-batch-size", type=int, default=None, help="of the compressed config (default: --batch-size)"
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help="squeezekit's prefill rows per forward (default: the batch)"
+    )
+    p.add_argument(
+        "--compressed",
+        default="allocator=squeeze,evictor=streaming,budget=0.2",
+        help="the compressed squeezekit config, k=v,... (model_args syntax)",
+    )
     p.add_argument("--max-gen-toks", type=int, default=None, help="override the generation tasks' own max_gen_toks")
-    p.add_argument("--fast", default="auto", choices=("auto", "true", "false"),
-                   help="squeezekit's serving path for greedy generation (auto: on CUDA; true: also on the CPU)")
+    p.add_argument(
+        "--fast",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="squeezekit's serving path for greedy generation (auto: on CUDA; true: also on the CPU)",
+    )
     p.add_argument("--check", type=int, default=8, help="samples per unit run again through model.generate (0: none)")
     p.add_argument("--warmup", type=int, default=2, help="untimed samples per method before timing (0: none)")
-    p.add_argument("--text-file", default=None, help="text for squeezekit_ppl (default: see squeezekit/evaluators/tasks)")
+    p.add_argument(
+        "--text-file", default=None, help="text for squeezekit_ppl (default: see squeezekit/evaluators/tasks)"
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
-# -- models ---------------------------------------------------------------------------------------------------------------
+# -- models ------------------------------------------------------------------------------------------------------------
 def tokenizer_dir(name: str, scratch: Path) -> str:
     if name == "tiny":
         from .testing import make_tiny_model
@@ -93,8 +108,14 @@ def build_model(name: str, tok_dir: str, device: str, dtype):
         from .bench_models import CONFIGS
 
         small = tf.AutoConfig.from_pretrained(tok_dir)
-        spec = dict(CONFIGS["mistral-7b"], vocab_size=small.vocab_size, bos_token_id=small.bos_token_id,
-                    eos_token_id=small.eos_token_id, pad_token_id=small.pad_token_id, tie_word_embeddings=False)
+        spec = dict(
+            CONFIGS["mistral-7b"],
+            vocab_size=small.vocab_size,
+            bos_token_id=small.bos_token_id,
+            eos_token_id=small.eos_token_id,
+            pad_token_id=small.pad_token_id,
+            tie_word_embeddings=False,
+        )
         config = tf.AutoConfig.for_model(**spec)
         torch.manual_seed(0)
         with torch.device(device):
@@ -132,7 +153,7 @@ def compressed_config(text: str) -> dict:
     return simple_parse_args_string(text)
 
 
-# -- tasks ----------------------------------------------------------------------------------------------------------------
+# -- tasks -------------------------------------------------------------------------------------------------------------
 class Tasks:
     """lm-eval task dicts, one per (task, length), built once per tokenizer (as squeezekit eval's sweep loads them)."""
 
@@ -147,7 +168,9 @@ class Tasks:
 
         key = (task, length)
         if key not in self._loaded:
-            self._loaded[key] = load_unit(Unit(task, length, self.n_max), self.tok_dir, self.text_file, self.max_gen_toks)
+            self._loaded[key] = load_unit(
+                Unit(task, length, self.n_max), self.tok_dir, self.text_file, self.max_gen_toks
+            )
         return self._loaded[key]
 
 
@@ -175,7 +198,7 @@ def agreement(a: list, b: list, tol: float = 1e-3) -> dict:
     return {"n": n, "agree": sum(r <= tol for r in rel) / n, "max_rel_diff": max(rel)}
 
 
-# -- the run --------------------------------------------------------------------------------------------------------------
+# -- the run -----------------------------------------------------------------------------------------------------------
 def _sync(device: str) -> None:
     import torch
 
@@ -196,8 +219,15 @@ def environment(device: str, dtype: str) -> dict:
     import torch
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "lm_eval": lm_eval.__version__, "device": device, "dtype": dtype, "host": platform.node()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": lm_eval.__version__,
+        "device": device,
+        "dtype": dtype,
+        "host": platform.node(),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -268,16 +298,28 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
             lm = make_lm(method, model, tok_dir, args)
             if args.warmup:
                 task, L, _ = min(units, key=lambda u: u[1])
-                evaluate(lm=lm, task_dict=loader.get(task, L, args.warmup), limit=args.warmup, bootstrap_iters=0,
-                         log_samples=False, verbosity="ERROR")
+                evaluate(
+                    lm=lm,
+                    task_dict=loader.get(task, L, args.warmup),
+                    limit=args.warmup,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                    verbosity="ERROR",
+                )
             for task, L, n in units:
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
                     lm.generate_batches = {"serving": 0, "generate": 0}
                 _sync(device)
                 t0 = time.perf_counter()
-                out = evaluate(lm=lm, task_dict=loader.get(task, L, n), limit=n, bootstrap_iters=0, log_samples=True,
-                               verbosity="ERROR")
+                out = evaluate(
+                    lm=lm,
+                    task_dict=loader.get(task, L, n),
+                    limit=n,
+                    bootstrap_iters=0,
+                    log_samples=True,
+                    verbosity="ERROR",
+                )
                 _sync(device)
                 seconds = time.perf_counter() - t0
                 metric, value = score_of(task, L, out)
@@ -304,8 +346,14 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 pair = []
                 for previous in (True, False):
                     lm = make_lm("squeezekit@compressed", model, tok_dir, args, previous=previous)
-                    out = evaluate(lm=lm, task_dict=loader.get(task, L, args.check), limit=args.check,
-                                   bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+                    out = evaluate(
+                        lm=lm,
+                        task_dict=loader.get(task, L, args.check),
+                        limit=args.check,
+                        bootstrap_iters=0,
+                        log_samples=True,
+                        verbosity="ERROR",
+                    )
                     pair.append(per_sample(out))
                     del lm
                 what = "scoring" if task == "squeezekit_ppl" else "serving path vs model.generate"
@@ -332,7 +380,7 @@ def save(data: dict, out_dir: Path) -> None:
     (out_dir / f"{FILE}.md").write_text(markdown(data))
 
 
-# -- report ---------------------------------------------------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------------------------------------------
 def targets(data: dict, model: str) -> list[dict]:
     """Issue 15's wall-time targets for one model, from its rows: budget 1.0 over all units, the compressed config
     over the units at the largest length."""
@@ -343,7 +391,12 @@ def targets(data: dict, model: str) -> list[dict]:
     longest = max((L for _, L in units), default=None)
     for method, goal, chosen, scope in (
         ("squeezekit@1.0", TARGET_FULL, units, "all units"),
-        ("squeezekit@compressed", TARGET_COMPRESSED, [u for u in units if u[1] == longest], f"the {longest}-token units"),
+        (
+            "squeezekit@compressed",
+            TARGET_COMPRESSED,
+            [u for u in units if u[1] == longest],
+            f"the {longest}-token units",
+        ),
     ):
         pairs = [(by.get(("hf", *u)), by.get((method, *u))) for u in chosen]
         if not pairs or any(a is None or b is None for a, b in pairs):
@@ -367,7 +420,9 @@ def markdown(data: dict) -> str:
         lines += [f"## {model}", ""]
         for meta in (inv for inv in invocations if inv["model"] == model):
             env = meta["environment"]
-            compressed = next((r["describe"] for r in rows if r["method"] == "squeezekit@compressed"), meta["compressed"])
+            compressed = next(
+                (r["describe"] for r in rows if r["method"] == "squeezekit@compressed"), meta["compressed"]
+            )
             lines += [
                 f"`{meta['command']}`",
                 "",
@@ -399,8 +454,12 @@ def markdown(data: dict) -> str:
             n = (hf or full or comp)["n"]
             lines.append(f"| {task} | {L} | {n} | {sec(hf)} | {sec(full)} | {ratio(full)} | {sec(comp)} | {ratio(comp)} | "
                          f"{val(hf)} | {val(full)} | {val(comp)} | {kv} |")  # fmt: skip
-        paths = [f"{r['method']} {r['task']}@{r['length']}: {r['generate_batches']['serving']} of "
-                 f"{sum(r['generate_batches'].values())}" for r in rows if sum(r.get("generate_batches", {}).values())]
+        paths = [
+            f"{r['method']} {r['task']}@{r['length']}: {r['generate_batches']['serving']} of "
+            f"{sum(r['generate_batches'].values())}"
+            for r in rows
+            if sum(r.get("generate_batches", {}).values())
+        ]
         if paths:
             lines += ["", "generate_until batches through the serving path (the rest through model.generate): "
                       + "; ".join(paths) + "."]  # fmt: skip

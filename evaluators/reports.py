@@ -81,8 +81,14 @@ def markdown_table(data: dict) -> str:
         alloc, evict, budget, variant = parts(key, cell)
         if variant:
             alloc += f" ({variant})"
-        row = [alloc, evict, f"{budget:g}", *(fmt(cell["units"].get(k)) for k in unit_keys),
-               "" if s["ruler"] is None else f"{s['ruler']:.3f}", "" if s["kv"] is None else f"{100 * s['kv']:.1f}%"]
+        row = [
+            alloc,
+            evict,
+            f"{budget:g}",
+            *(fmt(cell["units"].get(k)) for k in unit_keys),
+            "" if s["ruler"] is None else f"{s['ruler']:.3f}",
+            "" if s["kv"] is None else f"{100 * s['kv']:.1f}%",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     meta = data.get("meta", {})
     setting = ", ".join(f"{k} {v}" for k, v in sorted(meta.items()))
@@ -170,7 +176,8 @@ def comparisons_markdown(data: dict) -> str:
         ]
         lines.append(
             f"| {row['allocator']} | {row['evictor']} | {row['budget']:g} | {row['uniform_budget']:g} | "
-            + " | ".join(cols) + " |"
+            + " | ".join(cols)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -186,7 +193,11 @@ def plot(data: dict, path: Path) -> Path:
     points = {key: (parts(key, cell), summarize(cell, expected)) for key, cell in cells.items()}
     evictors = sorted({p[1] for (p, _) in points.values() if p[1] != "(any)"}) or ["full cache"]
     allocators = sorted({p[0] for (p, _) in points.values() if p[0] != "(any)" and not p[3]})
-    rows = [("ruler", "RULER mean (accuracy)"), ("passkey", "pass key accuracy"), ("ppl", "word perplexity (lower is better)")]
+    rows = [
+        ("ruler", "RULER mean (accuracy)"),
+        ("passkey", "pass key accuracy"),
+        ("ppl", "word perplexity (lower is better)"),
+    ]
     rows = [r for r in rows if any(s[r[0]] is not None for (_, s) in points.values())]
     fig, axes = plt.subplots(len(rows), len(evictors), figsize=(4.2 * len(evictors), 3.2 * len(rows)), squeeze=False)
     full = points["full"][1] if "full" in points else None

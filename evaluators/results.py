@@ -71,10 +71,14 @@ class ResultStore:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as exc:
-            raise ConfigError("--out", str(self.dir), f"holds a results.json that cannot be read ({exc})", SOURCE) from None
+            raise ConfigError(
+                "--out", str(self.dir), f"holds a results.json that cannot be read ({exc})", SOURCE
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ConfigError(
-                "--out", str(self.dir), "holds results of an older squeezekit (results.json format 1); use another --out",
+                "--out",
+                str(self.dir),
+                "holds results of an older squeezekit (results.json format 1); use another --out",
                 SOURCE,
             )
         theirs = data.get("meta", {})

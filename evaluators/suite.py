@@ -66,7 +66,9 @@ def parse_suite(text: str) -> list[Unit]:
         except ValueError:
             raise ConfigError("--suite", item, "expected TASK@LENGTH:N, e.g. niah_single_1@1024:16", SOURCE) from None
         if unit.task not in RULER_TASKS + OWN_TASKS:
-            raise ConfigError("--suite", item, f"unknown task; offline tasks: {', '.join(RULER_TASKS + OWN_TASKS)}", SOURCE)
+            raise ConfigError(
+                "--suite", item, f"unknown task; offline tasks: {', '.join(RULER_TASKS + OWN_TASKS)}", SOURCE
+            )
         if not MIN_LENGTH <= unit.length <= MAX_LENGTH:
             raise ConfigError("--suite", item, f"LENGTH must be between {MIN_LENGTH} and {MAX_LENGTH} tokens", SOURCE)
         if unit.n < 1:
@@ -139,7 +141,12 @@ def load_unit(unit: Unit, model_dir: str, text_file: str | None = None, max_gen_
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
-    metadata = {"max_seq_lengths": [unit.length], "pretrained": model_dir, "tokenizer": model_dir, "num_samples": unit.n}
+    metadata = {
+        "max_seq_lengths": [unit.length],
+        "pretrained": model_dir,
+        "tokenizer": model_dir,
+        "num_samples": unit.n,
+    }
     if text_file:
         metadata["text_file"] = text_file
     ruler_dir = Path(lm_eval.tasks.__file__).parent / "ruler"

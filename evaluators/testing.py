@@ -95,18 +95,18 @@ def write_tiny_tasks(directory: str | Path, text: str | None = None, n: int = 4)
         return f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / f'tiny_{name}.jsonl'}\ntest_split: test\n"
 
     (directory / "tiny_gen.yaml").write_text(
-        "task: tiny_gen\n" + data("gen") + "output_type: generate_until\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
+        "task: tiny_gen\n" + data("gen") + 'output_type: generate_until\ndoc_to_text: "{{context}}"\n'
+        'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     (directory / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n" + data("mc") + "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\ntarget_delimiter: \"\"\n"
+        "task: tiny_mc\n" + data("mc") + 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n"
     )
     (directory / "tiny_ppl.yaml").write_text(
-        "task: tiny_ppl\n" + data("ppl") + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+        "task: tiny_ppl\n" + data("ppl") + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n'
         "  - metric: bits_per_byte\n"
     )
     return directory

@@ -25,7 +25,12 @@ class SnapKV(squeezekit.TokenEvictor):
 
     def __post_init__(self):
         squeezekit.check("window", self.window, self.window >= 1, "must be an integer >= 1")
-        squeezekit.check("kernel_size", self.kernel_size, self.kernel_size >= 1 and self.kernel_size % 2 == 1, "must be an odd integer >= 1")
+        squeezekit.check(
+            "kernel_size",
+            self.kernel_size,
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            "must be an odd integer >= 1",
+        )
         squeezekit.check("pooling", self.pooling, self.pooling in ("max", "avg"), "must be 'max' or 'avg'")
 
     def floor(self):

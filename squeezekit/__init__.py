@@ -53,7 +53,12 @@ __all__ = [
     "registry",
 ]
 
-_LAZY = {"compress": ".compressor", "Compressor": ".compressor", "load_default_model": ".models", "load_model": ".models"}
+_LAZY = {
+    "compress": ".compressor",
+    "Compressor": ".compressor",
+    "load_default_model": ".models",
+    "load_model": ".models",
+}
 
 
 def __getattr__(name: str) -> Any:

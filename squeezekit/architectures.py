@@ -69,7 +69,9 @@ def resolve(model: nn.Module) -> Resolved:
         layers = list(getattr(decoder, arch.layers))
         attentions = [getattr(layer, arch.attention) for layer in layers]
     except AttributeError as exc:
-        raise UnsupportedModelError(f"{type(model).__name__} does not have the expected {model_type} layout ({exc})") from None
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not have the expected {model_type} layout ({exc})"
+        ) from None
     if model_type == "falcon" and any(type(a).__name__ != "FalconFlashAttention2" for a in attentions):
         raise UnsupportedModelError(
             "Falcon computes eager/SDPA attention inline, bypassing transformers' AttentionInterface, so per-layer "

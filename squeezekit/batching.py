@@ -52,10 +52,14 @@ def prefill(
     sequence's last prompt token.
     """
     if chunk and logits_to_keep > 1:
-        raise InputError("squeezekit.batching.prefill keeps the logits of the last position only with a chunked prefill")
+        raise InputError(
+            "squeezekit.batching.prefill keeps the logits of the last position only with a chunked prefill"
+        )
     if not (getattr(compressor, "active", False) and compressor.model is model):
         if attn_implementation(model) == ATTENTION:  # the model is in a block, but not this one
-            raise InputError("squeezekit.batching.prefill got the Compressor of another compress() block than the model's")
+            raise InputError(
+                "squeezekit.batching.prefill got the Compressor of another compress() block than the model's"
+            )
         raise InputError("squeezekit.batching.prefill needs the model inside a squeezekit.compress(model, ...) block")
     batch = input_ids.shape[0]
     shared = BatchAllocation()
@@ -95,8 +99,14 @@ def _prefill_one(
     positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp_min(0)
     if not chunk or chunk >= T:
         cache = compressor.new_cache(shared=shared)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                    **compressor.cache_kwargs(cache))
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=keep,
+            **compressor.cache_kwargs(cache),
+        )
         return output_cache(out), out.logits
     if mask is None:
         mask = torch.ones_like(ids)

@@ -48,7 +48,7 @@ class Parser(argparse.ArgumentParser):
         raise CommandLineError(f"{message} (see {self.prog} --help)")
 
 
-# ---- checked argument types (argparse reports their ValueError/TypeError as one line) ---------------------------------
+# ---- checked argument types (argparse reports their ValueError/TypeError as one line) --------------------------------
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (argparse reports a bad value as ``invalid integer >= low value``)."""
 
@@ -98,7 +98,7 @@ def plot_path(text: str) -> Path:
     return path
 
 
-# ---- the config flags --------------------------------------------------------------------------------------------------
+# ---- the config flags ------------------------------------------------------------------------------------------------
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The config schema as flags: ``--config FILE``, one flag per config key of squeezekit and of every installed
     plugin (``--window 4``; a parameter named like one of the command's own options is reachable through --set), and
@@ -120,7 +120,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             flag, dest=f"config:{key.name}", metavar=metavar, help=f"{help_text} (default: {key.default or 'unset'})"
         )
-    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. --set p=0.5")
+    group.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. --set p=0.5"
+    )
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,12 +12,24 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register: Callable[..., None]) -> None:
-    register("generate", "generate text with a compressed KV cache and report the memory it kept",
-             "squeezekit.cli_generate:add")
-    register("plugins", "list the installed allocators and evictors, with the package each comes from",
-             "squeezekit.cli_tools:add_plugins")
+    register(
+        "generate",
+        "generate text with a compressed KV cache and report the memory it kept",
+        "squeezekit.cli_generate:add",
+    )
+    register(
+        "plugins",
+        "list the installed allocators and evictors, with the package each comes from",
+        "squeezekit.cli_tools:add_plugins",
+    )
     register("config", "check a YAML / TOML / JSON config file", "squeezekit.cli_tools:add_config")
-    register("eval", "offline quality evaluation through lm-eval: one config, or a resumable sweep",
-             "squeezekit.evaluators.eval_cli:add")
-    register("bench", "throughput and memory: transformers' full cache vs squeezekit configs, side by side",
-             "squeezekit.evaluators.bench_cli:add")
+    register(
+        "eval",
+        "offline quality evaluation through lm-eval: one config, or a resumable sweep",
+        "squeezekit.evaluators.eval_cli:add",
+    )
+    register(
+        "bench",
+        "throughput and memory: transformers' full cache vs squeezekit configs, side by side",
+        "squeezekit.evaluators.bench_cli:add",
+    )

@@ -252,7 +252,7 @@ class Compressor:
 
         return hook
 
-    # -- results ---------------------------------------------------------------------------------------------------------
+    # -- results -------------------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         """Budgets, importance and bytes of the latest generation's cache."""
         cache = self.last_cache

@@ -223,7 +223,9 @@ class Config:
             owner = next((i for i in plugins if key in i.params()), None)
             if owner is None:
                 known = [*CORE_KEYS, *(k for i in plugins for k in i.params())]
-                what = f"not a squeezekit key, nor a parameter of allocator {allocator.name!r} or evictor {evictor.name!r}"
+                what = (
+                    f"not a squeezekit key, nor a parameter of allocator {allocator.name!r} or evictor {evictor.name!r}"
+                )
                 other_what, other_keys = others or ("", frozenset())
                 if other_what:
                     what += f", nor {other_what}"
@@ -269,7 +271,10 @@ class Config:
         allocator, plus, evictor = combo.partition("+")
         if not (plus and at and allocator and evictor and budget):
             raise ConfigError(
-                "label", label, "expected ALLOCATOR+EVICTOR@BUDGET[/KEY=VALUE...], e.g. squeeze+h2o@0.2/window=4", source
+                "label",
+                label,
+                "expected ALLOCATOR+EVICTOR@BUDGET[/KEY=VALUE...], e.g. squeeze+h2o@0.2/window=4",
+                source,
             )
         values: dict[str, Any] = {"allocator": allocator, "evictor": evictor, "budget": budget}
         for pair in pairs:
@@ -399,7 +404,7 @@ def parse_pairs(text: str, source: str) -> dict[str, str]:
     return values
 
 
-# ---- config files -------------------------------------------------------------------------------------------------------
+# ---- config files ----------------------------------------------------------------------------------------------------
 def read_config_file(path: str | Path) -> dict:
     """The mapping a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file holds. Only regular files of at most
     `MAX_FILE_BYTES`, in UTF-8; YAML aliases and duplicate keys (YAML, JSON) are refused."""
@@ -419,7 +424,9 @@ def read_config_file(path: str | Path) -> dict:
     except OSError as exc:
         raise ConfigError("(file)", source, f"cannot be read: {exc.strerror or exc}", None) from None
     if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError("(file)", source, f"is larger than {MAX_FILE_BYTES // 1024} KiB; a config is a few keys", None)
+        raise ConfigError(
+            "(file)", source, f"is larger than {MAX_FILE_BYTES // 1024} KiB; a config is a few keys", None
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

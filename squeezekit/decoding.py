@@ -18,7 +18,12 @@ class GreedyDecoder:
     """Greedy decoding of ``model`` from a prefilled `SqueezeCache` (inside its ``compress`` block)."""
 
     def __init__(
-        self, model, cache: SqueezeCache, first_tokens: torch.Tensor, cuda_graph: bool = True, compile: bool | None = None
+        self,
+        model,
+        cache: SqueezeCache,
+        first_tokens: torch.Tensor,
+        cuda_graph: bool = True,
+        compile: bool | None = None,
     ):
         self.model, self.cache = model, cache
         self.compile = compiled.wanted(compile, first_tokens)  # torch.compile'd layers (squeezekit.compiled)

@@ -47,7 +47,9 @@ class ConfigError(SqueezekitError, ValueError):
 class UnknownPluginError(ConfigError):
     """An allocator or evictor name that no installed plugin provides."""
 
-    def __init__(self, kind: str, name: object, installed: list[str], source: str | None = None, key: str | None = None):
+    def __init__(
+        self, kind: str, name: object, installed: list[str], source: str | None = None, key: str | None = None
+    ):
         import difflib
 
         near = difflib.get_close_matches(str(name), installed, n=1, cutoff=0.5)

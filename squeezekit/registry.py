@@ -170,7 +170,7 @@ def _params(cls: type, plugin: str) -> dict[str, Param]:
     return out
 
 
-# ---- loading -----------------------------------------------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------------------------------------
 def _contract_problem(kind: str, cls: object) -> str | None:
     base = LayerBudgetAllocator if kind == "allocator" else TokenEvictor
     if not isinstance(cls, type) or not issubclass(cls, base):

@@ -143,7 +143,9 @@ class PolicyRunner:
         shape = (total.shape[0], importance.shape[1])
 
         def once() -> torch.Tensor:
-            request = AllocationRequest(importance=importance.clone(), total=total.clone(), floor=floor, cap=cap.clone())
+            request = AllocationRequest(
+                importance=importance.clone(), total=total.clone(), floor=floor, cap=cap.clone()
+            )
             check = lambda b: check_budgets(b, total, floor, cap, shape)  # noqa: E731 (against our own copies)
             return self._call("allocator", "allocate", request, check=check).long().cpu()
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton's interpreter runs squeezekit's kernels on CPU tensors (tests/test_kernels.py)
+if (
+    not torch.cuda.is_available()
+):  # Triton's interpreter runs squeezekit's kernels on CPU tensors (tests/test_kernels.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from plugin_factory import install_doc_example, make_plugin, purge_modules
 

@@ -60,16 +60,39 @@ def main() -> int:
     ):
         ptrs = {**attn, **{name: f"*{dt}" for name in ("Q", "K", "V", "Out")}}
         for c in fwd:
-            m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
-            check(ka._fwd, ptrs, dict(HAS_WINDOW=True, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d), w, s)
+            m, nn, w, s = (
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
+            )
+            check(
+                ka._fwd,
+                ptrs,
+                dict(HAS_WINDOW=True, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d),
+                w,
+                s,
+            )
         for c in colsum or [fwd[0]]:
-            m, nn, w, s = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
+            m, nn, w, s = (
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) if hasattr(c, "kwargs") else c
+            )
             consts = dict(HAS_WINDOW=False, CAUSAL_SLOTS=True, DOT_PREC=prec, BLOCK_M=m, BLOCK_N=nn, BLOCK_D=d)
             check(ka._colsum, ptrs, consts, w, s)
-    kv = {"Score": "*fp32", "Valid": "*i8", "Pos": "*i32", "Attn": "*fp32", "NewPos": "*i64", "Victim": "*i64", "NanFlag": "*u8"}
+    kv = {
+        "Score": "*fp32",
+        "Valid": "*i8",
+        "Pos": "*i32",
+        "Attn": "*fp32",
+        "NewPos": "*i64",
+        "Victim": "*i64",
+        "NanFlag": "*u8",
+    }
     kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
     check(ks._steady_write, kv, dict(HAS_ATTN=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
-    parts = {"PartAcc": "*fp32", "PartM": "*fp32", "PartL": "*fp32", **{name: "*bf16" for name in ("Q", "K", "V", "Out")}}
+    parts = {
+        "PartAcc": "*fp32",
+        "PartM": "*fp32",
+        "PartL": "*fp32",
+        **{name: "*bf16" for name in ("Q", "K", "V", "Out")},
+    }
     for one in (True, False):
         check(kd._split, parts, dict(ONE_SPLIT=one, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128), 4, 3)
     check(kd._split, parts, dict(ONE_SPLIT=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256), 4, 3)

@@ -108,7 +108,9 @@ def test_allocator_does_not_modify_request(name):
     req = request([[0.6, 0.84, 0.87, 0.97, 0.98, 0.99]], [60], 2, [40])
     before = (req.importance.clone(), req.total.clone(), req.cap.clone())
     allocator(name).allocate(req)
-    assert torch.equal(req.importance, before[0]) and torch.equal(req.total, before[1]) and torch.equal(req.cap, before[2])
+    assert (
+        torch.equal(req.importance, before[0]) and torch.equal(req.total, before[1]) and torch.equal(req.cap, before[2])
+    )
 
 
 @pytest.mark.parametrize("name", ALLOCATORS)
@@ -136,7 +138,12 @@ def test_uniform_is_as_even_as_integers_allow(req):
 @SETTINGS
 @given(req=requests(), perm_seed=st.integers(0, 2**16))
 def test_uniform_ignores_importance(req, perm_seed):
-    shuffled = request(torch.rand(req.importance.shape, generator=torch.Generator().manual_seed(perm_seed)), req.total, req.floor, req.cap)
+    shuffled = request(
+        torch.rand(req.importance.shape, generator=torch.Generator().manual_seed(perm_seed)),
+        req.total,
+        req.floor,
+        req.cap,
+    )
     assert torch.equal(allocator("uniform").allocate(req), allocator("uniform").allocate(shuffled))
 
 
@@ -165,7 +172,9 @@ def test_squeeze_per_batch_clusters_the_batch_mean(req):
     """``per="batch"`` (the default): every sequence is split as the batch's mean importance would be."""
     mean = req.importance.double().mean(0, keepdim=True).expand_as(req.importance).float()
     ref = [
-        allocator("squeeze", per="sequence").allocate(request(mean[b], req.total[b : b + 1], req.floor, req.cap[b : b + 1]))[0]
+        allocator("squeeze", per="sequence").allocate(
+            request(mean[b], req.total[b : b + 1], req.floor, req.cap[b : b + 1])
+        )[0]
         for b in range(mean.shape[0])
     ]
     assert torch.equal(allocator("squeeze").allocate(req), torch.stack(ref))
@@ -179,7 +188,9 @@ def test_squeeze_never_favours_a_more_similar_layer(per, req, p):
     than a layer that changed it more, beyond one token of rounding (equal targets are split by layer order)."""
     budgets = allocator("squeeze", p=p, per=per).allocate(req)
     assert_contract(budgets, req)
-    imp = req.importance if per == "sequence" else req.importance.double().mean(0, keepdim=True).expand_as(req.importance)
+    imp = (
+        req.importance if per == "sequence" else req.importance.double().mean(0, keepdim=True).expand_as(req.importance)
+    )
     more_similar = imp.unsqueeze(-1) > imp.unsqueeze(-2)  # [b, i, j]: layer i is less important than layer j
     gap = budgets.unsqueeze(-1) - budgets.unsqueeze(-2)  # budget_i - budget_j
     assert not bool((more_similar & (gap > 1)).any())

@@ -75,7 +75,9 @@ def test_task_data_is_built_at_run_time(tiny, text_file):
     keys = utils.passkey_dataset(**meta)["test"]
     assert len(keys) == 6
     for row in keys:
-        assert row["input"].count(row["answer"]) == 2 and abs(len(tok(row["input"]).input_ids) - row["max_length"]) <= 40
+        assert (
+            row["input"].count(row["answer"]) == 2 and abs(len(tok(row["input"]).input_ids) - row["max_length"]) <= 40
+        )
         assert utils.passkey_score(row, [f" {row['answer']}. Remember"])["acc"] == 1.0
         assert utils.passkey_score(row, [" 1234"])["acc"] == 0.0
 
@@ -101,11 +103,13 @@ def test_longbench_code_path_on_local_jsonl(tiny, tmp_path):
     samsum = Path(longbench.__path__[0]) / "samsum.yaml"
     (tmp_path / "samsum_local.yaml").write_text(
         f"include: {samsum}\ntask: longbench_samsum_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\ngeneration_kwargs:\n  max_gen_toks: 8\n  until: [\"\\n\"]\n"
+        f'dataset_kwargs:\n  data_files:\n    test: {data}\ngeneration_kwargs:\n  max_gen_toks: 8\n  until: ["\\n"]\n'
         "  do_sample: false\n"
     )
     lm = SqueezekitLM(pretrained=tiny, device="cpu", batch_size=2, allocator="squeeze", evictor="h2o", budget=0.3)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["longbench_samsum_local"], task_manager=TaskManager(include_path=str(tmp_path)), limit=2)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["longbench_samsum_local"], task_manager=TaskManager(include_path=str(tmp_path)), limit=2
+    )
     res = out["results"]["longbench_samsum_local"]
     assert "rouge_score,none" in res and 0.0 <= res["rouge_score,none"] <= 1.0
     assert lm.kv_bytes["prefills"] >= 1 and lm.kv_bytes["kept"] < 0.5 * lm.kv_bytes["full"]

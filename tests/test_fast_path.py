@@ -36,16 +36,39 @@ def test_micro_batched_prefill_and_decoder_match_generate(allocator, evictor):
 def test_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
     from squeezekit.cli import main
 
-    code = main([
-        "bench", "--device", "cpu", "--model", "tiny", "--prompt-len", "48", "--new-tokens", "6", "--batches", "1,3",
-        "--methods", "hf,squeeze+streaming@0.25,squeeze+streaming@0.25~16:3", "--micro-batch", "2", "--check-tokens", "4",
-        "--out", str(tmp_path),
-    ])
+    code = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            "tiny",
+            "--prompt-len",
+            "48",
+            "--new-tokens",
+            "6",
+            "--batches",
+            "1,3",
+            "--methods",
+            "hf,squeeze+streaming@0.25,squeeze+streaming@0.25~16:3",
+            "--micro-batch",
+            "2",
+            "--check-tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "bench-tiny.json").read_text())
     runs = {(r["method"], r["B"]): r for r in results["runs"]}
-    assert set(runs) == {("hf", 1), ("hf", 3), ("squeeze+streaming@0.25", 1), ("squeeze+streaming@0.25", 3),
-                         ("squeeze+streaming@0.25~16", 3)}
+    assert set(runs) == {
+        ("hf", 1),
+        ("hf", 3),
+        ("squeeze+streaming@0.25", 1),
+        ("squeeze+streaming@0.25", 3),
+        ("squeeze+streaming@0.25~16", 3),
+    }
     plain, chunked = runs[("squeeze+streaming@0.25", 3)], runs[("squeeze+streaming@0.25~16", 3)]
     assert chunked["prefill_chunk"] == 16 and plain["prefill_chunk"] is None
     assert plain["kv_bytes_full"] == chunked["kv_bytes_full"] == runs[("hf", 3)]["kv_bytes_peak_prefill"]

@@ -110,14 +110,21 @@ def run(case):
     def spy(module, args, kwargs, output):  # after squeezekit's own hook: the cache as the step left it
         cache = cache_in(kwargs)
         if isinstance(cache, SqueezeCache) and cache.budgets is not None:
-            steps.append([(layer.counts().clone(), None if layer.budget is None else layer.budget.clone()) for layer in cache.layers])
+            steps.append(
+                [
+                    (layer.counts().clone(), None if layer.budget is None else layer.budget.clone())
+                    for layer in cache.layers
+                ]
+            )
 
     hooks, attn = hook_counts(model), attn_implementations(model)
     try:
         with squeezekit.compress(model, **case["config"]) as compressor:
             handle = compressor.resolved.decoder.register_forward_hook(spy, with_kwargs=True)
             try:
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=case["new"], min_new_tokens=case["new"], **GEN)
+                out = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=case["new"], min_new_tokens=case["new"], **GEN
+                )
             finally:
                 handle.remove()
     except squeezekit.SqueezekitError as error:
@@ -177,8 +184,16 @@ def check_invariants(case, out, ids, mask, compressor, steps):
 
 
 def _case(arch, config, length, new, batch=1, pads=(0,)):
-    return {"arch": arch, "attn": "sdpa", "config": config, "batch": batch, "length": length, "pads": list(pads),
-            "new": new, "seed": 0}
+    return {
+        "arch": arch,
+        "attn": "sdpa",
+        "config": config,
+        "batch": batch,
+        "length": length,
+        "pads": list(pads),
+        "new": new,
+        "seed": 0,
+    }
 
 
 @FUZZ
@@ -212,8 +227,16 @@ def test_budget_one_is_exact(arch, attn, evictor, batch, length, pad, new, seed)
     pads = [min(i * pad, length - 2) for i in range(batch)]
     ids, mask = left_padded(batch, length, pads, seed)
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **GEN)
-    case = {"arch": arch, "attn": attn, "config": {"evictor": evictor, "budget": 1.0}, "batch": batch,
-            "length": length, "pads": pads, "new": new, "seed": seed}
+    case = {
+        "arch": arch,
+        "attn": attn,
+        "config": {"evictor": evictor, "budget": 1.0},
+        "batch": batch,
+        "length": length,
+        "pads": pads,
+        "new": new,
+        "seed": seed,
+    }
     out, ids, mask, compressor, steps = run(case)
     assert not isinstance(out, BaseException), out
     assert torch.equal(out, reference)
@@ -222,12 +245,33 @@ def test_budget_one_is_exact(arch, attn, evictor, batch, length, pad, new, seed)
 
 #: values of every kind for every key, valid or not
 _ANY = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 100), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.sampled_from(ALLOCATORS + EVICTORS + ["h20", "sqeeze", "", "max", "batch"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(ALLOCATORS + EVICTORS + ["h20", "sqeeze", "", "max", "batch"]),
     st.lists(st.integers(), max_size=2),
 )
-_KEYS = ["allocator", "evictor", "budget", "p", "sinks", "window", "heavy_ratio", "fallback_allocator",
-         "fallback_evictor", "kernel_size", "pooling", "beta", "per", "n_init", "budgte", "windw", "x"]
+_KEYS = [
+    "allocator",
+    "evictor",
+    "budget",
+    "p",
+    "sinks",
+    "window",
+    "heavy_ratio",
+    "fallback_allocator",
+    "fallback_evictor",
+    "kernel_size",
+    "pooling",
+    "beta",
+    "per",
+    "n_init",
+    "budgte",
+    "windw",
+    "x",
+]
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

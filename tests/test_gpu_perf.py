@@ -16,5 +16,9 @@ def test_gpu_perf_quick_runs_on_cpu(tmp_path):
     names = " ".join(t["target"] for t in res["targets"])
     for part in ("h2o prefill vs streaming", "chunked", "decode step vs floor at B=4", "B=8 at budget 0.2 fits"):
         assert part in names
-    assert {d["variant"] for d in res["decode"]} == {"plain", "steady", "steady+decode"}  # compiled: GPU (or --quick-compile)
+    assert {d["variant"] for d in res["decode"]} == {
+        "plain",
+        "steady",
+        "steady+decode",
+    }  # compiled: GPU (or --quick-compile)
     assert (tmp_path / "gpu_perf.md").read_text().startswith("# gpu_perf")

@@ -22,7 +22,9 @@ GREEDY = dict(do_sample=False, pad_token_id=0)
 def test_writes_to_budget_and_seen_change_nothing(plugin_site):
     """An evictor that overwrites ``view.budget`` / ``view.seen`` writes into its own copies: every layer still holds
     at most its budget at every step, and the output equals the well-behaved evictor's."""
-    plugin_site.add("sk_greedy", textwrap.dedent('''
+    plugin_site.add(
+        "sk_greedy",
+        textwrap.dedent('''
         from dataclasses import dataclass
 
         import squeezekit
@@ -43,7 +45,11 @@ def test_writes_to_budget_and_seen_change_nothing(plugin_site):
         @squeezekit.hookimpl
         def register_evictors(register):
             register(Greedy)
-    '''), package="sk-greedy", version="1.0", entry_points={"greedy": "sk_greedy"})
+    '''),
+        package="sk-greedy",
+        version="1.0",
+        entry_points={"greedy": "sk_greedy"},
+    )
     plugin_site.reload()
     model = tiny_model("llama")
     ids, mask = batch(2, 48, pad=6)

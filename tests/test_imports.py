@@ -10,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: package -> folder (pyproject.toml's package-dir)
-PACKAGES = {"squeezekit": ROOT / "squeezekit", "squeezekit.plugins": ROOT / "plugins",
-            "squeezekit.evaluators": ROOT / "evaluators"}
+PACKAGES = {
+    "squeezekit": ROOT / "squeezekit",
+    "squeezekit.plugins": ROOT / "plugins",
+    "squeezekit.evaluators": ROOT / "evaluators",
+}
 
 
 def modules() -> dict[str, Path]:

@@ -101,7 +101,10 @@ def test_generate_until_is_compressed(tiny):
     lm = _lm(tiny, budget=0.25, evictor="h2o")
     tok = lm.tokenizer
     prompts = [standin_text(120, seed=8), standin_text(90, seed=9)]
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}), i) for i, p in enumerate(prompts)]
+    reqs = [
+        Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
     out = lm.generate_until(reqs, disable_tqdm=True)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert lm.kv_bytes["prefills"] >= 1 and lm.kv_bytes["kept"] < 0.35 * lm.kv_bytes["full"]
@@ -133,6 +136,9 @@ def test_fallback_plugin_keys_pass(tiny):
     """A fallback's own parameters are accepted as in every other config source; the primary's stay checked."""
     args = {"allocator": "pyramid", "fallback_allocator": "squeeze", "per": "sequence", "evictor": "snapkv"}
     lm = SqueezekitLM(pretrained=tiny, device="cpu", fallback_evictor="streaming", kernel_size=5, **args)
-    assert lm.squeeze_config.fallback_allocator == "squeeze" and dict(lm.squeeze_config.params) == {"per": "sequence", "kernel_size": 5}
+    assert lm.squeeze_config.fallback_allocator == "squeeze" and dict(lm.squeeze_config.params) == {
+        "per": "sequence",
+        "kernel_size": 5,
+    }
     with pytest.raises(ConfigError, match="per = 'sequence': unknown key"):
         SqueezekitLM(pretrained=tiny, device="cpu", allocator="pyramid", per="sequence")

@@ -29,7 +29,13 @@ def setup(tmp_path_factory):
 def _lm_eval(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("lm_eval") or shutil.which("lm-eval")
     cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -58,7 +64,9 @@ def test_unknown_model_arg_is_a_config_error(setup):
         "--tasks", "tiny_gen", "--include_path", str(tasks), "--limit", "1", "--device", "cpu",
     )  # fmt: skip
     assert out.returncode != 0
-    assert "config error: model_args: budgte = 0.2: unknown key" in out.stderr and "did you mean 'budget'?" in out.stderr
+    assert (
+        "config error: model_args: budgte = 0.2: unknown key" in out.stderr and "did you mean 'budget'?" in out.stderr
+    )
 
 
 def test_startup_hook_is_installed_and_cheap():

@@ -44,13 +44,17 @@ PROMPTS = [standin_text(30 + 23 * i, seed=40 + i) for i in range(5)]  # 5 length
 
 def _gen(lm, until, max_gen_toks=20, **extra):
     kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False, **extra}
-    return lm.generate_until([Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(PROMPTS)], disable_tqdm=True)
+    return lm.generate_until(
+        [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(PROMPTS)], disable_tqdm=True
+    )
 
 
 def _raw(lm, until, max_gen_toks=20):
     """HFLM's own call of _model_generate on one left-padded batch: the full token tensor generate returns."""
     context, mask = lm.tok_batch_encode(PROMPTS[:4])
-    return lm._model_generate(context, context.shape[1] + max_gen_toks, list(until), attention_mask=mask, do_sample=False)
+    return lm._model_generate(
+        context, context.shape[1] + max_gen_toks, list(until), attention_mask=mask, do_sample=False
+    )
 
 
 def _eos_after(lm, until, row, step):
@@ -125,8 +129,10 @@ def test_micro_batches_with_a_per_sequence_allocator_are_exact(tiny):
     fast = _lm(tiny, fast=True, batch_size=5, micro_batch=2, **config)
     assert _gen(slow, [" "]) == _gen(fast, [" "])
     reqs = _requests(slow.tokenizer)
-    assert _close(_lm(tiny, LegacyLM, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
-                  _lm(tiny, micro_batch=2, **config)._loglikelihood_tokens(reqs, disable_tqdm=True))
+    assert _close(
+        _lm(tiny, LegacyLM, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
+        _lm(tiny, micro_batch=2, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
+    )
 
 
 def test_sampling_requests_keep_model_generate(tiny):
@@ -205,8 +211,16 @@ def test_scoring_blocks_split_long_prompts(tiny, monkeypatch):
 
 def test_auto_batch_size_scores_in_detected_batches(tiny):
     """batch_size=auto: the largest batch that fits, detected once, as HFLM does (not one request at a time)."""
-    lm = SqueezekitLM(pretrained=tiny, device="cpu", batch_size="auto", max_batch_size=4, budget=0.3, evictor="h2o",
-                      extend_chunk=8, max_length=256)  # detection runs forwards of max_length tokens
+    lm = SqueezekitLM(
+        pretrained=tiny,
+        device="cpu",
+        batch_size="auto",
+        max_batch_size=4,
+        budget=0.3,
+        evictor="h2o",
+        extend_chunk=8,
+        max_length=256,
+    )  # detection runs forwards of max_length tokens
     reqs = _requests(lm.tokenizer)
     sizes = []
     score = lm._score_batch

@@ -70,7 +70,11 @@ def test_targets_from_numbers():
                      for m, a, b in rows for L, s in ((4096, a), (8192, b))]}  # fmt: skip
     full, compressed = lm_eval_timing.targets(data, "m")
     assert full["ratio"] == pytest.approx(33.5 / 30) and not full["met"]
-    assert compressed["scope"] == "the 8192-token units" and compressed["ratio"] == pytest.approx(0.55) and compressed["met"]
+    assert (
+        compressed["scope"] == "the 8192-token units"
+        and compressed["ratio"] == pytest.approx(0.55)
+        and compressed["met"]
+    )
     assert compressed["per_unit"] == {"t@8192": pytest.approx(0.55)}
 
 
@@ -142,4 +146,7 @@ def test_random_7b_is_built_with_smollm2s_tokenizer(monkeypatch):
     assert HFLM(pretrained=model, tokenizer=tok_dir, batch_size=2).max_length == 32768
     lm = SqueezekitLM(pretrained=model, tokenizer=tok_dir, batch_size=2, budget=0.5, evictor="h2o", fast=True)
     ctx, mask = lm.tok_batch_encode([standin_text(40, seed=1), standin_text(25, seed=2)])
-    assert lm._model_generate(ctx, ctx.shape[1] + 3, ["\n"], attention_mask=mask, do_sample=False).shape == (2, ctx.shape[1] + 3)
+    assert lm._model_generate(ctx, ctx.shape[1] + 3, ["\n"], attention_mask=mask, do_sample=False).shape == (
+        2,
+        ctx.shape[1] + 3,
+    )

@@ -102,7 +102,13 @@ def with_keep(view: LayerView, keep: torch.Tensor) -> Case:
 
 
 @st.composite
-def cases(draw, layouts=("shuffled", "ordered", "sparse"), phases=("prefill", "decode"), max_slots: int = 24, min_keep: int = 1):
+def cases(
+    draw,
+    layouts=("shuffled", "ordered", "sparse"),
+    phases=("prefill", "decode"),
+    max_slots: int = 24,
+    min_keep: int = 1,
+):
     B = draw(st.integers(1, 3))
     H = draw(st.integers(1, 3))
     S = draw(st.integers(1, max_slots))
@@ -152,7 +158,9 @@ def assert_honours_contract(idx: torch.Tensor, case: Case) -> None:
 
 
 def params_for(name: str, window: int = 4) -> dict:
-    return {"streaming": {"sinks": 2, "window": window}, "h2o": {"window": window, "heavy_ratio": 0.5}}.get(name, {"window": window})
+    return {"streaming": {"sinks": 2, "window": window}, "h2o": {"window": window, "heavy_ratio": 0.5}}.get(
+        name, {"window": window}
+    )
 
 
 # ---- every evictor ---------------------------------------------------------------------------------------------
@@ -200,7 +208,9 @@ def test_needs():
 # ---- one behaviour each ----------------------------------------------------------------------------------------
 
 
-def expected(view: LayerView, keep: torch.Tensor, protected: torch.Tensor, key: torch.Tensor, b: int, h: int) -> set[int]:
+def expected(
+    view: LayerView, keep: torch.Tensor, protected: torch.Tensor, key: torch.Tensor, b: int, h: int
+) -> set[int]:
     """Positions kept by "protected slots (and the newest token), then the highest ``key``"."""
     valid = view.valid[b, h]
     pos = view.positions[b, h]

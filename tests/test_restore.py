@@ -186,7 +186,13 @@ def _greedy(model, ids, mask):
         yield torch.cat(tokens, dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_argument(model): output_cache(out)})
+        out = model(
+            input_ids=nxt,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{cache_argument(model): output_cache(out)},
+        )
 
 
 def test_three_models_with_interleaved_steps_each_match_their_own_run():
@@ -194,7 +200,11 @@ def test_three_models_with_interleaved_steps_each_match_their_own_run():
     models = [tiny_model(arch) for arch, _ in (A, B, C)]
     inputs = [_inputs(seed) for seed in range(3)]
     snaps = [snapshot(m, *x) for m, x in zip(models, inputs, strict=True)]
-    with squeezekit.compress(models[0], **A[1]), squeezekit.compress(models[1], **B[1]), squeezekit.compress(models[2], **C[1]):
+    with (
+        squeezekit.compress(models[0], **A[1]),
+        squeezekit.compress(models[1], **B[1]),
+        squeezekit.compress(models[2], **C[1]),
+    ):
         loops = [_greedy(m, *x) for m, x in zip(models, inputs, strict=True)]
         got = [None, None, None]
         for _ in range(8):  # one step of each model in turn
@@ -215,7 +225,13 @@ def test_an_error_in_one_block_leaves_the_other_compressed():
     with squeezekit.compress(a, **cfg_a):
         with pytest.raises(KeyboardInterrupt):
             with squeezekit.compress(b, **cfg_b):
-                b.generate(ids_b, attention_mask=mask_b, max_new_tokens=8, stopping_criteria=StoppingCriteriaList([InterruptAfter(2)]), **GEN)
+                b.generate(
+                    ids_b,
+                    attention_mask=mask_b,
+                    max_new_tokens=8,
+                    stopping_criteria=StoppingCriteriaList([InterruptAfter(2)]),
+                    **GEN,
+                )
         assert_restored(b, snap_b, ids_b, mask_b)
         assert a.config._attn_implementation == attention.NAME
         out_a = a.generate(ids_a, attention_mask=mask_a, max_new_tokens=8, **GEN)

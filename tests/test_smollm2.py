@@ -16,7 +16,18 @@ GEN = dict(do_sample=False)
 def english_text(n_chars: int) -> str:
     """Real English prose that every Python install carries: the standard library's own documentation."""
     parts = []
-    for name in ("collections", "functools", "itertools", "json", "pathlib", "argparse", "logging", "typing", "os", "re"):
+    for name in (
+        "collections",
+        "functools",
+        "itertools",
+        "json",
+        "pathlib",
+        "argparse",
+        "logging",
+        "typing",
+        "os",
+        "re",
+    ):
         parts.append(pydoc.render_doc(name, renderer=pydoc.plaintext))
     text = "\n".join(parts)
     return text[:n_chars]

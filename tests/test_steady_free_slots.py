@@ -28,7 +28,9 @@ def _mixed_batch(n=6, length=90, seed=3):
 def _decode(model, config, ids, mask, micro_batch, steps=10):
     """Tokens, the logits of every decode step, and the final slots of every layer."""
     logits_seen = []
-    hook = model.register_forward_hook(lambda m, a, k, out: logits_seen.append(out.logits[:, -1].clone()), with_kwargs=True)
+    hook = model.register_forward_hook(
+        lambda m, a, k, out: logits_seen.append(out.logits[:, -1].clone()), with_kwargs=True
+    )
     try:
         with squeezekit.compress(model, **config) as c:
             cache, logits = prefill(model, c, ids, mask, micro_batch=micro_batch)

@@ -11,19 +11,40 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention
 def _configs():
     return {
         "llama": lambda: tf.LlamaConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
-        "mistral": lambda: tf.MistralConfig(**COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=None),
-        "mistral_window": lambda: tf.MistralConfig(**COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=24),
-        "mixtral": lambda: tf.MixtralConfig(**COMMON, intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        "mistral": lambda: tf.MistralConfig(
+            **COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=None
+        ),
+        "mistral_window": lambda: tf.MistralConfig(
+            **COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=24
+        ),
+        "mixtral": lambda: tf.MixtralConfig(
+            **COMMON,
+            intermediate_size=64,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
         "qwen2": lambda: tf.Qwen2Config(**COMMON, intermediate_size=128, num_key_value_heads=2),
         "qwen3": lambda: tf.Qwen3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16),
         "phi3": lambda: tf.Phi3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, pad_token_id=0),
         "gemma3": lambda: tf.Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 6}, intermediate_size=128, num_key_value_heads=1, head_dim=16,
-            sliding_window=16, layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+            **{**COMMON, "num_hidden_layers": 6},
+            intermediate_size=128,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
         ),
         "opt": lambda: tf.OPTConfig(
-            vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128,
-            max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=1,
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            pad_token_id=1,
         ),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**COMMON, intermediate_size=128),
     }

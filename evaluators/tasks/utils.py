@@ -135,14 +135,23 @@ def passkey_dataset(**kwargs) -> dict:
     rng = random.Random(7)
     rows = []
     for length in lengths:
-        overhead = len(tok.encode(PASSKEY_INTRO + PASSKEY_QUESTION + " " + PASSKEY_PREFIX, add_special_tokens=False)) + 24
+        overhead = (
+            len(tok.encode(PASSKEY_INTRO + PASSKEY_QUESTION + " " + PASSKEY_PREFIX, add_special_tokens=False)) + 24
+        )
         for i, window in enumerate(_slices(tok, text, max(length - overhead, 32), n, seed=2)):
             key = str(rng.randrange(10000, 100000))
             needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
             depth = 0.05 + 0.9 * ((i * 0.618034) % 1.0)  # spread evenly over depths, not in order
             cut = int(depth * len(window))
             hay = tok.decode(window[:cut]) + needle + tok.decode(window[cut:])
-            rows.append({"input": PASSKEY_INTRO + hay + PASSKEY_QUESTION, "answer": key, "depth": round(depth, 3), "max_length": length})
+            rows.append(
+                {
+                    "input": PASSKEY_INTRO + hay + PASSKEY_QUESTION,
+                    "answer": key,
+                    "depth": round(depth, 3),
+                    "max_length": length,
+                }
+            )
     return {"test": datasets.Dataset.from_list(rows)}
 
 

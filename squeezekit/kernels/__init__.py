@@ -114,5 +114,3 @@ def configured(enabled=None, interpret: bool | None = None):
         yield settings
     finally:
         settings.enabled, settings.interpret, settings.failed = old
-
-

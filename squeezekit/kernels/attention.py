@@ -311,7 +311,11 @@ def _flash_or_none(query, key, value, scaling):
         if is_oom(exc) or not _fall_back_on_error(query):
             raise
         LSE_SOURCE = "triton"
-        warnings.warn(f"squeezekit: torch's flash attention refused ({str(exc)[:200]}); using the Triton forward", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"squeezekit: torch's flash attention refused ({str(exc)[:200]}); using the Triton forward",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None, None
 
 
@@ -337,7 +341,11 @@ def masked_attention(
             out, lse = _flash_or_none(query, key, value, scaling)
         if out is None:
             out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
-        sums = column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots) if colsum else None
+        sums = (
+            column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
+            if colsum
+            else None
+        )
     except Exception as exc:
         if is_oom(exc) or not _fall_back_on_error(query):
             raise
