@@ -25,8 +25,8 @@ def write_reports(results: dict, out: Path) -> None:
         share = r.get("policy_share_of_prefill")
         peak_kv = r.get("kv_bytes_peak_prefill")
         rows.append(
-            f"| {r['method']} | {r['B']} | {r['prefill_s']} | {r['decode_tok_s']} | {r['e2e_tok_s']} | {r['step_ms']} | "
-            f"{r['floor_step_ms']} | {r['peak_gib']} | {r['kv_bytes'] / 2**30:.2f} | "
+            f"| {r['method']} | {r['B']} | {r['prefill_s']} | {r['decode_tok_s']} | {r['e2e_tok_s']} | "
+            f"{r['step_ms']} | {r['floor_step_ms']} | {r['peak_gib']} | {r['kv_bytes'] / 2**30:.2f} | "
             f"{'' if peak_kv is None else f'{peak_kv / 2**30:.2f}'} | {'' if share is None else f'{100 * share:.1f}'} |"
         )
     checks = "\n".join(

@@ -639,10 +639,15 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
         best = min((x for x in rows if x["B"] == B), key=lambda x: x["replay_step_ms"])
         others = [x for x in rows if x["B"] == B and x["variant"] in ("plain", "steady") and x is not best]
         was = "".join(f"; {x['variant']} {x['replay_step_ms']} ms ({x['replay_over_floor']}x)" for x in others)
-        r.target(f"decode step vs floor at B={B}", "<= 1.6x",
-                 f"{best['replay_step_ms']} ms replayed ({best['replay_over_floor']}x; bench protocol "
-                 f"{best['bench_over_floor']}x) vs floor {best['floor_ms']} ms, compute floor {best['compute_floor_ms']} ms, "
-                 f"with {best['variant']}{was}", best["replay_over_floor"] <= 1.6, best["replay_over_floor"])  # fmt: skip
+        r.target(
+            f"decode step vs floor at B={B}",
+            "<= 1.6x",
+            f"{best['replay_step_ms']} ms replayed ({best['replay_over_floor']}x; bench protocol "
+            f"{best['bench_over_floor']}x) vs floor {best['floor_ms']} ms, "
+            f"compute floor {best['compute_floor_ms']} ms, with {best['variant']}{was}",
+            best["replay_over_floor"] <= 1.6,
+            best["replay_over_floor"],
+        )
 
 
 # -- 5. B=1024 --------------------------------------------------------------------------------------------------------
@@ -693,10 +698,11 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
             continue
         floor = 1000 * (weight_bytes + kv) / bandwidth if bandwidth == bandwidth else float("nan")
         N = a.big_new_tokens
-        row = dict(B=B, chunk=chunk, variant=variant, prefill_s=round(t1 - t0, 2), bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2),
-                   replay_step_ms=round(replay, 2), floor_ms=round(floor, 2), peak_gib=round(peak, 2),
-                   kv_gib=round(kv / 2**30, 2), decode_tok_s=round(B * (N - 1) / (t2 - t1), 1),
-                   decode_tok_s_replay=round(1000 * B / replay, 1), e2e_tok_s=round(B * N / (t2 - t0), 1))  # fmt: skip
+        row = dict(B=B, chunk=chunk, variant=variant, prefill_s=round(t1 - t0, 2),
+                   bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2), replay_step_ms=round(replay, 2),
+                   floor_ms=round(floor, 2), peak_gib=round(peak, 2), kv_gib=round(kv / 2**30, 2),
+                   decode_tok_s=round(B * (N - 1) / (t2 - t1), 1), decode_tok_s_replay=round(1000 * B / replay, 1),
+                   e2e_tok_s=round(B * N / (t2 - t0), 1))  # fmt: skip
         r.results.setdefault("big_batch", []).append(row)
         r.log(row)
         break
@@ -707,16 +713,30 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
     r.target(
         f"B={B} at budget 0.2 fits", "runs", f"{how}: peak {row['peak_gib']} GiB, prefill {row['prefill_s']} s", True
     )
-    r.target(f"decode step vs floor at B={B}", "<= 1.6x",
-             f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: {row['replay_step_ms'] / row['floor_ms']:.2f}x "
-             f"(bench protocol {row['bench_step_ms']} ms; {variant})", row["replay_step_ms"] / row["floor_ms"] <= 1.6,
-             row["replay_step_ms"] / row["floor_ms"])  # fmt: skip
+    r.target(
+        f"decode step vs floor at B={B}",
+        "<= 1.6x",
+        f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: "
+        f"{row['replay_step_ms'] / row['floor_ms']:.2f}x (bench protocol {row['bench_step_ms']} ms; {variant})",
+        row["replay_step_ms"] / row["floor_ms"] <= 1.6,
+        row["replay_step_ms"] / row["floor_ms"],
+    )
     tok = row["decode_tok_s_replay"]
-    r.target(f"decode tok/s at B={B} vs transformers' best ({TRANSFORMERS_BEST:.0f}, 2026-11-30 baseline run)", ">= 15x",
-             f"{tok:.0f} tok/s replayed ({row['decode_tok_s']:.0f} bench protocol, {N} tokens): {tok / TRANSFORMERS_BEST:.1f}x "
-             "(indicative: not the same run)", tok / TRANSFORMERS_BEST >= 15, None if r.cuda else float("nan"))  # fmt: skip
-    r.target(f"decode tok/s at B={B} vs kvpress's best ({KVPRESS_BEST:.0f}, same baseline run)", ">= 7x",
-             f"{tok / KVPRESS_BEST:.1f}x (indicative)", tok / KVPRESS_BEST >= 7, None if r.cuda else float("nan"))  # fmt: skip
+    r.target(
+        f"decode tok/s at B={B} vs transformers' best ({TRANSFORMERS_BEST:.0f}, 2026-11-30 baseline run)",
+        ">= 15x",
+        f"{tok:.0f} tok/s replayed ({row['decode_tok_s']:.0f} bench protocol, {N} tokens): "
+        f"{tok / TRANSFORMERS_BEST:.1f}x (indicative: not the same run)",
+        tok / TRANSFORMERS_BEST >= 15,
+        None if r.cuda else float("nan"),
+    )
+    r.target(
+        f"decode tok/s at B={B} vs kvpress's best ({KVPRESS_BEST:.0f}, same baseline run)",
+        ">= 7x",
+        f"{tok / KVPRESS_BEST:.1f}x (indicative)",
+        tok / KVPRESS_BEST >= 7,
+        None if r.cuda else float("nan"),
+    )
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -724,7 +744,8 @@ def markdown(res: dict) -> str:
     lines = [f"# gpu_perf: {res.get('device', '?')}", "",
              f"torch {res.get('torch')}, transformers {res.get('transformers')}, triton {res.get('triton')}, "
              f"config {res['args']['config']}, prompts {res['args']['prompt_len']} tokens, copy bandwidth "
-             f"{res.get('copy_bandwidth_Bps', float('nan')) / 1e12:.2f} TB/s, bf16 GEMM {res.get('gemm_tflops', float('nan')):.0f} TFLOP/s.", "",
+             f"{res.get('copy_bandwidth_Bps', float('nan')) / 1e12:.2f} TB/s, "
+             f"bf16 GEMM {res.get('gemm_tflops', float('nan')):.0f} TFLOP/s.", "",
              "## Targets", "", "| target | goal | measured | met? |", "|---|---|---|---|"]  # fmt: skip
     for t in res["targets"]:
         met = "n/a" if t["met"] is None else ("**yes**" if t["met"] else "**no**")
@@ -736,23 +757,30 @@ def markdown(res: dict) -> str:
         )
         lines.append(f"- {'ok' if c['ok'] else 'FAILED'}: {c['check']} ({extra})")
     if res.get("prefill"):
-        lines += ["", "## Prefill", "", "| method | B | kernels | chunk | prefill s | peak GiB | prefill peak KV GiB | policy s |",
+        lines += ["", "## Prefill", "",
+                  "| method | B | kernels | chunk | prefill s | peak GiB | prefill peak KV GiB | policy s |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for p in res["prefill"]:
-            lines.append(f"| {p['method']} | {p['B']} | {p['kernels']} | {p['chunk'] or ''} | {p['prefill_s']} | {p['peak_gib']} | "
-                         f"{p['kv_gib_peak_prefill']} | {p['policy_s']} |")  # fmt: skip
+            lines.append(
+                f"| {p['method']} | {p['B']} | {p['kernels']} | {p['chunk'] or ''} | {p['prefill_s']} | "
+                f"{p['peak_gib']} | {p['kv_gib_peak_prefill']} | {p['policy_s']} |"
+            )
     if res.get("decode"):
         lines += ["", "## Decode step (streaming@0.2, cache of one micro-batch repeated to B rows)", "",
-                  "| B | variant | replay ms | bench-protocol ms | floor ms | compute floor ms | replay / floor | tok/s (replay) |",
+                  "| B | variant | replay ms | bench-protocol ms | floor ms | compute floor ms | replay / floor "
+                  "| tok/s (replay) |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for d in res["decode"]:
             if "replay_step_ms" not in d:
                 lines.append(
-                    f"| {d['B']} | {d.get('variant_failed', '')} {d.get('skipped', '')} {d.get('error', '')[:200]} | | | | | | |"
+                    f"| {d['B']} | {d.get('variant_failed', '')} {d.get('skipped', '')} {d.get('error', '')[:200]} "
+                    "| | | | | | |"
                 )
                 continue
-            lines.append(f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
-                         f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |")  # fmt: skip
+            lines.append(
+                f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
+                f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |"
+            )
     if res.get("prefill_attention"):
         lines += ["", "## Prefill attention alone (one layer, one micro-batch)", "", "```",
                   json.dumps(res["prefill_attention"]), "```"]  # fmt: skip

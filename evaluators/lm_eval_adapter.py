@@ -14,7 +14,8 @@ How each request type sees the compressed cache (batch > 1, padded, like generat
   else that changes the argmax: `squeezekit.transformers_api.greedy_eos`) take the serving path when ``fast`` is on
   (by default on CUDA): `squeezekit.batching.prefill` in micro-batches of ``micro_batch`` rows, then
   `squeezekit.decoding.GreedyDecoder` (a CUDA graph once every row of every layer is at its budget, also when the
-  rows' prompts, hence budgets, differ), with the stop sequences checked on the host every ``check_every`` tokens. Where ``model.generate`` would have stopped is replayed on the host with
+  rows' prompts, hence budgets, differ), with the stop sequences checked on the host every ``check_every`` tokens. \
+Where ``model.generate`` would have stopped is replayed on the host with
   lm-eval's own stopping criteria and the model's end-of-sequence ids, and the tokens decoded past it are dropped,
   so the output equals ``model.generate``'s token for token. Any other request (sampling, beams, a logits
   processor in the model's generation config, autocast) runs ``model.generate`` inside ``squeezekit.compress``.
@@ -39,7 +40,8 @@ Adapter arguments (not part of the squeezekit schema):
 * ``fast`` (``auto``, true or false; default ``auto``: on when the model runs on CUDA): the serving path above for
   greedy ``generate_until`` requests. Its output equals ``model.generate``'s (tests/test_lm_eval_fast_path.py).
 * ``micro_batch`` (int, default: the whole batch): rows per prefill forward, in ``generate_until``'s serving path
-  (``model.generate`` prefills the whole batch at once) and when scoring. Smaller micro-batches hold less of the uncompressed prompt at once, so the batch (``batch_size``)
+  (``model.generate`` prefills the whole batch at once) and when scoring. Smaller micro-batches hold less of the \
+uncompressed prompt at once, so the batch (``batch_size``)
   can grow. A batch-level allocator (``squeeze`` with ``per="batch"``, the default) then allocates every
   micro-batch from the first one's mean layer importance (`squeezekit.batching.prefill`) instead of the whole
   batch's, which can change the budgets and so the scores; per-sequence allocators give the same scores.
@@ -95,7 +97,8 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
 
 
 def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):
-    """Pop adapter argument ``key`` from ``args`` as ``kind``; a value that does not parse or fails ``ok``: `ConfigError`."""
+    """Pop adapter argument ``key`` from ``args`` as ``kind``; a value that does not parse or fails ``ok``: \
+`ConfigError`."""
     value = args.pop(key, default)
     try:
         number = kind(value)

@@ -41,7 +41,8 @@ from pathlib import Path
 METHODS = ("hf", "squeezekit@1.0", "squeezekit@compressed")
 MODELS = ("smollm2", "mistral-7b", "tiny")
 FILE = "lm-eval-timing"
-#: issue 15's targets: squeezekit at budget 1.0 within this factor of hf (all units), compressed within this (long units)
+#: issue 15's targets: squeezekit at budget 1.0 within this factor of hf (all units), compressed within this
+#: (long units)
 TARGET_FULL, TARGET_COMPRESSED = 1.1, 0.6
 
 
@@ -325,8 +326,9 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 metric, value = score_of(task, L, out)
                 responses[(method, task, L)] = per_sample(out)
                 kv = getattr(lm, "kv_bytes", None)
-                row = {"model": name, "method": method, "task": task, "length": L, "n": len(responses[(method, task, L)]),
-                       "seconds": round(seconds, 3), "metric": metric, "value": value,
+                row = {"model": name, "method": method, "task": task, "length": L,
+                       "n": len(responses[(method, task, L)]), "seconds": round(seconds, 3),
+                       "metric": metric, "value": value,
                        "kv_fraction": kv["kept"] / kv["full"] if kv and kv["full"] else None,
                        "describe": lm.squeeze_config.describe() if hasattr(lm, "squeeze_config") else "transformers",
                        "generate_batches": dict(getattr(lm, "generate_batches", {}))}  # fmt: skip
@@ -434,9 +436,10 @@ def markdown(data: dict) -> str:
                 "",
             ]
         lines += [
-            "| task | length | n | hf s | squeezekit@1.0 s | x hf | compressed s | x hf | hf score | @1.0 score | compressed score | KV kept |",
+            "| task | length | n | hf s | squeezekit@1.0 s | x hf | compressed s | x hf | hf score | @1.0 score "
+            "| compressed score | KV kept |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         by = {(r["method"], r["task"], r["length"]): r for r in rows}
         for task, L in sorted({(r["task"], r["length"]) for r in rows}):
             hf, full, comp = (by.get((m, task, L)) for m in METHODS)
@@ -452,8 +455,10 @@ def markdown(data: dict) -> str:
 
             kv = "" if comp is None or comp.get("kv_fraction") is None else f"{100 * comp['kv_fraction']:.1f}%"
             n = (hf or full or comp)["n"]
-            lines.append(f"| {task} | {L} | {n} | {sec(hf)} | {sec(full)} | {ratio(full)} | {sec(comp)} | {ratio(comp)} | "
-                         f"{val(hf)} | {val(full)} | {val(comp)} | {kv} |")  # fmt: skip
+            lines.append(
+                f"| {task} | {L} | {n} | {sec(hf)} | {sec(full)} | {ratio(full)} | {sec(comp)} | {ratio(comp)} | "
+                f"{val(hf)} | {val(full)} | {val(comp)} | {kv} |"
+            )
         paths = [
             f"{r['method']} {r['task']}@{r['length']}: {r['generate_batches']['serving']} of "
             f"{sum(r['generate_batches'].values())}"
@@ -467,8 +472,10 @@ def markdown(data: dict) -> str:
         for t in targets(data, model):
             verdict = "**met**" if t["met"] else "**not met**"
             each = ", ".join(f"{u} {r:.2f}x {'met' if r <= t['goal'] else 'not met'}" for u, r in t["per_unit"].items())
-            lines.append(f"- {t['method']} <= {t['goal']}x hf on {t['scope']}: {t['seconds']:.1f} s vs {t['hf_seconds']:.1f} s = "
-                         f"{t['ratio']:.2f}x: {verdict} (per unit: {each})")  # fmt: skip
+            lines.append(
+                f"- {t['method']} <= {t['goal']}x hf on {t['scope']}: "
+                f"{t['seconds']:.1f} s vs {t['hf_seconds']:.1f} s = {t['ratio']:.2f}x: {verdict} (per unit: {each})"
+            )
         checks = [c for c in data["checks"] if c["model"] == model]
         if checks:
             lines += ["", "Per-sample checks:", ""]

@@ -92,7 +92,10 @@ def write_tiny_tasks(directory: str | Path, text: str | None = None, n: int = 4)
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def data(name: str) -> str:
-        return f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / f'tiny_{name}.jsonl'}\ntest_split: test\n"
+        return (
+            "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {directory / f'tiny_{name}.jsonl'}\ntest_split: test\n"
+        )
 
     (directory / "tiny_gen.yaml").write_text(
         "task: tiny_gen\n" + data("gen") + 'output_type: generate_until\ndoc_to_text: "{{context}}"\n'

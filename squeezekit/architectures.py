@@ -62,7 +62,8 @@ def resolve(model: nn.Module) -> Resolved:
     arch = ARCHITECTURES.get(str(model_type))
     if arch is None:
         raise UnsupportedModelError(
-            f"architecture {model_type!r} ({type(model).__name__}) is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"architecture {model_type!r} ({type(model).__name__}) is not supported; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     try:
         decoder = _get(model, arch.decoder)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @torch.inference_mode()
 def prefill(
-    model,
+    model: torch.nn.Module,
     compressor: Compressor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -91,7 +91,13 @@ def prefill(
 
 
 def _prefill_one(
-    model, compressor: Compressor, ids, mask, chunk: int | None, shared: BatchAllocation, keep: int = 1
+    model: torch.nn.Module,
+    compressor: Compressor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    chunk: int | None,
+    shared: BatchAllocation,
+    keep: int = 1,
 ) -> tuple[SqueezeCache, torch.Tensor]:
     """One micro-batch: ``(cache, logits of its last ``keep`` positions (b, keep, vocab))``."""
     T = ids.shape[1]
@@ -111,6 +117,7 @@ def _prefill_one(
     if mask is None:
         mask = torch.ones_like(ids)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    assert positions is not None  # from the given mask, or from the all-ones one
     cache = compressor.new_cache(shared=shared, expected_prompt_len=mask.sum(-1))
     for s in range(0, T, chunk):
         e = min(T, s + chunk)

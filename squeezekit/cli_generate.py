@@ -41,11 +41,15 @@ def summary_line(summary: dict, new_tokens: int) -> str:
     prompt = int(summary["prompt_len"].max())
     grown = full * (prompt + new_tokens) / max(prompt, 1)
     if summary["max_budget"] < 0:  # budget 1: nothing is ever evicted
-        return f"KV cache: full, nothing evicted ({_mib(full)} after prefill, buffers {_mib(now)} after {new_tokens} new tokens)"
+        return (
+            f"KV cache: full, nothing evicted ({_mib(full)} after prefill, "
+            f"buffers {_mib(now)} after {new_tokens} new tokens)"
+        )
     return (
         f"KV cache: {_mib(kept)} kept of {_mib(full)} full after prefill ({100 * kept / max(full, 1):.1f}%), "
         f"{_mib(now)} after {new_tokens} new tokens (full cache: {_mib(int(grown))}); "
-        f"per-layer budget mean {summary['mean_budget']:.1f}, min {summary['min_budget']}, max {summary['max_budget']} tokens"
+        f"per-layer budget mean {summary['mean_budget']:.1f}, min {summary['min_budget']}, "
+        f"max {summary['max_budget']} tokens"
     )
 
 

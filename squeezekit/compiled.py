@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -43,7 +44,9 @@ def wanted(compile: bool | None, tensor: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def compiled_layers(model, enabled: bool = True, mode: str | None = None):
+def compiled_layers(
+    model: torch.nn.Module, enabled: bool = True, mode: str | None = None
+) -> Iterator[list[torch.nn.Module] | None]:
     """Within the block, ``model``'s decoder layers run compiled (see the module docstring); restored on exit."""
     if not enabled:
         yield None
@@ -57,7 +60,8 @@ def compiled_layers(model, enabled: bool = True, mode: str | None = None):
 
     layers = resolve(model).layers
     update = SqueezeCache.__dict__["update"]
-    SqueezeCache.update = torch.compiler.disable(update, recursive=True)
+    # patching the method for the block (restored below) is the point here: no annotation expresses it to mypy
+    SqueezeCache.update = torch.compiler.disable(update, recursive=True)  # type: ignore[method-assign]
     register_attention(attention.NAME, torch.compiler.disable(attention.squeezekit_attention, recursive=True))
     try:
         for layer in layers:
@@ -66,5 +70,5 @@ def compiled_layers(model, enabled: bool = True, mode: str | None = None):
     finally:
         for layer in layers:
             layer._compiled_call_impl = None  # what nn.Module.compile set: the layer calls its own forward again
-        SqueezeCache.update = update
+        SqueezeCache.update = update  # type: ignore[method-assign]  # restores the method patched above
         register_attention(attention.NAME, attention.squeezekit_attention)

@@ -19,12 +19,12 @@ class GreedyDecoder:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         cache: SqueezeCache,
         first_tokens: torch.Tensor,
         cuda_graph: bool = True,
         compile: bool | None = None,
-    ):
+    ) -> None:
         self.model, self.cache = model, cache
         self.compile = compiled.wanted(compile, first_tokens)  # torch.compile'd layers (squeezekit.compiled)
         self.cache_kwargs = {cache_argument(model): cache}

@@ -17,8 +17,8 @@ from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa:
 
 LONGBENCH_DOCS = [  # the fields of LongBench's samsum (as lm-eval's longbench tasks read them)
     {
-        "context": "Dialogue: Anna: are you coming tonight? Ben: yes, at eight. Anna: bring the cake.\nSummary: Ben will "
-        "come at eight and bring the cake.\n\n" * 3,
+        "context": "Dialogue: Anna: are you coming tonight? Ben: yes, at eight. Anna: bring the cake.\nSummary: "
+        "Ben will come at eight and bring the cake.\n\n" * 3,
         "question": "Dialogue: Carl: the bus is late again. Dana: take a taxi, I will pay.\nSummary:",
         "answers": ["Carl's bus is late, Dana will pay for his taxi."],
         "length": 60,

@@ -65,8 +65,8 @@ def test_untested_release_warns_in_one_line():
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == [
-        f"squeezekit:0: UntestedVersionWarning: transformers 5.99.0 is untested with squeezekit (tested: {hf.TESTED_RANGE}); "
-        "results may be wrong or fail"
+        "squeezekit:0: UntestedVersionWarning: transformers 5.99.0 is untested with squeezekit "
+        f"(tested: {hf.TESTED_RANGE}); results may be wrong or fail"
     ]
 
 

@@ -13,7 +13,8 @@
   (squeezekit.compiled).
 
 Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention`` and ``steady``, on CUDA tensors, when Triton
-imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch
+imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the kernels to use \
+(``steady,compile``). CPU tensors always take the plain torch
 paths, except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was
 imported (tests: Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
@@ -26,6 +27,11 @@ import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 KERNELS = ("attention", "steady", "decode", "compile")
 DEFAULT = ("attention", "steady")
@@ -47,7 +53,7 @@ def _parse(text: str | None) -> set[str]:
 
 
 class Settings:
-    def __init__(self):
+    def __init__(self) -> None:
         self.enabled: set[str] = _parse(os.environ.get("SQUEEZEKIT_KERNELS"))
         self.interpret = False  # run the Triton kernels on CPU tensors through Triton's interpreter (tests)
         self.failed: dict[str, str] = {}  # kernel -> the error that switched it off
@@ -73,7 +79,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def use(name: str, tensor) -> bool:
+def use(name: str, tensor: torch.Tensor) -> bool:
     """Whether kernel ``name`` serves a computation on ``tensor``'s device."""
     if name not in settings.enabled or name in settings.failed:
         return False
@@ -102,7 +108,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def configured(enabled=None, interpret: bool | None = None):
+def configured(enabled: str | Iterable[str] | None = None, interpret: bool | None = None) -> Iterator[Settings]:
     """Temporarily choose the kernels (an iterable of names, or a ``SQUEEZEKIT_KERNELS`` string) and interpretation."""
     old = (settings.enabled, settings.interpret, dict(settings.failed))
     if enabled is not None:

@@ -25,14 +25,21 @@ import functools
 import math
 import os
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import failed, interpreting, is_oom, settings, use
 
 #: Triton is imported on first use (squeezekit.kernels.use checks that it imports); the kernels' annotations are
-#: strings (postponed evaluation), so these names need no value before then
-triton = tl = None
+#: strings (postponed evaluation), so these names need no value before then. The kernels' parameters carry no type
+#: annotations besides ``tl.constexpr``: Triton reads a parameter's annotation as its type when it compiles them.
+if TYPE_CHECKING:
+    import triton
+    import triton.language as tl
+    from triton.runtime import KernelInterface
+else:
+    triton = tl = None
 
 LOG2E = 1.4426950408889634
 
@@ -161,7 +168,7 @@ def _colsum(
     tl.store(Sums + pid_bh * NK + offs_n, tl.sum(acc, 1), mask=n_ok)
 
 
-def _configs(kind: str, wide: bool = False):
+def _configs(kind: str, wide: bool = False) -> list[triton.Config]:
     """Tile configurations the autotuner tries (bf16/fp16 on the GPU; wgmma tiles for Hopper). ``wide``: head dim
     above 128 (smaller tiles, so that they fit in shared memory)."""
     if wide:
@@ -180,7 +187,7 @@ FP32_LAUNCH = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 FP32_LAUNCH_WIDE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _launch_options(dtype, head_dim: int = 128) -> dict:
+def _launch_options(dtype: torch.dtype, head_dim: int = 128) -> dict[str, int]:
     if interpreting():
         return dict(INTERPRET_BLOCKS)
     if dtype == torch.float32:
@@ -188,20 +195,20 @@ def _launch_options(dtype, head_dim: int = 128) -> dict:
     return {}
 
 
-def _import_triton():
+def _import_triton() -> None:
     global triton, tl
     import triton
     import triton.language as tl
 
 
 @functools.lru_cache(maxsize=1)
-def _jitted():
+def _jitted() -> tuple[KernelInterface, KernelInterface]:
     _import_triton()
     return triton.jit(_fwd), triton.jit(_colsum)
 
 
 @functools.lru_cache(maxsize=2)
-def _tuned(wide: bool):
+def _tuned(wide: bool) -> tuple[KernelInterface, KernelInterface]:
     fwd, colsum = _jitted()
     key = ["BUCKET", "G", "D"]
     return (
@@ -210,7 +217,7 @@ def _tuned(wide: bool):
     )
 
 
-def _kernels(dtype, head_dim: int = 128):
+def _kernels(dtype: torch.dtype, head_dim: int = 128) -> tuple[KernelInterface, KernelInterface]:
     """(forward, colsum): autotuned for half precision on the GPU, plain under the interpreter or in fp32."""
     return _jitted() if interpreting() or dtype == torch.float32 else _tuned(head_dim > 128)
 
@@ -220,7 +227,18 @@ def _bucket(n: int) -> int:
     return 1 << max(4, math.ceil(math.log2(max(n, 1))))
 
 
-def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots):
+def attention_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_valid: torch.Tensor,
+    kv_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    window: int | None,
+    scaling: float,
+    causal_slots: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention and its log-sum-exp. query (B, Hq, q, D); key/value (B, H, C, D); kv_valid/kv_pos
     (B, Hm, C) with Hm 1 or H; q_pos/q_valid (B, q). Returns (out (B, q, Hq, D), lse2 (B, Hq, q) fp32, base 2)."""
     B, Hq, nq, D = query.shape
@@ -239,7 +257,7 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
         head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
     blocks = _launch_options(query.dtype, D)
 
-    def grid(meta):
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), B * Hq)
 
     fwd[grid](
@@ -254,7 +272,18 @@ def attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, s
     return out, lse
 
 
-def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots):
+def column_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    kv_valid: torch.Tensor,
+    kv_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    window: int | None,
+    scaling: float,
+    causal_slots: bool,
+) -> torch.Tensor:
     """(B, H, C) fp32: per slot, the softmax probability it received summed over the valid queries and over the
     query heads sharing its KV head (``lse`` from `attention_lse`)."""
     B, Hq, nq, D = query.shape
@@ -271,7 +300,7 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
     qv = q_valid.to(torch.int8).contiguous()
     blocks = _launch_options(query.dtype, D)
 
-    def grid(meta):
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(C, meta["BLOCK_N"]), B * H)
 
     colsum[grid](
@@ -292,7 +321,9 @@ def column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scali
 LSE_SOURCE = os.environ.get("SQUEEZEKIT_LSE_SOURCE", "triton")
 
 
-def flash_lse(query, key, value, scaling):
+def flash_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's flash attention, causal, with its log-sum-exp: (out (B, q, Hq, D), lse2 (B, Hq, q) base 2)."""
     if query.device.type == "cuda":
         res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
@@ -302,7 +333,9 @@ def flash_lse(query, key, value, scaling):
     return out.transpose(1, 2), lse.float() * LOG2E
 
 
-def _flash_or_none(query, key, value, scaling):
+def _flash_or_none(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """`flash_lse`, or (None, None) after switching `LSE_SOURCE` back to ``triton`` when torch's op refuses."""
     global LSE_SOURCE
     try:
@@ -319,15 +352,26 @@ def _flash_or_none(query, key, value, scaling):
         return None, None
 
 
-def _fall_back_on_error(query) -> bool:
+def _fall_back_on_error(query: torch.Tensor) -> bool:
     """On the GPU a failing kernel (an incompatible Triton, say) is switched off; under the interpreter (tests) the
     error is raised."""
     return query.device.type == "cuda"
 
 
 def masked_attention(
-    query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots, colsum, dense=False
-):
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_valid: torch.Tensor,
+    kv_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    window: int | None,
+    scaling: float,
+    causal_slots: bool,
+    colsum: bool,
+    dense: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The fused path of `squeezekit.attention` for a multi-token step: ``(out (B, q, Hq, D), sums)`` with
     ``sums`` (B, H, C) fp32 when ``colsum`` else None; None when the kernel is off for this device (or failed
     before: the caller then runs its plain path). ``dense``: plain causal attention over the step's own tokens (no
@@ -341,6 +385,7 @@ def masked_attention(
             out, lse = _flash_or_none(query, key, value, scaling)
         if out is None:
             out, lse = attention_lse(query, key, value, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
+        assert lse is not None  # _flash_or_none returns both or neither
         sums = (
             column_sums(query, key, lse, kv_valid, kv_pos, q_pos, q_valid, window, scaling, causal_slots)
             if colsum

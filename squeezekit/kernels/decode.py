@@ -11,12 +11,18 @@ output itself. No mask: every slot is valid and within any window (``full_buffer
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import failed, interpreting, is_oom, settings, use
 
-triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
+if TYPE_CHECKING:
+    import triton
+    import triton.language as tl
+    from triton.runtime import KernelInterface
+else:
+    triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
 LOG2E = 1.4426950408889634
 
 
@@ -102,7 +108,7 @@ def _merge(
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels():
+def _kernels() -> tuple[KernelInterface, KernelInterface]:
     global triton, tl
     import triton
     import triton.language as tl
@@ -111,7 +117,7 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -125,11 +131,13 @@ def splits(B: int, H: int, S: int, sms: int, block_n: int) -> int:
     return max(1, min(want, S // (2 * block_n)))
 
 
-def _fall_back_on_error(tensor) -> bool:
+def _fall_back_on_error(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
-def decode_attention(query, key, value, scaling):
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> torch.Tensor | None:
     """query (B, Hq, 1, D); key/value (B, H, S, D), every slot valid. Returns (B, 1, Hq, D), or None when the kernel
     is off for this device (or failed before: the caller then runs its plain path)."""
     if not use("decode", query) or query.shape[2] != 1:

@@ -11,12 +11,20 @@ sync, whether any score is NaN (what `SqueezeCache.check_nan_later` records).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import failed, interpreting, is_oom, settings, use
 
-triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
+if TYPE_CHECKING:
+    import triton
+    import triton.language as tl
+    from triton.runtime import KernelInterface
+
+    from ..cache import SqueezeLayer
+else:
+    triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
 
 
 def _steady_write(
@@ -74,7 +82,7 @@ def _steady_write(
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _kernel() -> KernelInterface:
     global triton, tl
     import triton
     import triton.language as tl
@@ -82,11 +90,22 @@ def _kernel():
     return triton.jit(_steady_write)
 
 
-def _fall_back_on_error(tensor) -> bool:
+def _fall_back_on_error(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
-def steady_write(score, valid, positions, keys, values, attention, k, v, new_pos, nan_flag):
+def steady_write(
+    score: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    new_pos: torch.Tensor,
+    nan_flag: torch.Tensor,
+) -> torch.Tensor | None:
     """Replace each row's victim slot by the new token, in place; returns the victims (B, H, 1) long, or None when
     the kernel is off for this device (or failed before: the caller then runs its plain path).
 
@@ -120,7 +139,7 @@ def steady_write(score, valid, positions, keys, values, attention, k, v, new_pos
     return victim
 
 
-def append_steady(layer, k: torch.Tensor, v: torch.Tensor):
+def append_steady(layer: SqueezeLayer, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """`SqueezeLayer._steady_append` through the kernel, for evictors that only `score` (the engine selects) and
     layers without free slots: the victims (B, H, 1), or None to run the plain path. Plugin errors propagate
     through the runner (its fallback handles them)."""
