@@ -81,40 +81,50 @@ def parse_suite(text: str) -> list[Unit]:
     return units
 
 
+#: the most samples a RULER generator builds while `capped_ruler_samples` is active (None: as lm-eval asks)
+_CAP: int | None = None
+
+
 @contextlib.contextmanager
 def capped_ruler_samples(cap: int):
     """While loading: RULER's generators build at most ``cap`` samples instead of 500 (the first ``cap``: the same
     samples). lm-eval 0.4.13 hard-codes ``num_samples=500`` in its RULER task functions and offers no setting for
-    it: there is no public route, so the generators are wrapped for the duration of the block and restored after it.
-    Its YAML loader re-executes a task module unless the one in ``sys.modules`` carries the file's ``__mtime__``
-    (lm_eval/tasks/_yaml_loader.py), so the wrapped modules get it, or the wrap would be lost."""
-    patched: list[tuple[object, str, object]] = []
+    it: there is no public route, so its generators are wrapped, once, by wrappers that read the cap of the active
+    block (and ask for what lm-eval asks outside one). Its YAML loader re-executes a task module unless the one in
+    ``sys.modules`` carries the file's ``__mtime__`` (lm_eval/tasks/_yaml_loader.py): the wrapped modules get it, or
+    the wrappers would be lost."""
+    global _CAP
     for name in ("prepare_niah", "niah_utils", "vt_utils", "cwe_utils", "fwe_utils"):
         module = importlib.import_module(f"lm_eval.tasks.ruler.{name}")
         if getattr(module, "__file__", None) and not hasattr(module, "__mtime__"):
             module.__mtime__ = os.stat(module.__file__).st_mtime_ns  # type: ignore[attr-defined]
         for attr, fn in list(vars(module).items()):
-            if not (callable(fn) and getattr(fn, "__module__", "").startswith("lm_eval.tasks.ruler")):
+            if getattr(fn, "_squeezekit_capped", False) or not callable(fn):
+                continue
+            if not getattr(fn, "__module__", "").startswith("lm_eval.tasks.ruler") or attr == "get_dataset":
                 continue
             try:
-                params = inspect.signature(fn).parameters
+                takes = "num_samples" in inspect.signature(fn).parameters
             except (TypeError, ValueError):
                 continue
-            if "num_samples" not in params or attr == "get_dataset":
-                continue
-
-            @functools.wraps(fn)
-            def capped(*args, _fn=fn, **kwargs):
-                kwargs["num_samples"] = min(int(kwargs.get("num_samples", 500)), cap)
-                return _fn(*args, **kwargs)
-
-            patched.append((module, attr, fn))
-            setattr(module, attr, capped)
+            if takes:
+                setattr(module, attr, _capped(fn))
+    previous, _CAP = _CAP, cap
     try:
         yield
     finally:
-        for module, attr, fn in patched:
-            setattr(module, attr, fn)
+        _CAP = previous
+
+
+def _capped(fn):
+    @functools.wraps(fn)
+    def capped(*args, **kwargs):
+        if _CAP is not None:
+            kwargs["num_samples"] = min(int(kwargs.get("num_samples", 500)), _CAP)
+        return fn(*args, **kwargs)
+
+    capped._squeezekit_capped = True  # type: ignore[attr-defined]
+    return capped
 
 
 @contextlib.contextmanager
