@@ -6,6 +6,7 @@ its arguments (the allocator is called through the `PolicyRunner`; nothing else 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from .config import floor_hint
 from .errors import BudgetError
 
 if TYPE_CHECKING:
+    from .policies import LayerView
     from .runner import PolicyRunner
 
 
@@ -39,13 +41,15 @@ def plan_budgets(
     budget: float,
     runner: PolicyRunner,
     shared: BatchAllocation | None = None,
+    views: Callable[[torch.Tensor], Sequence[LayerView]] | None = None,
 ) -> torch.Tensor:
     """(B, n_layers) long budgets on the CPU; -1 for the layers no budget applies to (not in ``layers``).
 
     ``prompt_len`` (B,) real tokens per prompt, ``importance`` (B, n_layers) from the prefill, ``budget`` the
     config's (a fraction of each prompt, or tokens per layer; never 1, the full cache). A prompt no longer than its
     mean budget keeps every token at prefill; the others ask the allocator for exactly ``round(mean x L)`` tokens
-    over their ``L`` compressible layers, each in [floor, prompt length].
+    over their ``L`` compressible layers, each in [floor, prompt length]. ``views(rows)``: those rows' prefill views
+    of the ``L`` layers, for an allocator that needs them (``LayerBudgetAllocator.needs``).
     """
     n = prompt_len.cpu().long()
     B, L = n.shape[0], len(layers)
@@ -66,7 +70,8 @@ def plan_budgets(
             scores = importance[rows][:, layers].float()
             if shared is not None and shared.importance is not None:
                 scores = shared.importance[layers].float().expand_as(scores).clone()
-            budgets[rows] = runner.allocate(scores, total[rows], n[rows], runner.floor)
+            layer_views = views(rows) if views is not None else None
+            budgets[rows] = runner.allocate(scores, total[rows], n[rows], runner.floor, layer_views)
             if shared is not None:
                 if shared.importance is None:
                     shared.importance = importance.float().mean(0)

@@ -101,8 +101,8 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
     forward: Forward | None = kwargs.get(KWARG)
     if forward is None:
         raise InputError(
-            "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the model "
-            "with 'sdpa' or 'eager' and compress() switches it"
+            "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the "
+            "model with 'sdpa' or 'eager' and compress() switches it"
         )
     step, cache, runner = forward.step, forward.cache, forward.runner
     B, Hq, q, D = query.shape
@@ -125,8 +125,8 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         fresh = True
 
     needs = runner.needs if layer is not None else Stat.NONE
-    if needs is Stat.WINDOW_QUERIES and step.prefill:
-        w = min(q, runner.evictor.window)
+    w = min(q, runner.query_window) if step.prefill and layer is not None else 0
+    if w > 0:  # for the evictor or the allocator (Stat.WINDOW_QUERIES)
         layer.window_queries = query[:, :, -w:].reshape(B, H, Hq // H, w, D).clone()
         layer.window_positions = q_pos[:, -w:].clone()
     want_probs = needs is Stat.ATTENTION
@@ -135,8 +135,13 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
     if layer is not None and layer.steady and q == 1:
         full_buffer = not layer.holes  # host-known (no sync on the hot path); free slots: masked below
     else:
-        full_buffer = q == 1 and bool(kv_valid.all()) and (
-            window is None or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
+        full_buffer = (
+            q == 1
+            and bool(kv_valid.all())
+            and (
+                window is None
+                or bool((q_pos.max() - kv_pos.masked_fill(~kv_valid, torch.iinfo(kv_pos.dtype).max).min()) < window)
+            )
         )
 
     if q > 1 and not softcap and not full_buffer and forward.backend == "sdpa" and (want_probs or not causal_only):

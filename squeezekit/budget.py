@@ -87,3 +87,112 @@ def check_budgets(budgets: object, total: torch.Tensor, floor: int, cap: torch.T
         i = int(over.nonzero()[0, 0])
         return f"allocate() gave a layer {int(b[i].max())} tokens, more than the {int(cap[i])} it holds"
     return None
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of the points (x increasing), left to right."""
+    hull: list[int] = []
+    for i in range(x.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):  # b on or above the chord a-i
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def _even_fill(room: np.ndarray, units: int) -> np.ndarray:
+    """``units`` tokens over slots of the given room, as evenly as possible (lowest index first on ties)."""
+    import numpy as np
+
+    out = np.zeros_like(room)
+    while units > 0:
+        open_ = np.flatnonzero(out < room)
+        share = units // open_.size
+        if share == 0:
+            out[open_[:units]] += 1
+            break
+        add = np.minimum(room[open_] - out[open_], share)
+        out[open_] += add
+        units -= int(add.sum())
+    return out
+
+
+def waterfill_row(costs: np.ndarray, knots: np.ndarray, total: int, floor: int, cap: int) -> np.ndarray:
+    """Integer budgets of one sequence's layers minimising the summed cost: greedy on the marginal gain.
+
+    ``costs`` (L, K): each layer's cost (e.g. loss increase) at budgets ``knots`` (K,) tokens, increasing. A layer
+    costs nothing at ``cap`` (it keeps the whole prompt); between knots the cost is linear, below the first knot it
+    continues the first segment's slope. Each curve is made non-increasing and replaced by its lower convex hull,
+    then every layer starts at ``floor`` and the ``total - L x floor`` remaining tokens go, one segment at a time,
+    to the layer where a token saves the most cost. Segments saving exactly as much share their tokens evenly, so
+    equal curves give a uniform split. The result sums to ``total`` with every entry in ``[floor, cap]``.
+    """
+    import numpy as np
+
+    L = costs.shape[0]
+    if not L * floor <= total <= L * cap:
+        raise ValueError(f"cannot place {total} tokens in {L} layers of [{floor}, {cap}]")
+    knots = np.asarray(knots, dtype=np.float64)
+    use = np.flatnonzero((knots < cap) & np.concatenate([[True], np.diff(knots) > 0]))  # distinct, below the cap
+    kx = np.concatenate([knots[use], [cap]])
+    x = np.unique(np.concatenate([[floor, cap], kx[(kx > floor) & (kx < cap)]]))
+    segments = []  # (slope, layer, tokens)
+    for layer in range(L):
+        ky = np.concatenate([np.asarray(costs[layer], dtype=np.float64)[use], [0.0]])
+        y = np.interp(x, kx, ky)
+        if kx.size > 1 and floor < kx[0]:  # below the first knot: the first segment's slope continues
+            y[0] = ky[0] + (ky[1] - ky[0]) / (kx[1] - kx[0]) * (floor - kx[0])
+        y = np.maximum.accumulate(y[::-1])[::-1]  # never cheaper with fewer tokens
+        hull = _lower_hull(x, y)
+        for a, b in zip(hull[:-1], hull[1:], strict=True):
+            segments.append(((y[b] - y[a]) / (x[b] - x[a]), layer, int(x[b] - x[a])))
+    out = np.full(L, floor, dtype=np.int64)
+    left = total - L * floor
+    segments.sort(key=lambda s: (s[0], s[1]))
+    i = 0
+    while left > 0 and i < len(segments):
+        j = i + 1
+        while j < len(segments) and segments[j][0] - segments[i][0] <= 1e-9 * abs(segments[i][0]) + 1e-15:
+            j += 1
+        group = segments[i:j]
+        room = np.array([s[2] for s in group], dtype=np.int64)
+        give = room if room.sum() <= left else _even_fill(room, left)
+        for (_, layer, _), n in zip(group, give, strict=True):
+            out[layer] += n
+        left -= int(give.sum())
+        i = j
+    return out
+
+
+def waterfill(
+    costs: torch.Tensor, knots: torch.Tensor, total: torch.Tensor, floor: int, cap: torch.Tensor
+) -> torch.Tensor:
+    """`waterfill_row` for each sequence: ``costs`` (B, L, K) at ``knots`` (B, K) tokens -> (B, L) long budgets."""
+    import numpy as np
+    import torch
+
+    c = costs.detach().to(torch.float64).cpu().numpy()
+    k = knots.detach().cpu().numpy().astype(np.int64)
+    tot = total.detach().cpu().numpy().astype(np.int64)
+    caps = cap.detach().cpu().numpy().astype(np.int64)
+    rows = [waterfill_row(c[b], k[b], int(tot[b]), int(floor), int(caps[b])) for b in range(c.shape[0])]
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+def sqrt_split(cost: torch.Tensor, total: torch.Tensor, floor: int, cap: torch.Tensor) -> torch.Tensor:
+    """(B, L) budgets proportional to the square root of each layer's ``cost`` (B, L) at the mean budget.
+
+    If a layer's loss falls as ``a / b`` with its budget ``b``, the summed loss is smallest, for a fixed total, at
+    budgets proportional to ``sqrt(a)`` (the marginal gains ``a / b**2`` are then all equal): a smooth water-filling
+    that, unlike `waterfill` on measured curves, never starves a layer whose cost is small but not nil. A layer with
+    no cost gets the floor; a row without any cost is split evenly. Exact totals, floor and caps (`distribute`).
+    """
+    import torch
+
+    w = cost.detach().double().cpu().clamp_min(0).sqrt()
+    s = w.sum(-1, keepdim=True)
+    share = torch.where(s > 0, w / s.clamp_min(1e-300), torch.full_like(w, 1.0 / w.shape[-1]))
+    return distribute(share * total.double().view(-1, 1), total, floor, cap)

@@ -16,7 +16,9 @@ runner's version counters can tell when a plugin writes into them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,31 @@ def _plain_copy(t: Any) -> Any:
         return t
     with _plain:
         return t.clone()
+
+
+class PrefillViews(Sequence[LayerView]):
+    """The prefill views of some layers, for an allocator that needs them (``AllocationRequest.layers``). Each view
+    is built when it is read, so the copies a view makes (the prefill's inference tensors, the request's rows) exist
+    for one layer at a time. ``sources``: the layers themselves, whose tensors the `PolicyRunner` watches."""
+
+    def __init__(self, layers: list[SqueezeLayer], rows: torch.Tensor | None = None):
+        self.sources = layers
+        self._rows = rows  # only these sequences (None: all)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        view = self.sources[i].view("prefill")
+        if self._rows is None or self._rows.numel() == view.keys.shape[0]:
+            return view
+        pick = self._rows.to(view.keys.device)
+        fields = {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
+        return dataclasses.replace(
+            view, **{k: v.index_select(0, pick) for k, v in fields.items() if isinstance(v, torch.Tensor)}
+        )
 
 
 @dataclass
@@ -487,9 +514,10 @@ class SqueezeCache(Cache):
                 layer.heads_differ = False
         else:
             t0 = self.clock()
+            layers = [self.layers[li] for li in self.budget_layers]
             self.budgets = plan_budgets(
                 self.prompt_len, self.importance, self.budget_layers, len(self.layers), config.budget, self.runner,
-                self.shared,
+                self.shared, views=lambda rows: PrefillViews(layers, rows),
             )  # fmt: skip
             t1 = self.clock()
             self.timings["allocation"] += t1 - t0
@@ -513,7 +541,7 @@ class SqueezeCache(Cache):
             layer.update_steady()
 
     def compact(self) -> None:
-        """Shrink every bounded layer's buffers to the slots it holds (after a chunked prefill left room for a chunk)."""
+        """Shrink every bounded layer's buffers to the slots it holds (a chunked prefill left room for a chunk)."""
         for layer in self.layers:
             if layer.keys is None or layer.budget is None:
                 continue

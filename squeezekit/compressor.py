@@ -46,6 +46,7 @@ class Compressor:
         self.compressible = self.resolved.compressible
         #: the policies and every call into them
         self.runner = PolicyRunner(config)
+        self.runner.prepare(model)  # e.g. a calibration profile made for another model: stop before any work
         #: the decoder stack's keyword for the cache (``cache`` or, before transformers 5.24, ``past_key_values``)
         self.cache_argument = hf.cache_argument(self.resolved.decoder)
         self.original_attn = hf.attn_implementation(model)
@@ -83,11 +84,13 @@ class Compressor:
             param = next(self.model.parameters())
             if param.device.type != "cuda" or param.dtype not in (torch.float16, torch.bfloat16):
                 raise UnsupportedModelError(
-                    f"attn_implementation {impl!r} serves fp16/bf16 models on CUDA only; this model is {param.dtype} on "
-                    f"{param.device.type}: load it with attn_implementation='sdpa'"
+                    f"attn_implementation {impl!r} serves fp16/bf16 models on CUDA only; this model is {param.dtype} "
+                    f"on {param.device.type}: load it with attn_implementation='sdpa'"
                 )
             return "sdpa"  # per-layer slot masks need SDPA's masked kernels; flash's varlen API cannot express them
-        raise UnsupportedModelError(f"attn_implementation {impl!r} is not supported by squeezekit; use 'sdpa' or 'eager'")
+        raise UnsupportedModelError(
+            f"attn_implementation {impl!r} is not supported by squeezekit; use 'sdpa' or 'eager'"
+        )
 
     def new_cache(
         self, shared: BatchAllocation | None = None, expected_prompt_len: torch.Tensor | None = None
@@ -169,8 +172,8 @@ class Compressor:
         if max_pos and seen + q > max_pos and seen + int(new_valid.sum(-1).max()) > max_pos:
             new = int(new_valid.sum(-1).max())
             raise InputError(
-                f"generation past the model's maximum of {max_pos} positions: a sequence would reach {seen + new} tokens "
-                f"({seen} so far + {new} in this step); shorten the prompt or lower max_new_tokens"
+                f"generation past the model's maximum of {max_pos} positions: a sequence would reach {seen + new} "
+                f"tokens ({seen} so far + {new} in this step); shorten the prompt or lower max_new_tokens"
             )
         if cache is None:
             pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
@@ -285,4 +288,3 @@ def compress(model: torch.nn.Module, config: Config | dict | str | None = None, 
     compressor = Compressor(model, Config.coerce(config, **kwargs))
     with compressor:
         yield compressor
-

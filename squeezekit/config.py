@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,9 @@ def unknown_key(
     return ConfigError(key, value, f"unknown key ({what}); keys: {', '.join(sorted(set(known)))}{hint}", source)
 
 
+_LABEL_KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated squeezekit configuration (immutable, comparable)."""
@@ -277,11 +281,15 @@ class Config:
                 source,
             )
         values: dict[str, Any] = {"allocator": allocator, "evictor": evictor, "budget": budget}
+        key = None
         for pair in pairs:
-            key, eq, value = pair.partition("=")
-            if not eq or not key:
+            name, eq, value = pair.partition("=")
+            if eq and _LABEL_KEY.match(name):
+                key, values[name] = name, value
+            elif key is not None:  # a value with '/' in it (a file path): this piece continues it
+                values[key] += "/" + pair
+            else:
                 raise ConfigError("label", label, f"expected KEY=VALUE after '/', got {pair!r}", source)
-            values[key] = value
         return cls.from_mapping(values, source=source, text=True)
 
     @classmethod

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError, PluginError
 
@@ -132,6 +133,12 @@ class AllocationRequest:
     floor: int
     #: (B,) long: no layer can hold more than this many tokens (the sequence's prompt length)
     cap: torch.Tensor
+    #: only for an allocator whose ``needs`` is ``Stat.WINDOW_QUERIES`` (else None): the prefill view of each of
+    #: the ``L`` layers as the evictor is about to see it (rows: this request's sequences), with
+    #: ``window_queries`` of at least the allocator's ``window`` last prompt tokens. Read them; never write to them.
+    layers: Sequence[LayerView] | None = None
+    #: only with ``layers``: the evictor that will keep each layer's budget (to rank tokens as it will)
+    evictor: TokenEvictor | None = None
 
 
 class LayerBudgetAllocator(ABC):
@@ -151,6 +158,17 @@ class LayerBudgetAllocator(ABC):
     #: with equal prompt lengths get equal budgets, so the layers keep equal-size buffers (what the CUDA-graph
     #: decode path needs).
     batch_level: ClassVar[bool] = False
+    #: statistics the engine collects for it at prefill and hands over as ``AllocationRequest.layers``:
+    #: Stat.NONE (no views, no cost) or Stat.WINDOW_QUERIES (it must then have a ``window`` field)
+    needs: ClassVar[Stat] = Stat.NONE
+
+    def prepare(self, model: Any, evictor: TokenEvictor) -> None:
+        """Called once when a ``compress`` block starts, with the model and the evictor it will use.
+
+        Raise `squeezekit.ConfigError` when this allocator cannot serve them (for example a calibration profile
+        made for another model or evictor): the block then does not start. Default: nothing to check.
+        """
+        return None
 
     @abstractmethod
     def allocate(self, request: AllocationRequest) -> torch.Tensor:

@@ -181,10 +181,12 @@ def _contract_problem(kind: str, cls: object) -> str | None:
         return f"{cls.__name__}.name must be a lowercase identifier, got {cls.name!r}"
     if getattr(cls, "__abstractmethods__", None):
         return f"{cls.__name__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
-    if kind == "evictor" and not isinstance(cls.needs, Stat):
+    if not isinstance(cls.needs, Stat):
         return f"{cls.__name__}.needs must be a squeezekit.Stat, got {cls.needs!r}"
-    if kind == "evictor" and cls.needs is Stat.WINDOW_QUERIES and not hasattr(cls, "window"):
-        # the engine collects the queries of the last ``evictor.window`` prompt tokens
+    if kind == "allocator" and cls.needs not in (Stat.NONE, Stat.WINDOW_QUERIES):
+        return f"{cls.__name__}.needs must be Stat.NONE or Stat.WINDOW_QUERIES for an allocator, got {cls.needs!r}"
+    if cls.needs is Stat.WINDOW_QUERIES and not hasattr(cls, "window"):
+        # the engine collects the queries of the last ``window`` prompt tokens
         return f"{cls.__name__} needs Stat.WINDOW_QUERIES, so it must have a 'window' field (how many queries)"
     for f in dataclasses.fields(cls):
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -224,7 +226,10 @@ def load() -> Registry:
     if missing:
         names = ", ".join(sorted({ep.name for ep in eps}))
         reg.env_error = ConfigError(
-            ENV, ",".join(missing), f"no installed plugin has this entry-point name; entry points: {names}", "environment"
+            ENV,
+            ",".join(missing),
+            f"no installed plugin has this entry-point name; entry points: {names}",
+            "environment",
         )
 
     from . import commands  # squeezekit's own commands: a default plugin, always loaded
@@ -271,7 +276,9 @@ def _register_module(
     unknown = sorted(c.name for c in callers if c.spec is None)  # pluggy accepts these silently: a typo
     if unknown:
         hooks = ", ".join(sorted(name for name in dir(hookspecs) if name.startswith("register_")))
-        reg.failures.append(PluginError(ep_name, origin, f"implements unknown hook {', '.join(unknown)}; hooks are {hooks}"))
+        reg.failures.append(
+            PluginError(ep_name, origin, f"implements unknown hook {', '.join(unknown)}; hooks are {hooks}")
+        )
     elif not callers:
         reg.failures.append(PluginError(ep_name, origin, "registers nothing (it implements none of the hooks)"))
     found: list[tuple[str, Any]] = []
@@ -282,7 +289,9 @@ def _register_module(
             try:
                 impl.function(register=lambda *a, k=kind, out=found: out.append((k, a)))
             except Exception as exc:
-                reg.failures.append(PluginError(ep_name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}"))
+                reg.failures.append(
+                    PluginError(ep_name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}")
+                )
     for kind, args in found:
         if kind == "command":
             _add_command(reg, args, ep_name, origin)

@@ -18,13 +18,13 @@ NaN scores on CUDA are recorded without a host sync and reported by `check_nan` 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from .budget import check_budgets
-from .errors import PluginError, PluginFallbackWarning
+from .errors import PluginError, PluginFallbackWarning, SqueezekitError
 from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, evictor_floor
 from .selection import check_selection, top_slots, victim_slots
 
@@ -74,8 +74,24 @@ class PolicyRunner:
         return Stat.NONE if self.config.full else self.evictor.needs
 
     @property
+    def query_window(self) -> int:
+        """How many of the last prompt tokens' queries each layer keeps at prefill (Stat.WINDOW_QUERIES): the largest
+        ``window`` of the evictor and the allocators (a fallback allocator included) that need them; 0 if none."""
+        if self.config.full:
+            return 0
+        policies: tuple[Any, ...] = (self.evictor, self.allocator, self._fallbacks["allocator"])
+        windows = [p.window for p in policies if p is not None and p.needs is Stat.WINDOW_QUERIES]
+        return max((int(w) for w in windows), default=0)  # (the registry checks they have a ``window`` field)
+
+    @property
     def batch_level(self) -> bool:
         return bool(getattr(self.allocator, "batch_level", False))
+
+    def use(self, kind: str, policy: LayerBudgetAllocator | TokenEvictor) -> None:
+        """Run this policy object (not one the config names) for the rest of the block, as a plugin of the caller:
+        for tools that measure policies (``squeezekit calibrate`` evicts one layer at a time with its own allocator)."""
+        self._policies[kind] = policy
+        self._origins[kind] = f"{type(policy).__module__} (set by the caller)"
 
     def origin(self, kind: str) -> str:
         return self._origins[kind]
@@ -110,12 +126,29 @@ class PolicyRunner:
                 if not self.fall_back(kind, exc):
                     raise
 
+    def prepare(self, model: Any) -> None:
+        """Let the allocators check the model and evictor before any work (``LayerBudgetAllocator.prepare``): a
+        `ConfigError` they raise stops the block as it is; anything else they raise is a `PluginError`."""
+        for kind, allocator in (("allocator", self.allocator), ("fallback", self._fallbacks["allocator"])):
+            if allocator is None:
+                continue
+            try:
+                allocator.prepare(model, self.evictor)
+            except SqueezekitError:
+                raise
+            except Exception as exc:
+                origin = self.config.origin("allocator", fallback=kind == "fallback")
+                raise PluginError(allocator.name, origin, f"prepare() raised {type(exc).__name__}: {exc}") from exc
+
     def _call(
         self, kind: str, method: str, *args: Any, watch: Any = None, check: Callable[[Any], str | None] | None = None
     ) -> Any:
-        """One call of a plugin method, its output checked: any failure is a `PluginError` (see the module doc)."""
+        """One call of a plugin method, its output checked: any failure is a `PluginError` (see the module doc).
+
+        ``watch``: a `LayerView` (or a list of them) whose live tensors the plugin must not write to."""
         plugin = self._policies[kind]
-        before = [_version(getattr(watch, f, None)) for f in LIVE_FIELDS] if watch is not None else []
+        views = watch if isinstance(watch, list) else [] if watch is None else [watch]
+        before = [_version(getattr(v, f, None)) for v in views for f in LIVE_FIELDS]
         try:
             out = getattr(plugin, method)(*args)
         except PluginError:
@@ -124,8 +157,9 @@ class PolicyRunner:
             raise
         except BaseException as exc:  # SystemExit and friends from a plugin are its errors too
             raise self.error(kind, f"{method}() raised {type(exc).__name__}: {exc}") from exc
-        for name, old in zip(LIVE_FIELDS, before, strict=False):
-            if old is not None and _version(getattr(watch, name)) != old:
+        fields = [(v, f) for v in views for f in LIVE_FIELDS]
+        for (view, name), old in zip(fields, before, strict=True):
+            if old is not None and _version(getattr(view, name)) != old:
                 raise self.error(kind, f"{method}() wrote to view.{name} in place; return new tensors instead")
         if check is not None:
             try:
@@ -137,8 +171,18 @@ class PolicyRunner:
         return out
 
     # -- the allocator ------------------------------------------------------------------------------------------------
-    def allocate(self, importance: torch.Tensor, total: torch.Tensor, cap: torch.Tensor, floor: int) -> torch.Tensor:
-        """(B, L) long budgets on the CPU: rows summing to ``total``, entries in [floor, cap] (checked)."""
+    def allocate(
+        self,
+        importance: torch.Tensor,
+        total: torch.Tensor,
+        cap: torch.Tensor,
+        floor: int,
+        views: Sequence[LayerView] | None = None,
+    ) -> torch.Tensor:
+        """(B, L) long budgets on the CPU: rows summing to ``total``, entries in [floor, cap] (checked).
+
+        ``views``: the request's layers, handed only to an allocator that needs them (`needs`); their live tensors
+        are watched for writes (those of ``views.sources`` when it has them, see `squeezekit.cache.PrefillViews`)."""
         total, cap = total.cpu().long(), cap.cpu().long()
         shape = (total.shape[0], importance.shape[1])
 
@@ -146,8 +190,12 @@ class PolicyRunner:
             request = AllocationRequest(
                 importance=importance.clone(), total=total.clone(), floor=floor, cap=cap.clone()
             )
+            watch = None
+            if self.allocator.needs is not Stat.NONE and views is not None:
+                request.layers, request.evictor = views, self.evictor
+                watch = list(getattr(views, "sources", views))
             check = lambda b: check_budgets(b, total, floor, cap, shape)  # noqa: E731 (against our own copies)
-            return self._call("allocator", "allocate", request, check=check).long().cpu()
+            return self._call("allocator", "allocate", request, watch=watch, check=check).long().cpu()
 
         return self.guarded("allocator", once)
 

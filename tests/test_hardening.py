@@ -116,3 +116,83 @@ def test_an_empty_cache_variable_means_unset(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "squeezekit"  # never ~/.cache itself
     monkeypatch.setenv("SQUEEZEKIT_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == Path(tmp_path / "mine")
+
+
+# ---- allocators that look at the layers (Stat.WINDOW_QUERIES) --------------------------------------------------------
+def _window_allocator(write=None, fail_prepare=None):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Looking(squeezekit.LayerBudgetAllocator):
+        name = "looking"
+        needs = squeezekit.Stat.WINDOW_QUERIES
+        window: int = 4
+
+        def prepare(self, model, evictor):
+            if fail_prepare is not None:
+                raise fail_prepare
+
+        def allocate(self, request):
+            for view in request.layers:
+                assert view.window_queries is not None and view.window_queries.shape[3] == 4
+                if write is not None:
+                    getattr(view, write).add_(1)
+            from squeezekit.budget import distribute
+
+            L = request.importance.shape[1]
+            return distribute(request.total.double().view(-1, 1).expand(-1, L) / L, request.total, request.floor,
+                              request.cap)  # fmt: skip
+
+    return Looking
+
+
+def test_an_allocator_writing_into_the_layers_it_is_shown_is_stopped():
+    """The prefill views an allocator gets (``AllocationRequest.layers``) are the cache's own tensors where they can
+    be (no copies of a whole cache): a write to them is a one-line PluginError, as it is for evictors."""
+    model = tiny_model("llama")
+    ids, mask = batch(2, 40)
+    with torch.no_grad(), squeezekit.compress(model, allocator="uniform", evictor="streaming", budget=0.5) as c:
+        c.runner.use("allocator", _window_allocator(write="keys")())
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        except squeezekit.PluginError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("the write went unnoticed")
+    assert "\n" not in message and "looking" in message and "wrote to view.keys in place" in message
+
+
+def test_an_allocator_reading_the_layers_leaves_the_output_unchanged():
+    """Looking costs nothing to the result: the same budgets as uniform give the same tokens, with the queries of the
+    allocator's own window collected (the evictor, streaming, needs none)."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = batch(2, 40)
+    outs = []
+    for looking in (False, True):
+        with squeezekit.compress(model, allocator="uniform", evictor="streaming", budget=0.5) as c:
+            if looking:
+                c.runner.use("allocator", _window_allocator()())
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_prepare_failing_is_one_line_and_a_config_error_passes_through():
+    model = tiny_model("llama")
+    from squeezekit.runner import PolicyRunner
+
+    runner = PolicyRunner(Config.from_kwargs(allocator="uniform"))
+    runner._policies["allocator"] = _window_allocator(fail_prepare=RuntimeError("no GPU\nat all"))()
+    try:
+        runner.prepare(model)
+    except squeezekit.PluginError as exc:
+        assert "prepare() raised RuntimeError" in str(exc) and "looking" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("prepare() failing went unnoticed")
+    runner._policies["allocator"] = _window_allocator(fail_prepare=squeezekit.ConfigError("profile", "x", "bad"))()
+    try:
+        runner.prepare(model)
+    except squeezekit.PluginError:
+        raise AssertionError("a ConfigError from prepare() must reach the user as it is") from None
+    except squeezekit.ConfigError as exc:
+        assert "profile" in str(exc)
