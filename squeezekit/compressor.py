@@ -180,15 +180,16 @@ class Compressor:
             step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
         else:
             step = cache.begin_step(new_valid, all_valid)
-            if step.prefill:
-                self._check_prompts(new_valid)
+            if step.prefill:  # a chunked prefill's first chunk may hold none of a left-padded row's tokens
+                expected = cache.expected_prompt_len
+                self._check_prompts(new_valid.sum(-1) if expected is None else expected.to(new_valid.device))
         self._forward = Forward(step, cache, self.runner, self.backend)
         kwargs[attention.KWARG] = self._forward
         self._importance.clear()
         return args, kwargs
 
-    def _check_prompts(self, new_valid: torch.Tensor) -> None:
-        n = new_valid.sum(-1)
+    def _check_prompts(self, n: torch.Tensor) -> None:
+        """``n`` (B,): the real tokens of each prompt."""
         if bool((n == 0).any()):
             raise InputError(
                 f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding (its attention_mask row is all 0); "

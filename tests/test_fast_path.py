@@ -97,6 +97,24 @@ def test_chunked_prefill_is_exact_at_full_budget():
     assert torch.equal(cache.seen, mask.sum(-1))
 
 
+def test_chunked_prefill_takes_rows_whose_first_chunk_is_all_padding():
+    """Left padding longer than a chunk (found by the GPU benchmark's checks): the first chunk holds none of that
+    row's tokens, which is not an all-padding prompt. At full budget the logits are those of one forward."""
+    model = tiny_model("llama")
+    ids, mask = batch(3, 70)
+    mask[1, :20] = 0
+    mask[2, :40] = 0  # the first two chunks of 16 hold none of its tokens
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ref = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    with squeezekit.compress(model, budget=1.0) as c:
+        cache, logits = prefill(model, c, ids, mask, micro_batch=3, chunk=16)
+    assert (logits.reshape(ref.shape) - ref).abs().max().item() <= 1e-4
+    assert torch.equal(cache.seen, mask.sum(-1))
+    with squeezekit.compress(model, budget=0.5, evictor="streaming", sinks=2, window=4) as c:
+        cache, logits = prefill(model, c, ids, mask, micro_batch=3, chunk=16)
+    assert torch.isfinite(logits).all() and torch.equal(cache.seen, mask.sum(-1))
+
+
 @pytest.mark.parametrize("evictor", ["streaming", "h2o"])
 def test_chunked_prefill_never_holds_the_whole_prompt(evictor):
     model = tiny_model("mistral")
