@@ -22,28 +22,52 @@ def add(parser: argparse.ArgumentParser) -> None:
         "results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, device, ...): "
         "results of another are refused, never mixed."
     )
-    parser.add_argument("--model", metavar="DIR", type=model_dir,
-                        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--suite", default=DEFAULT_SUITE, help="units TASK@LENGTH:N (N samples of TASK at prompts of "
-                        "about LENGTH tokens), comma-separated")
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        type=model_dir,
+        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--suite",
+        default=DEFAULT_SUITE,
+        help="units TASK@LENGTH:N (N samples of TASK at prompts of about LENGTH tokens), comma-separated",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences per batch")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when there is one)")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); part of the results' setting")
-    parser.add_argument("--extend-chunk", type=positive_int, default=None,
-                        help="tokens per extend forward when scoring (default: the adapter's, 16)")
-    parser.add_argument("--text-file", metavar="FILE", type=text_file,
-                        help="text for the pass key / perplexity tasks (default: bible-kjv, python3.11-doc, pydoc)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); part of the results' setting",
+    )
+    parser.add_argument(
+        "--extend-chunk",
+        type=positive_int,
+        default=None,
+        help="tokens per extend forward when scoring (default: the adapter's, 16)",
+    )
+    parser.add_argument(
+        "--text-file",
+        metavar="FILE",
+        type=text_file,
+        help="text for the pass key / perplexity tasks (default: bible-kjv, python3.11-doc, pydoc)",
+    )
     parser.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if missing")
     parser.add_argument("--sweep", action="store_true", help="run the allocator x evictor x budget sweep")
     parser.add_argument("--allocators", default=",".join(SWEEP_ALLOCATORS), help="allocators of the sweep")
     parser.add_argument("--evictors", default=",".join(SWEEP_EVICTORS), help="evictors of the sweep")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS), help="budgets of the sweep")
     parser.add_argument("--out", default="docs/results", help="output folder (sweep and single runs alike)")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="run every N-th config from the I-th (N processes share a sweep)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (1 per process when sharding a sweep; default: torch's)")
+    parser.add_argument(
+        "--shard", default="0/1", metavar="I/N", help="run every N-th config from the I-th (N processes share a sweep)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads (1 per process when sharding a sweep; default: torch's)",
+    )
     add_config_flags(parser)
     parser.set_defaults(func=run)
 
@@ -99,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     if args.sweep:
         params = {k: v for k, v in config_values(args).items() if k not in ("allocator", "evictor", "budget")}
-        configs = sweep_configs(_names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"),
-                                _budgets(args.budgets), params)
+        configs = sweep_configs(
+            _names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"), _budgets(args.budgets), params
+        )
     else:
         configs = [config_from_args(args)]
     if args.threads:
@@ -111,8 +136,18 @@ def run(args: argparse.Namespace) -> int:
         _install_text()
     text_file = str(args.text_file) if args.text_file else None
     device, dtype = resolve_device(args.device, args.dtype)
-    data = run_sweep(configs, units, Path(args.out), args.model, args.batch_size, text_file, args.extend_chunk,
-                     shard=shard, device=device, dtype=dtype)
+    data = run_sweep(
+        configs,
+        units,
+        Path(args.out),
+        args.model,
+        args.batch_size,
+        text_file,
+        args.extend_chunk,
+        shard=shard,
+        device=device,
+        dtype=dtype,
+    )
     for config in configs:
         cell = data["cells"].get(cell_key(config))
         if cell is None:

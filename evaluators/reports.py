@@ -9,8 +9,9 @@ from pathlib import Path
 from .suite import RULER_TASKS
 
 BASELINE = "uniform"
-#: (allocator budget, uniform budget) pairs compared: equal budgets, then 0.7x a budget (30% less memory)
-PAIRS = [(b, b) for b in (0.1, 0.14, 0.2, 0.28, 0.4)] + [(0.07, 0.1), (0.14, 0.2), (0.28, 0.4)]
+#: an allocator is compared with uniform at equal budgets and at this fraction of each uniform budget (0.7: 30% less
+#: memory for the allocator)
+SAVING = 0.7
 
 
 def _task(unit_key: str) -> str:
@@ -135,24 +136,46 @@ def compare(data: dict, a_key: str, b_key: str, complete: bool = True) -> dict:
     return out
 
 
+def _own_params(allocator: str) -> set[str]:
+    """The parameter names of an allocator (none when it is not installed here)."""
+    from squeezekit.registry import registry
+
+    try:
+        return set(registry().get("allocator", allocator).params())
+    except Exception:  # results written where other plugins were installed
+        return set()
+
+
 def comparisons(data: dict) -> list[dict]:
-    """Every paired comparison of an allocator (at `PAIRS` budgets) with uniform, per evictor."""
+    """Every paired comparison of an allocator with uniform (at equal budgets and at `SAVING` x a budget), per
+    evictor: an allocator cell is compared with the uniform cell of the same evictor parameters; its own parameters
+    (a calibration profile) name it in the table."""
     cells = data["cells"]
     index = {}
     for key, cell in cells.items():
-        alloc, evict, budget, variant = parts(key, cell)
-        if key != "full":
-            index[(alloc, evict, round(budget, 6), variant)] = key
-    allocators = sorted({a for (a, _, _, v) in index if a != BASELINE and not v})
-    evictors = sorted({e for (_, e, _, v) in index if not v})
+        if key == "full":
+            continue
+        alloc, evict, budget, _ = parts(key, cell)
+        rest = {k: v for k, v in cell["config"].items() if k not in ("allocator", "evictor", "budget")}
+        own = _own_params(alloc)
+        mine = ",".join(f"{k}={v}" for k, v in sorted(rest.items()) if k in own)
+        shared = ",".join(f"{k}={v}" for k, v in sorted(rest.items()) if k not in own)
+        index[(alloc, mine, evict, shared, round(budget, 6))] = key
+    allocators = sorted({(a, m) for (a, m, _, _, _) in index if a != BASELINE})
+    evictors = sorted({(e, v) for (_, _, e, v, _) in index})
     rows = []
-    for alloc in allocators:
-        for evict in evictors:
-            for ab, ub in PAIRS:
-                a_key, b_key = index.get((alloc, evict, ab, "")), index.get((BASELINE, evict, ub, ""))
+    for alloc, mine in allocators:
+        for evict, shared in evictors:
+            budgets = sorted({b for (a, _, e, v, b) in index if a == BASELINE and (e, v) == (evict, shared)})
+            pairs = [(b, b) for b in budgets] + [(round(SAVING * b, 6), b) for b in budgets]
+            for ab, ub in pairs:
+                a_key = index.get((alloc, mine, evict, shared, ab))
+                b_key = index.get((BASELINE, "", evict, shared, ub))
                 c = compare(data, a_key, b_key) if a_key and b_key else {}
                 if c:
-                    rows.append({"allocator": alloc, "evictor": evict, "budget": ab, "uniform_budget": ub, **c})
+                    name = f"{alloc} ({mine})" if mine else alloc
+                    where = f"{evict} ({shared})" if shared else evict
+                    rows.append({"allocator": name, "evictor": where, "budget": ab, "uniform_budget": ub, **c})
     return rows
 
 

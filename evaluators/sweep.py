@@ -16,8 +16,8 @@ from squeezekit.errors import ConfigError
 from .results import ResultStore, cell_key, model_fingerprint, text_fingerprint
 from .suite import Unit
 
-SWEEP_ALLOCATORS = ("uniform", "squeeze")
-SWEEP_EVICTORS = ("streaming", "sliding_window", "h2o")
+SWEEP_ALLOCATORS = ("uniform", "pyramid", "squeeze", "lost_attention")
+SWEEP_EVICTORS = ("streaming", "sliding_window", "h2o", "snapkv")
 SWEEP_BUDGETS = (0.1, 0.14, 0.2, 0.28, 0.4, 1.0)
 #: the order cells run in: the full cache, then the budgets the targets compare, then the rest
 PRIORITY = (1.0, 0.2, 0.4, 0.14, 0.28, 0.1)
@@ -25,7 +25,8 @@ PRIORITY = (1.0, 0.2, 0.4, 0.14, 0.28, 0.1)
 
 def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None = None) -> list:
     """Every allocator x evictor x budget config; budget 1 (the full cache, identical for all) appears once. Each
-    of ``params`` reaches the cells whose plugins take it (one no plugin of the sweep takes is an error)."""
+    of ``params`` reaches the cells whose plugins take it (one no plugin of the sweep takes is an error); ``{evictor}``
+    and ``{allocator}`` in a value are the cell's (``profile=profiles/{evictor}.json``: one profile per evictor)."""
     from squeezekit.config import CORE_KEYS, Config
     from squeezekit.registry import registry
 
@@ -37,22 +38,34 @@ def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None =
     for budget in budgets:
         for evictor in evictors:
             for allocator in allocators:
-                mine = {**reg.get("allocator", allocator, "--sweep").params(),
-                        **reg.get("evictor", evictor, "--sweep").params()}
-                cell = {k: v for k, v in params.items() if k in mine}
+                mine = {
+                    **reg.get("allocator", allocator, "--sweep").params(),
+                    **reg.get("evictor", evictor, "--sweep").params(),
+                }
+                cell = {k: _fill(v, allocator, evictor) for k, v in params.items() if k in mine}
                 taken |= cell.keys()
-                c = Config.from_mapping({**core, "allocator": allocator, "evictor": evictor, "budget": budget, **cell},
-                                        source="--sweep", text=True)
+                c = Config.from_mapping(
+                    {**core, "allocator": allocator, "evictor": evictor, "budget": budget, **cell},
+                    source="--sweep",
+                    text=True,
+                )
                 if cell_key(c) not in seen:
                     seen.add(cell_key(c))
                     configs.append(c)
     unused = sorted(set(params) - taken - set(core))
     if unused:
-        raise ConfigError(unused[0], params[unused[0]], "is a parameter of none of the sweep's allocators and evictors",
-                          "--sweep")
+        raise ConfigError(
+            unused[0], params[unused[0]], "is a parameter of none of the sweep's allocators and evictors", "--sweep"
+        )
     order = {b: i for i, b in enumerate(PRIORITY)}
     configs.sort(key=lambda c: (not c.full, order.get(c.budget, len(order)), -c.budget))
     return configs
+
+
+def _fill(value: Any, allocator: str, evictor: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    return value.replace("{evictor}", evictor).replace("{allocator}", allocator)
 
 
 def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
@@ -68,8 +81,15 @@ def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple
     return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
-def setting(model_dir: str, text_file: str | None, batch_size: int, extend_chunk: int, rolling_prompt: float,
-            device: str, dtype: str) -> dict[str, Any]:
+def setting(
+    model_dir: str,
+    text_file: str | None,
+    batch_size: int,
+    extend_chunk: int,
+    rolling_prompt: float,
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
     """What decides a store's scores besides the config and the unit (see results.py)."""
     from .tasks.utils import find_text  # the same resolution the tasks use
 
@@ -81,8 +101,18 @@ def setting(model_dir: str, text_file: str | None, batch_size: int, extend_chunk
     }  # fmt: skip
 
 
-def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_size=4, text_file=None,
-              extend_chunk=None, progress=True, shard: tuple[int, int] = (0, 1), **model_args) -> dict:
+def run_sweep(
+    configs,
+    units: list[Unit],
+    out_dir: Path,
+    model_dir=None,
+    batch_size=4,
+    text_file=None,
+    extend_chunk=None,
+    progress=True,
+    shard: tuple[int, int] = (0, 1),
+    **model_args,
+) -> dict:
     """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot.
 
     ``shard=(i, n)`` runs only configs i, i+n, i+2n, ...: n processes (say one per core, each single-threaded)
@@ -99,14 +129,22 @@ def run_sweep(configs, units: list[Unit], out_dir: Path, model_dir=None, batch_s
     model_dir = str(model_dir or default_model_dir())
     device, dtype = resolve_device(model_args.pop("device", None), model_args.pop("dtype", None))
     model_args.update(device=device, dtype=dtype)
-    identity = setting(model_dir, text_file, batch_size, extend_chunk or DEFAULT_EXTEND_CHUNK, DEFAULT_ROLLING_PROMPT,
-                       device.split(":")[0], dtype)
+    identity = setting(
+        model_dir,
+        text_file,
+        batch_size,
+        extend_chunk or DEFAULT_EXTEND_CHUNK,
+        DEFAULT_ROLLING_PROMPT,
+        device.split(":")[0],
+        dtype,
+    )
     store = ResultStore(out_dir, identity)  # refuses an --out of another setting before anything loads
     configs = configs[shard[0] :: shard[1]]
     todo = [(c, u) for c in configs for u in units if not store.has(c, u)]
     total = len(configs) * len(units)
-    bar = tqdm(total=total, initial=total - len(todo), desc="sweep", disable=not progress, unit="unit",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=total - len(todo), desc="sweep", disable=not progress, unit="unit", dynamic_ncols=True
+    )
     evaluator = None
     for config, unit in todo:
         if evaluator is None:

@@ -29,6 +29,11 @@ def register_commands(register: Callable[..., None]) -> None:
         "squeezekit.evaluators.eval_cli:add",
     )
     register(
+        "calibrate",
+        "measure what eviction costs each layer of a model: a profile for allocator=calibrated",
+        "squeezekit.evaluators.calibrate:add",
+    )
+    register(
         "bench",
         "throughput and memory: transformers' full cache vs squeezekit configs, side by side",
         "squeezekit.evaluators.bench_cli:add",

@@ -22,7 +22,7 @@ GROUP = "squeezekit"
 
 #: the policies squeezekit itself ships, by kind
 BUNDLED = {
-    "allocator": {"uniform", "squeeze", "pyramid"},
+    "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention"},
     "evictor": {"streaming", "sliding_window", "h2o", "snapkv"},
 }
 

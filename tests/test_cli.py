@@ -13,6 +13,8 @@ from plugin_factory import BUNDLED, OLDEST_FIRST
 from squeezekit.cli import main
 
 BUNDLED_ROWS = {
+    "calibrated": "allocator",
+    "lost_attention": "allocator",
     "pyramid": "allocator",
     "squeeze": "allocator",
     "uniform": "allocator",
@@ -44,11 +46,11 @@ def assert_lists_bundled(stdout: str) -> None:
 # ---- squeezekit plugins ----------------------------------------------------------------------------------------
 
 
-def test_plugins_lists_the_bundled_seven(capsys):
+def test_plugins_lists_the_bundled_nine(capsys):
     assert main(["plugins"]) == 0
     out, err = capsys.readouterr()
     assert_lists_bundled(out)
-    assert len(out.splitlines()) == 1 + 7
+    assert len(out.splitlines()) == 1 + 9
     assert err == ""
     assert "StreamingLLM: attention sinks plus the most recent tokens." in out
 
@@ -71,7 +73,13 @@ def test_plugins_console_script():
 
 def test_plugins_shows_third_party_origin_and_failures(plugin_site, capsys):
     plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", version="0.3.1")
-    plugin_site.add("sk_boom", "raise RuntimeError('boom at import')\n", package="sk-boom", version="2.0", entry_points={"boom": "sk_boom"})
+    plugin_site.add(
+        "sk_boom",
+        "raise RuntimeError('boom at import')\n",
+        package="sk-boom",
+        version="2.0",
+        entry_points={"boom": "sk_boom"},
+    )
     plugin_site.reload()
     assert main(["plugins"]) == 0
     out, err = capsys.readouterr()
@@ -85,7 +93,10 @@ def test_plugins_honours_the_env_restriction(plugin_site, capsys):
     plugin_site.setenv("SQUEEZEKIT_PLUGINS", "uniform,h2o")
     plugin_site.reload()
     assert main(["plugins"]) == 0
-    assert rows(capsys.readouterr().out) == {"uniform": ("allocator", "squeezekit 0.1.0"), "h2o": ("evictor", "squeezekit 0.1.0")}
+    assert rows(capsys.readouterr().out) == {
+        "uniform": ("allocator", "squeezekit 0.1.0"),
+        "h2o": ("evictor", "squeezekit 0.1.0"),
+    }
 
 
 # ---- squeezekit config check -----------------------------------------------------------------------------------
@@ -94,10 +105,17 @@ def test_plugins_honours_the_env_restriction(plugin_site, capsys):
 @pytest.mark.parametrize(
     ("name", "text", "summary"),
     [
-        ("run.yaml", "allocator: squeeze\nevictor: h2o\nbudget: 0.2\np: 0.3\n",
-         "squeeze(p=0.3, n_init=10, random_state=0, per=batch) + h2o(heavy_ratio=0.5, window=8) @ budget 0.2"),
-        ("run.toml", 'evictor = "snapkv"\nkernel_size = 5\nbudget = 512\n',
-         "squeeze(p=0.4, n_init=10, random_state=0, per=batch) + snapkv(window=8, kernel_size=5, pooling=max) @ 512 tokens"),
+        (
+            "run.yaml",
+            "allocator: squeeze\nevictor: h2o\nbudget: 0.2\np: 0.3\n",
+            "squeeze(p=0.3, n_init=10, random_state=0, per=batch) + h2o(heavy_ratio=0.5, window=8) @ budget 0.2",
+        ),
+        (
+            "run.toml",
+            'evictor = "snapkv"\nkernel_size = 5\nbudget = 512\n',
+            "squeeze(p=0.4, n_init=10, random_state=0, per=batch) + snapkv(window=8, kernel_size=5, pooling=max) @ 512 "
+            "tokens",
+        ),
         ("run.json", '{"allocator": "uniform", "budget": 1}', "uniform() + streaming(sinks=4, window=8) @ full cache"),
     ],
 )
@@ -114,10 +132,19 @@ def test_config_check_ok(tmp_path, capsys, name, text, summary):
     ("name", "text", "message"),
     [
         ("run.yaml", "budget: 1.5\n", "config error: {path}: budget = 1.5: must be a fraction of the prompt in (0, 1]"),
-        ("run.yaml", "evictor: h20\n", "config error: {path}: evictor = 'h20': unknown evictor; installed: h2o, sliding_window, snapkv, streaming; did you mean 'h2o'?"),
+        (
+            "run.yaml",
+            "evictor: h20\n",
+            "config error: {path}: evictor = 'h20': unknown evictor; installed: h2o, sliding_window, snapkv, "
+            "streaming; did you mean 'h2o'?",
+        ),
         ("run.yaml", "budgte: 0.2\n", "config error: {path}: budgte = 0.2: unknown key"),
         ("run.toml", "sinks = true\n", "config error: {path}: sinks = True: expected an integer, got bool"),
-        ("run.json", '{"evictor": "snapkv", "kernel_size": 4}', "config error: {path}: kernel_size = 4: must be an odd integer >= 1"),
+        (
+            "run.json",
+            '{"evictor": "snapkv", "kernel_size": 4}',
+            "config error: {path}: kernel_size = 4: must be an odd integer >= 1",
+        ),
         ("run.yaml", "budget: [0.2\n", "config error: (file) = '{path}': is not valid YAML: "),
         ("run.json", "{", "config error: (file) = '{path}': is not valid JSON: "),
         ("run.ini", "budget=0.2\n", "config error: (file) = '{path}': unsupported config file type"),

@@ -98,8 +98,14 @@ def test_string_and_kwargs_agree(budget, window, sinks, p):
 
 @pytest.mark.parametrize(
     ("budget", "full", "absolute", "shown"),
-    [(1, True, False, "full cache"), (1.0, True, False, "full cache"), (0.2, False, False, "budget 0.2"),
-     (512, False, True, "512 tokens"), (512.0, False, True, "512 tokens"), (12, False, True, "12 tokens")],
+    [
+        (1, True, False, "full cache"),
+        (1.0, True, False, "full cache"),
+        (0.2, False, False, "budget 0.2"),
+        (512, False, True, "512 tokens"),
+        (512.0, False, True, "512 tokens"),
+        (12, False, True, "12 tokens"),
+    ],
 )
 def test_budget_semantics(budget, full, absolute, shown):
     config = Config.from_kwargs(budget=budget)
@@ -188,7 +194,7 @@ def test_unknown_allocator_lists_installed_names_and_suggests():
     with pytest.raises(UnknownPluginError) as excinfo:
         Config.from_string("allocator=sqeeze")
     message = one_line_error(excinfo, "allocator", "'sqeeze'")
-    assert "unknown allocator; installed: pyramid, squeeze, uniform" in message
+    assert "unknown allocator; installed: calibrated, lost_attention, pyramid, squeeze, uniform" in message
     assert message.endswith("did you mean 'squeeze'?")
     assert message.startswith("config error: model_args: allocator")
 

@@ -58,7 +58,17 @@ def test_bundled_plugins_load_through_the_entry_point_group():
     assert names(reg) == BUNDLED
     assert reg.failures == []
     assert_bundled_intact(reg)
-    assert [p.name for p in reg.all()] == ["pyramid", "squeeze", "uniform", "h2o", "sliding_window", "snapkv", "streaming"]
+    assert [p.name for p in reg.all()] == [
+        "calibrated",
+        "lost_attention",
+        "pyramid",
+        "squeeze",
+        "uniform",
+        "h2o",
+        "sliding_window",
+        "snapkv",
+        "streaming",
+    ]
     for info in reg.all():
         assert info.entry_point == info.name
         assert info.doc and "\n" not in info.doc
@@ -84,7 +94,12 @@ def test_third_party_evictor_is_found_and_usable_by_name(plugin_site):
     reg = plugin_site.reload()
     assert reg.failures == []
     info = reg.get("evictor", "oldest_first")
-    assert (info.kind, info.entry_point, info.package, info.version) == ("evictor", "oldest_first", "squeezekit-testplugin", "0.3.1")
+    assert (info.kind, info.entry_point, info.package, info.version) == (
+        "evictor",
+        "oldest_first",
+        "squeezekit-testplugin",
+        "0.3.1",
+    )
     assert info.origin == "squeezekit-testplugin 0.3.1"
     assert info.cls.__module__ == "squeezekit_testplugin"
     assert info.doc.startswith("Oldest first: keeps the first tokens")
@@ -108,7 +123,9 @@ def test_third_party_evictor_is_found_and_usable_by_name(plugin_site):
         Config.from_string("evictor=oldest_first,skip=-1")
     with pytest.raises(squeezekit.ConfigError, match=r"skp = '1': unknown key .*did you mean 'skip'\?"):
         Config.from_string("evictor=oldest_first,skp=1")
-    with pytest.raises(squeezekit.UnknownPluginError, match=r"installed: h2o, oldest_first, .*did you mean 'oldest_first'\?"):
+    with pytest.raises(
+        squeezekit.UnknownPluginError, match=r"installed: h2o, oldest_first, .*did you mean 'oldest_first'\?"
+    ):
         Config.from_string("evictor=oldest_frist")
 
 
@@ -214,7 +231,19 @@ def test_doc_example_package_builds_with_pip(plugin_site, tmp_path):
     src.mkdir()
     for name, text in doc_example_files().items():
         (src / name).write_text(text)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp_path / "dist"), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(tmp_path / "dist"),
+        str(src),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
@@ -546,7 +575,9 @@ def test_entry_point_named_like_a_bundled_one(plugin_site):
 
 def test_several_broken_plugins_at_once(plugin_site):
     for plugin in ("raises_at_import", "not_a_subclass", "hook_raises"):
-        plugin_site.add(f"sk_{plugin}", BROKEN[plugin][0], package=f"sk-{plugin}", entry_points={plugin: f"sk_{plugin}"})
+        plugin_site.add(
+            f"sk_{plugin}", BROKEN[plugin][0], package=f"sk-{plugin}", entry_points={plugin: f"sk_{plugin}"}
+        )
     plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin")
     reg = plugin_site.reload()
     assert sorted(f.plugin for f in reg.failures) == ["hook_raises", "not_a_subclass", "raises_at_import"]
@@ -562,13 +593,25 @@ def test_env_restricts_the_loaded_plugins(plugin_site):
     reg = plugin_site.reload()
     assert names(reg) == {"allocator": {"uniform"}, "evictor": {"streaming"}}
     assert Config.from_kwargs(allocator="uniform").evictor == "streaming"
-    with pytest.raises(squeezekit.UnknownPluginError, match=r"allocator = 'squeeze': unknown allocator; installed: uniform"):
+    with pytest.raises(
+        squeezekit.UnknownPluginError, match=r"allocator = 'squeeze': unknown allocator; installed: uniform"
+    ):
         Config.from_kwargs()  # the default allocator is not loaded
 
 
 def test_env_isolates_a_bad_plugin(plugin_site):
-    plugin_site.add("sk_raises_at_import", BROKEN["raises_at_import"][0], package="sk-bad", entry_points={"bad": "sk_raises_at_import"})
-    plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", entry_points={"oldest_first": "squeezekit_testplugin"})
+    plugin_site.add(
+        "sk_raises_at_import",
+        BROKEN["raises_at_import"][0],
+        package="sk-bad",
+        entry_points={"bad": "sk_raises_at_import"},
+    )
+    plugin_site.add(
+        "squeezekit_testplugin",
+        OLDEST_FIRST,
+        package="squeezekit-testplugin",
+        entry_points={"oldest_first": "squeezekit_testplugin"},
+    )
     assert [f.plugin for f in plugin_site.reload().failures] == ["bad"]
     plugin_site.setenv("SQUEEZEKIT_PLUGINS", "squeeze,oldest_first")
     reg = plugin_site.reload()
@@ -590,7 +633,9 @@ def test_make_plugin_writes_an_installed_distribution(tmp_path):
 
     from plugin_factory import make_plugin
 
-    site = make_plugin(tmp_path, "sk_helper", "X = 1\n", package="sk-helper", version="0.0.7", entry_points={"a": "sk_helper:X"})
+    site = make_plugin(
+        tmp_path, "sk_helper", "X = 1\n", package="sk-helper", version="0.0.7", entry_points={"a": "sk_helper:X"}
+    )
     dists = list(metadata.distributions(path=[str(site)]))
     assert [(d.metadata["Name"], d.version) for d in dists] == [("sk-helper", "0.0.7")]
     (ep,) = dists[0].entry_points
@@ -630,6 +675,8 @@ def test_doc_quotes_the_view_fields(cls):
 
     source = inspect.getsource(getattr(policies, cls))
     body = source.split('"""', 2)[2].strip("\n")  # the fields, after the class docstring
-    assert any(block.rstrip("\n") == body for block in _doc_blocks()), f"docs/plugins.md does not quote {cls}'s fields verbatim"
+    assert any(block.rstrip("\n") == body for block in _doc_blocks()), (
+        f"docs/plugins.md does not quote {cls}'s fields verbatim"
+    )
     for f in dataclasses.fields(getattr(policies, cls)):
         assert f"    {f.name}: " in body
