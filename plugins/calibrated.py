@@ -61,11 +61,11 @@ def _read(path: str, stamp: tuple) -> dict:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise squeezekit.ConfigError(
-            "profile", path, f"cannot be read ({exc.strerror or exc}); write one with `squeezekit calibrate --out FILE`"
+            "profile", path, f"cannot be read ({exc.strerror or exc}); write one with squeezekit calibrate --out FILE"
         ) from None
     except ValueError:
         raise squeezekit.ConfigError(
-            "profile", path, "is not JSON; write one with `squeezekit calibrate --out FILE`"
+            "profile", path, "is not JSON; write one with squeezekit calibrate --out FILE"
         ) from None
     ok = isinstance(data, dict) and data.get("format") == FORMAT
     try:
@@ -86,7 +86,7 @@ def _read(path: str, stamp: tuple) -> dict:
         ok = False
     if not ok:
         raise squeezekit.ConfigError(
-            "profile", path, f"is not a calibration profile ({FORMAT}) written by `squeezekit calibrate`"
+            "profile", path, f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate"
         )
     return data
 
@@ -97,7 +97,7 @@ def load_profile(path: str) -> dict:
         st = os.stat(path)
     except OSError:
         raise squeezekit.ConfigError(
-            "profile", path, "no such file; write one with `squeezekit calibrate --out FILE`"
+            "profile", path, "no such file; write one with squeezekit calibrate --out FILE"
         ) from None
     return _read(str(path), (st.st_mtime_ns, st.st_size, st.st_ino))
 
@@ -114,7 +114,7 @@ class Calibrated(squeezekit.LayerBudgetAllocator):
 
     def __post_init__(self):
         squeezekit.check(
-            "profile", self.profile, bool(self.profile), "required: a file written by `squeezekit calibrate --out FILE`"
+            "profile", self.profile, bool(self.profile), "required: a file written by squeezekit calibrate --out FILE"
         )
         squeezekit.check("rule", self.rule, self.rule in ("sqrt", "greedy"), "must be 'sqrt' or 'greedy'")
         load_profile(self.profile)
@@ -127,7 +127,7 @@ class Calibrated(squeezekit.LayerBudgetAllocator):
             this = f"not evictor {describe(evictor_identity(evictor))}"
         if this:
             raise squeezekit.ConfigError(
-                "profile", self.profile, f"{made_for}, {this}; calibrate this combination with `squeezekit calibrate`"
+                "profile", self.profile, f"{made_for}, {this}; calibrate this combination with squeezekit calibrate"
             )
 
     def allocate(self, request):

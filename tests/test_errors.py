@@ -831,6 +831,29 @@ CATALOGUE = [
         "squeezekit: " + PLUGIN + "{problem}; falling back to {kind} {fallback} for the rest of this compress() block",
         "test_fallback_takes_over_with_a_warning",
     ),
+    # ---- calibration profiles (allocator=calibrated) ------------------------------------------------------------
+    Row(
+        "profile-missing",
+        "allocator=calibrated without a profile, or with a profile file that does not exist",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {problem}",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-malformed",
+        "a profile that is not JSON, or not a profile written by squeezekit calibrate",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {problem}",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-mismatch",
+        "a profile made for another model, or another evictor or evictor parameters (when compress() starts)",
+        "ConfigError",
+        "config error: profile = {value}: made for model {model} with evictor {evictor}, not {what}; calibrate this "
+        "combination with squeezekit calibrate",
+        "test_calibration_profiles",
+    ),
 ]
 ROWS = {row.key: row for row in CATALOGUE}
 
@@ -2259,6 +2282,50 @@ def count_line() -> str:
         f"(`tests/test_errors.py`, every row at least once), and {fuzz} random configs and inputs "
         f"in `tests/test_fuzz.py`, whose every error must match a row."
     )
+
+
+# ---- calibration profiles --------------------------------------------------------------------------------------
+def test_calibration_profiles(tmp_path, llama):
+    import json
+
+    from squeezekit.plugins.calibrated import FORMAT, evictor_identity, model_identity
+
+    missing = str(tmp_path / "nope.json")
+    write = "write one with squeezekit calibrate --out FILE"
+    raised("profile-missing", lambda: Config.from_kwargs(allocator="calibrated"), source="kwargs", value="''",
+           problem="required: a file written by squeezekit calibrate --out FILE")  # fmt: skip
+    raised("profile-missing", lambda: Config.from_string(f"allocator=calibrated,profile={missing}"),
+           source="model_args", value=repr(missing), problem=f"no such file; {write}")  # fmt: skip
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = str(tmp_path / "bad.json")
+    raised("profile-malformed", lambda: Config.from_kwargs(allocator="calibrated", profile=bad), source="kwargs",
+           value=repr(bad), problem=f"is not JSON; {write}")  # fmt: skip
+    (tmp_path / "other.json").write_text(json.dumps({"format": FORMAT, "levels": [0.5, 0.2], "loss": [[1, 2]]}))
+    other = str(tmp_path / "other.json")
+    raised(
+        "profile-malformed",
+        lambda: Config.from_kwargs(allocator="calibrated", profile=other),
+        source="kwargs",
+        value=repr(other),
+        problem=f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate",
+    )
+
+    config = Config.from_kwargs(allocator="uniform", evictor="streaming", sinks=2)
+    made = {
+        "format": FORMAT, "model": model_identity(llama), "evictor": evictor_identity(config.build_evictor()),
+        "levels": [0.1, 0.4], "layers": [0, 1], "loss": [[0.2, 0.1], [0.1, 0.0]],
+    }  # fmt: skip
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(made))
+
+    def describe(identity):
+        return identity["name"] + "(" + ", ".join(f"{k}={v}" for k, v in identity.items() if k != "name") + ")"
+
+    for what, kwargs in (("evictor streaming(sinks=4, window=8)", {"sinks": 4}),
+                         ("evictor sliding_window(window=8)", {"evictor": "sliding_window"})):  # fmt: skip
+        mine = Config.from_kwargs(**{"allocator": "calibrated", "profile": str(path), "evictor": "streaming", **kwargs})
+        raised("profile-mismatch", lambda c=mine: squeezekit.compress(llama, c).__enter__(), value=repr(str(path)),
+               model=describe(made["model"]), evictor=describe(made["evictor"]), what=what)  # fmt: skip
 
 
 if __name__ == "__main__":  # rewrite docs/errors.md's table from CATALOGUE, and the count of cases tried
