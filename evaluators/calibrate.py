@@ -87,25 +87,30 @@ def _probe_class():
 
 def scored_nll(model, config, ids, prompt: int, chunk: int, probe=None):
     """(B,) mean next-token loss of ``ids[:, prompt + 1:]`` (and of token ``prompt``, predicted by the prefill),
-    with the first ``prompt`` tokens prefilled and compressed under ``config`` (``probe``: this allocator instead)."""
+    with the first ``prompt`` tokens prefilled and compressed under ``config`` (``probe``: this allocator instead).
+    Identical rows (the probes of one document) share one prefill: its cache is branched into one copy per row
+    before each copy is compressed (`squeezekit.cache.SqueezeCache.branch`)."""
     import torch
     import torch.nn.functional as F
 
     import squeezekit
-    from squeezekit.transformers_api import cache_argument, output_cache
+    from squeezekit.transformers_api import output_cache
 
-    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
+    rows = ids.shape[0]
+    same = rows > 1 and bool((ids == ids[:1]).all())
+    first = ids[:1] if same else ids
+    total = torch.zeros(rows, dtype=torch.float64, device=ids.device)
     with torch.no_grad(), squeezekit.compress(model, config) as compressor:
         if probe is not None:
             compressor.runner.use("allocator", probe)
-        out = model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1)
-        total -= (
-            F.log_softmax(out.logits[:, -1].float(), -1).gather(-1, ids[:, prompt : prompt + 1]).squeeze(-1).double()
-        )
+        cache = compressor.new_cache(branches=rows if same else 1)
+        out = model(input_ids=first[:, :prompt], use_cache=True, logits_to_keep=1, **compressor.cache_kwargs(cache))
+        logp = F.log_softmax(out.logits[:, -1].float(), -1).gather(-1, first[:, prompt : prompt + 1])
+        total -= logp.squeeze(-1).double()  # (one row when shared: the same prediction for every copy)
         cache = output_cache(out)
         for k in range(prompt, ids.shape[1] - 1, chunk):
             w = min(chunk, ids.shape[1] - 1 - k)
-            out = model(input_ids=ids[:, k : k + w], use_cache=True, **{cache_argument(model): cache})
+            out = model(input_ids=ids[:, k : k + w], use_cache=True, **compressor.cache_kwargs(cache))
             logp = F.log_softmax(out.logits.float(), -1).gather(-1, ids[:, k + 1 : k + w + 1, None]).squeeze(-1)
             total -= logp.sum(-1).double()
             cache = output_cache(out)

@@ -157,11 +157,14 @@ def waterfill_row(costs: np.ndarray, knots: np.ndarray, total: int, floor: int, 
         j = i + 1
         while j < len(segments) and segments[j][0] - segments[i][0] <= 1e-9 * abs(segments[i][0]) + 1e-15:
             j += 1
-        group = segments[i:j]
-        room = np.array([s[2] for s in group], dtype=np.int64)
+        # segments saving as much per token, by layer (a layer's curve may split into collinear segments)
+        room_of: dict[int, int] = {}
+        for _, layer, tokens in segments[i:j]:
+            room_of[layer] = room_of.get(layer, 0) + tokens
+        layers = sorted(room_of)
+        room = np.array([room_of[layer] for layer in layers], dtype=np.int64)
         give = room if room.sum() <= left else _even_fill(room, left)
-        for (_, layer, _), n in zip(group, give, strict=True):
-            out[layer] += n
+        out[layers] += give
         left -= int(give.sum())
         i = j
     return out

@@ -422,8 +422,12 @@ class SqueezeCache(Cache):
         shared: BatchAllocation | None = None,
         expected_prompt_len: torch.Tensor | None = None,
         sync_timings: bool = False,
+        branches: int = 1,
     ):
         self.runner = runner
+        #: each row's prefill is computed once and its cache repeated this many times before budgets are planned
+        #: (see `branch`); later steps pass ``rows x branches`` sequences
+        self.branches = branches
         super().__init__(layers=[SqueezeLayer(self, i) for i in range(n_layers)])
         self.budget_layers = list(layers)
         self.shared, self.expected_prompt_len, self.sync_timings = shared, expected_prompt_len, sync_timings
@@ -475,6 +479,8 @@ class SqueezeCache(Cache):
     def end_step(self, importance: torch.Tensor | None = None) -> None:
         """After every layer has written the step's tokens: at prefill, plan budgets from ``importance`` (B, L);
         then evict every layer down to its budget."""
+        if self.step.prefill and self.branches > 1:
+            importance = self.branch(importance)
         step = self.step
         self.length += step.new_valid.shape[1]
         self.seen.add_(step.new_valid.sum(-1))  # in place: CUDA graphs replay this
@@ -493,6 +499,26 @@ class SqueezeCache(Cache):
         for layer in self.layers:
             layer.window_queries = layer.window_positions = None
         self.step = None  # type: ignore[assignment]
+
+    def branch(self, importance: torch.Tensor | None) -> torch.Tensor | None:
+        """Repeat every row of the prefill just computed ``branches`` times (row ``b`` becomes rows ``b x branches``
+        to ``b x branches + branches - 1``), with its statistics, before any budget is planned: the copies can then
+        be compressed differently (``squeezekit calibrate`` evicts one layer per copy) for the cost of one prefill.
+        Returns ``importance`` repeated the same way."""
+        n = self.branches
+
+        def rep(t: Any) -> Any:
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        step = self.step
+        self.step = dataclasses.replace(step, new_valid=rep(step.new_valid), new_pos=rep(step.new_pos),
+                                        shared_masks={}, seen_after=None)  # fmt: skip
+        self.seen = rep(self.seen)
+        for layer in self.layers:
+            for name in ("keys", "values", "valid", "positions", "attention", "window_queries", "window_positions",
+                         "new_slots"):  # fmt: skip
+                setattr(layer, name, rep(getattr(layer, name)))
+        return rep(importance)
 
     def advance(self) -> None:
         """Account for one decode step whose work ran without Python (a CUDA-graph replay of a steady step)."""

@@ -93,12 +93,15 @@ class Compressor:
         )
 
     def new_cache(
-        self, shared: BatchAllocation | None = None, expected_prompt_len: torch.Tensor | None = None
+        self, shared: BatchAllocation | None = None, expected_prompt_len: torch.Tensor | None = None, branches: int = 1
     ) -> SqueezeCache:
-        """An empty cache of this block, to pass to the model (squeezekit.batching does; generate gets one itself)."""
+        """An empty cache of this block, to pass to the model (squeezekit.batching does; generate gets one itself).
+
+        ``branches``: each prompt row is prefilled once and its cache repeated that many times before it is
+        compressed (`SqueezeCache.branch`); the steps after the prefill pass ``rows x branches`` sequences."""
         return SqueezeCache(
             self.runner, len(self.resolved.layers), self.compressible, shared=shared,
-            expected_prompt_len=expected_prompt_len, sync_timings=self.sync_timings,
+            expected_prompt_len=expected_prompt_len, sync_timings=self.sync_timings, branches=branches,
         )  # fmt: skip
 
     def cache_kwargs(self, cache: SqueezeCache) -> dict:

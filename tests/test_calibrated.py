@@ -445,3 +445,51 @@ def test_smollm2_calibrate_and_use_the_profile(tmp_path, capsys):
     assert "made for model SmolLM2-135M-Instruct(" in one_line_config_error(
         lambda: squeezekit.compress(model, other).__enter__()
     )
+
+
+# ---- one prefill for all the probes of a document ----------------------------------------------------------------
+@pytest.mark.parametrize("evictor", ["streaming", "h2o", "snapkv"])
+def test_a_branched_prefill_is_a_batch_of_identical_rows(evictor):
+    """`squeezekit calibrate` prefills a document once and branches the cache into one copy per probe
+    (`SqueezeCache.branch`): budgets, kept slots and every later logit equal those of the same rows prefilled as a
+    batch, bit for bit, whatever statistics the evictor collects (accumulated attention, window queries)."""
+    import torch
+    from squeezekit.evaluators.calibrate import _probe_class
+    from tiny_models import tiny_model
+
+    from squeezekit.transformers_api import output_cache
+
+    model = tiny_model("llama")
+    doc = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(0))
+    rows = doc.expand(4, -1)
+    config = Config.from_mapping({"allocator": "uniform", "evictor": evictor, "budget": 0.8125}, source="test")
+
+    def run(branches):
+        with torch.no_grad(), squeezekit.compress(model, config) as c:
+            c.runner.use("allocator", _probe_class()(layers=(0, 1, 2, 3)))
+            cache = c.new_cache(branches=branches)
+            first = rows[:1] if branches > 1 else rows
+            out = model(input_ids=first[:, :64], use_cache=True, logits_to_keep=1, **c.cache_kwargs(cache))
+            cache, logits = output_cache(out), []
+            for k in range(64, 95, 8):
+                out = model(input_ids=rows[:, k : k + 8], use_cache=True, **c.cache_kwargs(cache))
+                cache = output_cache(out)
+                logits.append(out.logits)
+        return torch.cat(logits, 1), cache
+
+    batched, a = run(1)
+    branched, b = run(4)
+    assert torch.equal(a.budgets, b.budgets) and not torch.equal(a.budgets[0], a.budgets[1])  # probes differ
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.valid, y.valid) and torch.equal(x.positions, y.positions)
+    assert torch.equal(batched, branched)
+
+
+def test_greedy_splits_evenly_when_a_curve_breaks_into_collinear_segments():
+    """Found by hypothesis: equal curves whose first two segments are collinear up to rounding split into two
+    segments per layer; the tokens of equally good segments go evenly over the layers, not to the first layer's."""
+    from squeezekit.budget import waterfill_row
+
+    costs = np.array([[2.875, 0.5, 0.0, 0.0]] * 3)
+    budgets = waterfill_row(costs, np.array([72, 145, 289, 578]), 5, 1, 1446)
+    assert sorted(budgets.tolist()) == [1, 2, 2] and int(budgets.sum()) == 5
