@@ -1,4 +1,5 @@
-"""Shared fixtures. ``plugin_site``: install fake third-party plugins for one test (see tests/plugin_factory.py)."""
+"""Shared fixtures. ``plugin_site``: install fake third-party plugins for one test (see tests/plugin_factory.py);
+``one_thread``: torch on one thread for a module's tests; ``tiny_dir``: a tiny local model directory."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def _no_plugin_restriction():
         squeezekit.registry(reload=True)
         yield
     squeezekit.registry(reload=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread and leave the other cores to other work. A module of many such tests
+    declares ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with its own small tokenizer, saved like any local model directory (no hub, no SmolLM2)."""
+    from squeezekit.evaluators.testing import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from squeezekit.evaluators import suite  # noqa: E402
 from squeezekit.evaluators.evaluator import Evaluator  # noqa: E402
-from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
+from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
 LONGBENCH_DOCS = [  # the fields of LongBench's samsum (as lm-eval's longbench tasks read them)
     {
@@ -31,19 +31,7 @@ LONGBENCH_DOCS = [  # the fields of LongBench's samsum (as lm-eval's longbench t
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +50,12 @@ def _task_utils():
     return module
 
 
-def test_task_data_is_built_at_run_time(tiny, text_file):
+def test_task_data_is_built_at_run_time(tiny_dir, text_file):
     from transformers import AutoTokenizer
 
     utils = _task_utils()
-    tok = AutoTokenizer.from_pretrained(tiny)
-    meta = {"pretrained": tiny, "text_file": text_file, "max_seq_lengths": [256, 512], "num_samples": 3}
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    meta = {"pretrained": tiny_dir, "text_file": text_file, "max_seq_lengths": [256, 512], "num_samples": 3}
     ppl = utils.ppl_dataset(**meta)["test"]
     assert len(ppl) == 6 and sorted(set(ppl["max_length"])) == [256, 512]
     for row in ppl:
@@ -90,7 +78,7 @@ def test_text_sources(text_file, monkeypatch):
     assert len(utils.pydoc_text()) > 100_000  # the fallback that ships with Python
 
 
-def test_longbench_code_path_on_local_jsonl(tiny, tmp_path):
+def test_longbench_code_path_on_local_jsonl(tiny_dir, tmp_path):
     """lm-eval's own longbench_samsum task (prompt, metric) with a local jsonl instead of the hub dataset."""
     pytest.importorskip("rouge")
     import lm_eval
@@ -106,7 +94,7 @@ def test_longbench_code_path_on_local_jsonl(tiny, tmp_path):
         f'dataset_kwargs:\n  data_files:\n    test: {data}\ngeneration_kwargs:\n  max_gen_toks: 8\n  until: ["\\n"]\n'
         "  do_sample: false\n"
     )
-    lm = SqueezekitLM(pretrained=tiny, device="cpu", batch_size=2, allocator="squeeze", evictor="h2o", budget=0.3)
+    lm = SqueezekitLM(pretrained=tiny_dir, device="cpu", batch_size=2, allocator="squeeze", evictor="h2o", budget=0.3)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=["longbench_samsum_local"], task_manager=TaskManager(include_path=str(tmp_path)), limit=2
     )
@@ -115,11 +103,11 @@ def test_longbench_code_path_on_local_jsonl(tiny, tmp_path):
     assert lm.kv_bytes["prefills"] >= 1 and lm.kv_bytes["kept"] < 0.5 * lm.kv_bytes["full"]
 
 
-def test_sweep_cli_resumes_and_reports(tiny, text_file, tmp_path, monkeypatch):
+def test_sweep_cli_resumes_and_reports(tiny_dir, text_file, tmp_path, monkeypatch):
     from squeezekit.cli import main
 
     out = tmp_path / "results"
-    args = ["eval", "--sweep", "--model", tiny, "--text-file", text_file, "--out", str(out), "--batch-size", "2",
+    args = ["eval", "--sweep", "--model", tiny_dir, "--text-file", text_file, "--out", str(out), "--batch-size", "2",
             "--suite", "squeezekit_passkey@256:2,squeezekit_ppl@256:2", "--allocators", "uniform,squeeze",
             "--evictors", "streaming", "--budgets", "0.5,1"]  # fmt: skip
     assert main(args) == 0
@@ -149,11 +137,11 @@ def test_suite_parsing_errors():
         suite.parse_suite("niah_single_1:8")
 
 
-def test_ruler_units_build_only_their_samples(tiny):
+def test_ruler_units_build_only_their_samples(tiny_dir):
     """A unit of N RULER samples builds N (not lm-eval's 500), whatever was loaded before; outside a load the
     generators build what lm-eval asks."""
     for n in (2, 3, 2):
-        loaded = suite.load_unit(suite.Unit("niah_single_1", 512, n), tiny)
+        loaded = suite.load_unit(suite.Unit("niah_single_1", 512, n), tiny_dir)
         (task,) = loaded["tasks"].values()
         assert len(task.dataset["test"]) == n
     assert suite._CAP is None

@@ -36,13 +36,7 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_healt
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and leave the other cores to other work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(arch: str, attn: str):

@@ -12,30 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
-from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
+from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and never fight other processes for the cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def plain(tiny):
-    return HFLM(pretrained=tiny, device="cpu", batch_size=3)
+def plain(tiny_dir):
+    return HFLM(pretrained=tiny_dir, device="cpu", batch_size=3)
 
 
 def _requests(tok):
@@ -50,34 +36,36 @@ def _requests(tok):
     ]
 
 
-def _lm(tiny, **kw):
-    return SqueezekitLM(pretrained=tiny, device="cpu", batch_size=3, extend_chunk=8, **kw)
+def _lm(tiny_dir, **kw):
+    return SqueezekitLM(pretrained=tiny_dir, device="cpu", batch_size=3, extend_chunk=8, **kw)
 
 
-def test_budget_one_matches_plain_hflm(tiny, plain):
+def test_budget_one_matches_plain_hflm(tiny_dir, plain):
     reqs = _requests(plain.tokenizer)
     ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
     for evictor in ("streaming", "h2o"):
-        got = _lm(tiny, budget=1.0, allocator="squeeze", evictor=evictor)._loglikelihood_tokens(reqs, disable_tqdm=True)
+        got = _lm(tiny_dir, budget=1.0, allocator="squeeze", evictor=evictor)._loglikelihood_tokens(
+            reqs, disable_tqdm=True
+        )
         for (r, rg), (g, gg) in zip(ref, got, strict=True):
             assert abs(r - g) < 1e-4 and rg == gg
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_budget_one_generation_matches_plain_hflm(tiny, plain, fast):
+def test_budget_one_generation_matches_plain_hflm(tiny_dir, plain, fast):
     """model.generate inside compress, and the serving path (micro-batched prefill + greedy decoder), alike."""
     prompts = [standin_text(30 + 23 * i, seed=40 + i) for i in range(5)]
     for until in ([], [" "]):
         kwargs = {"until": until, "max_gen_toks": 16, "do_sample": False}
         reqs = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
         ref = plain.generate_until(reqs, disable_tqdm=True)
-        assert _lm(tiny, budget=1.0, fast=fast, micro_batch=2).generate_until(reqs, disable_tqdm=True) == ref
+        assert _lm(tiny_dir, budget=1.0, fast=fast, micro_batch=2).generate_until(reqs, disable_tqdm=True) == ref
 
 
-def test_small_budget_changes_multi_token_scores_only(tiny, plain):
+def test_small_budget_changes_multi_token_scores_only(tiny_dir, plain):
     reqs = _requests(plain.tokenizer)
     ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
-    lm = _lm(tiny, budget=0.2, allocator="squeeze", evictor="streaming")
+    lm = _lm(tiny_dir, budget=0.2, allocator="squeeze", evictor="streaming")
     got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     diffs = [abs(r[0] - g[0]) for r, g in zip(ref, got, strict=True)]
     multi = [d for d, (_, _, cont) in zip(diffs, reqs, strict=True) if len(cont) > 1]
@@ -87,18 +75,18 @@ def test_small_budget_changes_multi_token_scores_only(tiny, plain):
     assert 0 < lm.kv_bytes["kept"] < 0.3 * lm.kv_bytes["full"]
 
 
-def test_rolling_perplexity(tiny, plain):
+def test_rolling_perplexity(tiny_dir, plain):
     docs = [standin_text(400, seed=s) for s in (5, 6)]
     reqs = [Instance("loglikelihood_rolling", {}, (d,), 0) for d in docs]
     ref = plain.loglikelihood_rolling(reqs, disable_tqdm=True)
-    full = _lm(tiny, budget=1.0).loglikelihood_rolling(reqs, disable_tqdm=True)
-    small = _lm(tiny, budget=0.2, evictor="sliding_window").loglikelihood_rolling(reqs, disable_tqdm=True)
+    full = _lm(tiny_dir, budget=1.0).loglikelihood_rolling(reqs, disable_tqdm=True)
+    small = _lm(tiny_dir, budget=0.2, evictor="sliding_window").loglikelihood_rolling(reqs, disable_tqdm=True)
     assert all(abs(a - b) < 1e-3 for a, b in zip(ref, full, strict=True))
     assert all(abs(a - b) > 1e-2 for a, b in zip(ref, small, strict=True))
 
 
-def test_generate_until_is_compressed(tiny):
-    lm = _lm(tiny, budget=0.25, evictor="h2o")
+def test_generate_until_is_compressed(tiny_dir):
+    lm = _lm(tiny_dir, budget=0.25, evictor="h2o")
     tok = lm.tokenizer
     prompts = [standin_text(120, seed=8), standin_text(90, seed=9)]
     reqs = [
@@ -121,24 +109,24 @@ def test_generate_until_is_compressed(tiny):
         ({"kernel_size": 5}, "unknown key"),  # snapkv's parameter, but the evictor is streaming
     ],
 )
-def test_model_args_errors_are_config_errors(tiny, kwargs, needle):
+def test_model_args_errors_are_config_errors(tiny_dir, kwargs, needle):
     with pytest.raises(ConfigError) as err:
-        SqueezekitLM(pretrained=tiny, device="cpu", **kwargs)
+        SqueezekitLM(pretrained=tiny_dir, device="cpu", **kwargs)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_plugin_keys_and_hflm_keys_pass(tiny):
-    lm = SqueezekitLM(pretrained=tiny, device="cpu", evictor="snapkv", kernel_size=5, max_length=512, budget=0.3)
+def test_plugin_keys_and_hflm_keys_pass(tiny_dir):
+    lm = SqueezekitLM(pretrained=tiny_dir, device="cpu", evictor="snapkv", kernel_size=5, max_length=512, budget=0.3)
     assert dict(lm.squeeze_config.params) == {"kernel_size": 5} and lm.max_length == 512
 
 
-def test_fallback_plugin_keys_pass(tiny):
+def test_fallback_plugin_keys_pass(tiny_dir):
     """A fallback's own parameters are accepted as in every other config source; the primary's stay checked."""
     args = {"allocator": "pyramid", "fallback_allocator": "squeeze", "per": "sequence", "evictor": "snapkv"}
-    lm = SqueezekitLM(pretrained=tiny, device="cpu", fallback_evictor="streaming", kernel_size=5, **args)
+    lm = SqueezekitLM(pretrained=tiny_dir, device="cpu", fallback_evictor="streaming", kernel_size=5, **args)
     assert lm.squeeze_config.fallback_allocator == "squeeze" and dict(lm.squeeze_config.params) == {
         "per": "sequence",
         "kernel_size": 5,
     }
     with pytest.raises(ConfigError, match="per = 'sequence': unknown key"):
-        SqueezekitLM(pretrained=tiny, device="cpu", allocator="pyramid", per="sequence")
+        SqueezekitLM(pretrained=tiny_dir, device="cpu", allocator="pyramid", per="sequence")

@@ -15,27 +15,16 @@ import torch  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
 from squeezekit.evaluators.reference import PreviousScoringLM as LegacyLM  # noqa: E402
-from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
+from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
-def _lm(tiny, cls=SqueezekitLM, **kw):
+def _lm(tiny_dir, cls=SqueezekitLM, **kw):
     kw.setdefault("batch_size", 3)
-    return cls(pretrained=tiny, device="cpu", extend_chunk=8, **kw)
+    return cls(pretrained=tiny_dir, device="cpu", extend_chunk=8, **kw)
 
 
 # -- generate_until ----------------------------------------------------------------------------------------------------
@@ -71,9 +60,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_serving_path_returns_generates_tokens(tiny, config):
+def test_serving_path_returns_generates_tokens(tiny_dir, config):
     """Token for token what model.generate returns (the tensor HFLM decodes), with stops at different steps."""
-    slow, fast = _lm(tiny, fast=False, **config), _lm(tiny, fast=True, **config)
+    slow, fast = _lm(tiny_dir, fast=False, **config), _lm(tiny_dir, fast=True, **config)
     served = []
     fast_serve = fast._serve
     fast._serve = lambda *a, **k: served.append(1) or fast_serve(*a, **k)
@@ -95,9 +84,12 @@ def test_serving_path_returns_generates_tokens(tiny, config):
         assert torch.equal(_raw(slow, [" "]), _raw(fast, [" "]))
 
 
-def test_end_of_sequence_ids_pad_the_rest(tiny):
+def test_end_of_sequence_ids_pad_the_rest(tiny_dir):
     """A row that generates an end-of-sequence id gets generate's padding after it; the others go on."""
-    slow, fast = _lm(tiny, fast=False, budget=0.3, evictor="h2o"), _lm(tiny, fast=True, budget=0.3, evictor="h2o")
+    slow, fast = (
+        _lm(tiny_dir, fast=False, budget=0.3, evictor="h2o"),
+        _lm(tiny_dir, fast=True, budget=0.3, evictor="h2o"),
+    )
     eos = _eos_after(slow, [], row=1, step=6)
     for lm in (slow, fast):
         lm.model.generation_config.eos_token_id = [eos]
@@ -111,9 +103,9 @@ def test_end_of_sequence_ids_pad_the_rest(tiny):
 
 
 @pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:], ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_generate_until_texts_equal(tiny, config):
+def test_generate_until_texts_equal(tiny_dir, config):
     """Through generate_until (sorting, batching, decoding, cutting at stops) the texts are today's."""
-    slow, fast = _lm(tiny, fast=False, **config), _lm(tiny, fast=True, **config)
+    slow, fast = _lm(tiny_dir, fast=False, **config), _lm(tiny_dir, fast=True, **config)
     words = [t.split()[1] for t in _gen(slow, [], max_gen_toks=12) if len(t.split()) > 1]
     slow.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
     for until in ([], ["\n"], [" "], words[:2]):
@@ -121,22 +113,25 @@ def test_generate_until_texts_equal(tiny, config):
     assert fast.kv_bytes == slow.kv_bytes  # the same prefills, compressed alike
 
 
-def test_micro_batches_with_a_per_sequence_allocator_are_exact(tiny):
+def test_micro_batches_with_a_per_sequence_allocator_are_exact(tiny_dir):
     """Micro-batched prefill: identical with a per-sequence allocator (a batch-level one shares the first
     micro-batch's allocation, see the adapter's docstring)."""
     config = dict(budget=0.25, allocator="uniform", evictor="streaming", sinks=2, window=4)
-    slow = _lm(tiny, fast=False, batch_size=5, **config)
-    fast = _lm(tiny, fast=True, batch_size=5, micro_batch=2, **config)
+    slow = _lm(tiny_dir, fast=False, batch_size=5, **config)
+    fast = _lm(tiny_dir, fast=True, batch_size=5, micro_batch=2, **config)
     assert _gen(slow, [" "]) == _gen(fast, [" "])
     reqs = _requests(slow.tokenizer)
     assert _close(
-        _lm(tiny, LegacyLM, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
-        _lm(tiny, micro_batch=2, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
+        _lm(tiny_dir, LegacyLM, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
+        _lm(tiny_dir, micro_batch=2, **config)._loglikelihood_tokens(reqs, disable_tqdm=True),
     )
 
 
-def test_sampling_requests_keep_model_generate(tiny):
-    slow, fast = _lm(tiny, fast=False, budget=0.3, evictor="h2o"), _lm(tiny, fast=True, budget=0.3, evictor="h2o")
+def test_sampling_requests_keep_model_generate(tiny_dir):
+    slow, fast = (
+        _lm(tiny_dir, fast=False, budget=0.3, evictor="h2o"),
+        _lm(tiny_dir, fast=True, budget=0.3, evictor="h2o"),
+    )
     fast._serve = lambda *a, **k: pytest.fail("a sampling request took the greedy serving path")
     for extra in ({"do_sample": True, "temperature": 1.0}, {"do_sample": False, "repetition_penalty": 1.3}):
         torch.manual_seed(0)
@@ -148,13 +143,13 @@ def test_sampling_requests_keep_model_generate(tiny):
     _gen(fast, [" "])
 
 
-def test_adapter_arguments_are_checked(tiny):
-    lm = _lm(tiny, fast="auto", micro_batch=2, check_every=4, cuda_graph=False)
+def test_adapter_arguments_are_checked(tiny_dir):
+    lm = _lm(tiny_dir, fast="auto", micro_batch=2, check_every=4, cuda_graph=False)
     assert (lm.fast, lm.micro_batch, lm.check_every, lm.cuda_graph) == ("auto", 2, 4, False)
     assert not lm._serving_on()  # auto: CUDA only
     for key, value in (("fast", "maybe"), ("micro_batch", 0), ("check_every", "x"), ("cuda_graph", "auto")):
         with pytest.raises(ConfigError, match=key):
-            _lm(tiny, **{key: value})
+            _lm(tiny_dir, **{key: value})
 
 
 # -- loglikelihood -----------------------------------------------------------------------------------------------------
@@ -180,39 +175,39 @@ def _close(ref, got, tol=1e-5):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_loglikelihood_equals_the_previous_adapter(tiny, config):
-    reqs = _requests(_lm(tiny, LegacyLM, **config).tokenizer)
+def test_loglikelihood_equals_the_previous_adapter(tiny_dir, config):
+    reqs = _requests(_lm(tiny_dir, LegacyLM, **config).tokenizer)
     for bs in (1, 3, 7):
-        ref = _lm(tiny, LegacyLM, batch_size=bs, **config)._loglikelihood_tokens(reqs, disable_tqdm=True)
-        got = _lm(tiny, batch_size=bs, **config)._loglikelihood_tokens(reqs, disable_tqdm=True)
+        ref = _lm(tiny_dir, LegacyLM, batch_size=bs, **config)._loglikelihood_tokens(reqs, disable_tqdm=True)
+        got = _lm(tiny_dir, batch_size=bs, **config)._loglikelihood_tokens(reqs, disable_tqdm=True)
         _close(ref, got)
 
 
 @pytest.mark.parametrize("config", [CONFIGS[1], dict(budget=0.2, evictor="sliding_window")])
-def test_rolling_equals_the_previous_adapter(tiny, config):
+def test_rolling_equals_the_previous_adapter(tiny_dir, config):
     docs = [standin_text(n, seed=s) for n, s in ((400, 5), (150, 6), (260, 7))]
     reqs = [Instance("loglikelihood_rolling", {}, (d,), 0) for d in docs]
-    ref = _lm(tiny, LegacyLM, **config).loglikelihood_rolling(reqs, disable_tqdm=True)
-    got = _lm(tiny, **config).loglikelihood_rolling(reqs, disable_tqdm=True)
+    ref = _lm(tiny_dir, LegacyLM, **config).loglikelihood_rolling(reqs, disable_tqdm=True)
+    got = _lm(tiny_dir, **config).loglikelihood_rolling(reqs, disable_tqdm=True)
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ref, got, strict=True))
 
 
-def test_scoring_blocks_split_long_prompts(tiny, monkeypatch):
+def test_scoring_blocks_split_long_prompts(tiny_dir, monkeypatch):
     """Scores of long prompts are computed in bounded blocks of rows and columns: same numbers."""
     import squeezekit.evaluators.lm_eval_adapter as adapter
 
     docs = [standin_text(300, seed=9)]
     reqs = [Instance("loglikelihood_rolling", {}, (d,), 0) for d in docs]
-    lm = _lm(tiny, budget=0.3)
+    lm = _lm(tiny_dir, budget=0.3)
     ref = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
     monkeypatch.setattr(adapter, "SCORE_BLOCK", 3 * len(lm.tokenizer))  # 3 columns a block
     assert abs(lm.loglikelihood_rolling(reqs, disable_tqdm=True)[0] - ref[0]) <= 1e-9 * abs(ref[0])
 
 
-def test_auto_batch_size_scores_in_detected_batches(tiny):
+def test_auto_batch_size_scores_in_detected_batches(tiny_dir):
     """batch_size=auto: the largest batch that fits, detected once, as HFLM does (not one request at a time)."""
     lm = SqueezekitLM(
-        pretrained=tiny,
+        pretrained=tiny_dir,
         device="cpu",
         batch_size="auto",
         max_batch_size=4,
@@ -225,6 +220,6 @@ def test_auto_batch_size_scores_in_detected_batches(tiny):
     sizes = []
     score = lm._score_batch
     lm._score_batch = lambda rows: sizes.append(len(rows)) or score(rows)
-    _close(_lm(tiny, LegacyLM, batch_size=4, budget=0.3, evictor="h2o")._loglikelihood_tokens(reqs, disable_tqdm=True),
-           lm._loglikelihood_tokens(reqs, disable_tqdm=True))  # fmt: skip
+    legacy = _lm(tiny_dir, LegacyLM, batch_size=4, budget=0.3, evictor="h2o")
+    _close(legacy._loglikelihood_tokens(reqs, disable_tqdm=True), lm._loglikelihood_tokens(reqs, disable_tqdm=True))
     assert lm._auto_batch == 4 and sizes[0] == 4

@@ -17,15 +17,7 @@ from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa:
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_timing_script_runs_on_cpu(tmp_path, capsys):

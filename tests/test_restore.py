@@ -23,12 +23,7 @@ GEN = dict(do_sample=False, pad_token_id=0)
 CONFIG = dict(allocator="squeeze", evictor="h2o", budget=0.4, window=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Boom(Exception):
