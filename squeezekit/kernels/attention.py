@@ -227,6 +227,20 @@ def _bucket(n: int) -> int:
     return 1 << max(4, math.ceil(math.log2(max(n, 1))))
 
 
+def _mask_inputs(
+    kv_valid: torch.Tensor, kv_pos: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """The slot and query masks as both kernels read them: ``(valid int8, kv_pos int32 laid out like it, its head
+    stride (0 when one mask serves every KV head), q_pos int32, q_valid int8)``."""
+    valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
+    kv_pos = kv_pos.to(torch.int32)
+    if kv_pos.stride() != valid8.stride():
+        kv_pos = kv_pos.expand_as(valid8).contiguous()
+        valid8 = valid8.contiguous()
+    head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
+    return valid8, kv_pos, head_stride, q_pos.to(torch.int32).contiguous(), q_valid.to(torch.int8).contiguous()
+
+
 def attention_lse(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -246,15 +260,7 @@ def attention_lse(
     fwd, _ = _kernels(query.dtype, D)
     out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
     lse = torch.empty(B, Hq, nq, dtype=torch.float32, device=query.device)
-    valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
-    kv_pos = kv_pos.to(torch.int32)
-    qp = q_pos.to(torch.int32).contiguous()
-    qv = q_valid.to(torch.int8).contiguous()
-    head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
-    if kv_pos.stride() != valid8.stride():
-        kv_pos = kv_pos.expand_as(valid8).contiguous()
-        valid8 = valid8.contiguous()
-        head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
+    valid8, kv_pos, head_stride, qp, qv = _mask_inputs(kv_valid, kv_pos, q_pos, q_valid)
     blocks = _launch_options(query.dtype, D)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
@@ -290,14 +296,7 @@ def column_sums(
     H, C = key.shape[1], key.shape[2]
     _, colsum = _kernels(query.dtype, D)
     sums = torch.empty(B, H, C, dtype=torch.float32, device=query.device)
-    valid8 = kv_valid.view(torch.int8) if kv_valid.dtype == torch.bool else kv_valid
-    kv_pos = kv_pos.to(torch.int32)
-    if kv_pos.stride() != valid8.stride():
-        kv_pos = kv_pos.expand_as(valid8).contiguous()
-        valid8 = valid8.contiguous()
-    head_stride = valid8.stride(1) if valid8.shape[1] > 1 else 0
-    qp = q_pos.to(torch.int32).contiguous()
-    qv = q_valid.to(torch.int8).contiguous()
+    valid8, kv_pos, head_stride, qp, qv = _mask_inputs(kv_valid, kv_pos, q_pos, q_valid)
     blocks = _launch_options(query.dtype, D)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
