@@ -28,7 +28,7 @@ from .allocation import BatchAllocation, plan_budgets
 from .errors import InputError
 from .kernels import steady as steady_kernel
 from .policies import LayerView, Stat
-from .runner import PolicyRunner
+from .runner import LIVE_FIELDS, PolicyRunner
 from .selection import top_slots
 from .transformers_api import Cache, CacheLayerMixin
 
@@ -515,8 +515,7 @@ class SqueezeCache(Cache):
                                         shared_masks={}, seen_after=None)  # fmt: skip
         self.seen = rep(self.seen)
         for layer in self.layers:
-            for name in ("keys", "values", "valid", "positions", "attention", "window_queries", "window_positions",
-                         "new_slots"):  # fmt: skip
+            for name in (*LIVE_FIELDS, "new_slots"):  # every per-row tensor of the layer
                 setattr(layer, name, rep(getattr(layer, name)))
         return rep(importance)
 
