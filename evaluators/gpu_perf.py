@@ -249,7 +249,7 @@ def check_steady_kernel(r: Runner) -> None:
     want[2].scatter_(2, ref, new_pos.to(torch.int32)[:, None, :].expand(B, H, 1))
     want[3].scatter_(2, ref, torch.zeros(B, H, 1, device=dev))
     flag = torch.zeros((), dtype=torch.bool, device=dev)
-    victim = steady_write(score, valid, positions, keys, values, attention, k, v, new_pos, flag)
+    victim = steady_write(score, valid, positions, keys, values, attention, 0.0, k, v, new_pos, flag)
     same = victim is not None and torch.equal(victim, ref)
     same = same and all(torch.equal(a, b) for a, b in zip((keys, values, positions, attention), want, strict=True))
     r.check("steady write kernel vs victim_slots + scatters (exact)", same and not bool(flag))

@@ -26,6 +26,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, check
 from .registry import registry
+from .statistics import Observation, Statistic
 
 __version__ = "0.1.0"
 
@@ -38,10 +39,12 @@ __all__ = [
     "InputError",
     "LayerBudgetAllocator",
     "LayerView",
+    "Observation",
     "PluginError",
     "PluginFallbackWarning",
     "SqueezekitError",
     "Stat",
+    "Statistic",
     "TokenEvictor",
     "UnknownPluginError",
     "UnsupportedModelError",

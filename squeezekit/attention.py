@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .kernels import attention as kernels
 from .kernels import decode as decode_kernel
-from .policies import Stat
+from .statistics import Observation
 
 if TYPE_CHECKING:
     from .cache import SqueezeCache, Step
@@ -97,6 +97,11 @@ def _explicit(query, key, value, mask_for, scaling, softcap, q_valid, want_probs
     return out.reshape(B, Hq, q, D).transpose(1, 2).contiguous(), probs_sum
 
 
+def _add_attention(layer, runner, mass):
+    for stat in runner.mass_statistics:
+        stat.add_attention(layer.stats, mass)
+
+
 def squeezekit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     forward: Forward | None = kwargs.get(KWARG)
     if forward is None:
@@ -124,12 +129,14 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         kv_valid, kv_pos = q_valid[:, None, :], q_pos[:, None, :]
         fresh = True
 
-    needs = runner.needs if layer is not None else Stat.NONE
-    w = min(q, runner.query_window) if step.prefill and layer is not None else 0
-    if w > 0:  # for the evictor or the allocator (Stat.WINDOW_QUERIES)
-        layer.window_queries = query[:, :, -w:].reshape(B, H, Hq // H, w, D).clone()
-        layer.window_positions = q_pos[:, -w:].clone()
-    want_probs = needs is Stat.ATTENTION
+    if layer is not None and runner.observers:  # statistics the policies need (squeezekit.statistics)
+        call = Observation(
+            query=query, query_positions=q_pos, query_valid=q_valid, keys=key, values=value,
+            new_slots=layer.new_slots, prefill=step.prefill,
+        )  # fmt: skip
+        for stat in runner.observers:
+            stat.observe(layer.stats, call)
+    want_probs = layer is not None and bool(runner.mass_statistics)
 
     causal_only = fresh and step.all_valid and (window is None or window >= q)
     if layer is not None and layer.steady and q == 1:
@@ -151,7 +158,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         )
         if fused is not None:
             if want_probs:
-                layer.attention += fused[1]
+                _add_attention(layer, runner, fused[1])
             return fused[0], None
     if forward.backend == "eager" or want_probs or softcap:
         if full_buffer:
@@ -160,7 +167,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             mask_for = lambda s, e: _mask(kv_valid, kv_pos, q_pos[:, s:e], window)  # noqa: E731
         out, probs = _explicit(query, key, value, mask_for, scaling, softcap, q_valid.float(), want_probs)
         if want_probs:
-            layer.attention += probs
+            _add_attention(layer, runner, probs)
         return out, None
 
     gqa = Hq != H

@@ -27,7 +27,7 @@ import torch
 from .allocation import BatchAllocation, plan_budgets
 from .errors import InputError
 from .kernels import steady as steady_kernel
-from .policies import LayerView, Stat
+from .policies import LayerView
 from .runner import LIVE_FIELDS, PolicyRunner
 from .selection import top_slots
 from .transformers_api import Cache, CacheLayerMixin
@@ -61,11 +61,7 @@ class PrefillViews(Sequence[LayerView]):
         view = self.sources[i].view("prefill")
         if self._rows is None or self._rows.numel() == view.keys.shape[0]:
             return view
-        pick = self._rows.to(view.keys.device)
-        fields = {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
-        return dataclasses.replace(
-            view, **{k: v.index_select(0, pick) for k, v in fields.items() if isinstance(v, torch.Tensor)}
-        )
+        return view.rows(self._rows)
 
 
 @dataclass
@@ -83,7 +79,8 @@ class Step:
     seen_after: torch.Tensor | None = None
 
 
-_SLOTS = (("keys", 0.0), ("values", 0.0), ("valid", False), ("positions", -1), ("attention", 0.0))
+#: the slot tensors every layer has, and the value of a free slot (per-slot statistics add theirs: see `slot_items`)
+_SLOTS = tuple(zip(LIVE_FIELDS, (0.0, 0.0, False, -1), strict=True))
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -104,9 +101,9 @@ class SqueezeLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.keys = self.values = self.valid = self.positions = None  # type: ignore[assignment]
-        self.attention: torch.Tensor | None = None  # accumulated attention, when the evictor needs it
-        self.window_queries: torch.Tensor | None = None
-        self.window_positions: torch.Tensor | None = None
+        #: the statistics the policies need (squeezekit.statistics), by field: per-slot ones are part of the slot
+        #: table (see `slot_items`), the others live for one step
+        self.stats: dict[str, torch.Tensor] = {}
         self.budget: torch.Tensor | None = None  # (B,) long; None = unbounded
         self.window: int | None = None  # the model's own sliding window for this layer, if any
         self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
@@ -143,23 +140,44 @@ class SqueezeLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        with _plain:
-            for name in ("keys", "values", "valid", "positions", "attention", "budget"):
-                t = getattr(self, name)
-                if t is not None:
-                    setattr(self, name, t.index_select(0, indices.to(t.device)))
+        self.map_rows(lambda t: t.index_select(0, indices.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        with _plain:
-            for name in ("keys", "values", "valid", "positions", "attention", "budget"):
-                t = getattr(self, name)
-                if t is not None:
-                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
+        self.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.positions = None  # type: ignore[assignment]
-        self.attention = self.budget = None
+        self.budget = None
+        self.stats = {}
         self.is_initialized = False
+
+    # -- the slot table ------------------------------------------------------------------------------------------
+    def slot_items(self) -> list[tuple[str, torch.Tensor, Any]]:
+        """``(name, tensor, free-slot value)`` of every slot tensor: keys, values, valid, positions and the per-slot
+        statistics. Every operation on slots (growth, compaction, copies between caches) goes through this list."""
+        items = [(name, getattr(self, name), fill) for name, fill in _SLOTS]
+        items += [(name, self.stats[name], fill) for name, fill in self.cache.runner.slot_fields if name in self.stats]
+        return [item for item in items if item[1] is not None]
+
+    def _set_slot(self, name: str, tensor: torch.Tensor) -> None:
+        if name in LIVE_FIELDS:
+            setattr(self, name, tensor)
+        else:
+            self.stats[name] = tensor
+
+    def map_rows(self, fn: Any) -> None:
+        """Replace every per-sequence tensor ``t`` of the layer (slots, statistics, budget) by ``fn(t)``."""
+        with _plain:
+            for name in (*LIVE_FIELDS, "budget", "new_slots"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, fn(t))
+            self.stats = {name: fn(t) for name, t in self.stats.items()}
+
+    def end_step(self) -> None:
+        """Drop the statistics that live for one step (those not in the slot table)."""
+        slot = {name for name, _ in self.cache.runner.slot_fields}
+        self.stats = {name: t for name, t in self.stats.items() if name in slot}
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -172,8 +190,8 @@ class SqueezeLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (keys, values and bookkeeping)."""
-        tensors = (self.keys, self.values, self.valid, self.positions, self.attention)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [t for _, t, _ in self.slot_items()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def kv_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
@@ -195,10 +213,8 @@ class SqueezeLayer(CacheLayerMixin):
             layer_idx=self.layer_idx,
             n_layers=len(cache.layers),
             phase=phase,
-            attention=self.attention,
-            window_queries=plain(self.window_queries),
-            window_positions=plain(self.window_positions),
             scaling=cache.scaling.get(self.layer_idx, 1.0),
+            stats={name: plain(t) for name, t in self.stats.items()},
         )
 
     # -- writing ---------------------------------------------------------------------------------------------------
@@ -213,8 +229,8 @@ class SqueezeLayer(CacheLayerMixin):
             with _plain:
                 self.valid = step.new_valid.to(k.device)[:, None, :].expand(B, H, q).clone()
                 self.positions = step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q).clone()
-                if self.cache.runner.needs is Stat.ATTENTION:
-                    self.attention = torch.zeros(B, H, q, dtype=torch.float32, device=k.device)
+                for name, fill in self.cache.runner.slot_fields:
+                    self.stats[name] = torch.full((B, H, q), fill, dtype=torch.float32, device=k.device)
             self.new_slots = torch.arange(q, device=k.device).expand(B, H, q)
             return self.keys, self.values
         if self.steady and q == 1 and step.all_valid:
@@ -234,8 +250,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.values.scatter_(2, idx, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
         self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
-        if self.attention is not None:
-            self.attention.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.float32))
+        self.reset_stats(slots)
         self.new_slots = slots
         return self.keys, self.values
 
@@ -256,11 +271,16 @@ class SqueezeLayer(CacheLayerMixin):
         self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
         self.values.scatter_(2, victim[..., None].expand(B, H, 1, D), v)
         self.positions.scatter_(2, victim, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, 1))
-        if self.attention is not None:
-            self.attention.scatter_(2, victim, torch.zeros(B, H, 1, device=k.device))
+        self.reset_stats(victim)
         self.new_slots = victim
         self.heads_differ = True
         return self.keys, self.values
+
+    def reset_stats(self, slots: torch.Tensor, skip: int = 0) -> None:
+        """Per-slot statistics of the slots that receive new tokens start again from their fill value (all but the
+        first ``skip`` fields, which a kernel reset already)."""
+        for name, fill in self.cache.runner.slot_fields[skip:]:
+            self.stats[name].scatter_(2, slots, fill)
 
     def _grow(self, need: int) -> None:
         """Add free slots (amortised: at least double, capped near the budget for bounded layers)."""
@@ -278,11 +298,9 @@ class SqueezeLayer(CacheLayerMixin):
         if extra <= 0:
             return
         with _plain:
-            for name, fill in _SLOTS:
-                t = getattr(self, name)
-                if t is not None:
-                    pad = (0, 0, 0, extra) if t.dim() == 4 else (0, extra)
-                    setattr(self, name, torch.nn.functional.pad(t, pad, value=fill))
+            for name, t, fill in self.slot_items():
+                pad = (0, 0, 0, extra) if t.dim() == 4 else (0, extra)
+                self._set_slot(name, torch.nn.functional.pad(t, pad, value=fill))
 
     def _make_room(self, step: Step) -> None:
         """Before a one-token decode step: rows at their budget drop one token (the evictor picks which)."""
@@ -319,12 +337,13 @@ class SqueezeLayer(CacheLayerMixin):
             D = self.keys.shape[-1]
             gi = safe[..., None].expand(*safe.shape, D)
             with _plain:
-                self.keys = torch.gather(self.keys, 2, gi)
-                self.values = torch.gather(self.values, 2, gi)
-                self.positions = torch.gather(self.positions, 2, safe).masked_fill(~used, -1)
-                if self.attention is not None:
-                    self.attention = torch.gather(self.attention, 2, safe).masked_fill(~used, 0.0)
-                self.valid = used.clone()
+                for name, t, fill in self.slot_items():
+                    if name == "valid":
+                        self.valid = used.clone()
+                    elif t.dim() == 4:  # keys, values
+                        self._set_slot(name, torch.gather(t, 2, gi))
+                    else:
+                        self._set_slot(name, torch.gather(t, 2, safe).masked_fill(~used, fill))
         else:
             kept = torch.zeros_like(self.valid)
             kept.scatter_(2, safe, used)
@@ -365,10 +384,8 @@ class SqueezeLayer(CacheLayerMixin):
     def preallocate(self, like: SqueezeLayer, batch: int) -> None:
         """Empty slot tensors for ``batch`` rows shaped like ``like``'s (before `copy_rows`)."""
         with _plain:
-            for name, fill in _SLOTS:
-                t = getattr(like, name)
-                if t is not None:
-                    setattr(self, name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
+            for name, t, fill in like.slot_items():
+                self._set_slot(name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
             if like.budget is not None:
                 self.budget = like.budget.new_zeros(batch)
         self.window, self.steady, self.holes = like.window, like.steady, like.holes
@@ -382,13 +399,12 @@ class SqueezeLayer(CacheLayerMixin):
         # a row padded to the batch's buffer has free slots: still steady (see `holes`)
         self.holes = self.holes or part.holes or part.capacity < self.capacity
         steady = part.steady
-        for name, fill in _SLOTS:
-            t = getattr(part, name)
-            if t is not None:
-                extra = self.capacity - t.shape[2]
-                if extra:
-                    t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
-                getattr(self, name)[rows] = t
+        mine = {name: t for name, t, _ in self.slot_items()}
+        for name, t, fill in part.slot_items():
+            extra = self.capacity - t.shape[2]
+            if extra:
+                t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
+            mine[name][rows] = t
         if part.budget is not None and self.budget is not None:
             self.budget[rows] = part.budget
         self.heads_differ |= part.heads_differ
@@ -497,7 +513,7 @@ class SqueezeCache(Cache):
         else:
             self._enforce_budgets(compact=False)
         for layer in self.layers:
-            layer.window_queries = layer.window_positions = None
+            layer.end_step()
         self.step = None  # type: ignore[assignment]
 
     def branch(self, importance: torch.Tensor | None) -> torch.Tensor | None:
@@ -515,8 +531,7 @@ class SqueezeCache(Cache):
                                         shared_masks={}, seen_after=None)  # fmt: skip
         self.seen = rep(self.seen)
         for layer in self.layers:
-            for name in (*LIVE_FIELDS, "new_slots"):  # every per-row tensor of the layer
-                setattr(layer, name, rep(getattr(layer, name)))
+            layer.map_rows(rep)
         return rep(importance)
 
     def advance(self) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NO_VALUE, ConfigError, PluginError, SqueezekitError
-from .policies import Stat, evictor_floor
+from .policies import evictor_floor
 from .registry import Param, PluginInfo, registry
+from .statistics import needed
 
 BUDGET_RANGE = "a fraction of the prompt in (0, 1] (1 = full cache, nothing evicted) or a whole number of tokens > 1"
 #: the largest absolute budget (tokens per layer): larger values are no budget at all
@@ -213,11 +214,12 @@ class Config:
             fallback = reg.get(kind, name, source, key=f"fallback_{kind}")
             if fallback.name == primary.name:
                 raise ConfigError(f"fallback_{kind}", name, f"must differ from the {kind} it stands in for", source)
-            if kind == "evictor" and fallback.cls.needs not in (Stat.NONE, evictor.cls.needs):
+            missing = [s.name for s in needed(fallback.cls.needs) if s not in needed(evictor.cls.needs)]
+            if kind == "evictor" and missing:
                 raise ConfigError(
                     "fallback_evictor",
                     name,
-                    f"needs {fallback.cls.needs.value} statistics, which evictor {evictor.name!r} does not collect; "
+                    f"needs {', '.join(missing)} statistics, which evictor {evictor.name!r} does not collect; "
                     f"choose one that needs none (e.g. streaming, sliding_window)",
                     source,
                 )

@@ -11,13 +11,15 @@ plugin module's own imports light for the same reason (import heavy libraries in
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError, PluginError
+from .statistics import Stat, Statistic, field_names
+
+__all__ = ["AllocationRequest", "LayerBudgetAllocator", "LayerView", "Stat", "Statistic", "TokenEvictor", "check"]
 
 if TYPE_CHECKING:
     import torch
@@ -51,23 +53,17 @@ def evictor_floor(evictors: list[tuple[TokenEvictor, str]]) -> tuple[int, TokenE
     return max(floors, key=lambda t: t[0])
 
 
-class Stat(enum.Enum):
-    """Statistics an evictor can ask the engine to collect (only what is asked for is computed)."""
-
-    NONE = "none"
-    #: per slot, the attention probability it received, summed over every query run so far (prefill in query
-    #: blocks, then one row per decode step) and over the query heads that share its KV head.
-    ATTENTION = "attention"
-    #: at the end of prefill, the (RoPE-applied) queries of the last ``window`` prompt tokens.
-    WINDOW_QUERIES = "window_queries"
-
-
-@dataclass
+@dataclass(init=False)
 class LayerView:
     """One layer's cache as an evictor sees it. ``B`` sequences, ``H`` KV heads, ``S`` slots, ``D`` head dim.
 
     Slots are unordered: use ``positions`` for token order. Invalid slots (free, padding) have ``valid`` False and
     ``positions`` -1; never keep them.
+
+    The statistics the policies need (squeezekit.statistics) are attributes too, None when not collected:
+    ``attention`` (B, H, S) float32 with `Stat.ATTENTION`; ``window_queries`` (B, H, G, W, D) and
+    ``window_positions`` (B, W) long (-1 for padding) with `Stat.WINDOW_QUERIES`, at prefill. They live in `stats`
+    and may be passed to the constructor by name (``LayerView(..., attention=a)``).
     """
 
     keys: torch.Tensor  #: (B, H, S, D), RoPE already applied
@@ -79,10 +75,61 @@ class LayerView:
     layer_idx: int
     n_layers: int
     phase: str  #: "prefill" (once, at the end of the prompt) or "decode" (making room for one new token)
-    attention: torch.Tensor | None = None  #: (B, H, S) float32 when the evictor needs Stat.ATTENTION
-    window_queries: torch.Tensor | None = None  #: (B, H, G, W, D) when it needs Stat.WINDOW_QUERIES (prefill)
-    window_positions: torch.Tensor | None = None  #: (B, W) long positions of those queries (-1 for padding)
     scaling: float = 1.0  #: the attention's softmax scale, for evictors that recompute attention
+    stats: dict[str, Any] = field(default_factory=dict)  #: the statistics collected, by field name
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        seen: torch.Tensor,
+        budget: torch.Tensor,
+        layer_idx: int,
+        n_layers: int,
+        phase: str,
+        scaling: float = 1.0,
+        stats: dict[str, Any] | None = None,
+        **fields: Any,
+    ):
+        object.__setattr__(self, "stats", dict(stats or {}))
+        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
+        self.seen, self.budget, self.layer_idx, self.n_layers = seen, budget, layer_idx, n_layers
+        self.phase, self.scaling = phase, scaling
+        known = field_names()
+        for name, value in fields.items():
+            if name not in known:
+                raise TypeError(f"LayerView() got an unexpected keyword argument {name!r}")
+            self.stats[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names that are not attributes: statistics' fields
+        if name != "stats" and name in field_names():
+            return self.stats.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in field_names():
+            self.stats[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def rows(self, index: torch.Tensor) -> LayerView:
+        """A view of the sequences ``index`` (a long tensor) only: every per-sequence tensor indexed along dim 0."""
+
+        def pick(v: Any) -> Any:
+            return v.index_select(0, index.to(v.device)) if hasattr(v, "index_select") else v
+
+        tensors = {f: pick(getattr(self, f)) for f in ("keys", "values", "valid", "positions", "seen", "budget")}
+        return LayerView(
+            **tensors,
+            layer_idx=self.layer_idx,
+            n_layers=self.n_layers,
+            phase=self.phase,
+            scaling=self.scaling,
+            stats={k: pick(v) for k, v in self.stats.items()},
+        )
 
 
 class TokenEvictor(ABC):
@@ -97,8 +144,9 @@ class TokenEvictor(ABC):
 
     #: the name users select it by (``evictor=NAME``)
     name: ClassVar[str] = ""
-    #: which statistics the engine must collect for it
-    needs: ClassVar[Stat] = Stat.NONE
+    #: which statistics the engine must collect for it (squeezekit.statistics): a `Stat`, a `Statistic` class of
+    #: the plugin's own, or a tuple of them; each appears in the `LayerView` under its field names
+    needs: ClassVar[Stat | type[Statistic] | tuple[Stat | type[Statistic], ...]] = Stat.NONE
 
     def floor(self) -> int:
         """The smallest per-layer budget this evictor can honour (e.g. sinks + window). Allocators respect it."""
@@ -133,9 +181,9 @@ class AllocationRequest:
     floor: int
     #: (B,) long: no layer can hold more than this many tokens (the sequence's prompt length)
     cap: torch.Tensor
-    #: only for an allocator whose ``needs`` is ``Stat.WINDOW_QUERIES`` (else None): the prefill view of each of
-    #: the ``L`` layers as the evictor is about to see it (rows: this request's sequences), with
-    #: ``window_queries`` of at least the allocator's ``window`` last prompt tokens. Read them; never write to them.
+    #: only for an allocator that ``needs`` statistics (else None): the prefill view of each of the ``L`` layers as
+    #: the evictor is about to see it (rows: this request's sequences), with the statistics the allocator needs
+    #: (``window_queries`` of at least its ``window`` last prompt tokens). Read them; never write to them.
     layers: Sequence[LayerView] | None = None
     #: only with ``layers``: the evictor that will keep each layer's budget (to rank tokens as it will)
     evictor: TokenEvictor | None = None
@@ -158,9 +206,10 @@ class LayerBudgetAllocator(ABC):
     #: with equal prompt lengths get equal budgets, so the layers keep equal-size buffers (what the CUDA-graph
     #: decode path needs).
     batch_level: ClassVar[bool] = False
-    #: statistics the engine collects for it at prefill and hands over as ``AllocationRequest.layers``:
-    #: Stat.NONE (no views, no cost) or Stat.WINDOW_QUERIES (it must then have a ``window`` field)
-    needs: ClassVar[Stat] = Stat.NONE
+    #: statistics the engine collects for it at prefill and hands over as ``AllocationRequest.layers``: Stat.NONE
+    #: (no views, no cost), or statistics that live for one step (not ``per_slot``: those would be collected for the
+    #: whole generation), e.g. Stat.WINDOW_QUERIES (it must then have a ``window`` field)
+    needs: ClassVar[Stat | type[Statistic] | tuple[Stat | type[Statistic], ...]] = Stat.NONE
 
     def prepare(self, model: Any, evictor: TokenEvictor) -> None:
         """Called once when a ``compress`` block starts, with the model and the evictor it will use.

@@ -27,7 +27,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownPluginError
-from .policies import LayerBudgetAllocator, Stat, TokenEvictor
+from .policies import LayerBudgetAllocator, TokenEvictor
+from .statistics import needed
 
 GROUP = "squeezekit"
 BUNDLED_PACKAGE = "squeezekit"  # its entry points load first
@@ -181,13 +182,20 @@ def _contract_problem(kind: str, cls: object) -> str | None:
         return f"{cls.__name__}.name must be a lowercase identifier, got {cls.name!r}"
     if getattr(cls, "__abstractmethods__", None):
         return f"{cls.__name__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
-    if not isinstance(cls.needs, Stat):
-        return f"{cls.__name__}.needs must be a squeezekit.Stat, got {cls.needs!r}"
-    if kind == "allocator" and cls.needs not in (Stat.NONE, Stat.WINDOW_QUERIES):
-        return f"{cls.__name__}.needs must be Stat.NONE or Stat.WINDOW_QUERIES for an allocator, got {cls.needs!r}"
-    if cls.needs is Stat.WINDOW_QUERIES and not hasattr(cls, "window"):
-        # the engine collects the queries of the last ``window`` prompt tokens
-        return f"{cls.__name__} needs Stat.WINDOW_QUERIES, so it must have a 'window' field (how many queries)"
+    try:
+        stats = needed(cls.needs)
+    except TypeError:
+        what = "a squeezekit.Stat, a Statistic class or a tuple of them"
+        return f"{cls.__name__}.needs must be {what}, got {cls.needs!r}"
+    if kind == "allocator" and any(s.per_slot for s in stats):
+        return (
+            f"{cls.__name__}.needs must be Stat.NONE or statistics of one step (Stat.WINDOW_QUERIES) for an "
+            f"allocator, got {cls.needs!r}"
+        )
+    problems = (s.problem(cls) for s in stats)
+    problem = next((p for p in problems if p), None)
+    if problem:
+        return problem
     for f in dataclasses.fields(cls):
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             return f"{cls.__name__}.{f.name} needs a default value"

@@ -25,16 +25,23 @@ import torch
 
 from .budget import check_budgets
 from .errors import PluginError, PluginFallbackWarning, SqueezekitError
-from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, evictor_floor
+from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
 from .selection import check_selection, top_slots, victim_slots
+from .statistics import Statistic, needed
 
 if TYPE_CHECKING:
     from .config import Config
 
 T = TypeVar("T")
-#: LayerView fields that are the cache's own tensors, handed to the evictor as they are (writes are detected)
-LIVE_FIELDS = ("keys", "values", "valid", "positions", "attention", "window_queries", "window_positions")
+#: LayerView fields that are the cache's own tensors, handed to the evictor as they are (writes are detected), as
+#: are all of its ``stats``
+LIVE_FIELDS = ("keys", "values", "valid", "positions")
 KINDS = ("allocator", "evictor")
+
+
+def _live_tensors(view: Any) -> list[tuple[str, Any]]:
+    """The cache's own tensors in a `LayerView` (or a `SqueezeLayer`): the slot tensors and every statistic."""
+    return [*((f, getattr(view, f)) for f in LIVE_FIELDS), *view.stats.items()]
 
 
 def _version(t: torch.Tensor | None) -> int | None:
@@ -58,6 +65,23 @@ class PolicyRunner:
         #: the fewest tokens a layer keeps (the largest floor of the evictor and its fallback), and whose it is
         self.floor, self.floor_setter = evictor_floor(evictors)
         self._nan: torch.Tensor | None = None
+        self._collect()
+
+    def _collect(self) -> None:
+        """Decide which statistics the block collects: those its evictor and allocators (a fallback allocator
+        included; a fallback evictor needs no others, see Config) need, none at full budget."""
+        wanted: dict[type[Statistic], list[Any]] = {}
+        if not self.config.full:
+            for policy in (self.evictor, self.allocator, self._fallbacks["allocator"]):
+                for cls in needed(policy.needs) if policy is not None else ():
+                    wanted.setdefault(cls, []).append(policy)
+        #: the statistics collected, one instance each
+        self.statistics: tuple[Statistic, ...] = tuple(cls(policies) for cls, policies in wanted.items())
+        #: those the attention calls on every call (`Statistic.observe`), and those that take the attention mass
+        self.observers = tuple(s for s in self.statistics if type(s).observe is not Statistic.observe)
+        self.mass_statistics = tuple(s for s in self.statistics if s.attention_mass)
+        #: the per-slot fields and the value of a fresh slot (kept in the layers' slot tables)
+        self.slot_fields = tuple((f, s.fill) for s in self.statistics if s.per_slot for f in s.fields)
 
     # -- the policies ----------------------------------------------------------------------------------------------
     @property
@@ -69,21 +93,6 @@ class PolicyRunner:
         return self._policies["evictor"]
 
     @property
-    def needs(self) -> Stat:
-        """The statistics the attention must collect (a fallback evictor never needs others: see Config)."""
-        return Stat.NONE if self.config.full else self.evictor.needs
-
-    @property
-    def query_window(self) -> int:
-        """How many of the last prompt tokens' queries each layer keeps at prefill (Stat.WINDOW_QUERIES): the largest
-        ``window`` of the evictor and the allocators (a fallback allocator included) that need them; 0 if none."""
-        if self.config.full:
-            return 0
-        policies: tuple[Any, ...] = (self.evictor, self.allocator, self._fallbacks["allocator"])
-        windows = [p.window for p in policies if p is not None and p.needs is Stat.WINDOW_QUERIES]
-        return max((int(w) for w in windows), default=0)  # (the registry checks they have a ``window`` field)
-
-    @property
     def batch_level(self) -> bool:
         return bool(getattr(self.allocator, "batch_level", False))
 
@@ -92,6 +101,7 @@ class PolicyRunner:
         for tools that measure policies (``squeezekit calibrate`` evicts one layer at a time with its own allocator)."""
         self._policies[kind] = policy
         self._origins[kind] = f"{type(policy).__module__} (set by the caller)"
+        self._collect()
 
     def origin(self, kind: str) -> str:
         return self._origins[kind]
@@ -148,7 +158,7 @@ class PolicyRunner:
         ``watch``: a `LayerView` (or a list of them) whose live tensors the plugin must not write to."""
         plugin = self._policies[kind]
         views = watch if isinstance(watch, list) else [] if watch is None else [watch]
-        before = [_version(getattr(v, f, None)) for v in views for f in LIVE_FIELDS]
+        live = [(f, t, _version(t)) for v in views for f, t in _live_tensors(v)]
         try:
             out = getattr(plugin, method)(*args)
         except PluginError:
@@ -157,9 +167,8 @@ class PolicyRunner:
             raise
         except BaseException as exc:  # SystemExit and friends from a plugin are its errors too
             raise self.error(kind, f"{method}() raised {type(exc).__name__}: {exc}") from exc
-        fields = [(v, f) for v in views for f in LIVE_FIELDS]
-        for (view, name), old in zip(fields, before, strict=True):
-            if old is not None and _version(getattr(view, name)) != old:
+        for name, tensor, old in live:
+            if old is not None and _version(tensor) != old:
                 raise self.error(kind, f"{method}() wrote to view.{name} in place; return new tensors instead")
         if check is not None:
             try:
@@ -191,7 +200,7 @@ class PolicyRunner:
                 importance=importance.clone(), total=total.clone(), floor=floor, cap=cap.clone()
             )
             watch = None
-            if self.allocator.needs is not Stat.NONE and views is not None:
+            if needed(self.allocator.needs) and views is not None:
                 request.layers, request.evictor = views, self.evictor
                 watch = list(getattr(views, "sources", views))
             check = lambda b: check_budgets(b, total, floor, cap, shape)  # noqa: E731 (against our own copies)

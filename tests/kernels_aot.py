@@ -16,7 +16,7 @@ def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_st
     from triton.runtime.jit import JITFunction
 
     sig = {
-        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "scale_log2" else "i32")
+        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("scale_log2", "Fill") else "i32")
         for n in inspect.signature(fn).parameters
     }
     compiled = triton.compile(
@@ -80,13 +80,13 @@ def main() -> int:
         "Score": "*fp32",
         "Valid": "*i8",
         "Pos": "*i32",
-        "Attn": "*fp32",
+        "Stat": "*fp32",
         "NewPos": "*i64",
         "Victim": "*i64",
         "NanFlag": "*u8",
     }
     kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
-    check(ks._steady_write, kv, dict(HAS_ATTN=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
+    check(ks._steady_write, kv, dict(HAS_STAT=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
     parts = {
         "PartAcc": "*fp32",
         "PartM": "*fp32",

@@ -110,7 +110,7 @@ def _spy():
 def _h2o_run(model, ids, mask, steps=6, chunk=None):
     with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4) as c:
         cache, logits = prefill(model, c, ids, mask, micro_batch=ids.shape[0], chunk=chunk)
-        attention = [layer.attention.clone() for layer in cache.layers]
+        attention = [layer.stats["attention"].clone() for layer in cache.layers]
         tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(steps)
         return logits, attention, tokens, c.summary()["budgets"]
 
@@ -216,7 +216,7 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     want[3].scatter_(2, ref, torch.zeros(B, H, 1))
     flag = torch.zeros((), dtype=torch.bool)
     with kernels.configured(interpret=True):
-        victim = steady_write(score, valid, positions, keys, values, attention, k, v, new_pos, flag)
+        victim = steady_write(score, valid, positions, keys, values, attention, 0.0, k, v, new_pos, flag)
     assert torch.equal(victim, ref)
     for got, exp in zip((keys, values, positions, attention), want, strict=True):
         assert torch.equal(got, exp)
@@ -224,7 +224,7 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     score[0, 0, 5] = 0.0
     flag.zero_()
     with kernels.configured(interpret=True):
-        steady_write(score, valid, positions, keys, values, None, k, v, new_pos, flag)
+        steady_write(score, valid, positions, keys, values, None, 0.0, k, v, new_pos, flag)
     assert not bool(flag)
 
 
@@ -237,7 +237,7 @@ def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache():
             cache, logits = prefill(model, c, ids, None, micro_batch=1)
             assert all(layer.steady for layer in cache.layers)
             tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
-            return tokens, [(layer.keys, layer.positions, layer.attention) for layer in cache.layers]
+            return tokens, [(layer.keys, layer.positions, layer.stats.get("attention")) for layer in cache.layers]
 
     ref = run()
     before = _spy()["steady"]

@@ -28,7 +28,7 @@ else:
 
 
 def _steady_write(
-    Score, Valid, Pos, Keys, Values, Attn, KNew, VNew, NewPos, Victim, NanFlag,
+    Score, Valid, Pos, Keys, Values, Stat, Fill, KNew, VNew, NewPos, Victim, NanFlag,
     ssb, ssh, sss,
     svb, svh, svs,
     spb, sph, sps,
@@ -38,7 +38,7 @@ def _steady_write(
     snb, snh, snd,
     smb, smh, smd,
     H, S, D,
-    HAS_ATTN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STAT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)  # 64-bit offsets: large batches of long buffers
@@ -77,8 +77,8 @@ def _steady_write(
     tl.store(Values + b * sxb + h * sxh + victim * sxs + offs_d * sxd, v, mask=d_ok)
     new_pos = tl.load(NewPos + b)
     tl.store(Pos + b * spb + h * sph + victim * sps, new_pos.to(tl.int32))
-    if HAS_ATTN:
-        tl.store(Attn + b * sab + h * sah + victim * sas, 0.0)
+    if HAS_STAT:
+        tl.store(Stat + b * sab + h * sah + victim * sas, Fill)
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,7 +100,8 @@ def steady_write(
     positions: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    attention: torch.Tensor | None,
+    stat: torch.Tensor | None,
+    fill: float,
     k: torch.Tensor,
     v: torch.Tensor,
     new_pos: torch.Tensor,
@@ -109,8 +110,9 @@ def steady_write(
     """Replace each row's victim slot by the new token, in place; returns the victims (B, H, 1) long, or None when
     the kernel is off for this device (or failed before: the caller then runs its plain path).
 
-    score/valid/positions (B, H, S); keys/values (B, H, S, D); attention (B, H, S) fp32 or None; k/v (B, H, 1, D);
-    new_pos (B, 1) long; nan_flag: a bool scalar tensor set to True when a score is NaN.
+    score/valid/positions (B, H, S); keys/values (B, H, S, D); stat (B, H, S) fp32 or None: a per-slot statistic
+    whose victim slot is reset to ``fill``; k/v (B, H, 1, D); new_pos (B, 1) long; nan_flag: a bool scalar tensor
+    set to True when a score is NaN.
     """
     if not use("steady", keys):
         return None
@@ -121,13 +123,13 @@ def steady_write(
         valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
         flag8 = nan_flag.view(torch.uint8) if nan_flag.dtype == torch.bool else nan_flag
         new_pos = new_pos.reshape(B).contiguous()
-        attn = attention if attention is not None else score  # never written without HAS_ATTN
+        stat_ = stat if stat is not None else score  # never written without HAS_STAT
         block_s = min(1024, max(16, triton.next_power_of_2(S)))
         kernel[(B * H,)](
-            score, valid8, positions, keys, values, attn, k, v, new_pos, victim, flag8,
-            *score.stride(), *valid8.stride(), *positions.stride(), *keys.stride(), *values.stride(), *attn.stride(),
+            score, valid8, positions, keys, values, stat_, float(fill), k, v, new_pos, victim, flag8,
+            *score.stride(), *valid8.stride(), *positions.stride(), *keys.stride(), *values.stride(), *stat_.stride(),
             k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
-            H, S, D, HAS_ATTN=attention is not None, BLOCK_S=16 if interpreting() else block_s,
+            H, S, D, HAS_STAT=stat is not None, BLOCK_S=16 if interpreting() else block_s,
             BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4,
         )  # fmt: skip
     except Exception as exc:
@@ -148,7 +150,12 @@ def append_steady(layer: SqueezeLayer, k: torch.Tensor, v: torch.Tensor) -> torc
     if layer.holes or not runner.scores_only or not use("steady", k):
         return None
     score = runner.kernel_scores(lambda: layer.view("decode"))  # checked; NaN is recorded by the kernel
-    return steady_write(
-        score, layer.valid, layer.positions, layer.keys, layer.values, layer.attention, k, v,
+    # the kernel resets the first per-slot statistic of the victim's slot, the layer any others
+    stat, fill = next(((layer.stats[name], fill) for name, fill in runner.slot_fields), (None, 0.0))
+    victim = steady_write(
+        score, layer.valid, layer.positions, layer.keys, layer.values, stat, fill, k, v,
         cache.step.new_pos.to(k.device), runner.nan_flag(score.device),
     )  # fmt: skip
+    if victim is not None:
+        layer.reset_stats(victim, skip=1)
+    return victim

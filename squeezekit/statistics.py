@@ -1,0 +1,177 @@
+"""The statistics the engine collects for the policies: one `Statistic` class each, everything about it in one place.
+
+A policy names what it reads in its ``needs``: a `Stat`, a `Statistic` subclass of its own, or a tuple of them. A
+``compress`` block collects the union of what its allocator and evictor need, nothing else, and the policies read
+each statistic as an attribute of the `squeezekit.LayerView` they get (``view.attention``). What the engine does with
+a statistic follows from its class:
+
+- ``fields``: the view attributes it fills; each layer stores them under these names (`SqueezeLayer.stats`);
+- ``per_slot``: its fields are (B, H, S) float32 tensors in the layer's slot table, like the token positions: they
+  follow their token through every eviction, growth, compaction and batch operation, and a slot that receives a new
+  token is reset to ``fill``. Otherwise the fields live for one step: the prefill's are read by the allocator and
+  the prefill eviction, and they are dropped when the step ends;
+- `observe`: called on every attention call of a layer with what the call sees (an `Observation`); it writes what
+  it measures into ``stats`` (the layer's statistic tensors, by field);
+- ``attention_mass``: the attention then also computes, per slot, the attention probability it received from this
+  call's real queries, summed over them and over the query heads of its KV head (the fused kernel or the explicit
+  softmax path compute it as a by-product), and hands it to `add_attention`;
+- `problem`: what a policy that needs it must declare (a ``window`` field, say).
+
+Adding a statistic to squeezekit touches this file alone (a `Stat` member and a subclass whose ``name`` is the
+member's value) plus the plugin that reads it. A plugin can also bring its own: subclass `Statistic` in the plugin's
+module and list the class in ``needs`` (tests/test_statistics.py does this).
+
+This module does not import torch (see squeezekit.policies).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+#: what a `LayerView` holds besides statistics: no statistic may use these names
+VIEW_FIELDS = frozenset(
+    ("keys", "values", "valid", "positions", "seen", "budget", "layer_idx", "n_layers", "phase", "scaling", "stats")
+)
+
+
+class Stat(enum.Enum):
+    """The statistics squeezekit collects for a policy that names them in its ``needs``."""
+
+    NONE = "none"
+    #: per slot, the attention probability it received, summed over every query run so far (prefill in query
+    #: blocks, then one row per decode step) and over the query heads that share its KV head: ``view.attention``
+    ATTENTION = "attention"
+    #: at the end of prefill, the (RoPE-applied) queries of the last ``window`` prompt tokens:
+    #: ``view.window_queries`` (B, H, G, W, D) and their positions ``view.window_positions`` (B, W)
+    WINDOW_QUERIES = "window_queries"
+
+
+@dataclass
+class Observation:
+    """One attention call of one layer, as a statistic's `Statistic.observe` sees it. ``B`` sequences, ``Hq`` query
+    heads, ``H`` KV heads, ``q`` new tokens, ``S`` slots, ``D`` head dim."""
+
+    query: torch.Tensor  #: (B, Hq, q, D) this call's queries, RoPE applied
+    query_positions: torch.Tensor  #: (B, q) long, their positions in their sequences (-1 for padding)
+    query_valid: torch.Tensor  #: (B, q) bool, real (non-padding) tokens
+    keys: torch.Tensor  #: (B, H, S, D) the layer's key slots, this step's keys written
+    values: torch.Tensor  #: (B, H, S, D)
+    new_slots: torch.Tensor  #: (B, H, q) long, the slots this step's tokens were written to
+    prefill: bool  #: the first step of the cache (the prompt, or its first chunk)
+
+
+class Statistic:
+    """How one statistic is collected and stored (see the module docstring). Subclasses set ``name`` and
+    ``fields``; the engine makes one instance per ``compress`` block, given the policies that need it."""
+
+    #: unique name; for a bundled statistic, the value of its `Stat` member
+    name: ClassVar[str] = ""
+    #: the `LayerView` attributes it fills
+    fields: ClassVar[tuple[str, ...]] = ()
+    #: its fields are (B, H, S) float32 slot tensors that follow their tokens (else: they live for one step)
+    per_slot: ClassVar[bool] = False
+    #: a per-slot field's value in a slot that holds no token yet, or a new one
+    fill: ClassVar[float] = 0.0
+    #: `add_attention` receives each attention call's per-slot attention mass
+    attention_mass: ClassVar[bool] = False
+
+    _named: ClassVar[dict[str, type[Statistic]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.name:
+            return
+        clash = VIEW_FIELDS.intersection(cls.fields)
+        if clash:
+            raise TypeError(f"statistic {cls.name!r}: field names {sorted(clash)} are taken by LayerView")
+        for other in Statistic._named.values():
+            taken = set(other.fields).intersection(cls.fields)
+            if taken and other.name != cls.name:
+                raise TypeError(f"statistic {cls.name!r}: fields {sorted(taken)} belong to statistic {other.name!r}")
+        Statistic._named[cls.name] = cls
+
+    def __init__(self, policies: Sequence[Any]):
+        #: the policies of the block that need it
+        self.policies = list(policies)
+
+    @classmethod
+    def problem(cls, policy: type) -> str | None:
+        """Why ``policy`` (a plugin class that needs this statistic) cannot have it, or None."""
+        return None
+
+    def observe(self, stats: dict[str, torch.Tensor], call: Observation) -> None:
+        """Measure one attention call of a layer; write into ``stats`` (the layer's statistic tensors)."""
+        return None
+
+    def add_attention(self, stats: dict[str, torch.Tensor], mass: torch.Tensor) -> None:
+        """With ``attention_mass``: ``mass`` (B, H, S) float32 is the attention each slot received in this call."""
+        raise NotImplementedError(f"statistic {self.name!r} sets attention_mass but does not take it")
+
+
+class AttentionMass(Statistic):
+    """`Stat.ATTENTION`: what H2O ranks tokens by."""
+
+    name = Stat.ATTENTION.value
+    fields = ("attention",)
+    per_slot = True
+    attention_mass = True
+
+    def add_attention(self, stats: dict[str, torch.Tensor], mass: torch.Tensor) -> None:
+        stats["attention"] += mass
+
+
+class WindowQueries(Statistic):
+    """`Stat.WINDOW_QUERIES`: the prefill's last queries, for SnapKV's vote and lost_attention's allocation."""
+
+    name = Stat.WINDOW_QUERIES.value
+    fields = ("window_queries", "window_positions")
+
+    def __init__(self, policies: Sequence[Any]):
+        super().__init__(policies)
+        #: how many queries: the largest ``window`` of the policies that need them
+        self.window = max(int(p.window) for p in policies)
+
+    @classmethod
+    def problem(cls, policy: type) -> str | None:
+        if not hasattr(policy, "window"):
+            return f"{policy.__name__} needs Stat.WINDOW_QUERIES, so it must have a 'window' field (how many queries)"
+        return None
+
+    def observe(self, stats: dict[str, torch.Tensor], call: Observation) -> None:
+        B, Hq, q, D = call.query.shape
+        w = min(q, self.window)
+        if call.prefill and w > 0:
+            H = call.keys.shape[1]
+            stats["window_queries"] = call.query[:, :, -w:].reshape(B, H, Hq // H, w, D).clone()
+            stats["window_positions"] = call.query_positions[:, -w:].clone()
+
+
+def needed(needs: Any) -> tuple[type[Statistic], ...]:
+    """The statistic classes a policy's ``needs`` names, in order, without repeats (``Stat.NONE``: none).
+
+    Raises TypeError for anything but a `Stat`, a `Statistic` subclass, or a tuple / list / set of them."""
+    items: Iterable[Any] = needs if isinstance(needs, (tuple, list, set, frozenset)) else (needs,)
+    out: list[type[Statistic]] = []
+    for item in items:
+        if isinstance(item, Stat):
+            if item is Stat.NONE:
+                continue
+            cls = Statistic._named[item.value]
+        elif isinstance(item, type) and issubclass(item, Statistic) and item.name:
+            cls = item
+        else:
+            raise TypeError(f"not a squeezekit.Stat or Statistic class: {item!r}")
+        if cls not in out:
+            out.append(cls)
+    return tuple(out)
+
+
+def field_names() -> frozenset[str]:
+    """Every statistic field known so far (bundled ones and those of the plugins imported)."""
+    return frozenset(f for cls in Statistic._named.values() for f in cls.fields)
