@@ -295,32 +295,24 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
             "parameters": sum(p.numel() for p in model.parameters()),
         })  # fmt: skip
         responses: dict[tuple[str, str, int], list] = {}
+
+        def run(lm, task: str, L: int, n: int, log_samples: bool = True, tasks=loader) -> dict:
+            """lm-eval on ``n`` samples of ``task`` at length ``L`` (no bootstrap)."""
+            return evaluate(lm=lm, task_dict=tasks.get(task, L, n), limit=n, bootstrap_iters=0,
+                            log_samples=log_samples, verbosity="ERROR")  # fmt: skip
+
         for method in METHODS:
             lm = make_lm(method, model, tok_dir, args)
             if args.warmup:
                 task, L, _ = min(units, key=lambda u: u[1])
-                evaluate(
-                    lm=lm,
-                    task_dict=loader.get(task, L, args.warmup),
-                    limit=args.warmup,
-                    bootstrap_iters=0,
-                    log_samples=False,
-                    verbosity="ERROR",
-                )
+                run(lm, task, L, args.warmup, log_samples=False)
             for task, L, n in units:
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
                     lm.generate_batches = {"serving": 0, "generate": 0}
                 _sync(device)
                 t0 = time.perf_counter()
-                out = evaluate(
-                    lm=lm,
-                    task_dict=loader.get(task, L, n),
-                    limit=n,
-                    bootstrap_iters=0,
-                    log_samples=True,
-                    verbosity="ERROR",
-                )
+                out = run(lm, task, L, n)
                 _sync(device)
                 seconds = time.perf_counter() - t0
                 metric, value = score_of(task, L, out)
@@ -348,15 +340,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 pair = []
                 for previous in (True, False):
                     lm = make_lm("squeezekit@compressed", model, tok_dir, args, previous=previous)
-                    out = evaluate(
-                        lm=lm,
-                        task_dict=loader.get(task, L, args.check),
-                        limit=args.check,
-                        bootstrap_iters=0,
-                        log_samples=True,
-                        verbosity="ERROR",
-                    )
-                    pair.append(per_sample(out))
+                    pair.append(per_sample(run(lm, task, L, args.check)))
                     del lm
                 what = "scoring" if task == "squeezekit_ppl" else "serving path vs model.generate"
                 c = agreement(*pair, tol=1e-5)
