@@ -345,9 +345,12 @@ class SqueezeLayer(CacheLayerMixin):
                     else:
                         self._set_slot(name, torch.gather(t, 2, safe).masked_fill(~used, fill))
         else:
-            kept = torch.zeros_like(self.valid)
-            kept.scatter_(2, safe, used)
-            self.valid &= kept
+            # a row's -1 padding marks a spare column, not slot 0: scattering "not kept" into slot 0 would race with
+            # (on CUDA) or overwrite (on the CPU) the row's own "kept" for slot 0, dropping e.g. an attention sink
+            B, H, C = self.valid.shape
+            kept = torch.zeros(B, H, C + 1, dtype=torch.bool, device=self.valid.device)
+            kept.scatter_(2, torch.where(used, idx, C), True)
+            self.valid &= kept[..., :C]
         self.heads_differ = True
 
     def make_plain(self) -> None:

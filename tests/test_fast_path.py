@@ -115,6 +115,26 @@ def test_chunked_prefill_takes_rows_whose_first_chunk_is_all_padding():
     assert torch.isfinite(logits).all() and torch.equal(cache.seen, mask.sum(-1))
 
 
+@pytest.mark.parametrize("allocator", ["uniform", "squeeze"])
+def test_chunked_prefill_of_a_left_padded_batch_keeps_every_rows_sinks(allocator):
+    """Between chunks, rows that keep fewer slots than the longest row pad their selection with -1. Those used to be
+    written as "not kept" into slot 0, overwriting the row's own "kept" there (racing with it on CUDA: the H200's
+    kernel-vs-plain disagreement of docs/benchmarks): a row whose first real token sat in slot 0 lost that
+    attention sink. Every row keeps its first ``sinks`` tokens in every layer, and its ``window`` newest."""
+    model = tiny_model("mistral")
+    ids, mask = batch(4, 64)
+    for row, pad in enumerate((0, 8, 16, 24)):
+        mask[row, :pad] = 0
+    with squeezekit.compress(model, allocator=allocator, evictor="streaming", budget=0.3, sinks=4, window=4) as c:
+        cache, _ = prefill(model, c, ids, mask, micro_batch=4, chunk=16)
+    for layer in cache.layers:
+        for row in range(4):
+            held = set(layer.positions[row, 0][layer.valid[row, 0]].tolist())
+            real = int(mask[row].sum())
+            want = {*range(4), *range(real - 4, real)}
+            assert want <= held, (layer.layer_idx, row, sorted(want - held))
+
+
 @pytest.mark.parametrize("evictor", ["streaming", "h2o"])
 def test_chunked_prefill_never_holds_the_whole_prompt(evictor):
     model = tiny_model("mistral")
