@@ -35,7 +35,8 @@ def prefill(
 
     With ``chunk``, each micro-batch's prompt goes through the model ``chunk`` tokens at a time and every layer is
     evicted back to its budget after each chunk, so no layer ever holds more than its budget plus one chunk: the
-    prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk.
+    prefill never holds the whole prompt's KV. Layer importance (hence the budgets) then comes from the first chunk
+    (a left-padded row whose first chunk is all padding takes the mean importance of the rows that have tokens there).
 
     The micro-batches are one batch: with a batch-level allocator (``LayerBudgetAllocator.batch_level``, e.g.
     ``squeeze`` with ``per="batch"``) the first micro-batch's allocation holds for the whole batch (a

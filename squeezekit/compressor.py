@@ -218,6 +218,7 @@ class Compressor:
             if forward.step.prefill:
                 layers = range(len(self.resolved.layers))
                 importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
+                importance = _fill_unmeasured(importance, forward.step.new_valid.sum(-1).cpu())
             cache.end_step(importance)
             self.last_cache = cache
             if cache.length % 32 == 0:  # (on CPU, NaN scores are caught as they are returned)
@@ -292,3 +293,15 @@ def compress(model: torch.nn.Module, config: Config | dict | str | None = None, 
     compressor = Compressor(model, Config.coerce(config, **kwargs))
     with compressor:
         yield compressor
+
+
+def _fill_unmeasured(importance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows without a real token in the measured step (the first chunk of a chunked prefill can be all padding for a
+    left-padded row) have no importance of their own: they take the token-weighted mean of the rows that do."""
+    empty = tokens == 0
+    if not bool(empty.any()) or bool(empty.all()):
+        return importance
+    weight = tokens.to(importance.dtype).view(-1, 1)
+    importance = importance.clone()
+    importance[empty] = (importance * weight).sum(0) / weight.sum()
+    return importance

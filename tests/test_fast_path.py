@@ -115,6 +115,22 @@ def test_chunked_prefill_takes_rows_whose_first_chunk_is_all_padding():
     assert torch.isfinite(logits).all() and torch.equal(cache.seen, mask.sum(-1))
 
 
+def test_a_row_whose_first_chunk_is_all_padding_takes_the_others_mean_importance():
+    """Its first chunk, where importance is measured, holds none of its tokens: instead of an importance of 0 in
+    every layer (which read as "every layer matters most" and pulled a batch-level allocation off), it takes the
+    mean of the other rows, weighted by the tokens each had in that chunk."""
+    model = tiny_model("llama")
+    ids, mask = batch(3, 48)
+    mask[1, :8] = 0
+    mask[2, :20] = 0  # nothing in the first chunk of 16
+    with squeezekit.compress(model, allocator="squeeze", evictor="streaming", budget=0.5, sinks=2, window=4) as c:
+        cache, _ = prefill(model, c, ids, mask, micro_batch=3, chunk=16)
+    importance = cache.importance
+    tokens = mask[:2, :16].sum(-1).float().view(-1, 1)  # 16 and 8
+    assert torch.allclose(importance[2], (importance[:2] * tokens).sum(0) / tokens.sum())
+    assert bool((importance[:2] > 0).all()) and not torch.equal(importance[0], importance[1])
+
+
 @pytest.mark.parametrize("allocator", ["uniform", "squeeze"])
 def test_chunked_prefill_of_a_left_padded_batch_keeps_every_rows_sinks(allocator):
     """Between chunks, rows that keep fewer slots than the longest row pad their selection with -1. Those used to be
