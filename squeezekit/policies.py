@@ -93,10 +93,11 @@ class LayerView:
         stats: dict[str, Any] | None = None,
         **fields: Any,
     ):
-        object.__setattr__(self, "stats", dict(stats or {}))
-        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
-        self.seen, self.budget, self.layer_idx, self.n_layers = seen, budget, layer_idx, n_layers
-        self.phase, self.scaling = phase, scaling
+        # (into __dict__, not through __setattr__: the hot path builds a view per layer and step)
+        self.__dict__.update(
+            keys=keys, values=values, valid=valid, positions=positions, seen=seen, budget=budget,
+            layer_idx=layer_idx, n_layers=n_layers, phase=phase, scaling=scaling, stats=dict(stats or {}),
+        )  # fmt: skip
         known = field_names()
         for name, value in fields.items():
             if name not in known:

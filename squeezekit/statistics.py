@@ -66,6 +66,10 @@ class Observation:
     prefill: bool  #: the first step of the cache (the prompt, or its first chunk)
 
 
+#: every field of the statistics defined so far (kept up to date by `Statistic.__init_subclass__`)
+_FIELDS: frozenset[str] = frozenset()
+
+
 class Statistic:
     """How one statistic is collected and stored (see the module docstring). Subclasses set ``name`` and
     ``fields``; the engine makes one instance per ``compress`` block, given the policies that need it."""
@@ -95,6 +99,8 @@ class Statistic:
             if taken and other.name != cls.name:
                 raise TypeError(f"statistic {cls.name!r}: fields {sorted(taken)} belong to statistic {other.name!r}")
         Statistic._named[cls.name] = cls
+        global _FIELDS
+        _FIELDS = frozenset(f for named in Statistic._named.values() for f in named.fields)
 
     def __init__(self, policies: Sequence[Any]):
         #: the policies of the block that need it
@@ -174,4 +180,4 @@ def needed(needs: Any) -> tuple[type[Statistic], ...]:
 
 def field_names() -> frozenset[str]:
     """Every statistic field known so far (bundled ones and those of the plugins imported)."""
-    return frozenset(f for cls in Statistic._named.values() for f in cls.fields)
+    return _FIELDS
