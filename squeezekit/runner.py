@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -107,7 +107,9 @@ class PolicyRunner:
         return self._origins[kind]
 
     def error(self, kind: str, problem: str) -> PluginError:
-        return PluginError(self._policies[kind].name, self._origins[kind], problem)
+        error = PluginError(self._policies[kind].name, self._origins[kind], problem)
+        error.kind = kind  # type: ignore[attr-defined]  # (whose fallback may take over: see `guarded`)
+        return error
 
     def fall_back(self, kind: str, error: PluginError) -> bool:
         """Replace the failing ``kind`` policy by the config's fallback for the rest of the block, with a warning.
@@ -133,7 +135,8 @@ class PolicyRunner:
             try:
                 return fn()
             except PluginError as exc:
-                if not self.fall_back(kind, exc):
+                # an evictor failing inside an allocator's call (through `CheckedEvictor`) is not the allocator's
+                if getattr(exc, "kind", kind) != kind or not self.fall_back(kind, exc):
                     raise
 
     def prepare(self, model: Any) -> None:
@@ -201,7 +204,7 @@ class PolicyRunner:
             )
             watch = None
             if needed(self.allocator.needs) and views is not None:
-                request.layers, request.evictor = views, self.evictor
+                request.layers, request.evictor = views, cast(TokenEvictor, CheckedEvictor(self))  # (its stand-in)
                 watch = list(getattr(views, "sources", views))
             check = lambda b: check_budgets(b, total, floor, cap, shape)  # noqa: E731 (against our own copies)
             return self._call("allocator", "allocate", request, watch=watch, check=check).long().cpu()
@@ -291,3 +294,21 @@ class PolicyRunner:
 
 
 _INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class CheckedEvictor:
+    """The evictor as an allocator sees it (``AllocationRequest.evictor``): its attributes, and a `score` that goes
+    through the runner like the engine's own calls (checked; a failure is the evictor's `PluginError`, and the
+    config's fallback evictor takes over for the rest of the block, this call included)."""
+
+    def __init__(self, runner: PolicyRunner):
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner.evictor, name)
+
+    def __repr__(self) -> str:
+        return repr(self._runner.evictor)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self._runner.guarded("evictor", lambda: self._runner._scores(view))

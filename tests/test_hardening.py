@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from tiny_models import batch, tiny_model
 
@@ -196,3 +197,48 @@ def test_prepare_failing_is_one_line_and_a_config_error_passes_through():
         raise AssertionError("a ConfigError from prepare() must reach the user as it is") from None
     except squeezekit.ConfigError as exc:
         assert "profile" in str(exc)
+
+
+def test_an_evictor_failing_inside_an_allocators_call_is_the_evictors_error(plugin_site):
+    """``AllocationRequest.evictor`` scores through the runner: an evictor whose scores are wrong when lost_attention
+    ranks tokens with it is reported as that evictor (not as the allocator), and its fallback takes over."""
+    plugin_site.add(
+        "sk_wrongshape",
+        textwrap.dedent("""
+        from dataclasses import dataclass
+
+        import squeezekit
+
+
+        @dataclass
+        class WrongShape(squeezekit.TokenEvictor):
+            name = "wrong_shape"
+
+            def score(self, view):
+                return view.positions[..., :-1].float()
+
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(WrongShape)
+    """),
+        package="sk-wrongshape",
+        version="1.0",
+        entry_points={"wrong_shape": "sk_wrongshape"},
+    )
+    plugin_site.reload()
+    model = tiny_model("llama")
+    ids, mask = batch(2, 40)
+    with torch.no_grad(), squeezekit.compress(model, allocator="lost_attention", evictor="wrong_shape", budget=0.5):
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        except squeezekit.PluginError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("the wrong shape went unnoticed")
+    assert message.startswith("plugin 'wrong_shape'") and "score() returned shape" in message, message
+    config = dict(allocator="lost_attention", evictor="wrong_shape", fallback_evictor="streaming", budget=0.5)
+    with torch.no_grad(), squeezekit.compress(model, **config) as c:
+        with pytest.warns(squeezekit.PluginFallbackWarning, match="wrong_shape"):
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert c.runner.evictor.name == "streaming" and "allocator" not in c.runner.failures
