@@ -187,7 +187,7 @@ class AllocationRequest:
     #: (``window_queries`` of at least its ``window`` last prompt tokens). Read them; never write to them.
     layers: Sequence[LayerView] | None = None
     #: only with ``layers``: the evictor that will keep each layer's budget (to rank tokens as it will); its
-    #: ``score`` is checked like the engine's own calls, and a failure there is the evictor's error
+    #: ``score`` and ``select`` are checked like the engine's own calls, and a failure there is the evictor's error
     evictor: TokenEvictor | None = None
 
 

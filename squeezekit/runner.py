@@ -297,9 +297,9 @@ _INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class CheckedEvictor:
-    """The evictor as an allocator sees it (``AllocationRequest.evictor``): its attributes, and a `score` that goes
-    through the runner like the engine's own calls (checked; a failure is the evictor's `PluginError`, and the
-    config's fallback evictor takes over for the rest of the block, this call included)."""
+    """The evictor as an allocator sees it (``AllocationRequest.evictor``): its attributes, and `score` / `select`
+    that go through the runner like the engine's own calls (checked; a failure is the evictor's `PluginError`, and
+    the config's fallback evictor takes over for the rest of the block, this call included)."""
 
     def __init__(self, runner: PolicyRunner):
         self._runner = runner
@@ -312,3 +312,7 @@ class CheckedEvictor:
 
     def score(self, view: LayerView) -> torch.Tensor:
         return self._runner.guarded("evictor", lambda: self._runner._scores(view))
+
+    def select(self, view: LayerView, keep: torch.Tensor) -> torch.Tensor:
+        """The slots the engine would keep: the evictor's own `select` (checked) or the top of its scores."""
+        return self._runner.keep_slots(lambda: view, keep, protect_newest=True)

@@ -242,3 +242,70 @@ def test_an_evictor_failing_inside_an_allocators_call_is_the_evictors_error(plug
         with pytest.warns(squeezekit.PluginFallbackWarning, match="wrong_shape"):
             model(input_ids=ids, attention_mask=mask, use_cache=True)
         assert c.runner.evictor.name == "streaming" and "allocator" not in c.runner.failures
+
+
+def test_an_allocator_selects_through_the_evictor_as_the_engine_would(plugin_site):
+    """``request.evictor.select`` is the engine's choice (the top of a scoring evictor's scores, newest kept), and an
+    evictor whose own ``select`` breaks the contract there is reported as that evictor."""
+    import dataclasses
+
+    from squeezekit.budget import distribute
+    from squeezekit.selection import top_slots
+
+    picks = []
+
+    @dataclasses.dataclass
+    class Selecting(squeezekit.LayerBudgetAllocator):
+        name = "selecting"
+        needs = squeezekit.Stat.WINDOW_QUERIES
+        window: int = 4
+
+        def allocate(self, request):
+            for view in request.layers:
+                keep = torch.full((view.keys.shape[0],), 5)
+                picks.append((request.evictor.select(view, keep), view))
+            L = request.importance.shape[1]
+            return distribute(request.total.double().view(-1, 1).expand(-1, L) / L, request.total, request.floor,
+                              request.cap)  # fmt: skip
+
+    plugin_site.add(
+        "sk_duplicates",
+        textwrap.dedent("""
+        from dataclasses import dataclass
+
+        import torch
+
+        import squeezekit
+
+
+        @dataclass
+        class Duplicates(squeezekit.TokenEvictor):
+            name = "duplicates"
+
+            def score(self, view):
+                return view.positions.float()
+
+            def select(self, view, keep):
+                B, H, S = view.valid.shape
+                return torch.zeros(B, H, int(keep.max()), dtype=torch.long)
+    """)
+        + "\n@squeezekit.hookimpl\ndef register_evictors(register):\n    register(Duplicates)\n",
+        package="sk-duplicates",
+        version="1.0",
+        entry_points={"duplicates": "sk_duplicates"},
+    )
+    plugin_site.reload()
+    model = tiny_model("llama")
+    ids, mask = batch(2, 40, pad=3)
+    with torch.no_grad(), squeezekit.compress(model, evictor="streaming", budget=0.5, sinks=2, window=2) as c:
+        c.runner.use("allocator", Selecting())
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
+        streaming = c.runner.evictor
+    assert picks
+    for idx, view in picks:
+        assert torch.equal(idx, top_slots(streaming.score(view), view, torch.full((2,), 5)))
+    with torch.no_grad(), squeezekit.compress(model, evictor="duplicates", budget=0.5) as c:
+        c.runner.use("allocator", Selecting())
+        broken = "^plugin 'duplicates'.*select\\(\\) (returned duplicate|kept an invalid)"
+        with pytest.raises(squeezekit.PluginError, match=broken):
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
