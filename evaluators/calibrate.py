@@ -29,7 +29,7 @@ DEFAULT_LEVELS = "0.05,0.1,0.2,0.4"
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    from squeezekit.cli_options import add_config_flags, int_at_least, model_dir, non_negative_int, positive_int
+    from squeezekit.cli_options import add_config_flags, add_model_option, int_at_least, non_negative_int, positive_int
 
     parser.description = (
         "Measure, on calibration text, how much the next-token loss rises when each layer alone is evicted to a few "
@@ -37,12 +37,7 @@ def add(parser: argparse.ArgumentParser) -> None:
         "allocator=calibrated,profile=FILE reads. The profile is for one model and one evictor with its parameters "
         "(--evictor, and its parameters as flags). Calibrate on a text other than the one you evaluate on."
     )
-    parser.add_argument(
-        "--model",
-        metavar="DIR",
-        type=model_dir,
-        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_option(parser)
     parser.add_argument(
         "--text",
         metavar="FILE",

@@ -11,7 +11,7 @@ SOURCE = "command line"
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    from squeezekit.cli_options import add_config_flags, model_dir, positive_int, text_file
+    from squeezekit.cli_options import add_config_flags, add_model_option, positive_int, text_file
 
     from .suite import DEFAULT_SUITE
     from .sweep import SWEEP_ALLOCATORS, SWEEP_BUDGETS, SWEEP_EVICTORS
@@ -22,12 +22,7 @@ def add(parser: argparse.ArgumentParser) -> None:
         "results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, device, ...): "
         "results of another are refused, never mixed."
     )
-    parser.add_argument(
-        "--model",
-        metavar="DIR",
-        type=model_dir,
-        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_option(parser)
     parser.add_argument(
         "--suite",
         default=DEFAULT_SUITE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_options import add_config_flags, model_dir, plot_path, positive_int, text_file
+from .cli_options import add_config_flags, add_model_option, plot_path, positive_int, text_file
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +15,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("prompt", help="the prompt (the question, when --context is given)")
     parser.add_argument("--context", metavar="FILE", type=text_file, help="a text file placed before the prompt")
-    parser.add_argument(
-        "--model", metavar="DIR", type=model_dir, help="a local Hugging Face model directory (default: the embedded "
-        "SmolLM2-135M-Instruct)",
-    )  # fmt: skip
+    add_model_option(parser)
     parser.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=64, help="tokens to generate")
     parser.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention backend")

@@ -86,6 +86,16 @@ def model_dir(text: str) -> Path:
     return path
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model DIR``, the local model a command runs (the embedded default when it is not given)."""
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        type=model_dir,
+        help="a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+
+
 def plot_path(text: str) -> Path:
     """Where to write a plot: a file ending in .png, .pdf or .svg (a name without a suffix gets .png)."""
     path = Path(text)
