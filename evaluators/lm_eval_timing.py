@@ -268,7 +268,6 @@ def run(args) -> dict:
 
 def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype, dtype_name, out_dir) -> dict:
     import torch
-    from lm_eval.evaluator import evaluate
 
     task_sets: dict[str, Tasks] = {}
     for name in models:
@@ -296,23 +295,18 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
         })  # fmt: skip
         responses: dict[tuple[str, str, int], list] = {}
 
-        def run(lm, task: str, L: int, n: int, log_samples: bool = True, tasks=loader) -> dict:
-            """lm-eval on ``n`` samples of ``task`` at length ``L`` (no bootstrap)."""
-            return evaluate(lm=lm, task_dict=tasks.get(task, L, n), limit=n, bootstrap_iters=0,
-                            log_samples=log_samples, verbosity="ERROR")  # fmt: skip
-
         for method in METHODS:
             lm = make_lm(method, model, tok_dir, args)
             if args.warmup:
                 task, L, _ = min(units, key=lambda u: u[1])
-                run(lm, task, L, args.warmup, log_samples=False)
+                _evaluate(loader, lm, task, L, args.warmup, log_samples=False)
             for task, L, n in units:
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
                     lm.generate_batches = {"serving": 0, "generate": 0}
                 _sync(device)
                 t0 = time.perf_counter()
-                out = run(lm, task, L, n)
+                out = _evaluate(loader, lm, task, L, n)
                 _sync(device)
                 seconds = time.perf_counter() - t0
                 metric, value = score_of(task, L, out)
@@ -340,7 +334,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 pair = []
                 for previous in (True, False):
                     lm = make_lm("squeezekit@compressed", model, tok_dir, args, previous=previous)
-                    pair.append(per_sample(run(lm, task, L, args.check)))
+                    pair.append(per_sample(_evaluate(loader, lm, task, L, args.check)))
                     del lm
                 what = "scoring" if task == "squeezekit_ppl" else "serving path vs model.generate"
                 c = agreement(*pair, tol=1e-5)
@@ -350,6 +344,14 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
         del model
         _free(device)
     return data
+
+
+def _evaluate(loader, lm, task: str, L: int, n: int, log_samples: bool = True) -> dict:
+    """lm-eval's ``evaluate`` on ``n`` samples of ``task`` at prompts of ``L`` tokens (no bootstrap)."""
+    from lm_eval.evaluator import evaluate
+
+    return evaluate(lm=lm, task_dict=loader.get(task, L, n), limit=n, bootstrap_iters=0, log_samples=log_samples,
+                    verbosity="ERROR")  # fmt: skip
 
 
 def _unit_key(unit: str) -> tuple[str, int]:
