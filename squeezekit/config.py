@@ -214,8 +214,9 @@ class Config:
             fallback = reg.get(kind, name, source, key=f"fallback_{kind}")
             if fallback.name == primary.name:
                 raise ConfigError(f"fallback_{kind}", name, f"must differ from the {kind} it stands in for", source)
-            missing = [s.name for s in needed(fallback.cls.needs) if s not in needed(evictor.cls.needs)]
-            if kind == "evictor" and missing:
+            collected = needed(evictor.cls.needs)
+            missing = [s.name for s in needed(fallback.cls.needs) if s not in collected] if kind == "evictor" else []
+            if missing:
                 raise ConfigError(
                     "fallback_evictor",
                     name,
