@@ -176,8 +176,8 @@ class SqueezeLayer(CacheLayerMixin):
 
     def end_step(self) -> None:
         """Drop the statistics that live for one step (those not in the slot table)."""
-        slot = {name for name, _ in self.cache.runner.slot_fields}
-        self.stats = {name: t for name, t in self.stats.items() if name in slot}
+        for name in self.cache.runner.step_fields:
+            self.stats.pop(name, None)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -534,7 +534,7 @@ class SqueezeCache(Cache):
                                         shared_masks={}, seen_after=None)  # fmt: skip
         self.seen = rep(self.seen)
         for layer in self.layers:
-            layer.map_rows(rep)
+            layer.batch_repeat_interleave(n)
         return rep(importance)
 
     def advance(self) -> None:

@@ -80,8 +80,10 @@ class PolicyRunner:
         #: those the attention calls on every call (`Statistic.observe`), and those that take the attention mass
         self.observers = tuple(s for s in self.statistics if type(s).observe is not Statistic.observe)
         self.mass_statistics = tuple(s for s in self.statistics if s.attention_mass)
-        #: the per-slot fields and the value of a fresh slot (kept in the layers' slot tables)
+        #: the per-slot fields and the value of a fresh slot (kept in the layers' slot tables), and the fields that
+        #: live for one step
         self.slot_fields = tuple((f, s.fill) for s in self.statistics if s.per_slot for f in s.fields)
+        self.step_fields = tuple(f for s in self.statistics if not s.per_slot for f in s.fields)
 
     # -- the policies ----------------------------------------------------------------------------------------------
     @property
