@@ -288,8 +288,12 @@ def test_an_allocator_selects_through_the_evictor_as_the_engine_would(plugin_sit
             def select(self, view, keep):
                 B, H, S = view.valid.shape
                 return torch.zeros(B, H, int(keep.max()), dtype=torch.long)
-    """)
-        + "\n@squeezekit.hookimpl\ndef register_evictors(register):\n    register(Duplicates)\n",
+
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(Duplicates)
+    """),
         package="sk-duplicates",
         version="1.0",
         entry_points={"duplicates": "sk_duplicates"},
