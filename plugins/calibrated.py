@@ -20,8 +20,9 @@ import dataclasses
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import squeezekit
 from squeezekit.budget import sqrt_split, waterfill
@@ -108,9 +109,9 @@ class Calibrated(squeezekit.LayerBudgetAllocator):
 
     name = "calibrated"
     #: the JSON profile written by `squeezekit calibrate --out FILE`
-    profile: str = ""
+    profile: str = field(default="", metadata={"metavar": "FILE"})
     #: "sqrt" (budgets ~ square root of each layer's cost at the mean budget) or "greedy" (token by token)
-    rule: str = "sqrt"
+    rule: Literal["sqrt", "greedy"] = "sqrt"
 
     def __post_init__(self):
         squeezekit.check(

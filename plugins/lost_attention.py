@@ -14,6 +14,7 @@ loss worse on SmolLM2: layers 0-1 attend broadly but carry small values.)
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import squeezekit
 from squeezekit.budget import sqrt_split, waterfill
@@ -29,7 +30,7 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
     #: the last prompt tokens whose queries measure the loss (the evictor's own window when it collects them)
     window: int = 8
     #: "sqrt" (budgets ~ square root of each layer's change at the uniform budget) or "greedy" (token by token)
-    rule: str = "sqrt"
+    rule: Literal["sqrt", "greedy"] = "sqrt"
     #: "greedy": budgets (fractions of the prompt, geometric from 1/points) at which the change is measured
     points: int = 16
 

@@ -6,6 +6,7 @@ itself is always kept. SnapKV selects once: while decoding, a full layer drops i
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import squeezekit
 
@@ -21,7 +22,7 @@ class SnapKV(squeezekit.TokenEvictor):
     #: neighbouring tokens pooled together when scoring (odd)
     kernel_size: int = 7
     #: how scores are pooled over `kernel_size` neighbours: max or avg
-    pooling: str = "max"
+    pooling: Literal["max", "avg"] = "max"
 
     def __post_init__(self):
         squeezekit.check("window", self.window, self.window >= 1, "must be an integer >= 1")

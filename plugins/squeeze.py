@@ -14,7 +14,7 @@ A batch prefilled in micro-batches counts as one batch: its mean importance is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import squeezekit
 from squeezekit.budget import distribute
@@ -35,7 +35,7 @@ class Squeeze(squeezekit.LayerBudgetAllocator):
     #: KMeans seed
     random_state: int = 0
     #: cluster the batch's mean importance ("batch") or each sequence's ("sequence")
-    per: str = "batch"
+    per: Literal["batch", "sequence"] = "batch"
 
     @property
     def batch_level(self) -> bool:  # micro-batches of one batch share its allocation (see LayerBudgetAllocator)

@@ -109,24 +109,25 @@ def plot_path(text: str) -> Path:
 
 
 # ---- the config flags ------------------------------------------------------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, only: str | None = None) -> None:
     """The config schema as flags: ``--config FILE``, one flag per config key of squeezekit and of every installed
     plugin (``--window 4``; a parameter named like one of the command's own options is reachable through --set), and
-    ``--set KEY=VALUE`` for any key."""
+    ``--set KEY=VALUE`` for any key. ``only="evictor"``: the evictor and its parameters alone (``calibrate``)."""
     from .config import keys
 
-    group = parser.add_argument_group(
-        "compression config", "the keys of config files and lm-eval model_args; a plugin's parameters are flags too"
-    )
+    what = "the evictor and its parameters" if only else "the keys of config files and lm-eval model_args"
+    group = parser.add_argument_group("compression config", f"{what}; a plugin's parameters are flags too")
     taken = {o for action in parser._actions for o in action.option_strings}
     group.add_argument("--config", metavar="FILE", type=text_file, help="YAML, TOML or JSON file with config keys")
     for key in keys().values():
         flag = f"--{key.name.replace('_', '-')}"
-        if flag in taken:
+        if flag in taken or (only and not (key.name == only or only in key.kinds)):
             continue
         owners = f"[{', '.join(key.plugins)}] " if key.plugins else ""
         help_text = f"{owners}{key.help}".strip() or f"parameter of {', '.join(key.plugins)}"
-        metavar = {int: "N", float: "X", bool: "BOOL"}.get(key.type, "NAME" if not key.plugins else "VALUE")
+        metavar = key.metavar
+        if key.choices:
+            help_text += f"; one of: {', '.join(str(c) for c in key.choices)}"
         group.add_argument(
             flag, dest=f"config:{key.name}", metavar=metavar, help=f"{help_text} (default: {key.default or 'unset'})"
         )

@@ -46,6 +46,19 @@ class Key:
     help: str
     default: str  #: as text, e.g. ``0.2``, or ``streaming: 8, h2o: 8`` for a parameter of several plugins
     plugins: tuple[str, ...] = ()  #: the plugins that take it; () for a core key
+    #: the values it may take (a ``typing.Literal`` parameter; None: any value of its type)
+    choices: tuple[Any, ...] | None = None
+    given_metavar: str | None = None  #: a plugin's own (``metadata["metavar"]`` of its field)
+    kinds: tuple[str, ...] = ()  #: the kinds of the plugins that take it ("allocator", "evictor"); () for a core key
+
+    @property
+    def metavar(self) -> str:
+        """How ``--help`` shows its value: ``{max,avg}``, ``FILE``, ``N``, ``X``, ``BOOL``, ``NAME`` or ``VALUE``."""
+        if self.choices:
+            return "{" + ",".join(str(c) for c in self.choices) + "}"
+        if self.given_metavar:
+            return self.given_metavar
+        return {int: "N", float: "X", bool: "BOOL"}.get(self.type, "VALUE" if self.plugins else "NAME")
 
 
 def _budget_ok(v: float) -> bool:
@@ -135,9 +148,11 @@ def keys() -> dict[str, Key]:
         shown = "unset" if default is None else f"{default:g}" if isinstance(default, float) else str(default)
         out[name] = Key(name, typ, help_text, shown)
     params: dict[str, list[Param]] = {}
+    kinds: dict[str, set[str]] = {}
     for info in registry().all():
         for param in info.params().values():
             params.setdefault(param.name, []).append(param)
+            kinds.setdefault(param.name, set()).add(info.kind)
     for name, group in params.items():
         if name in out:  # a plugin field named like a core key is shadowed by it
             continue
@@ -145,7 +160,12 @@ def keys() -> dict[str, Key]:
         default = defaults.pop() if len(defaults) == 1 else ", ".join(f"{p.plugin}: {p.default}" for p in group)
         helps = dict.fromkeys(p.help for p in group if p.help)
         help_text = "; ".join(helps) if len(helps) <= 1 else "; ".join(f"{p.plugin}: {p.help}" for p in group if p.help)
-        out[name] = Key(name, group[0].type, help_text, default, tuple(p.plugin for p in group))
+        choices = {p.choices for p in group}
+        out[name] = Key(
+            name, group[0].type, help_text, default, tuple(p.plugin for p in group),
+            choices.pop() if len(choices) == 1 else None, next((p.metavar for p in group if p.metavar), None),
+            tuple(sorted(kinds[name])),
+        )  # fmt: skip
     return out
 
 

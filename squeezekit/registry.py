@@ -46,6 +46,10 @@ class Param:
     default: Any
     help: str  #: the field's ``metadata["help"]``, else its ``#:`` comment, else ""
     plugin: str  #: the plugin's name
+    #: the values it may take, when its annotation is a ``typing.Literal`` (``pooling: Literal["max", "avg"]``)
+    choices: tuple[Any, ...] | None = None
+    #: how ``--help`` shows its value, from the field's ``metadata["metavar"]`` (e.g. ``FILE``); None: from its type
+    metavar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,10 @@ def _params(cls: type, plugin: str) -> dict[str, Param]:
         hint = hints.get(f.name, str)
         args = [a for a in typing.get_args(hint) if a is not type(None)]  # Optional[int] -> int
         typ = args[0] if args else hint
+        choices = None
+        if typing.get_origin(hint) is typing.Literal:  # Literal["max", "avg"]: text (or numbers) from a list
+            choices = tuple(typing.get_args(hint))
+            typ = type(choices[0]) if choices and all(type(c) is type(choices[0]) for c in choices) else str
         if typ not in (int, float, bool, str):
             typ = str
         if f.default is not dataclasses.MISSING:
@@ -167,7 +175,7 @@ def _params(cls: type, plugin: str) -> dict[str, Param]:
         else:
             default = None
         help_text = f.metadata.get("help") or comments.get(f.name, "")
-        out[f.name] = Param(f.name, typ, default, help_text, plugin)
+        out[f.name] = Param(f.name, typ, default, help_text, plugin, choices, f.metadata.get("metavar"))
     return out
 
 
