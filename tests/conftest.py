@@ -15,6 +15,7 @@ if (
     not torch.cuda.is_available()
 ):  # Triton's interpreter runs squeezekit's kernels on CPU tensors (tests/test_kernels.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import plugin_factory
 from plugin_factory import install_doc_example, make_plugin, purge_modules
 
 import squeezekit
@@ -44,6 +45,19 @@ class PluginSite:
         """Set an environment variable until the end of the test (undone before the registry is restored)."""
         self.monkeypatch.setenv(name, value)
 
+    def isolate(self) -> None:
+        """Load only squeezekit's own plugins and those this test installed (``SQUEEZEKIT_PLUGINS``), as on a machine
+        with nothing else: for output that lists every installed plugin, as the docs show it."""
+        from importlib import metadata
+
+        names = []
+        for ep in metadata.entry_points(group="squeezekit"):
+            dist = ep.dist
+            home = Path(str(dist.locate_file(""))) if dist is not None else None
+            if dist is not None and (dist.metadata["Name"] == "squeezekit" or home == self.path):
+                names.append(ep.name)
+        self.setenv("SQUEEZEKIT_PLUGINS", ",".join(sorted(set(names))))
+
     def reload(self) -> Registry:
         """Reload the process-wide registry so that it sees what was installed; return it."""
         return squeezekit.registry(reload=True)
@@ -70,7 +84,9 @@ def _no_plugin_restriction():
     """Tests see every installed plugin, whatever SQUEEZEKIT_PLUGINS the calling shell sets."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("SQUEEZEKIT_PLUGINS", raising=False)
-        squeezekit.registry(reload=True)
+        reg = squeezekit.registry(reload=True)
+        for kind, table in (("allocator", reg.allocators), ("evictor", reg.evictors)):
+            plugin_factory.AMBIENT[kind] = {name for name, info in table.items() if info.package != "squeezekit"}
         yield
     squeezekit.registry(reload=True)
 

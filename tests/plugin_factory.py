@@ -25,6 +25,20 @@ BUNDLED = {
     "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention"},
     "evictor": {"streaming", "sliding_window", "h2o", "snapkv"},
 }
+#: the policies of other packages installed in the environment the suite runs in (a user's own plugins: the suite
+#: must pass beside them), by kind; set once per session by conftest.py before any test installs its own
+AMBIENT: dict[str, set[str]] = {"allocator": set(), "evictor": set()}
+
+
+def installed(kind: str) -> set[str]:
+    """Every policy of ``kind`` the environment has outside a test's own plugin site: squeezekit's and others'."""
+    return BUNDLED[kind] | AMBIENT[kind]
+
+
+def installed_names(kind: str, *extra: str) -> str:
+    """``installed`` (plus ``extra``), sorted and comma-separated, as error messages list them."""
+    return ", ".join(sorted(installed(kind) | set(extra)))
+
 
 # A well-behaved third-party evictor, written as its author would (module source for `make_plugin`).
 OLDEST_FIRST = '''
