@@ -5,15 +5,11 @@ its arguments (the allocator is called through the `PolicyRunner`; nothing else 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-
-from .config import floor_hint
-from .errors import BudgetError
 
 if TYPE_CHECKING:
     from .policies import LayerView
@@ -46,22 +42,25 @@ def plan_budgets(
     """(B, n_layers) long budgets on the CPU; -1 for the layers no budget applies to (not in ``layers``).
 
     ``prompt_len`` (B,) real tokens per prompt, ``importance`` (B, n_layers) from the prefill, ``budget`` the
-    config's (a fraction of each prompt, or tokens per layer; never 1, the full cache). A prompt no longer than its
-    mean budget keeps every token at prefill; the others ask the allocator for exactly ``round(mean x L)`` tokens
-    over their ``L`` compressible layers, each in [floor, prompt length]. ``views(rows)``: those rows' prefill views
-    of the ``L`` layers, for an allocator that needs them (``LayerBudgetAllocator.needs``).
+    config's (a fraction of each prompt, or tokens per layer; never 1, the full cache). The others ask the allocator
+    for exactly ``round(mean x L)`` tokens over their ``L`` compressible layers, each in [floor, prompt length]. Two
+    kinds of prompt are kept whole instead (`kept_whole`): one no longer than its mean budget (an absolute budget
+    above the prompt: its layers may grow to the budget), and a *short* one, whose budget would keep fewer tokens per
+    layer than the evictor's floor (a 37-token question at budget 0.2 keeps 7.4, below streaming's 12): it needs no
+    compression, and its layers hold at most ``max(prompt, floor)`` tokens. ``views(rows)``: those rows' prefill
+    views of the ``L`` layers, for an allocator that needs them (``LayerBudgetAllocator.needs``).
     """
     n = prompt_len.cpu().long()
     B, L = n.shape[0], len(layers)
     mean = n.double() * budget if budget <= 1 else torch.full((B,), float(budget), dtype=torch.float64)
     total = torch.round(mean * L).long()
-    kept_whole = mean >= n.double()  # prompt not longer than the budget: nothing to evict at prefill
-    check_budget(budget, mean, total, kept_whole, n, L, runner)
+    whole = kept_whole(n, budget, runner.floor, L)
     out = torch.full((B, n_layers), -1, dtype=torch.long)
     budgets = torch.empty(B, L, dtype=torch.long)
-    if bool(kept_whole.any()):
-        budgets[kept_whole] = torch.round(mean[kept_whole]).long().clamp_min(n[kept_whole]).view(-1, 1).expand(-1, L)
-    rows = (~kept_whole).nonzero().view(-1)
+    if bool(whole.any()):
+        keep = torch.maximum(torch.round(mean[whole]).long(), n[whole]).clamp_min(runner.floor)
+        budgets[whole] = keep.view(-1, 1).expand(-1, L)
+    rows = (~whole).nonzero().view(-1)
     if rows.numel():
         shared = shared if runner.batch_level else None
         if shared is not None and shared.importance is not None and all(int(k) in shared.budgets for k in n[rows]):
@@ -80,35 +79,21 @@ def plan_budgets(
     return out
 
 
-def check_budget(
-    budget: float,
-    mean: torch.Tensor,
-    total: torch.Tensor,
-    kept_whole: torch.Tensor,
-    n: torch.Tensor,
-    L: int,
-    runner: PolicyRunner,
-) -> None:
-    """Every layer keeps at least the floor (>= 1 token). A fractional budget too small for some prompt of the batch
-    is a `BudgetError` whose suggestion works for every sequence of the batch (it is computed for the shortest)."""
-    floor = runner.floor
-    short = ~kept_whole & (total < floor * L)
-    if not bool(short.any()):
-        return
-    b = int(n.masked_fill(~short, torch.iinfo(n.dtype).max).argmin())  # the shortest prompt fails first
-    prompt = int(n[b])
-    setter = runner.floor_setter
-    if floor == 1:
-        what = "which rounds to 0 tokens for some layers"
-    else:
-        what = f"below the floor of evictor {setter.name!r} ({floor} tokens per layer)"
-    if floor <= prompt:
-        remedy = f"raise the budget to at least {math.ceil(floor / prompt * 1000) / 1000:g}"
-    else:
-        remedy = f"use an absolute budget of at least {max(floor, 2)} tokens (shorter prompts are kept whole)"
-    if floor > 1:
-        remedy += floor_hint(setter)
-    raise BudgetError(
-        f"budget {budget:g} keeps {float(mean[b]):.1f} tokens per layer of a {prompt}-token prompt (sequence {b} "
-        f"of the batch), {what}; {remedy}"
+def kept_whole(prompt_len: torch.Tensor, budget: float, floor: int, layers: int) -> torch.Tensor:
+    """(B,) bool: the prompts `plan_budgets` keeps whole at this budget (see there): no longer than an absolute
+    budget, or short, where the budget keeps fewer tokens per layer than the evictor's ``floor``."""
+    n = prompt_len.cpu().long()
+    if budget > 1:
+        return n.double() <= budget
+    total = torch.round(n.double() * budget * layers).long()
+    return (total < floor * layers) | (n.double() * budget >= n.double())
+
+
+def short_prompt_note(prompt_len: int, budget: float, floor: int, evictor: str) -> str:
+    """Why a prompt was kept whole, in words (for summaries): empty when the budget did not ask for less."""
+    if budget > 1 or budget * prompt_len >= floor:
+        return ""
+    return (
+        f"kept whole: budget {budget:g} would keep {budget * prompt_len:.1f} tokens per layer of this "
+        f"{prompt_len}-token prompt, below the floor of evictor {evictor!r} ({floor})"
     )

@@ -97,11 +97,6 @@ def _explicit(query, key, value, mask_for, scaling, softcap, q_valid, want_probs
     return out.reshape(B, Hq, q, D).transpose(1, 2).contiguous(), probs_sum
 
 
-def _add_attention(layer, runner, mass):
-    for stat in runner.mass_statistics:
-        stat.add_attention(layer.stats, mass)
-
-
 def squeezekit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     forward: Forward | None = kwargs.get(KWARG)
     if forward is None:
@@ -134,8 +129,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             query=query, query_positions=q_pos, query_valid=q_valid, keys=key, values=value,
             new_slots=layer.new_slots, prefill=step.prefill,
         )  # fmt: skip
-        for stat in runner.observers:
-            stat.observe(layer.stats, call)
+        runner.observe(layer.stats, call)
     want_probs = layer is not None and bool(runner.mass_statistics)
 
     causal_only = fresh and step.all_valid and (window is None or window >= q)
@@ -158,7 +152,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
         )
         if fused is not None:
             if want_probs:
-                _add_attention(layer, runner, fused[1])
+                runner.add_attention(layer.stats, fused[1])
             return fused[0], None
     if forward.backend == "eager" or want_probs or softcap:
         if full_buffer:
@@ -167,7 +161,7 @@ def squeezekit_attention(module, query, key, value, attention_mask, scaling=None
             mask_for = lambda s, e: _mask(kv_valid, kv_pos, q_pos[:, s:e], window)  # noqa: E731
         out, probs = _explicit(query, key, value, mask_for, scaling, softcap, q_valid.float(), want_probs)
         if want_probs:
-            _add_attention(layer, runner, probs)
+            runner.add_attention(layer.stats, probs)
         return out, None
 
     gqa = Hq != H

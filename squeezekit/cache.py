@@ -175,9 +175,13 @@ class SqueezeLayer(CacheLayerMixin):
             self.stats = {name: fn(t) for name, t in self.stats.items()}
 
     def end_step(self) -> None:
-        """Drop the statistics that live for one step (those not in the slot table)."""
-        for name in self.cache.runner.step_fields:
+        """Drop the statistics that live for one step (those not in the slot table), and any no longer collected
+        (after a policy fell back to one that needs fewer)."""
+        runner = self.cache.runner
+        for name in runner.step_fields:
             self.stats.pop(name, None)
+        for name in [n for n in self.stats if n not in runner.fields]:
+            del self.stats[name]
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -195,6 +199,13 @@ class SqueezeLayer(CacheLayerMixin):
 
     def kv_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def kv_bytes_held(self) -> int:
+        """Bytes of the keys and values of the tokens held (valid slots), without the free slots' room."""
+        if self.keys is None:
+            return 0
+        per_slot = 2 * self.keys.shape[-1] * self.keys.element_size()
+        return int(self.valid.sum()) * per_slot
 
     def view(self, phase: str, for_plugin: bool = True) -> LayerView:
         """What an evictor sees: the layer's own slot tensors (writes to them are detected, see PolicyRunner) and
@@ -214,7 +225,7 @@ class SqueezeLayer(CacheLayerMixin):
             n_layers=len(cache.layers),
             phase=phase,
             scaling=cache.scaling.get(self.layer_idx, 1.0),
-            stats={name: plain(t) for name, t in self.stats.items()},
+            stats={name: plain(t) for name, t in self.stats.items() if name in cache.runner.fields},
         )
 
     # -- writing ---------------------------------------------------------------------------------------------------
@@ -635,6 +646,10 @@ class SqueezeCache(Cache):
     def kv_nbytes(self) -> int:
         """Bytes of keys and values held now, over all layers."""
         return sum(layer.kv_nbytes() for layer in self.layers)
+
+    def kv_bytes_held(self) -> int:
+        """Bytes of the keys and values of the tokens held now (the buffers' free slots not counted)."""
+        return sum(layer.kv_bytes_held() for layer in self.layers)
 
     def nbytes(self) -> int:
         """Bytes of every tensor held now (keys, values and per-slot bookkeeping)."""

@@ -96,6 +96,18 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``: where a command runs its model (checked by `squeezekit.devices.resolve`)."""
+    parser.add_argument(
+        "--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="the model's weights and activations (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+
+
 def plot_path(text: str) -> Path:
     """Where to write a plot: a file ending in .png, .pdf or .svg (a name without a suffix gets .png)."""
     path = Path(text)

@@ -25,10 +25,23 @@ import torch
 
 from .architectures import resolve
 
-#: torch.compile mode of the layers (no Inductor CUDA graphs: squeezekit captures its own); ``SQUEEZEKIT_COMPILE_MODE``
-#: ``max-autotune-no-cudagraphs`` also tunes the decode GEMMs (minutes of compilation)
-MODE = os.environ.get("SQUEEZEKIT_COMPILE_MODE", "default")
+#: torch.compile modes of the layers (no Inductor CUDA graphs: squeezekit captures its own);
+#: ``SQUEEZEKIT_COMPILE_MODE=max-autotune-no-cudagraphs`` also tunes the decode GEMMs (minutes of compilation)
 MODES = ("default", "max-autotune-no-cudagraphs")
+ENV = "SQUEEZEKIT_COMPILE_MODE"
+
+
+def chosen_mode() -> str:
+    """``SQUEEZEKIT_COMPILE_MODE`` (unset or empty: ``default``); another value is a one-line `ConfigError`."""
+    from .errors import ConfigError
+
+    value = os.environ.get(ENV, "").strip() or "default"
+    if value not in MODES:
+        raise ConfigError(ENV, os.environ.get(ENV), f"expected one of {', '.join(MODES)} (Inductor's CUDA graphs "
+                          "must stay off: squeezekit captures its own)", "environment")  # fmt: skip
+    return value
+
+
 #: torch.compile's ``dynamic``: True compiles the batch dimension symbolically, so one compilation serves every
 #: batch size of 2 or more (the other sizes specialise against the weights' static shapes)
 DYNAMIC: bool | None = True
@@ -51,7 +64,7 @@ def compiled_layers(
     if not enabled:
         yield None
         return
-    mode = mode or MODE
+    mode = mode or chosen_mode()
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r}: one of {', '.join(MODES)} (Inductor's CUDA graphs must stay off)")
     from . import attention

@@ -23,7 +23,7 @@ import torch
 
 from . import attention
 from . import transformers_api as hf
-from .allocation import BatchAllocation
+from .allocation import BatchAllocation, kept_whole
 from .architectures import resolve
 from .attention import Forward
 from .cache import SqueezeCache, Step
@@ -40,6 +40,7 @@ class Compressor:
 
     def __init__(self, model: torch.nn.Module, config: Config):
         hf.check_version()
+        check_environment()  # SQUEEZEKIT_KERNELS, SQUEEZEKIT_COMPILE_MODE: a bad value stops the block before any work
         self.model, self.config = model, config
         self.resolved = resolve(model)
         #: the layers the budget applies to (full-attention layers)
@@ -198,11 +199,6 @@ class Compressor:
                 f"sequence {int((n == 0).nonzero()[0])} of the batch is all padding (its attention_mask row is all 0); "
                 f"remove it from the batch"
             )
-        if not self.config.full and bool((n < 2).any()):
-            raise InputError(
-                f"sequence {int((n < 2).nonzero()[0])} of the batch is a 1-token prompt: nothing to compress; "
-                f"give at least 2 tokens, or budget=1 for the full cache"
-            )
 
     @property
     def _measuring(self) -> bool:
@@ -269,6 +265,11 @@ class Compressor:
         budgets = cache.budgets
         b = budgets[:, self.compressible].double()
         bounded = b >= 0
+        whole = (
+            torch.zeros(budgets.shape[0], dtype=torch.bool)
+            if self.config.full
+            else kept_whole(cache.prompt_len, self.config.budget, self.runner.floor, len(self.compressible))
+        )
         return {
             "importance": cache.importance,
             "budgets": budgets,
@@ -276,12 +277,23 @@ class Compressor:
             "kv_bytes_full": cache.full_kv_bytes_prefill,
             "kv_bytes_kept": cache.kv_bytes_prefill,
             "kv_bytes_now": cache.kv_nbytes(),
+            "kv_bytes_held": cache.kv_bytes_held(),
             "kv_bytes_peak_prefill": cache.peak_kv_bytes_prefill,
             "mean_budget": float(b[bounded].mean()) if bool(bounded.any()) else float("nan"),
             "min_budget": int(b[bounded].min()) if bool(bounded.any()) else -1,
             "max_budget": int(b[bounded].max()) if bool(bounded.any()) else -1,
+            #: (B,) bool: the prompts kept whole (shorter than the budget, or too short for the evictor's floor)
+            "kept_whole": whole,
             "timings": dict(cache.timings),
         }
+
+
+def check_environment() -> None:
+    """The environment variables of the data path hold values squeezekit knows (else a one-line `ConfigError`)."""
+    from . import compiled, kernels
+
+    kernels.settings.enabled  # noqa: B018 (reading it parses SQUEEZEKIT_KERNELS)
+    compiled.chosen_mode()
 
 
 @contextmanager

@@ -63,7 +63,8 @@ class CommandLineError(SqueezekitError):
 
 
 class BudgetError(SqueezekitError, ValueError):
-    """A budget that cannot be honoured for this prompt (e.g. smaller than the evictor's floor)."""
+    """A budget that cannot be honoured for a prompt. No longer raised: a prompt too short for its budget is kept
+    whole (docs/errors.md, "Not errors"); the class stays for code that catches it."""
 
 
 class PluginError(SqueezekitError, RuntimeError):
@@ -87,5 +88,5 @@ class UnsupportedModelError(SqueezekitError, TypeError):
 
 
 class InputError(SqueezekitError, ValueError):
-    """Bad inputs to a compressed forward / generate call (1-token prompt, all-padding row, too long), or a
+    """Bad inputs to a compressed forward / generate call (an all-padding row, too long), or a
     ``compress`` block misused (nested on one model)."""

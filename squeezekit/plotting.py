@@ -16,6 +16,16 @@ def pyplot() -> Any:
     return plt
 
 
+def wrapped(text: str, fig: Any, fontsize: float = 10.0) -> str:
+    """``text`` broken into lines that fit the width of ``fig`` at ``fontsize`` (a long config description as a
+    title would otherwise run off both sides)."""
+    import textwrap
+
+    width_pt = fig.get_figwidth() * 72
+    chars = max(20, int(width_pt / (0.55 * fontsize)))  # about 0.55 em per character in the default sans font
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
 def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str | Path, title: str = "") -> Path:
     """Bars: each layer's token budget; line: its importance (cosine similarity before vs after attention).
 
@@ -31,7 +41,7 @@ def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str |
     ax2 = ax.twinx()
     ax2.plot(layers, importance, color="#DD8452", marker="o", ms=3, label="cosine similarity")
     ax2.set_ylabel("cos(input, input + attention)\nhigh = less important", color="#DD8452")
-    ax.set_title(title or "per-layer importance and KV budget")
+    ax.set_title(wrapped(title or "per-layer importance and KV budget", fig, 10), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Progress of long work, on stderr: a live bar on a terminal, plain lines elsewhere (a log file, CI, a pipe).
 
 Every long command reports through `progress`. On a terminal it is a tqdm bar. Off a terminal a bar would be
-unreadable (carriage returns) and tqdm's ``disable=None`` would hide it entirely, so there it prints one line when
-the work starts, then at most one every `EVERY` seconds, and one when it ends::
+unreadable (carriage returns) and tqdm's ``disable=None`` would hide it entirely, so there it prints a line every
+`EVERY` seconds and one when it ends (unless it took under a second and printed nothing before)::
 
     squeezekit: sweep 3/40 units (7%), 1m12s elapsed, about 14m left: uniform+h2o@0.2 niah_single_1@1024:8
 
@@ -75,8 +75,6 @@ class Progress:
             self._bar = tqdm(
                 total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=False
             )
-        elif self.mode == "lines":
-            self._line(force=True)
 
     def __enter__(self) -> Progress:
         return self
@@ -102,7 +100,8 @@ class Progress:
             self._bar.close()
             self._bar = None
         elif self.mode == "lines" and self.n != self._printed:
-            self._line(force=True)
+            if self._printed >= 0 or time.monotonic() - self._start >= 1.0:
+                self._line(force=True)
         self.mode = "off"
 
     _printed = -1

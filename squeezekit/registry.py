@@ -200,10 +200,13 @@ def _contract_problem(kind: str, cls: object) -> str | None:
             f"{cls.__name__}.needs must be Stat.NONE or statistics of one step (Stat.WINDOW_QUERIES) for an "
             f"allocator, got {cls.needs!r}"
         )
-    problems = (s.problem(cls) for s in stats)
-    problem = next((p for p in problems if p), None)
-    if problem:
-        return problem
+    for stat in stats:
+        try:
+            problem = stat.problem(cls)
+        except Exception as exc:  # a statistic's own check must not take the registry down
+            return f"statistic {stat.name!r}: problem() raised {type(exc).__name__}: {exc}"
+        if problem:
+            return str(problem)
     for f in dataclasses.fields(cls):
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             return f"{cls.__name__}.{f.name} needs a default value"

@@ -5,7 +5,13 @@ the only code that calls a plugin. Every call is guarded the same way:
 
 - the plugin gets copies of the small tensors (budgets, totals, caps, token counts) and the live cache tensors
   (keys, values, slot validity and positions, accumulated attention) whose in-place writes are detected through
-  PyTorch's version counters (free on the hot path);
+  PyTorch's version counters (free on the hot path). Writes that bypass the version counters (through ``.data``,
+  ``.numpy()``, DLPack) are caught where a call runs once per generation: at prefill, every tensor a plugin is
+  handed is also fingerprinted before and after the call (`_fingerprint`, one read of it); at decode they are not
+  checked (docs/plugins.md says so);
+- a statistic (`squeezekit.statistics.Statistic`, bundled or a plugin's) is called through the same guard on every
+  attention call (`observe`, `add_attention`): what it raises, and writes into the call's tensors or into another
+  statistic's fields, are the error of the policy that needs it (its fallback takes over);
 - whatever it raises (any exception, and any BaseException but KeyboardInterrupt) and whatever is wrong with what it
   returns (checked against squeezekit's own copies, inside the same guard) becomes one `PluginError` naming the
   plugin, its package and the problem;
@@ -27,7 +33,7 @@ from .budget import check_budgets
 from .errors import PluginError, PluginFallbackWarning, SqueezekitError
 from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
 from .selection import check_selection, top_slots, victim_slots
-from .statistics import Statistic, needed
+from .statistics import OBSERVATION_TENSORS, Observation, Statistic, needed
 
 if TYPE_CHECKING:
     from .config import Config
@@ -47,6 +53,44 @@ def _live_tensors(view: Any) -> list[tuple[str, Any]]:
 def _version(t: torch.Tensor | None) -> int | None:
     # inference tensors carry no version counter; the cache never hands its own to a plugin (see SqueezeLayer.view)
     return None if t is None or t.is_inference() else t._version
+
+
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(t: Any) -> int | None:
+    """A content fingerprint of a tensor (the sum of its bytes read as machine words, in 64 bits): any write changes
+    it unless crafted not to. Catches what version counters miss (``.data``, ``.numpy()``); costs one read and a
+    host sync, so it is taken only where a call runs once per generation (prefill)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    flat = t.detach().reshape(-1)
+    return int(flat.view(_WORDS[flat.element_size()]).sum(dtype=torch.int64))
+
+
+def _copied(call: Observation) -> Observation:
+    """``call`` with its inference tensors copied (the small ones of a decode step: query, positions, new slots)."""
+    import dataclasses
+
+    with torch.inference_mode(False):
+        return dataclasses.replace(call, **{
+            f: getattr(call, f).clone() for f in OBSERVATION_TENSORS if getattr(call, f).is_inference()
+        })  # fmt: skip
+
+
+class _Watch:
+    """The tensors a plugin call is handed, noted before the call so that `problem` can tell what it wrote to."""
+
+    def __init__(self, named: list[tuple[str, Any]], deep: bool):
+        self.named = [(name, t, _version(t), _fingerprint(t) if deep else None) for name, t in named if t is not None]
+
+    def problem(self, method: str) -> str | None:
+        for name, tensor, version, fingerprint in self.named:
+            if (version is not None and _version(tensor) != version) or (
+                fingerprint is not None and _fingerprint(tensor) != fingerprint
+            ):
+                return f"{method}() wrote to {name} in place; return new tensors instead"
+        return None
 
 
 class PolicyRunner:
@@ -84,6 +128,8 @@ class PolicyRunner:
         #: live for one step
         self.slot_fields = tuple((f, s.fill) for s in self.statistics if s.per_slot for f in s.fields)
         self.step_fields = tuple(f for s in self.statistics if not s.per_slot for f in s.fields)
+        #: every field collected (a layer's other statistic tensors, left by a policy that fell back, are dropped)
+        self.fields = frozenset(f for s in self.statistics for f in s.fields)
 
     # -- the policies ----------------------------------------------------------------------------------------------
     @property
@@ -129,6 +175,7 @@ class PolicyRunner:
         self.failures[kind] = error
         self._policies[kind] = fallback
         self._origins[kind] = self.config.origin(kind, fallback=True)
+        self._collect()  # the fallback may need fewer statistics (never more: see Config)
         return True
 
     def guarded(self, kind: str, fn: Callable[[], T]) -> T:
@@ -163,7 +210,8 @@ class PolicyRunner:
         ``watch``: a `LayerView` (or a list of them) whose live tensors the plugin must not write to."""
         plugin = self._policies[kind]
         views = watch if isinstance(watch, list) else [] if watch is None else [watch]
-        live = [(f, t, _version(t)) for v in views for f, t in _live_tensors(v)]
+        deep = any(getattr(v, "phase", "prefill") == "prefill" for v in views)  # (a SqueezeLayer: an allocator's)
+        live = _Watch([(f"view.{f}", t) for v in views for f, t in _live_tensors(v)], deep)
         try:
             out = getattr(plugin, method)(*args)
         except PluginError:
@@ -172,9 +220,9 @@ class PolicyRunner:
             raise
         except BaseException as exc:  # SystemExit and friends from a plugin are its errors too
             raise self.error(kind, f"{method}() raised {type(exc).__name__}: {exc}") from exc
-        for name, tensor, old in live:
-            if old is not None and _version(tensor) != old:
-                raise self.error(kind, f"{method}() wrote to view.{name} in place; return new tensors instead")
+        problem = live.problem(method)
+        if problem:
+            raise self.error(kind, problem)
         if check is not None:
             try:
                 problem = check(out)
@@ -183,6 +231,57 @@ class PolicyRunner:
             if problem:
                 raise self.error(kind, problem)
         return out
+
+    # -- the statistics -----------------------------------------------------------------------------------------------
+    def observe(self, stats: dict[str, torch.Tensor], call: Observation) -> None:
+        """Every collected statistic's `Statistic.observe` of one attention call of a layer (``stats``: the layer's
+        statistic tensors), each through the guard (see the module docstring)."""
+        if not call.prefill:  # decode: the call's small inference tensors are handed as copies (they carry no
+            call = _copied(call)  # version counter; the slots' keys and values do, and are watched)
+        for stat in self.observers:
+            self._statistic_call(stat, "observe", stats, call)
+
+    def add_attention(self, stats: dict[str, torch.Tensor], mass: torch.Tensor) -> None:
+        """Hand one attention call's per-slot attention mass to the statistics that take it, through the guard."""
+        for stat in self.mass_statistics:
+            self._statistic_call(stat, "add_attention", stats, mass)
+
+    def _statistic_kind(self, stat: Statistic) -> str:
+        """The kind of the policy a statistic is collected for (the evictor's first): whose error its failure is."""
+        for kind in ("evictor", "allocator"):
+            if any(policy is self._policies[kind] for policy in stat.policies):
+                return kind
+        return "allocator"  # needed by the fallback allocator alone
+
+    def _statistic_call(self, stat: Statistic, method: str, stats: dict[str, torch.Tensor], arg: Any) -> None:
+        kind = self._statistic_kind(stat)
+        prefix = f"statistic {stat.name!r}: "
+
+        def once() -> None:
+            if stat not in self.statistics:  # a fallback took over and does not need it
+                return
+            mine = set(stat.fields)
+            others = {name: t for name, t in stats.items() if name not in mine}
+            if isinstance(arg, Observation):
+                handed = [(f"call.{f}", getattr(arg, f)) for f in OBSERVATION_TENSORS]
+                deep = arg.prefill
+            else:
+                handed, deep = [("the attention mass", arg)], False
+            watch = _Watch([*handed, *((f"stats[{n!r}] (another statistic's)", t) for n, t in others.items())], deep)
+            try:
+                getattr(stat, method)(stats, arg)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit and friends from a plugin are its errors too
+                raise self.error(kind, f"{prefix}{method}() raised {type(exc).__name__}: {exc}") from exc
+            problem = watch.problem(method)
+            replaced = next((n for n, t in others.items() if stats.get(n) is not t), None)
+            if problem is None and replaced is not None:
+                problem = f"{method}() replaced stats[{replaced!r}], another statistic's field"
+            if problem:
+                raise self.error(kind, prefix + problem)
+
+        self.guarded(kind, once)
 
     # -- the allocator ------------------------------------------------------------------------------------------------
     def allocate(

@@ -66,6 +66,10 @@ class Observation:
     prefill: bool  #: the first step of the cache (the prompt, or its first chunk)
 
 
+#: the tensors of an `Observation` (a statistic reads them; the guard checks it never writes to them)
+OBSERVATION_TENSORS = ("query", "query_positions", "query_valid", "keys", "values", "new_slots")
+
+
 #: every field of the statistics defined so far (kept up to date by `Statistic.__init_subclass__`)
 _FIELDS: frozenset[str] = frozenset()
 
@@ -94,6 +98,11 @@ class Statistic:
         clash = VIEW_FIELDS.intersection(cls.fields)
         if clash:
             raise TypeError(f"statistic {cls.name!r}: field names {sorted(clash)} are taken by LayerView")
+        if cls.attention_mass and cls.add_attention is Statistic.add_attention:
+            raise TypeError(f"statistic {cls.name!r} sets attention_mass but does not define add_attention")
+        same = Statistic._named.get(cls.name)
+        if same is not None and not _same_class(same, cls):
+            raise TypeError(f"statistic {cls.name!r}: the name is taken by {same.__module__}.{same.__qualname__}")
         for other in Statistic._named.values():
             taken = set(other.fields).intersection(cls.fields)
             if taken and other.name != cls.name:
@@ -156,6 +165,11 @@ class WindowQueries(Statistic):
             H = call.keys.shape[1]
             stats["window_queries"] = call.query[:, :, -w:].reshape(B, H, Hq // H, w, D).clone()
             stats["window_positions"] = call.query_positions[:, -w:].clone()
+
+
+def _same_class(a: type, b: type) -> bool:
+    """The same class defined again (its module re-imported, as a plugin reloaded), not another one."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 def needed(needs: Any) -> tuple[type[Statistic], ...]:

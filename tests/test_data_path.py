@@ -123,12 +123,35 @@ def test_compression_changes_the_cache_and_stays_within_budget_every_step():
         assert all(n <= int(budgets[:, i].max()) for i, n in enumerate(counts))
 
 
-def test_budget_below_floor_is_a_clear_error():
+def test_a_prompt_too_short_for_the_budget_is_kept_whole():
+    """Budget 0.1 of a 40-token prompt would keep 4 tokens per layer, below streaming's floor of 12: the prompt
+    needs no compression and is kept whole (prefill logits and greedy tokens as with the full cache, while the
+    prompt still fits), beside a longer prompt of the same batch that is compressed as usual; a layer of the short
+    row never holds more than the prompt while decoding."""
     model = tiny_model("llama")
-    ids, mask = batch(1, 40)
-    with squeezekit.compress(model, evictor="streaming", budget=0.1, sinks=4, window=8):
-        with pytest.raises(squeezekit.BudgetError, match=r"floor of evictor 'streaming' \(12 tokens per layer\)"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, **GEN)
+    ids, mask = batch(2, 160, pad=120)  # prompts of 160 and 40 tokens
+    ref = model.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=8, **GEN)
+    with squeezekit.compress(model, evictor="streaming", budget=0.1, sinks=4, window=8) as c:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN)
+    s = c.summary()
+    assert s["kept_whole"].tolist() == [False, True]
+    assert s["budgets"][1].tolist() == [40] * 4 and int(s["budgets"][0].sum()) == round(160 * 0.1 * 4)
+    assert torch.equal(out[1:, -8:], ref[:, -8:])
+    for layer in c.last_cache.layers:
+        assert int(layer.counts()[1].max()) <= 40
+
+
+def test_a_one_token_prompt_is_kept_whole():
+    model = tiny_model("llama")
+    ids, mask = batch(2, 6, pad=5)  # the second row holds 1 token
+    ref = model.generate(ids[1:, -1:], max_new_tokens=5, **GEN)
+    with squeezekit.compress(model, budget=0.2) as c:
+        out = model.generate(ids[1:, -1:], max_new_tokens=5, **GEN)
+    assert torch.equal(out, ref)
+    assert c.summary()["kept_whole"].tolist() == [True]
+    with squeezekit.compress(model, budget=0.2) as c:
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, **GEN)
+    assert c.summary()["kept_whole"].tolist() == [True, True]
 
 
 def test_prompt_shorter_than_budget_is_not_evicted():

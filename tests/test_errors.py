@@ -84,31 +84,6 @@ CATALOGUE = [
         "use at least {floor}{hint}",
         "test_absolute_budget_below_the_floor",
     ),
-    Row(
-        "budget-floor",
-        "a fractional budget that keeps fewer tokens per layer than the evictor's floor (sinks + window)",
-        "BudgetError",
-        "budget {budget} keeps {mean} tokens per layer of a {n}-token prompt (sequence {row} of the batch), below the "
-        "floor of evictor {evictor} ({floor} tokens per layer); raise the budget to at least {minimum}{hint}",
-        "test_fractional_budget_below_the_floor",
-    ),
-    Row(
-        "budget-floor-short-prompt",
-        "a fractional budget on a prompt shorter than the evictor's floor",
-        "BudgetError",
-        "budget {budget} keeps {mean} tokens per layer of a {n}-token prompt (sequence {row} of the batch), below the "
-        "floor of evictor {evictor} ({floor} tokens per layer); use an absolute budget of at least {floor} tokens "
-        "(shorter prompts are kept whole){hint}",
-        "test_fractional_budget_below_the_floor",
-    ),
-    Row(
-        "budget-zero-tokens",
-        "a budget that rounds to 0 tokens for some layer",
-        "BudgetError",
-        "budget {budget} keeps {mean} tokens per layer of a {n}-token prompt (sequence {row} of the batch), which "
-        "rounds to 0 tokens for some layers; raise the budget to at least {minimum}",
-        "test_budget_rounding_to_zero_tokens",
-    ),
     # ---- other config values ----------------------------------------------------------------------------------
     Row(
         "value-type",
@@ -264,6 +239,21 @@ CATALOGUE = [
         "config error: environment: SQUEEZEKIT_PLUGINS = {value}: no installed plugin has this entry-point name; entry "
         "points: {names}",
         "test_unknown_plugin_in_the_environment",
+    ),
+    Row(
+        "env-kernels",
+        "SQUEEZEKIT_KERNELS not auto / all / off or a comma-separated list of known kernels (e.g. attention;steady)",
+        "ConfigError",
+        "config error: environment: SQUEEZEKIT_KERNELS = {value}: {accepted}",
+        "test_environment_variables_of_the_data_path",
+    ),
+    Row(
+        "env-compile-mode",
+        "SQUEEZEKIT_COMPILE_MODE not a torch.compile mode squeezekit runs (e.g. reduce-overhead: its CUDA graphs)",
+        "ConfigError",
+        "config error: environment: SQUEEZEKIT_COMPILE_MODE = {value}: expected one of default, "
+        "max-autotune-no-cudagraphs (Inductor's CUDA graphs must stay off: squeezekit captures its own)",
+        "test_environment_variables_of_the_data_path",
     ),
     Row(
         "label",
@@ -589,14 +579,6 @@ CATALOGUE = [
     ),
     # ---- inputs -----------------------------------------------------------------------------------------------
     Row(
-        "prompt-1",
-        "a prompt of 1 token (budget < 1)",
-        "InputError",
-        "sequence {i} of the batch is a 1-token prompt: nothing to compress; give at least 2 tokens, or budget=1 for "
-        "the full cache",
-        "test_one_token_prompt",
-    ),
-    Row(
         "empty-prompt",
         "squeezekit generate --raw with an empty prompt (no tokens)",
         "InputError",
@@ -774,6 +756,28 @@ CATALOGUE = [
         "PluginError",
         PLUGIN + "{method}() wrote to view.{field} in place; return new tensors instead",
         "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "statistic-raises",
+        "a statistic (a plugin's own, or one it needs) raising in observe() or add_attention(), SystemExit included",
+        "PluginError",
+        PLUGIN + "statistic {stat}: {method}() raised {exception}: {detail}",
+        "test_misbehaving_statistics",
+    ),
+    Row(
+        "statistic-wrote",
+        "a statistic writing into the call's tensors (call.keys, call.query, ...) or another statistic's field, in "
+        "place (also through .data at prefill)",
+        "PluginError",
+        PLUGIN + "statistic {stat}: {method}() wrote to {what} in place; return new tensors instead",
+        "test_misbehaving_statistics",
+    ),
+    Row(
+        "statistic-replaced",
+        "a statistic replacing another statistic's tensor in the layer's statistics",
+        "PluginError",
+        PLUGIN + "statistic {stat}: {method}() replaced stats[{field}], another statistic's field",
+        "test_misbehaving_statistics",
     ),
     Row(
         "plugin-uncheckable",
@@ -1001,104 +1005,6 @@ def test_absolute_budget_below_the_floor():
         hint=" or lower window",
     )
     assert Config.from_kwargs(budget=12).budget == 12  # the floor itself is fine
-
-
-def test_fractional_budget_below_the_floor(llama):
-    ids, mask = batch(1, 40)
-    raised(
-        "budget-floor",
-        lambda: generate(llama, ids, mask, budget=0.1, sinks=4, window=8),
-        budget="0.1",
-        mean="4.0",
-        n=40,
-        row=0,
-        evictor="'streaming'",
-        floor=12,
-        minimum="0.3",
-        hint=" or lower sinks/window",
-    )
-    raised(
-        "budget-floor",
-        lambda: generate(llama, ids, mask, budget=0.1, evictor="h2o", window=6),
-        budget="0.1",
-        mean="4.0",
-        n=40,
-        row=0,
-        evictor="'h2o'",
-        floor=6,
-        minimum="0.15",
-        hint=" or lower window",
-    )
-    short_ids, short_mask = batch(1, 10)
-    raised(
-        "budget-floor-short-prompt",
-        lambda: generate(llama, short_ids, short_mask, budget=0.9),
-        budget="0.9",
-        mean="9.0",
-        n=10,
-        row=0,
-        evictor="'streaming'",
-        floor=12,
-        hint=" or lower sinks/window",
-    )
-    generate(llama, short_ids, short_mask, budget=12)  # the suggested absolute budget works
-
-
-def test_budget_suggestion_works_for_the_whole_batch_at_once(llama):
-    """The suggested budget is one every sequence of the batch accepts: the first suggestion works."""
-    ids, mask = batch(3, 40, pad=8)  # prompts of 40, 32 and 24 tokens
-    raised(
-        "budget-floor",
-        lambda: generate(llama, ids, mask, budget=0.2, sinks=4, window=8),
-        budget="0.2",
-        mean="4.8",
-        n=24,
-        row=2,
-        evictor="'streaming'",
-        floor=12,
-        minimum="0.5",
-        hint=" or lower sinks/window",
-    )
-    out, c = generate(llama, ids, mask, budget=0.5, sinks=4, window=8)
-    assert c.summary()["min_budget"] >= 12
-    ids, mask = batch(2, 40, pad=34)  # a 40-token and a 6-token prompt: no fraction fits a floor of 12
-    raised(
-        "budget-floor-short-prompt",
-        lambda: generate(llama, ids, mask, budget=0.5),
-        budget="0.5",
-        mean="3.0",
-        n=6,
-        row=1,
-        evictor="'streaming'",
-        floor=12,
-        hint=" or lower sinks/window",
-    )
-    generate(llama, ids, mask, budget=12)
-
-
-def test_budget_rounding_to_zero_tokens(llama):
-    ids, mask = batch(2, 40)
-    raised(
-        "budget-zero-tokens",
-        lambda: generate(llama, ids, mask, budget=0.01, sinks=0, window=1),
-        budget="0.01",
-        mean="0.4",
-        n=40,
-        row=0,
-        minimum="0.025",
-    )
-    # 0.02 x 40 = 0.8 tokens per layer: 3 tokens for 4 layers, so one layer would get none
-    raised(
-        "budget-zero-tokens",
-        lambda: generate(llama, ids, mask, budget=0.02, sinks=0, window=1),
-        budget="0.02",
-        mean="0.8",
-        n=40,
-        row=0,
-        minimum="0.025",
-    )
-    out, c = generate(llama, ids, mask, budget=0.025, sinks=0, window=1)  # the suggested budget works
-    assert c.summary()["budgets"].tolist() == [[1, 1, 1, 1]] * 2
 
 
 # ---- other config values ---------------------------------------------------------------------------------------
@@ -1578,14 +1484,6 @@ def test_attention_that_cannot_serve_the_model():
 # ---- inputs ----------------------------------------------------------------------------------------------------
 
 
-def test_one_token_prompt(llama):
-    ids, mask = batch(2, 6, pad=5)  # the second row keeps 1 token
-    raised("prompt-1", lambda: generate(llama, ids, mask), i=1)
-    raised("prompt-1", lambda: generate(llama, ids[:1, -1:], mask[:1, -1:]), i=0)
-    out, _ = generate(llama, ids, mask, budget=1)  # nothing to compress: the full cache serves it
-    assert out.shape == (2, 9)
-
-
 def test_all_padding_row(llama):
     ids, mask = batch(3, 20)
     mask[2] = 0
@@ -1824,6 +1722,27 @@ def select(self, view, keep):
         "plugin-wrote",
         dict(method="score", field="positions"),
     ),
+    # ... also writes that bypass the version counters, at prefill (content fingerprints; docs/plugins.md)
+    "writes_keys_data": (
+        "evictor",
+        "def score(self, view):\n    view.keys.data.mul_(0)\n    return view.positions.float()\n",
+        "plugin-wrote",
+        dict(method="score", field="keys"),
+    ),
+    "writes_valid_numpy": (
+        "evictor",
+        "def score(self, view):\n    view.valid.numpy()[1, :, 0] = True  # row 1's first slot is padding\n"
+        "    return view.positions.float()\n",
+        "plugin-wrote",
+        dict(method="score", field="valid"),
+    ),
+    "allocator_writes_layers": (
+        "allocator",
+        "needs = squeezekit.Stat.WINDOW_QUERIES\nwindow: int = 4\n"
+        + UNIFORM.replace("    L = ", "    request.layers[0].keys.data.mul_(0)\n    L = "),
+        "plugin-wrote",
+        dict(method="allocate", field="keys"),
+    ),
     "marks_padding_valid": (
         "evictor",
         RECENT
@@ -1913,6 +1832,103 @@ def test_misbehaving_plugin_stops_the_run_and_restores_the_model(plugin_site, na
     # the model still works, compressed or not
     out, _ = generate(model, ids, mask, new=2, budget=0.5)
     assert out.shape == (2, 42)
+
+
+#: a plugin with a statistic that misbehaves as ``HOW`` says (module source for `plugin_site.add`)
+BAD_STATISTIC = """
+from dataclasses import dataclass
+
+import squeezekit
+
+HOW = None
+
+
+class Scratch(squeezekit.Statistic):
+    name = "scratch"
+    fields = ("scratch",)
+    per_slot = True
+    attention_mass = True
+
+    def observe(self, stats, call):
+        if HOW == ("raise", call.prefill):
+            raise ArithmeticError("no scratch")
+        if HOW == ("exit", call.prefill):
+            raise SystemExit(3)
+        if HOW == ("keys", call.prefill):
+            call.keys.mul_(0.5)
+        if HOW == ("keys.data", call.prefill):
+            call.keys.data.mul_(0.5)
+        if HOW == ("query", call.prefill):
+            call.query.zero_()
+        if HOW == ("other", call.prefill):
+            stats["attention"].add_(1.0)
+        if HOW == ("replace", call.prefill):
+            stats["attention"] = stats["attention"] * 0
+
+    def add_attention(self, stats, mass):
+        if HOW == ("mass", True):
+            raise LookupError("mass")
+        stats["scratch"] += mass
+
+
+@dataclass
+class Scribbler(squeezekit.TokenEvictor):
+    name = "scribbler"
+    needs = (squeezekit.Stat.ATTENTION, Scratch)
+
+    def score(self, view):
+        return view.scratch + view.attention
+
+
+@squeezekit.hookimpl
+def register_evictors(register):
+    register(Scribbler)
+"""
+
+
+def test_misbehaving_statistics(plugin_site):
+    """A statistic runs inside the guard like the policy that needs it: what it raises and what it writes where it
+    must not are that policy's one-line `PluginError`, at prefill and while decoding; a fallback evictor then takes
+    over; the model is restored either way."""
+    plugin_site.add("sk_scribbler", BAD_STATISTIC, package="sk-scribbler", version="0.2",
+                    entry_points={"scribbler": "sk_scribbler"})  # fmt: skip
+    plugin_site.reload()
+    import sk_scribbler
+
+    origin = dict(name="'scribbler'", package="sk-scribbler", version="0.2", stat="'scratch'")
+    model = tiny_model("llama")
+    ids, mask = batch(2, 40, pad=6)
+    before = snapshot(model, ids, mask)
+    run = lambda: generate(model, ids, mask, new=4, evictor="scribbler", budget=0.5)  # noqa: E731
+    cases = [
+        (("raise", True), "statistic-raises", dict(method="observe", exception="ArithmeticError", detail="no scratch")),
+        (
+            ("raise", False),
+            "statistic-raises",
+            dict(method="observe", exception="ArithmeticError", detail="no scratch"),
+        ),
+        (("exit", True), "statistic-raises", dict(method="observe", exception="SystemExit", detail="3")),
+        (("mass", True), "statistic-raises", dict(method="add_attention", exception="LookupError", detail="mass")),
+        (("keys", True), "statistic-wrote", dict(method="observe", what="call.keys")),
+        (("keys", False), "statistic-wrote", dict(method="observe", what="call.keys")),
+        (("keys.data", True), "statistic-wrote", dict(method="observe", what="call.keys")),
+        (("query", False), "statistic-wrote", dict(method="observe", what="call.query")),
+        (("other", True), "statistic-wrote", dict(method="observe", what="stats['attention'] (another statistic's)")),
+        (("other", False), "statistic-wrote", dict(method="observe", what="stats['attention'] (another statistic's)")),
+        (("replace", True), "statistic-replaced", dict(method="observe", field="'attention'")),
+    ]
+    try:
+        for how, row, values in cases:
+            sk_scribbler.HOW = how
+            raised(row, run, **origin, **values)
+            assert_restored(model, before, ids, mask)
+        sk_scribbler.HOW = ("raise", False)
+        with pytest.warns(squeezekit.PluginFallbackWarning, match="statistic 'scratch': observe\\(\\) raised"):
+            out, c = generate(model, ids, mask, new=4, evictor="scribbler", fallback_evictor="streaming", budget=0.5)
+        assert c.evictor.name == "streaming" and out.shape == (2, 44)
+    finally:
+        sk_scribbler.HOW = None
+    assert_restored(model, before, ids, mask)
 
 
 def test_plugin_raising_on_import(plugin_site):
@@ -2088,7 +2104,9 @@ def test_unknown_plugin_in_the_environment(plugin_site, capsys):
 
     plugin_site.setenv("SQUEEZEKIT_PLUGINS", "streaming,strewming,uniform")
     plugin_site.reload()
-    names = "calibrated, h2o, lost_attention, pyramid, sliding_window, snapkv, squeeze, streaming, uniform"
+    from importlib import metadata
+
+    names = ", ".join(sorted({ep.name for ep in metadata.entry_points(group="squeezekit")}))
     raised("env-plugins", lambda: Config.from_kwargs(allocator="uniform"), value="'strewming'", names=names)
     assert main(["plugins"]) == 0  # the listing still shows what did load, and the problem on stderr
     out, err = capsys.readouterr()
@@ -2096,6 +2114,30 @@ def test_unknown_plugin_in_the_environment(plugin_site, capsys):
         f"error: {ROWS['env-plugins'].template.format(value=repr('strewming'), names=names)}\n"
     )
     assert main(["plugins", "--strict"]) == 1
+
+
+def test_environment_variables_of_the_data_path(llama, monkeypatch, capsys):
+    """``SQUEEZEKIT_KERNELS`` and ``SQUEEZEKIT_COMPILE_MODE`` are checked when a compress() block starts (and by the
+    command line before a model loads): a bad value is one line, never a traceback at import or mid-generation."""
+    from squeezekit.cli import main
+
+    ids, mask = batch(1, 40)
+    accepted = "expected auto, all, off or a comma-separated list of attention, steady, decode, compile"
+    for value in ("bogus", "attention;steady", "attention,bogus", ","):
+        monkeypatch.setenv("SQUEEZEKIT_KERNELS", value)
+        raised("env-kernels", lambda: generate(llama, ids, mask), value=repr(value), accepted=accepted)
+        if value == "bogus":  # the command line refuses it before loading a model
+            assert main(["generate", "hi"]) == 2
+            printed("env-kernels", capsys.readouterr().err.strip().removeprefix("squeezekit: "), value=repr(value),
+                    accepted=accepted)  # fmt: skip
+    monkeypatch.setenv("SQUEEZEKIT_KERNELS", "attention, steady")
+    generate(llama, ids, mask)  # spaces around the commas are fine
+    monkeypatch.delenv("SQUEEZEKIT_KERNELS")
+    for value in ("bogus", "reduce-overhead", "max-autotune"):
+        monkeypatch.setenv("SQUEEZEKIT_COMPILE_MODE", value)
+        raised("env-compile-mode", lambda: generate(llama, ids, mask), value=repr(value))
+    monkeypatch.setenv("SQUEEZEKIT_COMPILE_MODE", "")  # empty: the default mode
+    generate(llama, ids, mask)
 
 
 def test_labels_and_bench_arguments(tmp_path):

@@ -143,15 +143,20 @@ def check_invariants(case, out, ids, mask, compressor, steps):
     if config.full:
         assert bool((budgets == -1).all())  # unbounded: nothing evicted
     else:
+        floor = compressor.runner.floor
         for b in range(ids.shape[0]):
             n = int(prompt[b])
             mean = n * config.budget if not config.absolute else float(config.budget)
             row = budgets[b, comp]
-            if mean < n:  # the prompt is longer than the budget: the allocator split exactly the total
+            whole = bool(summary["kept_whole"][b])
+            assert whole == (mean >= n or round(mean * L) < floor * L), (n, mean, floor)
+            if not whole:  # the prompt is longer than the budget: the allocator split exactly the total
                 assert int(row.sum()) == round(mean * L), (row.tolist(), mean, L)
-                assert int(row.min()) >= compressor.runner.floor and int(row.max()) <= n
-            else:  # kept whole until it reaches the budget
+                assert int(row.min()) >= floor and int(row.max()) <= n
+            elif mean >= n:  # kept whole until it reaches the (absolute) budget
                 assert bool((row == round(mean)).all())
+            else:  # too short for the evictor's floor: kept whole, never more than the prompt or the floor
+                assert bool((row == max(n, floor)).all())
 
     # the cache never exceeds its budget: after prefill and after every decode step
     assert len(steps) == case["new"]  # (generate runs one forward per new token; the last one's cache included)

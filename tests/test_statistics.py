@@ -174,6 +174,74 @@ def test_a_statistic_cannot_take_a_name_that_is_in_use():
             name = "attention_again"
             fields = ("attention",)
 
+    # a bundled statistic's name, with fields of its own: refused too, never a silent process-wide replacement
+    with pytest.raises(TypeError, match="'attention': the name is taken by squeezekit.statistics.AttentionMass"):
+
+        class Attention3(Statistic):
+            name = "attention"
+            fields = ("my_attention",)
+
+    assert needed(Stat.ATTENTION)[0].__qualname__ == "AttentionMass"
+
+
+def test_a_statistic_taking_the_attention_mass_must_say_what_to_do_with_it():
+    with pytest.raises(TypeError, match="'mass_only' sets attention_mass but does not define add_attention"):
+
+        class MassOnly(Statistic):
+            name = "mass_only"
+            fields = ("mass_only",)
+            per_slot = True
+            attention_mass = True
+
+
+def test_a_statistic_whose_check_raises_is_a_load_failure_not_a_crash(plugin_site, capsys):
+    """``Statistic.problem`` runs while the registry loads: what it raises is that plugin's recorded failure;
+    ``squeezekit plugins`` and every other plugin keep working."""
+    from squeezekit.cli import main
+
+    plugin_site.add(
+        "sk_fussy",
+        textwrap.dedent("""
+        from dataclasses import dataclass
+
+        import squeezekit
+
+
+        class Fussy(squeezekit.Statistic):
+            name = "fussy"
+            fields = ("fussy",)
+
+            @classmethod
+            def problem(cls, policy):
+                raise RuntimeError("cannot decide")
+
+
+        @dataclass
+        class NeedsFussy(squeezekit.TokenEvictor):
+            name = "needs_fussy"
+            needs = Fussy
+
+            def score(self, view):
+                return view.positions.float()
+
+
+        @squeezekit.hookimpl
+        def register_evictors(register):
+            register(NeedsFussy)
+    """),
+        package="sk-fussy",
+        version="1.0",
+        entry_points={"fussy": "sk_fussy"},
+    )
+    registry = plugin_site.reload()
+    assert [str(f) for f in registry.failures] == [
+        "plugin 'needs_fussy' from sk-fussy 1.0: statistic 'fussy': problem() raised RuntimeError: cannot decide"
+    ]
+    assert main(["plugins"]) == 0
+    assert "streaming" in capsys.readouterr().out
+    with pytest.raises(squeezekit.PluginError, match="problem\\(\\) raised RuntimeError"):
+        Config.from_kwargs(evictor="needs_fussy")
+
 
 def test_misdeclared_statistics_are_contract_errors(plugin_site):
     plugin_site.add(

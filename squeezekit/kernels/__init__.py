@@ -35,9 +35,14 @@ if TYPE_CHECKING:
 
 KERNELS = ("attention", "steady", "decode", "compile")
 DEFAULT = ("attention", "steady")
+ENV = "SQUEEZEKIT_KERNELS"
 
 
 def _parse(text: str | None) -> set[str]:
+    """The kernels a ``SQUEEZEKIT_KERNELS`` value names; anything else is a one-line `ConfigError`."""
+    from ..errors import ConfigError
+
+    raw = text
     text = (text or "auto").strip().lower()
     if text == "auto":  # the kernels that keep results as they are (decode and compile change bf16 rounding: opt-in)
         return set(DEFAULT)
@@ -46,19 +51,31 @@ def _parse(text: str | None) -> set[str]:
     if text in ("off", "none", "0", ""):
         return set()
     chosen = {k.strip() for k in text.split(",") if k.strip()}
-    unknown = chosen - set(KERNELS)
-    if unknown:
-        raise ValueError(f"SQUEEZEKIT_KERNELS: unknown kernel(s) {sorted(unknown)}; known: {', '.join(KERNELS)}")
+    if not chosen or chosen - set(KERNELS):
+        accepted = f"expected auto, all, off or a comma-separated list of {', '.join(KERNELS)}"
+        raise ConfigError(ENV, raw, accepted, "environment")
     return chosen
 
 
 class Settings:
     def __init__(self) -> None:
-        self.enabled: set[str] = _parse(os.environ.get("SQUEEZEKIT_KERNELS"))
+        self._enabled: set[str] | None = None  # read from the environment on first use (see `enabled`)
         self.interpret = False  # run the Triton kernels on CPU tensors through Triton's interpreter (tests)
         self.failed: dict[str, str] = {}  # kernel -> the error that switched it off
         #: how often each kernel ran (tests and the GPU script check which path was taken)
         self.calls: dict[str, int] = {k: 0 for k in KERNELS}
+
+    @property
+    def enabled(self) -> set[str]:
+        """The kernels chosen: ``SQUEEZEKIT_KERNELS``, read when first needed (a bad value is a `ConfigError` then,
+        and again at every use: `squeezekit.compress` checks it before any work)."""
+        if self._enabled is None:
+            self._enabled = _parse(os.environ.get(ENV))
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: set[str]) -> None:
+        self._enabled = set(value)
 
 
 settings = Settings()
@@ -110,7 +127,7 @@ def is_oom(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def configured(enabled: str | Iterable[str] | None = None, interpret: bool | None = None) -> Iterator[Settings]:
     """Temporarily choose the kernels (an iterable of names, or a ``SQUEEZEKIT_KERNELS`` string) and interpretation."""
-    old = (settings.enabled, settings.interpret, dict(settings.failed))
+    old = (settings._enabled, settings.interpret, dict(settings.failed))
     if enabled is not None:
         settings.enabled = _parse(enabled) if isinstance(enabled, str) else set(enabled)
     if interpret is not None:
@@ -119,4 +136,4 @@ def configured(enabled: str | Iterable[str] | None = None, interpret: bool | Non
     try:
         yield settings
     finally:
-        settings.enabled, settings.interpret, settings.failed = old
+        settings._enabled, settings.interpret, settings.failed = old
