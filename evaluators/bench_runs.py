@@ -15,7 +15,7 @@ import torch
 from squeezekit.config import Config
 from squeezekit.errors import ConfigError
 
-from .bench_models import allocated_gib, peak_gib, peak_reset, sync
+from .bench_models import allocated_gib, gib_since, peak_gib, peak_reset, sync
 
 HF = "hf"
 
@@ -104,7 +104,7 @@ def run_squeezekit(
     return dict(
         prefill_s=round(t1 - t0, 3), total_s=round(t2 - t0, 3), decode_tok_s=round(B * (new_tokens - 1) / (t2 - t1), 1),
         e2e_tok_s=round(B * new_tokens / (t2 - t0), 1), step_ms=round(1000 * (t2 - t1) / (new_tokens - 1), 2),
-        peak_gib=peak_gib(device), peak_prefill_gib=peak_prefill, prefill_mem_gib=round(peak_prefill - before, 2),
+        peak_gib=peak_gib(device), peak_prefill_gib=peak_prefill, prefill_mem_gib=gib_since(peak_prefill, before),
         kv_bytes=s["kv_bytes_kept"], kv_bytes_full=s["kv_bytes_full"], kv_bytes_peak_prefill=s["kv_bytes_peak_prefill"],
         prefill_chunk=chunk, cuda_graph=decoder.graph is not None,
         policy_s={k: round(v, 4) for k, v in s["timings"].items()},
