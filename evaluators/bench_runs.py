@@ -149,7 +149,8 @@ def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[M
 
 @torch.inference_mode()
 def profile_decode(model, ids, device: str, config: Config, micro_batch: int, steps: int = 4) -> str:
-    """Top CUDA kernels of a few eager (uncaptured) decode steps: where a step's time goes."""
+    """Top CUDA kernels (CPU operators on the CPU) of a few eager (uncaptured) decode steps: where a step's time
+    goes."""
     import squeezekit
     from squeezekit.batching import prefill
     from squeezekit.decoding import GreedyDecoder
@@ -159,8 +160,10 @@ def profile_decode(model, ids, device: str, config: Config, micro_batch: int, st
         decoder = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False)
         decoder.run(2)
         sync(device)
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.startswith("cuda"):
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
             decoder.run(steps)
             sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    return prof.key_averages().table(sort_by=f"{'cuda' if len(acts) > 1 else 'cpu'}_time_total", row_limit=30)
