@@ -99,3 +99,15 @@ def test_bench_writes_its_reports_with_out(tmp_path, capsys):
     for row in table_rows(markdown):
         assert float(row["decode tok/s"]) > 0 and float(row["step ms"]) > 0 and row["peak GiB"] == "n/a"
     assert (out / "bench-tiny.png").stat().st_size > 1000
+
+
+def test_the_readme_command_is_a_valid_bench_command():
+    """The CPU command README.md shows (and says how long it took): its arguments pass, and it writes nothing."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = shlex.split(re.search(r"```bash\n(squeezekit bench [^\n]*)\n```", readme).group(1))
+    args, batches = bench_args(*command[2:])
+    assert args.device == "cpu" and args.model == "tiny" and args.out is None
+    assert args.prompt_len == 3968 and batches == [1, 2, 4, 8] and args.threads == 1
