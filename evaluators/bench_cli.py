@@ -92,7 +92,8 @@ def add(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=positive_int, default=None, metavar="N",
-        help="CPU threads of torch (default: torch's own, usually one per core; a tiny model runs fastest on one)",
+        help="CPU threads of torch (default: 1 for the tiny config on the CPU, whose operations are too small to "
+        "share; torch's own otherwise, usually one per core)",
     )  # fmt: skip
     parser.add_argument("--micro-batch", type=positive_int, default=16, help="squeezekit prefill micro-batch")
     parser.add_argument(
@@ -218,6 +219,8 @@ def check_args(args: argparse.Namespace):
         )
     if args.max_seconds_per_run is None:
         args.max_seconds_per_run = MAX_SECONDS["cuda" if on_cuda else "cpu"]
+    if args.threads is None and args.model == "tiny" and not on_cuda:
+        args.threads = 1  # two threads made tiny's decode steps ~10x slower on 2 busy cores
     methods = parse_methods(args.methods)
     auto = AUTO_BATCHES["cuda" if on_cuda else "cpu"]
     batches = auto if args.batches == "auto" else _batch_sizes(args.batches, "--batches")
