@@ -1,11 +1,16 @@
 """The benchmark's models and measuring protocol, shared by ``squeezekit bench`` and its kvpress peer.
 
 Random-weight models built from named configs (or a local model directory), device memory and bandwidth probes,
-and `run_hf`: transformers' own ``generate`` with its full DynamicCache, timed with the protocol of the shared
-Hugging Face baseline (prefill time = time of ``generate(1)``; decode tok/s = B x (N - 1) / (time of
-``generate(N)`` - prefill)). Nothing here imports squeezekit's data path or a specific transformers API beyond
-``AutoConfig`` / ``AutoModelForCausalLM``: the kvpress peer imports this module in a process with an older
-transformers (see peer_kvpress.py).
+and `run_hf`: transformers' own ``generate`` with its full DynamicCache. It is timed with the figures of the shared
+Hugging Face baseline (prefill time = time to the first new token; decode tok/s = B x (N - 1) / the time of the
+N - 1 tokens after it), measured within one ``generate(N)`` call: a stopping criterion that stops nothing
+(`first_token`) records when the first new token exists (after a device sync on CUDA), so prefill = first token -
+start and decode = end - first token. (The baseline's ``generate(1)``, then ``generate(N)`` minus it, puts the noise
+of two calls into the difference: on a busy CPU that went to 0 s and the decode rate to 3e10 tok/s.)
+
+Nothing here imports squeezekit's data path or a transformers API beyond ``AutoConfig``, ``AutoModelForCausalLM`` and
+``StoppingCriteria``: the kvpress peer imports this module in a process with an older transformers (see
+peer_kvpress.py).
 """
 
 from __future__ import annotations
@@ -131,35 +136,41 @@ def peak_reset(device: str) -> None:
             torch.cuda.reset_peak_memory_stats(i)
 
 
-def allocated_gib(device: str) -> float:
-    """Memory allocated now (weights, inputs), summed over all GPUs."""
+def allocated_gib(device: str) -> float | None:
+    """Memory allocated now (weights, inputs), summed over all GPUs; None off CUDA (no allocator statistics)."""
     if not device.startswith("cuda"):
-        return float("nan")
+        return None
     return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
 
 
-def peak_gib(device: str) -> float:
-    """Peak allocated memory, summed over all GPUs (a sharded model uses several)."""
+def peak_gib(device: str) -> float | None:
+    """Peak allocated memory, summed over all GPUs (a sharded model uses several); None off CUDA."""
     if not device.startswith("cuda"):
-        return float("nan")
+        return None
     return round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 2)
 
 
+def gib_since(peak: float | None, before: float | None) -> float | None:
+    """``peak - before`` in GiB, rounded; None when either is unknown (off CUDA)."""
+    return None if peak is None or before is None else round(peak - before, 2)
+
+
 def copy_bandwidth(device: str) -> float:
-    """Measured device memory bandwidth in bytes/s (bytes read + written by a large copy)."""
-    if not device.startswith("cuda"):
-        return float("nan")
-    n = 1 << 28  # 512 MiB of bf16
+    """Measured memory bandwidth in bytes/s (bytes read + written by a large copy): the device's on CUDA, the
+    host's on the CPU (256 MiB buffers there, far beyond any cache, and fewer repetitions: it is the denominator
+    of a floor, not a figure of its own)."""
+    on_cuda = device.startswith("cuda")
+    n, repeats = (1 << 28, 20) if on_cuda else (1 << 27, 5)  # 512 MiB of bf16 on CUDA, 256 MiB on the CPU
     a = torch.empty(n, dtype=torch.bfloat16, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
     sync(device)
     t = time.perf_counter()
-    for _ in range(20):
+    for _ in range(repeats):
         b.copy_(a)
     sync(device)
-    bw = 2 * a.numel() * a.element_size() * 20 / (time.perf_counter() - t)
+    bw = 2 * a.numel() * a.element_size() * repeats / (time.perf_counter() - t)
     del a, b
     return bw
 
@@ -170,23 +181,51 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
 
 
+def first_token(device: str):
+    """A transformers stopping criterion that stops nothing: on its first call, when ``generate`` has produced the
+    first new token, it records that time (after a device sync) in ``.at`` and the peak memory so far in
+    ``.peak``, so that prefill and decode are timed within one ``generate`` call (see the module docstring).
+    Built here, not at import: importing transformers' generation would slow ``squeezekit bench --help``."""
+    from transformers import StoppingCriteria
+
+    class FirstToken(StoppingCriteria):
+        at: float | None = None  #: perf_counter when the first new token existed
+        peak: float | None = None  #: peak GiB until then (None off CUDA)
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            if self.at is None:
+                sync(device)
+                self.at = time.perf_counter()
+                self.peak = peak_gib(device)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FirstToken()
+
+
 @torch.inference_mode()
 def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
+    """One greedy ``generate`` of ``new_tokens`` tokens with transformers' full cache, prefill and decode timed
+    within it (see the module docstring)."""
+    from transformers import StoppingCriteriaList
+
     peak_reset(device)
     before = allocated_gib(device)
+    first = first_token(device)
     sync(device)
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, do_sample=False)
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([first]),
+    )
     sync(device)
-    prefill = time.perf_counter() - t
-    prefill_mem = round(peak_gib(device) - before, 2)
-    t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    sync(device)
-    total = time.perf_counter() - t
+    end = time.perf_counter()
+    assert first.at is not None, "generate produced no token"
     B, L = ids.shape
     assert out.shape[1] == L + new_tokens
-    decode = max(total - prefill, 1e-9)
+    prefill, decode, total = first.at - t, end - first.at, end - t
     full_kv = B * L * kv_bytes_per_token(model)
     return dict(
         prefill_s=round(prefill, 3),
@@ -195,7 +234,7 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
         e2e_tok_s=round(B * new_tokens / total, 1),
         step_ms=round(1000 * decode / (new_tokens - 1), 2),
         peak_gib=peak_gib(device),
-        prefill_mem_gib=prefill_mem,
+        prefill_mem_gib=gib_since(first.peak, before),
         kv_bytes=full_kv,
         kv_bytes_peak_prefill=full_kv,
         tokens=out[:, L:],

@@ -15,7 +15,7 @@ import torch
 from squeezekit.config import Config
 from squeezekit.errors import ConfigError
 
-from .bench_models import allocated_gib, peak_gib, peak_reset, sync
+from .bench_models import allocated_gib, gib_since, peak_gib, peak_reset, sync
 
 HF = "hf"
 
@@ -104,7 +104,7 @@ def run_squeezekit(
     return dict(
         prefill_s=round(t1 - t0, 3), total_s=round(t2 - t0, 3), decode_tok_s=round(B * (new_tokens - 1) / (t2 - t1), 1),
         e2e_tok_s=round(B * new_tokens / (t2 - t0), 1), step_ms=round(1000 * (t2 - t1) / (new_tokens - 1), 2),
-        peak_gib=peak_gib(device), peak_prefill_gib=peak_prefill, prefill_mem_gib=round(peak_prefill - before, 2),
+        peak_gib=peak_gib(device), peak_prefill_gib=peak_prefill, prefill_mem_gib=gib_since(peak_prefill, before),
         kv_bytes=s["kv_bytes_kept"], kv_bytes_full=s["kv_bytes_full"], kv_bytes_peak_prefill=s["kv_bytes_peak_prefill"],
         prefill_chunk=chunk, cuda_graph=decoder.graph is not None,
         policy_s={k: round(v, 4) for k, v in s["timings"].items()},
@@ -149,7 +149,8 @@ def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[M
 
 @torch.inference_mode()
 def profile_decode(model, ids, device: str, config: Config, micro_batch: int, steps: int = 4) -> str:
-    """Top CUDA kernels of a few eager (uncaptured) decode steps: where a step's time goes."""
+    """Top CUDA kernels (CPU operators on the CPU) of a few eager (uncaptured) decode steps: where a step's time
+    goes."""
     import squeezekit
     from squeezekit.batching import prefill
     from squeezekit.decoding import GreedyDecoder
@@ -159,8 +160,10 @@ def profile_decode(model, ids, device: str, config: Config, micro_batch: int, st
         decoder = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False)
         decoder.run(2)
         sync(device)
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.startswith("cuda"):
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
             decoder.run(steps)
             sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    return prof.key_averages().table(sort_by=f"{'cuda' if len(acts) > 1 else 'cpu'}_time_total", row_limit=30)

@@ -86,7 +86,7 @@ class Progress:
         """What is being worked on now (shown after the counts)."""
         self.note = note
         if self._bar is not None:
-            self._bar.set_postfix_str(note, refresh=False)
+            self._bar.set_postfix_str(note)  # shown now: it says what is being worked on
 
     def update(self, n: int = 1) -> None:
         self.n += n

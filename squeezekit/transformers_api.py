@@ -8,6 +8,8 @@ one warning line (`check_version`).
 Used as is, without a wrapper (public, stable API):
   - ``AutoModelForCausalLM.from_pretrained(dir, dtype=, attn_implementation=, local_files_only=, gguf_file=)``,
     ``AutoConfig.for_model``, ``from_config``, ``save_pretrained``, ``AutoTokenizer`` (squeezekit.models, bench);
+  - ``StoppingCriteria`` / ``StoppingCriteriaList`` passed as ``generate(stopping_criteria=...)``, called once per
+    new token (bench: the time of transformers' first new token, evaluators/bench_models.py);
   - ``model.generate``: builds an empty `Cache` for the first forward and feeds each forward's returned cache to the
     next (so the cache the compressor substitutes is the one generation keeps); the forward's ``logits_to_keep``;
     ``position_ids`` from the attention mask (each left-padded sequence starts at 0), as squeezekit's own prefill

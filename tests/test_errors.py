@@ -361,6 +361,44 @@ CATALOGUE = [
         "test_labels_and_bench_arguments",
     ),
     Row(
+        "bench-prompt-len",
+        "squeezekit bench --prompt-len plus --new-tokens past the model's maximum positions",
+        "ConfigError",
+        "config error: command line: --prompt-len = {value}: with --new-tokens {new} the sequences reach {reach} "
+        "positions, past the model's maximum of {max} (max_position_embeddings of {model}); use --prompt-len {fit} or "
+        "less",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
+        "bench-new-tokens-len",
+        "squeezekit bench --new-tokens as many as the model's maximum positions, or more",
+        "ConfigError",
+        "config error: command line: --new-tokens = {value}: leaves no room for a prompt in the model's maximum of "
+        "{max} positions (max_position_embeddings of {model}); use at most {most}",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
+        "output-dir-file",
+        "an output folder (squeezekit bench --out) that is a file",
+        "ConfigError",
+        "config error: command line: {key} = {value}: is a file, not a folder; give a folder for the outputs",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
+        "device-unknown",
+        "a --device squeezekit does not run on (bench; squeezekit.devices.resolve)",
+        "ConfigError",
+        "config error: command line: --device = {value}: expected cpu, cuda or cuda:N",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
+        "device-no-cuda",
+        "--device cuda (or cuda:N) where no CUDA device is available (bench; squeezekit.devices.resolve)",
+        "InputError",
+        "--device {device}: no CUDA device is available here; use --device cpu",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
         "shard",
         "squeezekit eval --shard not of the form I/N with 0 <= I < N",
         "ConfigError",
@@ -2160,6 +2198,32 @@ def test_labels_and_bench_arguments(tmp_path):
     ):
         err = _cli_error(main, ["bench", "--device", "cpu", "--model", "tiny", "--out", str(tmp_path), *argv])
         printed(key, err, **values)
+    # the prompt and the new tokens must fit the model's positions: refused before the model is built
+    model_dir = tmp_path / "short-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
+    out_file = tmp_path / "a-file"
+    out_file.write_text("")
+    for argv, key, values in (
+        (["--prompt-len", "4096"], "bench-prompt-len",
+         dict(value=4096, new=128, reach=4224, max=4096, model="tiny", fit=3968)),
+        (["--prompt-len", "4000", "--new-tokens", "97"], "bench-prompt-len",
+         dict(value=4000, new=97, reach=4097, max=4096, model="tiny", fit=3999)),
+        (["--model", str(model_dir), "--prompt-len", "500", "--new-tokens", "16"], "bench-prompt-len",
+         dict(value=500, new=16, reach=516, max=512, model="short-model", fit=496)),
+        (["--new-tokens", "4096"], "bench-new-tokens-len", dict(value=4096, max=4096, model="tiny", most=4095)),
+        (["--model", str(model_dir), "--new-tokens", "600"], "bench-new-tokens-len",
+         dict(value=600, max=512, model="short-model", most=511)),
+        (["--out", str(out_file)], "output-dir-file", dict(key="--out", value=repr(str(out_file)))),
+        (["--device", "gpu"], "device-unknown", dict(value="'gpu'")),
+        (["--device", "CPU"], "device-unknown", dict(value="'CPU'")),
+    ):  # fmt: skip
+        err = _cli_error(main, ["bench", "--device", "cpu", "--model", "tiny", *argv])
+        printed(key, err, **values)
+    assert {p.name for p in tmp_path.iterdir()} == {"a-file", "short-model"}  # no refused run left anything behind
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1"):
+            printed("device-no-cuda", _cli_error(main, ["bench", "--device", device, "--model", "tiny"]), device=device)
 
 
 def test_command_line_arguments(tmp_path, tiny_llama_dir):
@@ -2193,6 +2257,14 @@ def test_command_line_arguments(tmp_path, tiny_llama_dir):
         ([*generate, "--config", missing], "--config", f"{missing!r} is not a file", "generate"),
         (["eval", "--text-file", missing], "--text-file", f"{missing!r} is not a file", "eval"),
         (["bench", "--check-batch", "-1"], "--check-batch", "invalid integer >= 0 value: '-1'", "bench"),
+        (["bench", "--max-seconds-per-run", "-1"], "--max-seconds-per-run", "invalid number >= 0 value: '-1'", "bench"),
+        (
+            ["bench", "--max-seconds-per-run", "nan"],
+            "--max-seconds-per-run",
+            "invalid number >= 0 value: 'nan'",
+            "bench",
+        ),
+        (["bench", "--memory-cap-gib", "x"], "--memory-cap-gib", "invalid number >= 0 value: 'x'", "bench"),
     ):
         err = _cli_error(main, argv)
         printed("argument", err, flag=flag, problem=problem, command=f"squeezekit {command}")

@@ -1,0 +1,114 @@
+"""``squeezekit bench`` on the CPU with the tiny config: its defaults fit the model and the device, the report is
+printed (and written only where ``--out`` says), every figure in it is a real measurement, and every option's help
+says its default. What the figures are on a GPU is measured by the bench itself (docs/benchmarks), not asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from squeezekit.cli import build_parser, main
+
+#: a few seconds: short prompts, few tokens, no correctness checks (tests/test_fast_path.py runs those)
+QUICK = ["bench", "--device", "cpu", "--model", "tiny", "--prompt-len", "32", "--new-tokens", "4", "--check-batch", "0"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def bench_args(*argv: str):
+    """The parsed and checked arguments of ``squeezekit bench ARGV`` (nothing is built or run)."""
+    from squeezekit.evaluators.bench_cli import check_args
+
+    args = build_parser(["bench", *argv]).parse_args(["bench", *argv])
+    methods, batches = check_args(args)
+    return args, batches
+
+
+def table_rows(markdown: str) -> list[dict[str, str]]:
+    """The rows of the report's table, by column name."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+def test_the_defaults_fit_the_model_and_the_device(tmp_path):
+    args, batches = bench_args("--device", "cpu", "--model", "tiny")
+    assert args.prompt_len == 4096 - 128  # tiny has 4096 positions: the prompt leaves room for the new tokens
+    assert batches == [1, 2, 4, 8]  # auto on the CPU: a short ladder
+    assert args.max_seconds_per_run == 20 and args.out is None and args.threads == 1  # tiny: one thread
+    assert bench_args("--device", "cpu", "--model", "tiny", "--new-tokens", "1000")[0].prompt_len == 3096
+    args = bench_args("--device", "cpu", "--model", "mistral-7b")[0]
+    assert args.prompt_len == 4096 and args.threads is None  # 32768 positions; torch's own threads
+    short = tmp_path / "short"
+    short.mkdir()  # a local model's maximum is read from its config.json (or its text_config)
+    (short / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 300}}))
+    assert bench_args("--device", "cpu", "--model", str(short), "--new-tokens", "44")[0].prompt_len == 256
+    args, batches = bench_args("--device", "cpu", "--model", "tiny", "--batches", "3,1", "--max-seconds-per-run", "0")
+    assert batches == [3, 1] and args.max_seconds_per_run == 0
+
+
+def test_every_option_says_its_default():
+    """The help formatter adds ``(default: X)`` except for None, False and 0: those options say it themselves."""
+    parser = build_parser(["bench"])
+    sub = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    formatter = sub._get_formatter()
+    helps = {a.option_strings[-1]: formatter._expand_help(a) for a in sub._actions if a.dest != "help"}
+    assert {"--out", "--prompt-len", "--max-seconds-per-run", "--threads", "--no-cuda-graph"} <= set(helps)
+    for option, text in helps.items():
+        assert "default" in text, (option, text)
+        assert " ".join(text.split()) in " ".join(sub.format_help().split())  # as --help shows it
+
+
+def test_bench_prints_its_table_and_writes_nothing_without_out(tmp_path, monkeypatch, capsys):
+    """Without --out: the table on stdout, no file anywhere; every method runs, each ladder stopped by the time
+    budget after its first batch size (a budget nothing meets)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--batches", "1,2,4", "--methods", "hf,squeeze+streaming@0.5", "--max-seconds-per-run", "0.001"]
+    assert main([*QUICK, *argv]) == 0
+    out, err = capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []
+    # progress off a terminal: plain lines on stderr, from the first run to the last
+    assert "squeezekit: bench 0/6 runs (0%)" in err and re.search(r"^squeezekit: bench 6/6 runs \(100%\)", err, re.M)
+    assert [(r["method"], r["B"]) for r in table_rows(out)] == [("hf", "1"), ("squeeze+streaming@0.5", "1")]
+    for method in ("hf", "squeeze+streaming@0.5"):
+        assert re.search(rf"^- {re.escape(method)}: batch 2, 4 not run: batch 1 took \d+\.\d s, longer than "
+                         r"--max-seconds-per-run 0\.001$", out, flags=re.M), out  # fmt: skip
+    assert "nan" not in out.lower()
+
+
+def test_bench_writes_its_reports_with_out(tmp_path, capsys):
+    out = tmp_path / "reports"
+    assert main([*QUICK, "--batches", "1,2", "--methods", "hf,squeeze+streaming@0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["bench-tiny.json", "bench-tiny.md", "bench-tiny.png"]
+    markdown = (out / "bench-tiny.md").read_text()
+    assert printed == markdown and "nan" not in markdown.lower() and "n/a" in markdown  # CPU: no peak memory
+    results = json.loads((out / "bench-tiny.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert [(r["method"], r["B"]) for r in results["runs"]] == [(m, b) for m in ("hf", "squeeze+streaming@0.5")
+                                                                for b in (1, 2)]  # fmt: skip
+    assert results["copy_bandwidth_Bps"] > 1e8
+    for r in results["runs"]:
+        for key in ("decode_tok_s", "step_ms", "e2e_tok_s", "floor_step_ms", "total_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert 0 <= r["prefill_s"] < r["total_s"], r
+        assert r["floor_step_ms"] < r["step_ms"]  # no step beats reading the weights and the KV once
+        # decode time and prefill time are parts of the one run: tokens/s and step ms say the same
+        assert r["decode_tok_s"] == pytest.approx(r["B"] * 1000 / r["step_ms"], rel=0.02)
+    for row in table_rows(markdown):
+        assert float(row["decode tok/s"]) > 0 and float(row["step ms"]) > 0 and row["peak GiB"] == "n/a"
+    assert (out / "bench-tiny.png").stat().st_size > 1000
+
+
+def test_the_readme_command_is_a_valid_bench_command():
+    """The CPU command README.md shows (and says how long it took): its arguments pass, and it writes nothing."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = shlex.split(re.search(r"```bash\n(squeezekit bench [^\n]*)\n```", readme).group(1))
+    args, batches = bench_args(*command[2:])
+    assert args.device == "cpu" and args.model == "tiny" and args.out is None
+    assert args.prompt_len == 3968 and batches == [1, 2, 4, 8] and args.threads == 1
