@@ -2158,18 +2158,22 @@ def test_environment_variables_of_the_data_path(llama, monkeypatch, capsys):
     """``SQUEEZEKIT_KERNELS`` and ``SQUEEZEKIT_COMPILE_MODE`` are checked when a compress() block starts (and by the
     command line before a model loads): a bad value is one line, never a traceback at import or mid-generation."""
     from squeezekit.cli import main
+    from squeezekit.kernels import settings
 
     ids, mask = batch(1, 40)
     accepted = "expected auto, all, off or a comma-separated list of attention, steady, decode, compile"
     for value in ("bogus", "attention;steady", "attention,bogus", ","):
+        monkeypatch.setattr(settings, "_enabled", None)  # (the variable is read once per process, when first needed)
         monkeypatch.setenv("SQUEEZEKIT_KERNELS", value)
         raised("env-kernels", lambda: generate(llama, ids, mask), value=repr(value), accepted=accepted)
         if value == "bogus":  # the command line refuses it before loading a model
             assert main(["generate", "hi"]) == 2
             printed("env-kernels", capsys.readouterr().err.strip().removeprefix("squeezekit: "), value=repr(value),
                     accepted=accepted)  # fmt: skip
+    monkeypatch.setattr(settings, "_enabled", None)
     monkeypatch.setenv("SQUEEZEKIT_KERNELS", "attention, steady")
     generate(llama, ids, mask)  # spaces around the commas are fine
+    assert settings.enabled == {"attention", "steady"}
     monkeypatch.delenv("SQUEEZEKIT_KERNELS")
     for value in ("bogus", "reduce-overhead", "max-autotune"):
         monkeypatch.setenv("SQUEEZEKIT_COMPILE_MODE", value)
