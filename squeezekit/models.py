@@ -65,6 +65,31 @@ def default_model_dir() -> Path:
     return target
 
 
+def _problem(exc: BaseException) -> str:
+    """What a failed load says, in one line (transformers' config validation spreads it over two: join them)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return shown(text, 200)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` is a local Hugging Face model directory whose config transformers accepts (read without loading any
+    weights); else a one-line `SqueezekitError`. For commands that hand the directory to another library."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    where = Path(path)
+    if not where.is_dir():
+        raise SqueezekitError(f"model directory {str(where)!r} does not exist (squeezekit loads local models only)")
+    if not (where / "config.json").is_file():
+        raise SqueezekitError(f"model directory {str(where)!r} has no config.json: not a Hugging Face model directory")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(where, local_files_only=True)
+    except Exception as exc:  # whatever a broken config.json raises (a TypeError, a hub validation error, ...)
+        raise SqueezekitError(f"model directory {str(where)!r} cannot be loaded: {_problem(exc)}") from None
+    return where
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     dtype: Any = None,
@@ -76,19 +101,16 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = Path(path) if path is not None else default_model_dir()
-    if not where.is_dir():
-        raise SqueezekitError(f"model directory {str(where)!r} does not exist (squeezekit loads local models only)")
-    if not (where / "config.json").is_file():
-        raise SqueezekitError(f"model directory {str(where)!r} has no config.json: not a Hugging Face model directory")
+    where = check_model_dir(path if path is not None else default_model_dir())
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # what a broken model directory raises
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SqueezekitError(f"model directory {str(where)!r} cannot be loaded: {shown(first, 200)}") from None
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # whatever a broken model directory raises (missing weights, a bad tokenizer, ...)
+        raise SqueezekitError(f"model directory {str(where)!r} cannot be loaded: {_problem(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

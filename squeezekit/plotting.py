@@ -16,14 +16,20 @@ def pyplot() -> Any:
     return plt
 
 
-def wrapped(text: str, fig: Any, fontsize: float = 10.0) -> str:
-    """``text`` broken into lines that fit the width of ``fig`` at ``fontsize`` (a long config description as a
-    title would otherwise run off both sides)."""
+def fitted_title(ax: Any, text: str, fontsize: float = 10.0) -> None:
+    """Set ``ax``'s title, broken into as many lines as it takes to lie within the figure (a long config
+    description would otherwise run off both sides), and lay the figure out around it."""
     import textwrap
 
-    width_pt = fig.get_figwidth() * 72
-    chars = max(20, int(width_pt / (0.55 * fontsize)))  # about 0.55 em per character in the default sans font
-    return "\n".join(textwrap.wrap(text, chars)) or text
+    fig = ax.figure
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.5 * fontsize)))  # a first guess: ~0.5 em per character
+    while True:
+        ax.set_title("\n".join(textwrap.wrap(text, chars)) or text, fontsize=fontsize)
+        fig.tight_layout()
+        box = ax.title.get_window_extent(fig.canvas.get_renderer())
+        if (box.x0 >= 0 and box.x1 <= fig.bbox.x1) or chars <= 20:
+            return
+        chars = max(20, int(chars * fig.bbox.width / box.width * 0.95))
 
 
 def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str | Path, title: str = "") -> Path:
@@ -41,8 +47,7 @@ def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str |
     ax2 = ax.twinx()
     ax2.plot(layers, importance, color="#DD8452", marker="o", ms=3, label="cosine similarity")
     ax2.set_ylabel("cos(input, input + attention)\nhigh = less important", color="#DD8452")
-    ax.set_title(wrapped(title or "per-layer importance and KV budget", fig, 10), fontsize=10)
-    fig.tight_layout()
+    fitted_title(ax, title or "per-layer importance and KV budget")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

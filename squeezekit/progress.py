@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 #: seconds between two progress lines off a terminal
 EVERY = 10.0
+#: work shorter than this that printed nothing before prints no closing line either (off a terminal)
+QUIET_UNDER = 1.0
 ENV = "SQUEEZEKIT_PROGRESS"
 
 
@@ -59,12 +61,12 @@ class Progress:
         unit: str = "step",
         initial: int = 0,
         stream: TextIO | None = None,
-        every: float = EVERY,
+        every: float | None = None,
     ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.stream = stream if stream is not None else sys.stderr
         self.mode = _mode(self.stream)
-        self.every = every
+        self.every = EVERY if every is None else every
         self.note = ""
         self._start = self._last = time.monotonic()
         self._first = initial
@@ -100,7 +102,7 @@ class Progress:
             self._bar.close()
             self._bar = None
         elif self.mode == "lines" and self.n != self._printed:
-            if self._printed >= 0 or time.monotonic() - self._start >= 1.0:
+            if self._printed >= 0 or time.monotonic() - self._start >= QUIET_UNDER:
                 self._line(force=True)
         self.mode = "off"
 

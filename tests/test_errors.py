@@ -2288,6 +2288,28 @@ def test_model_directories(tmp_path):
     raised("model-load", lambda: load_model(broken), path=repr(str(broken)), problem=ANY)
 
 
+def test_model_directories_with_bad_config_values(tmp_path, tiny_llama_dir, capsys):
+    """A config.json whose values transformers rejects (a string for a size, a negative count, null) is the one-line
+    model-load error on every surface that reads a model directory, never the hub's validation traceback."""
+    import json
+    import shutil
+
+    from squeezekit.cli import main
+    from squeezekit.models import check_model_dir, load_model
+
+    for i, (key, value) in enumerate([("hidden_size", "x"), ("num_hidden_layers", None), ("vocab_size", [1])]):
+        folder = tmp_path / f"bad{i}"
+        shutil.copytree(tiny_llama_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        raised("model-load", lambda f=folder: check_model_dir(f), path=repr(str(folder)), problem=ANY)
+        raised("model-load", lambda f=folder: load_model(f), path=repr(str(folder)), problem=ANY)
+        assert main(["generate", "hi", "--model", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"squeezekit: model directory {str(folder)!r} cannot be loaded: ") and key in err
+
+
 def test_empty_prompt(tiny_llama_dir):
     from squeezekit.cli import main
 
