@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import squeezekit
@@ -327,10 +330,141 @@ def test_missing_or_malformed_profile_is_a_one_line_error(tmp_path):
     assert "is not JSON" in one_line_config_error(
         lambda: Config.from_string(f"allocator=calibrated,profile={tmp_path / 'bad.json'}")
     )
-    (tmp_path / "other.json").write_text(json.dumps({"format": FORMAT, "levels": [0.5, 0.2], "loss": [[1, 2]]}))
+    (tmp_path / "other.json").write_text(json.dumps({"format": "other/1", "levels": [0.2, 0.5], "loss": [[1, 2]]}))
     assert "not a calibration profile" in one_line_config_error(
         lambda: Config.from_kwargs(allocator="calibrated", profile=str(tmp_path / "other.json"))
     )
+
+
+# ---- malformed profiles ------------------------------------------------------------------------------------------
+#: JSON values a broken or hand-edited profile may hold where a number belongs
+ODD = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e308, -1e308, 1e6, -1e6, 1.0000001e6, 1e-300, -0.0, 10**400, -(10**30), 0, 1]),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.lists(st.floats(0, 1), max_size=2),
+)
+
+
+@st.composite
+def malformed_profiles(draw):
+    """A profile as `squeezekit calibrate` writes it, then broken in a few ways: numbers replaced by odd values,
+    keys dropped or replaced, rows cut or lengthened, levels reordered. Some come out still valid."""
+    L, K = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    levels = sorted(draw(st.sets(st.floats(0.01, 0.95), min_size=K, max_size=K)))
+    number = st.floats(-0.05, 3.0)
+    data = {
+        "format": FORMAT,
+        "model": {"name": "m"},
+        "evictor": {"name": "streaming", "sinks": 4, "window": 8},
+        "levels": levels,
+        "loss": [[draw(number) for _ in range(K)] for _ in range(L)],
+        "stderr": [[draw(st.floats(0, 0.5)) for _ in range(K)] for _ in range(L)],
+    }
+    for _ in range(draw(st.integers(0, 4))):
+        how = draw(st.sampled_from(["number", "number", "number", "key", "drop", "row", "reverse"]))
+        key = draw(st.sampled_from(["format", "model", "evictor", "levels", "loss", "stderr"]))
+        if how == "number" and key in ("loss", "stderr") and isinstance(data.get(key), list) and data[key]:
+            row = draw(st.integers(0, len(data[key]) - 1))
+            if isinstance(data[key][row], list) and data[key][row]:
+                data[key][row][draw(st.integers(0, len(data[key][row]) - 1))] = draw(ODD)
+        elif how == "number" and key == "levels" and isinstance(data.get(key), list) and data[key]:
+            data[key][draw(st.integers(0, len(data[key]) - 1))] = draw(ODD)
+        elif how == "key":
+            data[key] = draw(st.one_of(ODD, st.just([]), st.just({}), st.just([[0.1]])))
+        elif how == "drop":
+            data.pop(key, None)
+        elif how == "row" and isinstance(data.get(key), list) and data[key]:
+            data[key] = data[key][:-1] if draw(st.booleans()) else [*data[key], data[key][-1]]
+        elif how == "reverse" and isinstance(data.get("levels"), list):
+            data["levels"] = data["levels"][::-1]
+    return data
+
+
+@pytest.mark.parametrize("rule", RULES)
+@SETTINGS
+@given(data=malformed_profiles(), floor=st.integers(1, 8), cap=st.integers(8, 3000), share=st.floats(0, 1))
+def test_a_malformed_profile_is_refused_with_a_catalogue_message_or_gives_valid_budgets(rule, data, floor, cap, share):
+    """Whatever a profile holds, reading it either refuses it with one of docs/errors.md's messages, or accepts it,
+    and then the allocator's budgets keep the contract (exact total, floor, cap) at any budget."""
+    from test_errors import documented
+
+    path = Path(_DIR.name) / f"p{next(_N)}.json"
+    path.write_text(json.dumps(data))  # (Python's json writes NaN and Infinity, as a NaN measurement would be)
+    try:
+        config = Config.from_mapping({"allocator": "calibrated", "profile": str(path), "rule": rule}, source="test")
+    except squeezekit.SqueezekitError as error:
+        assert documented(error) and "\n" not in str(error), str(error)
+        event("refused")
+        return
+    event("accepted")
+    allocator = config.build_allocator()
+    L = len(data["loss"])
+    total = L * floor + round(share * L * (cap - floor))
+    req = request([total], floor, [cap], L)
+    assert_contract(allocator.allocate(req), req)
+
+
+# ---- bundled profiles --------------------------------------------------------------------------------------------
+BUNDLED = ("h2o", "sliding_window", "snapkv", "streaming")
+
+
+def test_bundled_profiles_are_for_the_embedded_model_and_each_evictor_at_its_defaults():
+    """``profile=bundled:smollm2/E`` serves the embedded SmolLM2 with evictor E at its default parameters: the
+    identities the allocator checks when a compress() block starts."""
+    from types import SimpleNamespace
+
+    from squeezekit.plugins.calibrated import bundled_profiles, evictor_identity, load_profile, model_identity
+    from transformers import AutoConfig
+
+    from squeezekit.models import default_model_dir
+
+    assert bundled_profiles() == [f"bundled:smollm2/{e}" for e in BUNDLED]
+    smollm2 = model_identity(SimpleNamespace(config=AutoConfig.from_pretrained(default_model_dir())))
+    for evictor in BUNDLED:
+        config = Config.from_kwargs(allocator="calibrated", profile=f"bundled:smollm2/{evictor}", evictor=evictor)
+        data = load_profile(config.build_allocator().profile)
+        assert data["model"] == smollm2 and data["evictor"] == evictor_identity(config.build_evictor())
+        assert len(data["loss"]) == smollm2["num_hidden_layers"]
+
+
+def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(tmp_path):
+    """A wheel built from the tree holds the profiles as package data, and, unpacked as site-packages, names them
+    from a process whose working directory is not the checkout (nothing is read from docs/ or the tree)."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("squeezekit", "plugins", "evaluators"):
+        shutil.copytree(root / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    proc = subprocess.run([*pip, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("squeezekit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"squeezekit/plugins/profiles/smollm2/{e}.json" for e in BUNDLED} <= names
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere.mkdir()
+    code = (
+        "import squeezekit.plugins.calibrated as c\n"
+        "from squeezekit import Config\n"
+        "config = Config.from_mapping({'allocator': 'calibrated', 'profile': 'bundled:smollm2/snapkv', "
+        "'evictor': 'snapkv'})\n"
+        "print(c.profile_path(config.build_allocator().profile))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{site / 'squeezekit' / 'plugins' / 'profiles' / 'smollm2' / 'snapkv.json'}\n"
 
 
 # ---- the command's bad inputs ----------------------------------------------------------------------------------------

@@ -834,17 +834,80 @@ CATALOGUE = [
     # ---- calibration profiles (allocator=calibrated) ------------------------------------------------------------
     Row(
         "profile-missing",
-        "allocator=calibrated without a profile, or with a profile file that does not exist",
+        "allocator=calibrated without a profile, or with a profile file that does not exist or cannot be read",
         "ConfigError",
         "config error: {source}: profile = {value}: {problem}",
         "test_calibration_profiles",
     ),
     Row(
+        "profile-not-regular",
+        "a profile that is a directory, a FIFO or a device such as /dev/zero (never opened: it could block)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: is {kind}; give a profile written by squeezekit calibrate --out "
+        "FILE",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-too-large",
+        "a profile file larger than 16 MiB (never read: a profile takes a few KiB)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: is larger than 16 MiB; give a profile written by squeezekit "
+        "calibrate --out FILE",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-bundled",
+        "profile=bundled:NAME naming no bundled profile",
+        "ConfigError",
+        "config error: {source}: profile = {value}: no bundled profile of that name; bundled: {bundled}{hint}",
+        "test_calibration_profiles",
+    ),
+    Row(
         "profile-malformed",
-        "a profile that is not JSON, or not a profile written by squeezekit calibrate",
+        "a profile that is not JSON, or not a profile written by squeezekit calibrate (another format, or nested "
+        "deeper than Python's JSON parser goes)",
         "ConfigError",
         "config error: {source}: profile = {value}: {problem}",
         "test_calibration_profiles",
+    ),
+    Row(
+        "profile-field",
+        "a profile field missing or of the wrong shape (model, evictor, levels, loss, stderr), or a value in it that "
+        "is not a number",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: expected {what}",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-number",
+        "a profile number that is NaN or infinite (in levels, loss or stderr)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be a finite number",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-levels",
+        "profile levels out of order, repeated, or outside [1e-6, 1 - 1e-6]",
+        "ConfigError",
+        "config error: {source}: profile = {value}: levels = {found}: must increase strictly, each in [1e-06, "
+        "0.999999] (fractions of the prompt)",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-cost",
+        "a profile cost (loss) beyond +-1e6 nats per token (e.g. 1e308, which overflowed the sqrt rule's fit)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be within +-1,000,000 (a loss increase, "
+        "nats per token)",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-stderr",
+        "a profile standard error (stderr) below 0 or beyond 1e6",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be in [0, 1,000,000] (a standard error "
+        "over documents, nats per token)",
+        "test_calibration_profile_numbers",
     ),
     Row(
         "profile-mismatch",
@@ -852,6 +915,14 @@ CATALOGUE = [
         "ConfigError",
         "config error: profile = {value}: made for model {model} with evictor {evictor}, not {what}; calibrate this "
         "combination with squeezekit calibrate",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-layers",
+        "a (hand-made) profile with costs for another number of layers than the model has (when compress() starts)",
+        "ConfigError",
+        "config error: profile = {value}: has the costs of {n} layers, the model {m} compressible layers; calibrate "
+        "this model with squeezekit calibrate",
         "test_calibration_profiles",
     ),
 ]
@@ -866,22 +937,27 @@ def expect(error: BaseException, row_key: str, /, **values) -> str:
     assert type(error).__name__ == row.error, (type(error).__name__, row.error, str(error))
     assert isinstance(error, getattr(squeezekit, row.error))
     message = str(error)
+    assert_filled(row.template, message, values)
+    assert "\n" not in message
+    return message
+
+
+def assert_filled(template: str, message: str, values: dict) -> None:
+    """``message`` is ``template`` filled with ``values`` (a value `ANY` matches any text)."""
     if any(v is ANY for v in values.values()):
-        parts = re.split(r"(\{\w+\})", row.template)
+        parts = re.split(r"(\{\w+\})", template)
         regex = "".join(
             ".+" if p[1:-1] in values and values[p[1:-1]] is ANY else re.escape(p.format(**values)) for p in parts
         )
-        assert re.fullmatch(regex, message), (message, row.template)
+        assert re.fullmatch(regex, message), (message, template)
     else:
-        assert message == row.template.format(**values)
-    assert "\n" not in message
-    return message
+        assert message == template.format(**values), (message, template)
 
 
 def printed(row_key: str, line: str, /, **values) -> None:
     """``line`` (what the command line printed after ``squeezekit: ``) is the message of row ``row_key``."""
     CHECKED[row_key] = CHECKED.get(row_key, 0) + 1
-    assert line == ROWS[row_key].template.format(**values), (row_key, line)
+    assert_filled(ROWS[row_key].template, line, values)
 
 
 def raised(row_key: str, fn, /, **values) -> str:
@@ -2279,47 +2355,129 @@ def count_line() -> str:
 
 
 # ---- calibration profiles --------------------------------------------------------------------------------------
-def test_calibration_profiles(tmp_path, llama):
+GIVE_PROFILE = "give a profile written by squeezekit calibrate --out FILE"
+NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
+
+
+def _profile(path: Path, made: object) -> str:
+    """Write ``made`` (a profile's JSON, or raw text) to ``path``; return the path. NaN and infinities are written as
+    Python's json writes them (NaN, Infinity), as a profile measured in NaN would be."""
     import json
 
-    from squeezekit.plugins.calibrated import FORMAT, evictor_identity, model_identity
+    path.write_text(made if isinstance(made, str) else json.dumps(made))
+    return str(path)
+
+
+def _calibrated(profile):
+    return lambda: Config.from_kwargs(allocator="calibrated", profile=str(profile))
+
+
+def _sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no room (nothing is written; the readers must never read it)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_calibration_profiles(tmp_path, llama):
+    from squeezekit.plugins.calibrated import FORMAT, bundled_profiles, evictor_identity, model_identity
 
     missing = str(tmp_path / "nope.json")
-    write = "write one with squeezekit calibrate --out FILE"
     raised("profile-missing", lambda: Config.from_kwargs(allocator="calibrated"), source="kwargs", value="''",
            problem="required: a file written by squeezekit calibrate --out FILE")  # fmt: skip
     raised("profile-missing", lambda: Config.from_string(f"allocator=calibrated,profile={missing}"),
-           source="model_args", value=repr(missing), problem=f"no such file; {write}")  # fmt: skip
-    (tmp_path / "bad.json").write_text("{not json")
-    bad = str(tmp_path / "bad.json")
-    raised("profile-malformed", lambda: Config.from_kwargs(allocator="calibrated", profile=bad), source="kwargs",
-           value=repr(bad), problem=f"is not JSON; {write}")  # fmt: skip
-    (tmp_path / "other.json").write_text(json.dumps({"format": FORMAT, "levels": [0.5, 0.2], "loss": [[1, 2]]}))
-    other = str(tmp_path / "other.json")
-    raised(
-        "profile-malformed",
-        lambda: Config.from_kwargs(allocator="calibrated", profile=other),
-        source="kwargs",
-        value=repr(other),
-        problem=f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate",
-    )
+           source="model_args", value=repr(missing), problem=f"no such file; {GIVE_PROFILE}")  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    through = str(tmp_path / "afile" / "profile.json")
+    raised("profile-missing", _calibrated(through), source="kwargs", value=repr(through),
+           problem=f"cannot be read: Not a directory; {GIVE_PROFILE}")  # fmt: skip
+    # a FIFO or /dev/zero is never opened (reading would block, or never end)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, NOT_REGULAR), ("/dev/zero", NOT_REGULAR), (tmp_path, "a directory")):
+        raised("profile-not-regular", _calibrated(path), source="kwargs", value=repr(str(path)), kind=kind)
+    huge = _sparse(tmp_path / "huge.json", (16 << 20) + 1)
+    raised("profile-too-large", _calibrated(huge), source="kwargs", value=repr(str(huge)))
+    bundled = ", ".join(bundled_profiles())
+    for name, hint in (("bundled:smollm2/snapvk", "; did you mean 'bundled:smollm2/snapkv'?"),
+                       ("bundled:../../etc/passwd", "")):  # fmt: skip
+        raised("profile-bundled", lambda name=name: Config.from_string(f"allocator=calibrated,profile={name}"),
+               source="model_args", value=repr(name), bundled=bundled, hint=hint)  # fmt: skip
+
+    write = "write one with squeezekit calibrate --out FILE"
+    bad = _profile(tmp_path / "bad.json", "{not json")
+    raised("profile-malformed", _calibrated(bad), source="kwargs", value=repr(bad), problem=f"is not JSON; {write}")
+    not_a_profile = f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate"
+    for name, made in (("other.json", {"format": "other/1", "levels": [0.2], "loss": [[1]]}),
+                       ("list.json", [FORMAT]),
+                       ("deep.json", "[" * 100_000 + "]" * 100_000)):  # fmt: skip
+        path = _profile(tmp_path / name, made)
+        raised("profile-malformed", _calibrated(path), source="kwargs", value=repr(path), problem=not_a_profile)
 
     config = Config.from_kwargs(allocator="uniform", evictor="streaming", sinks=2)
     made = {
         "format": FORMAT, "model": model_identity(llama), "evictor": evictor_identity(config.build_evictor()),
-        "levels": [0.1, 0.4], "layers": [0, 1], "loss": [[0.2, 0.1], [0.1, 0.0]],
+        "levels": [0.1, 0.4], "layers": [0, 1, 2, 3], "loss": [[0.2, 0.1], [0.1, 0.0], [0.0, 0.0], [0.3, 0.1]],
     }  # fmt: skip
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps(made))
+    path = _profile(tmp_path / "profile.json", made)
 
     def describe(identity):
         return identity["name"] + "(" + ", ".join(f"{k}={v}" for k, v in identity.items() if k != "name") + ")"
 
     for what, kwargs in (("evictor streaming(sinks=4, window=8)", {"sinks": 4}),
                          ("evictor sliding_window(window=8)", {"evictor": "sliding_window"})):  # fmt: skip
-        mine = Config.from_kwargs(**{"allocator": "calibrated", "profile": str(path), "evictor": "streaming", **kwargs})
-        raised("profile-mismatch", lambda c=mine: squeezekit.compress(llama, c).__enter__(), value=repr(str(path)),
+        mine = Config.from_kwargs(**{"allocator": "calibrated", "profile": path, "evictor": "streaming", **kwargs})
+        raised("profile-mismatch", lambda c=mine: squeezekit.compress(llama, c).__enter__(), value=repr(path),
                model=describe(made["model"]), evictor=describe(made["evictor"]), what=what)  # fmt: skip
+    three = _profile(tmp_path / "three.json", {**made, "loss": made["loss"][:3]})
+    mine = Config.from_kwargs(allocator="calibrated", profile=three, evictor="streaming", sinks=2)
+    raised("profile-layers", lambda: squeezekit.compress(llama, mine).__enter__(), value=repr(three), n=3, m=4)
+
+
+def test_calibration_profile_numbers(tmp_path):
+    """Every number of a profile is checked when it is read, naming the field: NaN, infinities, costs that overflow
+    the allocators' arithmetic, negative standard errors, levels out of order."""
+    import math
+
+    from squeezekit.plugins.calibrated import FORMAT
+
+    from squeezekit.errors import shown
+
+    good = {
+        "format": FORMAT, "model": {"name": "m"}, "evictor": {"name": "streaming", "sinks": 4, "window": 8},
+        "levels": [0.1, 0.4], "loss": [[0.2, 0.1], [0.1, 0.0]], "stderr": [[0.01, 0.01], [0.0, 0.0]],
+    }  # fmt: skip
+    assert Config.from_kwargs(allocator="calibrated", profile=_profile(tmp_path / "good.json", good)).allocator
+    names = (f"bad{i}.json" for i in range(1000))
+
+    def bad(row_key, change, **values):
+        path = _profile(tmp_path / next(names), {**good, **change})
+        raised(row_key, _calibrated(path), source="kwargs", value=repr(path), **values)
+
+    identity = "the {}'s identity (an object with its name)"
+    bad("profile-field", {"model": None}, field="model", found="None", what=identity.format("model"))
+    bad("profile-field", {"evictor": {"sinks": 4}}, field="evictor", found="{'sinks': 4}",
+        what=identity.format("evictor"))  # fmt: skip
+    bad("profile-field", {"levels": 0.1}, field="levels", found="0.1",
+        what="a list of budget levels (fractions of the prompt)")  # fmt: skip
+    bad("profile-field", {"levels": ["0.1", 0.4]}, field="levels[0]", found="'0.1'", what="a number")
+    per_layer = "a list of rows (one per layer) of 2 numbers each (one per level)"
+    bad("profile-field", {"loss": [[0.2, 0.1], [0.1]]}, field="loss[1]", found="[0.1]", what=per_layer)
+    bad("profile-field", {"loss": []}, field="loss", found="[]", what=per_layer)
+    bad("profile-field", {"loss": [[0.2, True], [0.1, 0.0]]}, field="loss[0][1]", found="True", what="a number")
+    bad("profile-field", {"stderr": [[0.0, 0.0]]}, field="stderr", found="[[0.0, 0.0]]",
+        what="a list of 2 rows (one per layer, as in loss) of 2 numbers each (one per level)")  # fmt: skip
+    for field, found, change in (("stderr[0][1]", "nan", {"stderr": [[0.0, math.nan], [0.0, 0.0]]}),
+                                 ("loss[1][0]", "inf", {"loss": [[0.2, 0.1], [math.inf, 0.0]]}),
+                                 ("levels[1]", "-inf", {"levels": [0.1, -math.inf]})):  # fmt: skip
+        bad("profile-number", change, field=field, found=found)
+    for levels in ([0.4, 0.1], [0.1, 0.1], [0.0, 0.5], [0.5, 1.0], [1e-9, 0.5]):
+        bad("profile-levels", {"levels": levels}, found=repr(levels))
+    bad("profile-cost", {"loss": [[1e308, 0.1], [0.1, 0.0]]}, field="loss[0][0]", found="1e+308")
+    bad("profile-cost", {"loss": [[0.2, 0.1], [0.1, -2e6]]}, field="loss[1][1]", found="-2000000.0")
+    bad("profile-cost", {"loss": [[10**400, 0.1], [0.1, 0.0]]}, field="loss[0][0]", found=shown(10**400))
+    bad("profile-stderr", {"stderr": [[0.01, -0.5], [0.0, 0.0]]}, field="stderr[0][1]", found="-0.5")
+    bad("profile-stderr", {"stderr": [[0.01, 0.01], [1e7, 0.0]]}, field="stderr[1][0]", found="10000000.0")
 
 
 if __name__ == "__main__":  # rewrite docs/errors.md's table from CATALOGUE, and the count of cases tried
