@@ -925,6 +925,35 @@ CATALOGUE = [
         "this model with squeezekit calibrate",
         "test_calibration_profiles",
     ),
+    # ---- the texts read ($SQUEEZEKIT_TEXT, text_file) -----------------------------------------------------------
+    Row(
+        "text-missing",
+        "a text that does not exist: $SQUEEZEKIT_TEXT, the tasks' text_file",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: no such file; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-not-regular",
+        "a text that is a directory, a FIFO or a device such as /dev/zero (never opened: it could block or never end)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is {kind}; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-unreadable",
+        "a text that cannot be read (e.g. a path through a regular file)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: cannot be read: {reason}; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-too-large",
+        "a text larger than 256 MiB (never read)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is larger than 256 MiB; give a text file",
+        "test_texts_read",
+    ),
 ]
 ROWS = {row.key: row for row in CATALOGUE}
 
@@ -2478,6 +2507,31 @@ def test_calibration_profile_numbers(tmp_path):
     bad("profile-cost", {"loss": [[10**400, 0.1], [0.1, 0.0]]}, field="loss[0][0]", found=shown(10**400))
     bad("profile-stderr", {"stderr": [[0.01, -0.5], [0.0, 0.0]]}, field="stderr[0][1]", found="-0.5")
     bad("profile-stderr", {"stderr": [[0.01, 0.01], [1e7, 0.0]]}, field="stderr[1][0]", found="10000000.0")
+
+
+# ---- the texts read ---------------------------------------------------------------------------------------------
+def test_texts_read(tmp_path, monkeypatch):
+    """The texts users name ($SQUEEZEKIT_TEXT, the tasks' text_file) are read only when they are regular files of at
+    most 256 MiB: a FIFO or /dev/zero never blocks or reads forever."""
+    from squeezekit.evaluators.tasks.utils import find_text
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    (tmp_path / "afile").write_text("")
+    cases = (
+        ("text-missing", tmp_path / "nope.txt", {}),
+        ("text-not-regular", fifo, {"kind": NOT_REGULAR}),
+        ("text-not-regular", Path("/dev/zero"), {"kind": NOT_REGULAR}),
+        ("text-not-regular", tmp_path, {"kind": "a directory"}),
+        ("text-unreadable", tmp_path / "afile" / "text.txt", {"reason": "Not a directory"}),
+        ("text-too-large", _sparse(tmp_path / "huge.txt", (256 << 20) + 1), {}),
+    )
+    for row_key, path, values in cases:
+        value = repr(str(path))
+        monkeypatch.setenv("SQUEEZEKIT_TEXT", str(path))
+        raised(row_key, find_text, source="environment", key="SQUEEZEKIT_TEXT", value=value, **values)
+        raised(row_key, lambda path=path: find_text(str(path)), source="metadata", key="text_file", value=value,
+               **values)  # fmt: skip
 
 
 if __name__ == "__main__":  # rewrite docs/errors.md's table from CATALOGUE, and the count of cases tried
