@@ -5,6 +5,7 @@ Profiles for the property tests are written by hand; the command is run end to e
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -203,8 +204,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def profile(tiny):
-    """One `squeezekit calibrate` run on the tiny model (the command end to end: a few seconds)."""
+def calibrate_run(tiny):
+    """One `squeezekit calibrate` run on the tiny model (the command end to end: a few seconds), with stderr not a
+    terminal: (the profile, what it printed on stdout, on stderr)."""
+    import contextlib
+    import io
+
     root, model_dir, text = tiny
     out = root / "profile.json"
     argv = [
@@ -228,8 +233,30 @@ def profile(tiny):
         "--levels",
         "0.2,0.5",
     ]
-    assert main(argv) == 0
-    return out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.delenv("SQUEEZEKIT_PROGRESS", raising=False)
+        assert main(argv) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def profile(calibrate_run):
+    return calibrate_run[0]
+
+
+def test_calibrate_reports_its_progress_off_a_terminal(calibrate_run):
+    """Off a terminal: a line as the model loads, progress lines counted in probes (2 documents x 2 levels x 3 layers),
+    the last one at 100 %; no tqdm bar (no carriage return) and no transformers loading bar; counts in words."""
+    _, out, err = calibrate_run
+    lines = err.splitlines()
+    assert "\r" not in err and "Loading" not in err
+    assert lines[0] == "squeezekit: loading the model tiny on cpu (float32) ..."
+    assert lines[1].startswith("squeezekit: calibrate 0/12 probes (0%), ")
+    assert lines[-1].startswith("squeezekit: calibrate 12/12 probes (100%), ")
+    assert lines[-1].endswith(" elapsed: document 2/2, level 0.5")
+    assert all(line.startswith("squeezekit: calibrate ") for line in lines[1:])
+    assert ", 2 documents of " in out and "the 3 costliest layers at level 0.2: " in out
 
 
 def test_calibrate_writes_a_profile_of_every_layer_and_level(profile, capsys):
@@ -473,25 +500,89 @@ def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--text", "/nonexistent/text.txt"], "--text = '/nonexistent/text.txt': cannot be read"),
+        (["--text", "/nonexistent/text.txt"], "--text = '/nonexistent/text.txt': no such file"),
+        (["--text", "{fifo}"], "is not a regular file (a FIFO, socket or device)"),  # (reading it blocked)
+        (["--text", "/dev/zero"], "is not a regular file (a FIFO, socket or device)"),  # (reading it never ended)
         (["--text", "{empty}"], "is empty"),
         (["--evictor", "h2x"], "unknown evictor"),
-        (["--out", "/nonexistent/dir/p.json"], "--out = '/nonexistent/dir/p.json': cannot be written"),
+        (["--out", "{afile}/p.json"], "p.json': cannot be written: Not a directory"),
+        (["--out", "/proc/p.json"], "--out = '/proc/p.json': cannot be written"),
         (["--levels", "0.1,1.5"], "--levels"),
         (["--set", "sinks"], "expected KEY=VALUE"),
         (["--documents", "0"], "argument --documents: invalid integer >= 1 value: '0'"),
+        (["--documents", "9" * 30], "argument --documents: at most 10000 documents"),  # (allocating never ended)
+        (["--device", "bogus"], "--device = 'bogus': expected cpu, cuda or cuda:N"),
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     ],
 )
-def test_calibrate_bad_inputs_are_one_line_errors(argv, expected, tiny, capsys):
+def test_calibrate_bad_inputs_are_one_line_errors_before_the_model_loads(argv, expected, tiny, capsys, monkeypatch):
+    import squeezekit.models
+
     root, model_dir, text = tiny
-    empty = root / "empty.txt"
-    empty.write_text("  \n")
-    argv = [a.replace("{empty}", str(empty)) for a in argv]
+    (root / "empty.txt").write_text("  \n")
+    (root / "afile").write_text("")
+    if not (root / "fifo").exists():
+        os.mkfifo(root / "fifo")
+    names = {"{empty}": str(root / "empty.txt"), "{fifo}": str(root / "fifo"), "{afile}": str(root / "afile")}
+    argv = [functools.reduce(lambda a, kv: a.replace(*kv), names.items(), a) for a in argv]
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(squeezekit.models, "load_model", load_model)
     base = ["calibrate", "--model", str(model_dir), "--text", str(text), "--out", str(root / "x.json")]
     assert main(base + argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("squeezekit: ") and expected in err, err
     assert not (root / "x.json").exists()
+
+
+def test_calibrate_help_lists_the_evictor_alone_and_every_default(capsys):
+    """A profile depends on the evictor and its parameters only: no allocator, budget or fallback flags; every option
+    shows its default (or says it has none) and a metavar saying what it takes."""
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--allocator",
+        "--budget",
+        "--fallback-allocator",
+        "--fallback-evictor",
+        "--profile",
+        "--rule",
+        "--p X",
+    ):
+        assert flag not in text, flag
+    for shown in ("--evictor NAME", "--window N", "--sinks N", "--heavy-ratio X", "--kernel-size N",
+                  "--pooling {max,avg}", "--set KEY=VALUE", "--config FILE"):  # fmt: skip
+        assert shown in text, shown
+    defaults = {
+        "--model DIR": "default: the embedded SmolLM2-135M-Instruct",
+        "--text FILE": "default: the reST sources",
+        "--out FILE": "(default: profile.json)",
+        "--levels F,F,...": "(default: 0.05,0.1,0.2,0.4)",
+        "--documents N": "(default: 4)",
+        "--prompt-tokens N": "(default: 512)",
+        "--scored-tokens N": "(default: 128)",
+        "--extend-chunk N": "(default: 16)",
+        "--batch-size N": "(default: 0, one per layer)",
+        "--device DEVICE": "(default: cuda when there is one)",
+        "--dtype {bfloat16,float16,float32}": "(default: float32",
+        "--threads N": "(default: torch's own)",
+        "--evictor NAME": "(default: streaming)",
+    }
+    for option, default in defaults.items():
+        after = text.partition(f" {option} ")[2]
+        assert after and default in after.split(" --")[0], (option, after[:200])
+
+
+def test_calibrate_on_a_missing_cuda_device_is_a_one_line_error(tiny, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root, model_dir, text = tiny
+    assert main(["calibrate", "--model", str(model_dir), "--text", str(text), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "squeezekit: --device cuda: no CUDA device is available here; use --device cpu\n"
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------------------
@@ -568,6 +659,7 @@ def test_smollm2_calibrate_and_use_the_profile(tmp_path, capsys):
         "32",
     ]
     assert main(argv) == 0
+    assert ", 1 document of " in capsys.readouterr().out  # (not "1 documents")
     data = json.loads(out.read_text())
     assert data["model"]["name"] == "SmolLM2-135M-Instruct" and len(data["loss"]) == 30
     model, tok = squeezekit.load_default_model()

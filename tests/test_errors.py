@@ -925,10 +925,50 @@ CATALOGUE = [
         "this model with squeezekit calibrate",
         "test_calibration_profiles",
     ),
-    # ---- the texts read ($SQUEEZEKIT_TEXT, text_file) -----------------------------------------------------------
+    # ---- squeezekit calibrate, the texts read, outputs, devices -------------------------------------------------
+    Row(
+        "calibrate-key",
+        "squeezekit calibrate given an allocator, budget or fallback key (--set, --config)",
+        "ConfigError",
+        "config error: command line: {key} = {value}: does not apply: a profile measures one evictor, each layer "
+        "alone at each of --levels",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-levels",
+        "squeezekit calibrate --levels that are not fractions of the prompt in [1e-6, 1 - 1e-6]",
+        "ConfigError",
+        "config error: command line: --levels = {value}: expected fractions of the prompt in [1e-06, 0.999999], "
+        "comma-separated",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-limit",
+        "squeezekit calibrate --documents above 10000, --prompt-tokens / --scored-tokens above 1048576 (2**20), "
+        "--threads above the machine's cores (refused before anything is allocated)",
+        "CommandLineError",
+        "argument {flag}: at most {most} {unit}, got {value} (see squeezekit calibrate --help)",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-positions",
+        "squeezekit calibrate documents (--prompt-tokens + --scored-tokens) longer than the model's positions",
+        "ConfigError",
+        "config error: command line: --prompt-tokens = {value}: with --scored-tokens {scored}, {total} tokens per "
+        "document, more than the {positions} positions of the model",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-empty-text",
+        "squeezekit calibrate --text of white space only",
+        "ConfigError",
+        "config error: command line: --text = {value}: is empty: give a file of plain text (a few thousand words at "
+        "least)",
+        "test_calibrate_arguments",
+    ),
     Row(
         "text-missing",
-        "a text that does not exist: $SQUEEZEKIT_TEXT, the tasks' text_file",
+        "a text that does not exist: squeezekit calibrate --text, $SQUEEZEKIT_TEXT, the tasks' text_file",
         "ConfigError",
         "config error: {source}: {key} = {value}: no such file; give a text file",
         "test_texts_read",
@@ -953,6 +993,42 @@ CATALOGUE = [
         "ConfigError",
         "config error: {source}: {key} = {value}: is larger than 256 MiB; give a text file",
         "test_texts_read",
+    ),
+    Row(
+        "output-directory",
+        "an output file (squeezekit calibrate --out) that is a directory",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is a directory; give a file name",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "output-unwritable",
+        "an output file (squeezekit calibrate --out) that cannot be created, tested by creating it before the work "
+        "(e.g. under a regular file, or in /proc)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: cannot be written: {reason}",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-name",
+        "a --device that is not cpu, cuda or cuda:N (squeezekit calibrate)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected cpu, cuda or cuda:N",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-no-cuda",
+        "--device cuda or cuda:N where there is no CUDA device (squeezekit calibrate)",
+        "InputError",
+        "{key} {device}: no CUDA device is available here; use {key} cpu",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-index",
+        "--device cuda:N beyond the machine's CUDA devices (squeezekit calibrate)",
+        "InputError",
+        "{key} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{last}",
+        "test_calibrate_arguments",
     ),
 ]
 ROWS = {row.key: row for row in CATALOGUE}
@@ -2509,11 +2585,67 @@ def test_calibration_profile_numbers(tmp_path):
     bad("profile-stderr", {"stderr": [[0.01, 0.01], [1e7, 0.0]]}, field="stderr[1][0]", found="10000000.0")
 
 
-# ---- the texts read ---------------------------------------------------------------------------------------------
+# ---- squeezekit calibrate, the texts it reads, its output, its device -----------------------------------------------
+def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
+    """Every argument of squeezekit calibrate is checked before the model loads (all but the document length, which
+    the model's positions bound: checked once it is loaded, before any measurement)."""
+    from squeezekit.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning was the word. " * 200)
+    out = tmp_path / "profile.json"
+    base = ["calibrate", "--model", str(tiny_llama_dir), "--text", str(text), "--out", str(out)]
+
+    def error(*argv: str) -> str:
+        return _cli_error(main, [*base, *argv])
+
+    printed("calibrate-key", error("--set", "budget=0.3"), key="budget", value="'0.3'")
+    printed("calibrate-key", error("--set", "allocator=uniform"), key="allocator", value="'uniform'")
+    for levels in ("0.1,1.5", "0.1,x", "0,0.5", "nan", ","):
+        printed("calibrate-levels", error("--levels", levels), value=repr(levels))
+    thirty = "1" + "0" * 29  # (allocating for as many documents never ended)
+    printed("calibrate-limit", error("--documents", thirty), flag="--documents", most=10000, unit="documents",
+            value=repr(thirty))  # fmt: skip
+    for flag in ("--prompt-tokens", "--scored-tokens"):
+        printed("calibrate-limit", error(flag, "1048577"), flag=flag, most=1048576, unit="tokens", value="'1048577'")
+    cores = os.cpu_count() or 1
+    printed("calibrate-limit", error("--threads", str(cores + 1)), flag="--threads", most=cores,
+            unit="threads (this machine's cores)", value=repr(str(cores + 1)))  # fmt: skip
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\t\n")
+    printed("calibrate-empty-text", error("--text", str(empty)), value=repr(str(empty)))
+    # --out is tested by creating it, before the measurement (as root, os.access says yes to everything)
+    command_line = dict(source="command line", key="--out")
+    printed("output-directory", error("--out", str(tmp_path)), value=repr(str(tmp_path)), **command_line)
+    (tmp_path / "afile").write_text("")
+    for where, reason in ((tmp_path / "afile" / "profile.json", "Not a directory"),
+                          (tmp_path / "afile" / "sub" / "profile.json", "Not a directory"),
+                          (Path("/proc/profile.json"), ANY)):  # fmt: skip
+        printed("output-unwritable", error("--out", str(where)), value=repr(str(where)), reason=reason, **command_line)
+    for device in ("bogus", "CPU", "meta"):
+        printed("device-name", error("--device", device), source="command line", key="--device", value=repr(device))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        printed("device-no-cuda", error("--device", device), key="--device", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    printed("device-index", error("--device", "cuda:3"), key="--device", device="cuda:3", n=1, last=0)
+    monkeypatch.undo()
+    assert not out.exists()  # nothing was measured, nothing written
+    monkeypatch.setenv("SQUEEZEKIT_PROGRESS", "0")  # (the model loads: no "loading the model" line)
+    line = error("--device", "cpu", "--prompt-tokens", "4000", "--scored-tokens", "128")
+    printed("calibrate-positions", line, value="4000", scored=128, total=4128, positions=4096)
+    assert not out.exists()
+
+
 def test_texts_read(tmp_path, monkeypatch):
-    """The texts users name ($SQUEEZEKIT_TEXT, the tasks' text_file) are read only when they are regular files of at
-    most 256 MiB: a FIFO or /dev/zero never blocks or reads forever."""
+    """The texts users name (squeezekit calibrate --text, $SQUEEZEKIT_TEXT, the tasks' text_file) are read only when
+    they are regular files of at most 256 MiB: a FIFO or /dev/zero never blocks or reads forever."""
     from squeezekit.evaluators.tasks.utils import find_text
+
+    from squeezekit.cli import main
 
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
@@ -2532,6 +2664,8 @@ def test_texts_read(tmp_path, monkeypatch):
         raised(row_key, find_text, source="environment", key="SQUEEZEKIT_TEXT", value=value, **values)
         raised(row_key, lambda path=path: find_text(str(path)), source="metadata", key="text_file", value=value,
                **values)  # fmt: skip
+        line = _cli_error(main, ["calibrate", "--text", str(path), "--out", str(tmp_path / "p.json")])
+        printed(row_key, line, source="command line", key="--text", value=value, **values)
 
 
 if __name__ == "__main__":  # rewrite docs/errors.md's table from CATALOGUE, and the count of cases tried
