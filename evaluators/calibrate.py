@@ -146,11 +146,17 @@ def _probe_class():
     return Probe
 
 
-def scored_nll(model, config, ids, prompt: int, chunk: int, probe=None):
+def forwards(scored: int, chunk: int) -> int:
+    """How many forwards `scored_nll` makes: the prefill, then the scored tokens in chunks."""
+    return 1 + math.ceil((scored - 1) / chunk)
+
+
+def scored_nll(model, config, ids, prompt: int, chunk: int, probe=None, done=lambda: None):
     """(B,) mean next-token loss of ``ids[:, prompt + 1:]`` (and of token ``prompt``, predicted by the prefill),
-    with the first ``prompt`` tokens prefilled and compressed under ``config`` (``probe``: this allocator instead).
-    Identical rows (the probes of one document) share one prefill: its cache is branched into one copy per row
-    before each copy is compressed (`squeezekit.cache.SqueezeCache.branch`)."""
+    with the first ``prompt`` tokens prefilled and compressed under ``config`` (``probe``: this allocator instead);
+    ``done()`` after each forward (`forwards` of them). Identical rows (the probes of one document) share one
+    prefill: its cache is branched into one copy per row before each copy is compressed
+    (`squeezekit.cache.SqueezeCache.branch`)."""
     import torch
     import torch.nn.functional as F
 
@@ -166,12 +172,14 @@ def scored_nll(model, config, ids, prompt: int, chunk: int, probe=None):
             compressor.runner.use("allocator", probe)
         cache = compressor.new_cache(branches=rows if same else 1)
         out = model(input_ids=first[:, :prompt], use_cache=True, logits_to_keep=1, **compressor.cache_kwargs(cache))
+        done()
         logp = F.log_softmax(out.logits[:, -1].float(), -1).gather(-1, first[:, prompt : prompt + 1])
         total -= logp.squeeze(-1).double()  # (one row when shared: the same prediction for every copy)
         cache = output_cache(out)
         for k in range(prompt, ids.shape[1] - 1, chunk):
             w = min(chunk, ids.shape[1] - 1 - k)
             out = model(input_ids=ids[:, k : k + w], use_cache=True, **compressor.cache_kwargs(cache))
+            done()
             logp = F.log_softmax(out.logits.float(), -1).gather(-1, ids[:, k + 1 : k + w + 1, None]).squeeze(-1)
             total -= logp.sum(-1).double()
             cache = output_cache(out)
@@ -210,8 +218,9 @@ def calibrate(
     source: str = "",
 ) -> dict:
     """Measure the profile (see the module docstring): a dict ready for JSON. Progress goes to stderr
-    (`squeezekit.progress`: a bar on a terminal, a line every few seconds elsewhere), counted in probes: one layer
-    evicted to one level on one document."""
+    (`squeezekit.progress`: a bar on a terminal, a line every 10 s elsewhere), counted in forwards (a batch of
+    probes takes one prefill and a forward per chunk of scored tokens: with the defaults, one level of one document
+    is 9 forwards of 30 rows)."""
     import torch
     from squeezekit.plugins.calibrated import FORMAT, evictor_identity, model_identity
 
@@ -232,11 +241,12 @@ def calibrate(
     loss = torch.zeros(n_docs, L, len(levels), dtype=torch.float64)
     ref = torch.zeros(n_docs, dtype=torch.float64)
     t0 = time.time()
-    with progress(n_docs * len(levels) * L, "calibrate", unit="probe") as bar:
+    total = n_docs * (1 + len(levels) * math.ceil(L / batch)) * forwards(scored, chunk)
+    with progress(total, "calibrate", unit="forward") as bar:
         for d, doc in enumerate(docs):
             bar.set_note(f"document {d + 1}/{n_docs}, the reference")
             ids = torch.tensor([doc], device=model.device)
-            ref[d] = scored_nll(model, base, ids, prompt, chunk)[0]
+            ref[d] = scored_nll(model, base, ids, prompt, chunk, done=bar.update)[0]
             for j, level in enumerate(levels):
                 bar.set_note(f"document {d + 1}/{n_docs}, level {level:g}")
                 keep = max(floor, round(level * prompt))
@@ -245,9 +255,9 @@ def calibrate(
                 )
                 for start in range(0, L, batch):
                     rows = tuple(range(start, min(L, start + batch)))
-                    nll = scored_nll(model, config, ids.expand(len(rows), -1), prompt, chunk, Probe(layers=rows))
+                    probe = Probe(layers=rows)
+                    nll = scored_nll(model, config, ids.expand(len(rows), -1), prompt, chunk, probe, bar.update)
                     loss[d, list(rows), j] = nll - ref[d]
-                    bar.update(len(rows))
     sd = loss.std(0) if n_docs > 1 else torch.zeros(L, len(levels), dtype=torch.float64)
     import squeezekit
 

@@ -246,14 +246,15 @@ def profile(calibrate_run):
 
 
 def test_calibrate_reports_its_progress_off_a_terminal(calibrate_run):
-    """Off a terminal: a line as the model loads, progress lines counted in probes (2 documents x 2 levels x 3 layers),
-    the last one at 100 %; no tqdm bar (no carriage return) and no transformers loading bar; counts in words."""
+    """Off a terminal: a line as the model loads, progress lines counted in forwards (2 documents x (the reference and
+    2 levels) x (a prefill and 2 chunks of 16 scored tokens)), the last one at 100 %; no tqdm bar (no carriage
+    return) and no transformers loading bar; counts in words."""
     _, out, err = calibrate_run
     lines = err.splitlines()
     assert "\r" not in err and "Loading" not in err
     assert lines[0] == "squeezekit: loading the model tiny on cpu (float32) ..."
-    assert lines[1].startswith("squeezekit: calibrate 0/12 probes (0%), ")
-    assert lines[-1].startswith("squeezekit: calibrate 12/12 probes (100%), ")
+    assert lines[1].startswith("squeezekit: calibrate 0/18 forwards (0%), ")
+    assert lines[-1].startswith("squeezekit: calibrate 18/18 forwards (100%), ")
     assert lines[-1].endswith(" elapsed: document 2/2, level 0.5")
     assert all(line.startswith("squeezekit: calibrate ") for line in lines[1:])
     assert ", 2 documents of " in out and "the 3 costliest layers at level 0.2: " in out
