@@ -12,6 +12,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -66,6 +67,8 @@ def check_output_file(path: str | os.PathLike, key: str, source: str | None = No
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "ab"):
             pass
+    except FileExistsError:  # (what mkdir says when the folder named is a file)
+        raise ConfigError(key, str(path), f"cannot be written: {os.strerror(errno.ENOTDIR)}", source) from None
     except OSError as exc:
         raise ConfigError(key, str(path), f"cannot be written: {exc.strerror or exc}", source) from None
     if not existed:

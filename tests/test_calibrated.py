@@ -5,15 +5,19 @@ Profiles for the property tests are written by hand; the command is run end to e
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import squeezekit
@@ -200,8 +204,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def profile(tiny):
-    """One `squeezekit calibrate` run on the tiny model (the command end to end: a few seconds)."""
+def calibrate_run(tiny):
+    """One `squeezekit calibrate` run on the tiny model (the command end to end: a few seconds), with stderr not a
+    terminal: (the profile, what it printed on stdout, on stderr)."""
+    import contextlib
+    import io
+
     root, model_dir, text = tiny
     out = root / "profile.json"
     argv = [
@@ -225,8 +233,31 @@ def profile(tiny):
         "--levels",
         "0.2,0.5",
     ]
-    assert main(argv) == 0
-    return out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.delenv("SQUEEZEKIT_PROGRESS", raising=False)
+        assert main(argv) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def profile(calibrate_run):
+    return calibrate_run[0]
+
+
+def test_calibrate_reports_its_progress_off_a_terminal(calibrate_run):
+    """Off a terminal: a line as the model loads, progress lines counted in forwards (2 documents x (the reference and
+    2 levels) x (a prefill and 2 chunks of 16 scored tokens)), the last one at 100 %; no tqdm bar (no carriage
+    return) and no transformers loading bar; counts in words."""
+    _, out, err = calibrate_run
+    lines = err.splitlines()
+    assert "\r" not in err and "Loading" not in err
+    assert lines[0] == "squeezekit: loading the model tiny on cpu (float32) ..."
+    assert lines[1].startswith("squeezekit: calibrate 0/18 forwards (0%), ")
+    assert lines[-1].startswith("squeezekit: calibrate 18/18 forwards (100%), ")
+    assert lines[-1].endswith(" elapsed: document 2/2, level 0.5")
+    assert all(line.startswith("squeezekit: calibrate ") for line in lines[1:])
+    assert ", 2 documents of " in out and "the 3 costliest layers at level 0.2: " in out
 
 
 def test_calibrate_writes_a_profile_of_every_layer_and_level(profile, capsys):
@@ -327,10 +358,141 @@ def test_missing_or_malformed_profile_is_a_one_line_error(tmp_path):
     assert "is not JSON" in one_line_config_error(
         lambda: Config.from_string(f"allocator=calibrated,profile={tmp_path / 'bad.json'}")
     )
-    (tmp_path / "other.json").write_text(json.dumps({"format": FORMAT, "levels": [0.5, 0.2], "loss": [[1, 2]]}))
+    (tmp_path / "other.json").write_text(json.dumps({"format": "other/1", "levels": [0.2, 0.5], "loss": [[1, 2]]}))
     assert "not a calibration profile" in one_line_config_error(
         lambda: Config.from_kwargs(allocator="calibrated", profile=str(tmp_path / "other.json"))
     )
+
+
+# ---- malformed profiles ------------------------------------------------------------------------------------------
+#: JSON values a broken or hand-edited profile may hold where a number belongs
+ODD = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e308, -1e308, 1e6, -1e6, 1.0000001e6, 1e-300, -0.0, 10**400, -(10**30), 0, 1]),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.lists(st.floats(0, 1), max_size=2),
+)
+
+
+@st.composite
+def malformed_profiles(draw):
+    """A profile as `squeezekit calibrate` writes it, then broken in a few ways: numbers replaced by odd values,
+    keys dropped or replaced, rows cut or lengthened, levels reordered. Some come out still valid."""
+    L, K = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    levels = sorted(draw(st.sets(st.floats(0.01, 0.95), min_size=K, max_size=K)))
+    number = st.floats(-0.05, 3.0)
+    data = {
+        "format": FORMAT,
+        "model": {"name": "m"},
+        "evictor": {"name": "streaming", "sinks": 4, "window": 8},
+        "levels": levels,
+        "loss": [[draw(number) for _ in range(K)] for _ in range(L)],
+        "stderr": [[draw(st.floats(0, 0.5)) for _ in range(K)] for _ in range(L)],
+    }
+    for _ in range(draw(st.integers(0, 4))):
+        how = draw(st.sampled_from(["number", "number", "number", "key", "drop", "row", "reverse"]))
+        key = draw(st.sampled_from(["format", "model", "evictor", "levels", "loss", "stderr"]))
+        if how == "number" and key in ("loss", "stderr") and isinstance(data.get(key), list) and data[key]:
+            row = draw(st.integers(0, len(data[key]) - 1))
+            if isinstance(data[key][row], list) and data[key][row]:
+                data[key][row][draw(st.integers(0, len(data[key][row]) - 1))] = draw(ODD)
+        elif how == "number" and key == "levels" and isinstance(data.get(key), list) and data[key]:
+            data[key][draw(st.integers(0, len(data[key]) - 1))] = draw(ODD)
+        elif how == "key":
+            data[key] = draw(st.one_of(ODD, st.just([]), st.just({}), st.just([[0.1]])))
+        elif how == "drop":
+            data.pop(key, None)
+        elif how == "row" and isinstance(data.get(key), list) and data[key]:
+            data[key] = data[key][:-1] if draw(st.booleans()) else [*data[key], data[key][-1]]
+        elif how == "reverse" and isinstance(data.get("levels"), list):
+            data["levels"] = data["levels"][::-1]
+    return data
+
+
+@pytest.mark.parametrize("rule", RULES)
+@SETTINGS
+@given(data=malformed_profiles(), floor=st.integers(1, 8), cap=st.integers(8, 3000), share=st.floats(0, 1))
+def test_a_malformed_profile_is_refused_with_a_catalogue_message_or_gives_valid_budgets(rule, data, floor, cap, share):
+    """Whatever a profile holds, reading it either refuses it with one of docs/errors.md's messages, or accepts it,
+    and then the allocator's budgets keep the contract (exact total, floor, cap) at any budget."""
+    from test_errors import documented
+
+    path = Path(_DIR.name) / f"p{next(_N)}.json"
+    path.write_text(json.dumps(data))  # (Python's json writes NaN and Infinity, as a NaN measurement would be)
+    try:
+        config = Config.from_mapping({"allocator": "calibrated", "profile": str(path), "rule": rule}, source="test")
+    except squeezekit.SqueezekitError as error:
+        assert documented(error) and "\n" not in str(error), str(error)
+        event("refused")
+        return
+    event("accepted")
+    allocator = config.build_allocator()
+    L = len(data["loss"])
+    total = L * floor + round(share * L * (cap - floor))
+    req = request([total], floor, [cap], L)
+    assert_contract(allocator.allocate(req), req)
+
+
+# ---- bundled profiles --------------------------------------------------------------------------------------------
+BUNDLED = ("h2o", "sliding_window", "snapkv", "streaming")
+
+
+def test_bundled_profiles_are_for_the_embedded_model_and_each_evictor_at_its_defaults():
+    """``profile=bundled:smollm2/E`` serves the embedded SmolLM2 with evictor E at its default parameters: the
+    identities the allocator checks when a compress() block starts."""
+    from types import SimpleNamespace
+
+    from squeezekit.plugins.calibrated import bundled_profiles, evictor_identity, load_profile, model_identity
+    from transformers import AutoConfig
+
+    from squeezekit.models import default_model_dir
+
+    assert bundled_profiles() == [f"bundled:smollm2/{e}" for e in BUNDLED]
+    smollm2 = model_identity(SimpleNamespace(config=AutoConfig.from_pretrained(default_model_dir())))
+    for evictor in BUNDLED:
+        config = Config.from_kwargs(allocator="calibrated", profile=f"bundled:smollm2/{evictor}", evictor=evictor)
+        data = load_profile(config.build_allocator().profile)
+        assert data["model"] == smollm2 and data["evictor"] == evictor_identity(config.build_evictor())
+        assert len(data["loss"]) == smollm2["num_hidden_layers"]
+
+
+def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(tmp_path):
+    """A wheel built from the tree holds the profiles as package data, and, unpacked as site-packages, names them
+    from a process whose working directory is not the checkout (nothing is read from docs/ or the tree)."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("squeezekit", "plugins", "evaluators"):
+        shutil.copytree(root / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    proc = subprocess.run([*pip, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("squeezekit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"squeezekit/plugins/profiles/smollm2/{e}.json" for e in BUNDLED} <= names
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere.mkdir()
+    code = (
+        "import squeezekit.plugins.calibrated as c\n"
+        "from squeezekit import Config\n"
+        "config = Config.from_mapping({'allocator': 'calibrated', 'profile': 'bundled:smollm2/snapkv', "
+        "'evictor': 'snapkv'})\n"
+        "print(c.profile_path(config.build_allocator().profile))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{site / 'squeezekit' / 'plugins' / 'profiles' / 'smollm2' / 'snapkv.json'}\n"
 
 
 # ---- the command's bad inputs ----------------------------------------------------------------------------------------
@@ -339,25 +501,89 @@ def test_missing_or_malformed_profile_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--text", "/nonexistent/text.txt"], "--text = '/nonexistent/text.txt': cannot be read"),
+        (["--text", "/nonexistent/text.txt"], "--text = '/nonexistent/text.txt': no such file"),
+        (["--text", "{fifo}"], "is not a regular file (a FIFO, socket or device)"),  # (reading it blocked)
+        (["--text", "/dev/zero"], "is not a regular file (a FIFO, socket or device)"),  # (reading it never ended)
         (["--text", "{empty}"], "is empty"),
         (["--evictor", "h2x"], "unknown evictor"),
-        (["--out", "/nonexistent/dir/p.json"], "--out = '/nonexistent/dir/p.json': cannot be written"),
+        (["--out", "{afile}/p.json"], "p.json': cannot be written: Not a directory"),
+        (["--out", "/proc/p.json"], "--out = '/proc/p.json': cannot be written"),
         (["--levels", "0.1,1.5"], "--levels"),
         (["--set", "sinks"], "expected KEY=VALUE"),
         (["--documents", "0"], "argument --documents: invalid integer >= 1 value: '0'"),
+        (["--documents", "9" * 30], "argument --documents: at most 10000 documents"),  # (allocating never ended)
+        (["--device", "bogus"], "--device = 'bogus': expected cpu, cuda or cuda:N"),
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     ],
 )
-def test_calibrate_bad_inputs_are_one_line_errors(argv, expected, tiny, capsys):
+def test_calibrate_bad_inputs_are_one_line_errors_before_the_model_loads(argv, expected, tiny, capsys, monkeypatch):
+    import squeezekit.models
+
     root, model_dir, text = tiny
-    empty = root / "empty.txt"
-    empty.write_text("  \n")
-    argv = [a.replace("{empty}", str(empty)) for a in argv]
+    (root / "empty.txt").write_text("  \n")
+    (root / "afile").write_text("")
+    if not (root / "fifo").exists():
+        os.mkfifo(root / "fifo")
+    names = {"{empty}": str(root / "empty.txt"), "{fifo}": str(root / "fifo"), "{afile}": str(root / "afile")}
+    argv = [functools.reduce(lambda a, kv: a.replace(*kv), names.items(), a) for a in argv]
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(squeezekit.models, "load_model", load_model)
     base = ["calibrate", "--model", str(model_dir), "--text", str(text), "--out", str(root / "x.json")]
     assert main(base + argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("squeezekit: ") and expected in err, err
     assert not (root / "x.json").exists()
+
+
+def test_calibrate_help_lists_the_evictor_alone_and_every_default(capsys):
+    """A profile depends on the evictor and its parameters only: no allocator, budget or fallback flags; every option
+    shows its default (or says it has none) and a metavar saying what it takes."""
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--allocator",
+        "--budget",
+        "--fallback-allocator",
+        "--fallback-evictor",
+        "--profile",
+        "--rule",
+        "--p X",
+    ):
+        assert flag not in text, flag
+    for shown in ("--evictor NAME", "--window N", "--sinks N", "--heavy-ratio X", "--kernel-size N",
+                  "--pooling {max,avg}", "--set KEY=VALUE", "--config FILE"):  # fmt: skip
+        assert shown in text, shown
+    defaults = {
+        "--model DIR": "default: the embedded SmolLM2-135M-Instruct",
+        "--text FILE": "default: the reST sources",
+        "--out FILE": "(default: profile.json)",
+        "--levels F,F,...": "(default: 0.05,0.1,0.2,0.4)",
+        "--documents N": "(default: 4)",
+        "--prompt-tokens N": "(default: 512)",
+        "--scored-tokens N": "(default: 128)",
+        "--extend-chunk N": "(default: 16)",
+        "--batch-size N": "(default: 0, one per layer)",
+        "--device DEVICE": "(default: cuda when there is one)",
+        "--dtype {bfloat16,float16,float32}": "(default: float32",
+        "--threads N": "(default: torch's own)",
+        "--evictor NAME": "(default: streaming)",
+    }
+    for option, default in defaults.items():
+        after = text.partition(f" {option} ")[2]
+        assert after and default in after.split(" --")[0], (option, after[:200])
+
+
+def test_calibrate_on_a_missing_cuda_device_is_a_one_line_error(tiny, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root, model_dir, text = tiny
+    assert main(["calibrate", "--model", str(model_dir), "--text", str(text), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "squeezekit: --device cuda: no CUDA device is available here; use --device cpu\n"
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------------------
@@ -434,6 +660,7 @@ def test_smollm2_calibrate_and_use_the_profile(tmp_path, capsys):
         "32",
     ]
     assert main(argv) == 0
+    assert ", 1 document of " in capsys.readouterr().out  # (not "1 documents")
     data = json.loads(out.read_text())
     assert data["model"]["name"] == "SmolLM2-135M-Instruct" and len(data["loss"]) == 30
     model, tok = squeezekit.load_default_model()

@@ -385,20 +385,6 @@ CATALOGUE = [
         "test_labels_and_bench_arguments",
     ),
     Row(
-        "device-unknown",
-        "a --device squeezekit does not run on (bench; squeezekit.devices.resolve)",
-        "ConfigError",
-        "config error: command line: --device = {value}: expected cpu, cuda or cuda:N",
-        "test_labels_and_bench_arguments",
-    ),
-    Row(
-        "device-no-cuda",
-        "--device cuda (or cuda:N) where no CUDA device is available (bench; squeezekit.devices.resolve)",
-        "InputError",
-        "--device {device}: no CUDA device is available here; use --device cpu",
-        "test_labels_and_bench_arguments",
-    ),
-    Row(
         "shard",
         "squeezekit eval --shard not of the form I/N with 0 <= I < N",
         "ConfigError",
@@ -876,17 +862,80 @@ CATALOGUE = [
     # ---- calibration profiles (allocator=calibrated) ------------------------------------------------------------
     Row(
         "profile-missing",
-        "allocator=calibrated without a profile, or with a profile file that does not exist",
+        "allocator=calibrated without a profile, or with a profile file that does not exist or cannot be read",
         "ConfigError",
         "config error: {source}: profile = {value}: {problem}",
         "test_calibration_profiles",
     ),
     Row(
+        "profile-not-regular",
+        "a profile that is a directory, a FIFO or a device such as /dev/zero (never opened: it could block)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: is {kind}; give a profile written by squeezekit calibrate --out "
+        "FILE",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-too-large",
+        "a profile file larger than 16 MiB (never read: a profile takes a few KiB)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: is larger than 16 MiB; give a profile written by squeezekit "
+        "calibrate --out FILE",
+        "test_calibration_profiles",
+    ),
+    Row(
+        "profile-bundled",
+        "profile=bundled:NAME naming no bundled profile",
+        "ConfigError",
+        "config error: {source}: profile = {value}: no bundled profile of that name; bundled: {bundled}{hint}",
+        "test_calibration_profiles",
+    ),
+    Row(
         "profile-malformed",
-        "a profile that is not JSON, or not a profile written by squeezekit calibrate",
+        "a profile that is not JSON, or not a profile written by squeezekit calibrate (another format, or nested "
+        "deeper than Python's JSON parser goes)",
         "ConfigError",
         "config error: {source}: profile = {value}: {problem}",
         "test_calibration_profiles",
+    ),
+    Row(
+        "profile-field",
+        "a profile field missing or of the wrong shape (model, evictor, levels, loss, stderr), or a value in it that "
+        "is not a number",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: expected {what}",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-number",
+        "a profile number that is NaN or infinite (in levels, loss or stderr)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be a finite number",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-levels",
+        "profile levels out of order, repeated, or outside [1e-6, 1 - 1e-6]",
+        "ConfigError",
+        "config error: {source}: profile = {value}: levels = {found}: must increase strictly, each in [1e-06, "
+        "0.999999] (fractions of the prompt)",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-cost",
+        "a profile cost (loss) beyond +-1e6 nats per token (e.g. 1e308, which overflowed the sqrt rule's fit)",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be within +-1,000,000 (a loss increase, "
+        "nats per token)",
+        "test_calibration_profile_numbers",
+    ),
+    Row(
+        "profile-stderr",
+        "a profile standard error (stderr) below 0 or beyond 1e6",
+        "ConfigError",
+        "config error: {source}: profile = {value}: {field} = {found}: must be in [0, 1,000,000] (a standard error "
+        "over documents, nats per token)",
+        "test_calibration_profile_numbers",
     ),
     Row(
         "profile-mismatch",
@@ -895,6 +944,120 @@ CATALOGUE = [
         "config error: profile = {value}: made for model {model} with evictor {evictor}, not {what}; calibrate this "
         "combination with squeezekit calibrate",
         "test_calibration_profiles",
+    ),
+    Row(
+        "profile-layers",
+        "a (hand-made) profile with costs for another number of layers than the model has (when compress() starts)",
+        "ConfigError",
+        "config error: profile = {value}: has the costs of {n} layers, the model {m} compressible layers; calibrate "
+        "this model with squeezekit calibrate",
+        "test_calibration_profiles",
+    ),
+    # ---- squeezekit calibrate, the texts read, outputs, devices -------------------------------------------------
+    Row(
+        "calibrate-key",
+        "squeezekit calibrate given an allocator, budget or fallback key (--set, --config)",
+        "ConfigError",
+        "config error: command line: {key} = {value}: does not apply: a profile measures one evictor, each layer "
+        "alone at each of --levels",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-levels",
+        "squeezekit calibrate --levels that are not fractions of the prompt in [1e-6, 1 - 1e-6]",
+        "ConfigError",
+        "config error: command line: --levels = {value}: expected fractions of the prompt in [1e-06, 0.999999], "
+        "comma-separated",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-limit",
+        "squeezekit calibrate --documents above 10000, --prompt-tokens / --scored-tokens above 1048576 (2**20), "
+        "--threads above the machine's cores (refused before anything is allocated)",
+        "CommandLineError",
+        "argument {flag}: at most {most} {unit}, got {value} (see squeezekit calibrate --help)",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-positions",
+        "squeezekit calibrate documents (--prompt-tokens + --scored-tokens) longer than the model's positions",
+        "ConfigError",
+        "config error: command line: --prompt-tokens = {value}: with --scored-tokens {scored}, {total} tokens per "
+        "document, more than the {positions} positions of the model",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "calibrate-empty-text",
+        "squeezekit calibrate --text of white space only",
+        "ConfigError",
+        "config error: command line: --text = {value}: is empty: give a file of plain text (a few thousand words at "
+        "least)",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "text-missing",
+        "a text that does not exist: squeezekit calibrate --text, $SQUEEZEKIT_TEXT, the tasks' text_file",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: no such file; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-not-regular",
+        "a text that is a directory, a FIFO or a device such as /dev/zero (never opened: it could block or never end)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is {kind}; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-unreadable",
+        "a text that cannot be read (e.g. a path through a regular file)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: cannot be read: {reason}; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "text-too-large",
+        "a text larger than 256 MiB (never read)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is larger than 256 MiB; give a text file",
+        "test_texts_read",
+    ),
+    Row(
+        "output-directory",
+        "an output file (squeezekit calibrate --out) that is a directory",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is a directory; give a file name",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "output-unwritable",
+        "an output file (squeezekit calibrate --out) that cannot be created, tested by creating it before the work "
+        "(e.g. under a regular file, or in /proc)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: cannot be written: {reason}",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-name",
+        "a --device that is not cpu, cuda or cuda:N, e.g. bogus, CPU, meta (generate, eval, calibrate, bench: "
+        "squeezekit.devices)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected cpu, cuda or cuda:N",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-no-cuda",
+        "--device cuda or cuda:N where there is no CUDA device (generate, eval, calibrate, bench)",
+        "InputError",
+        "{key} {device}: no CUDA device is available here; use {key} cpu",
+        "test_calibrate_arguments",
+    ),
+    Row(
+        "device-index",
+        "--device cuda:N beyond the machine's CUDA devices (generate, eval, calibrate, bench)",
+        "InputError",
+        "{key} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{last}",
+        "test_calibrate_arguments",
     ),
 ]
 ROWS = {row.key: row for row in CATALOGUE}
@@ -908,22 +1071,27 @@ def expect(error: BaseException, row_key: str, /, **values) -> str:
     assert type(error).__name__ == row.error, (type(error).__name__, row.error, str(error))
     assert isinstance(error, getattr(squeezekit, row.error))
     message = str(error)
+    assert_filled(row.template, message, values)
+    assert "\n" not in message
+    return message
+
+
+def assert_filled(template: str, message: str, values: dict) -> None:
+    """``message`` is ``template`` filled with ``values`` (a value `ANY` matches any text)."""
     if any(v is ANY for v in values.values()):
-        parts = re.split(r"(\{\w+\})", row.template)
+        parts = re.split(r"(\{\w+\})", template)
         regex = "".join(
             ".+" if p[1:-1] in values and values[p[1:-1]] is ANY else re.escape(p.format(**values)) for p in parts
         )
-        assert re.fullmatch(regex, message), (message, row.template)
+        assert re.fullmatch(regex, message), (message, template)
     else:
-        assert message == row.template.format(**values)
-    assert "\n" not in message
-    return message
+        assert message == template.format(**values), (message, template)
 
 
 def printed(row_key: str, line: str, /, **values) -> None:
     """``line`` (what the command line printed after ``squeezekit: ``) is the message of row ``row_key``."""
     CHECKED[row_key] = CHECKED.get(row_key, 0) + 1
-    assert line == ROWS[row_key].template.format(**values), (row_key, line)
+    assert_filled(ROWS[row_key].template, line, values)
 
 
 def raised(row_key: str, fn, /, **values) -> str:
@@ -2219,15 +2387,20 @@ def test_labels_and_bench_arguments(tmp_path):
         (["--model", str(model_dir), "--new-tokens", "600"], "bench-new-tokens-len",
          dict(value=600, max=512, model="short-model", most=511)),
         (["--out", str(out_file)], "output-dir-file", dict(key="--out", value=repr(str(out_file)))),
-        (["--device", "gpu"], "device-unknown", dict(value="'gpu'")),
-        (["--device", "CPU"], "device-unknown", dict(value="'CPU'")),
+        (["--device", "gpu"], "device-name", dict(source="command line", key="--device", value="'gpu'")),
+        (["--device", "CPU"], "device-name", dict(source="command line", key="--device", value="'CPU'")),
     ):  # fmt: skip
         err = _cli_error(main, ["bench", "--device", "cpu", "--model", "tiny", *argv])
         printed(key, err, **values)
     assert {p.name for p in tmp_path.iterdir()} == {"a-file", "short-model"}  # no refused run left anything behind
     if not torch.cuda.is_available():
         for device in ("cuda", "cuda:1"):
-            printed("device-no-cuda", _cli_error(main, ["bench", "--device", device, "--model", "tiny"]), device=device)
+            printed(
+                "device-no-cuda",
+                _cli_error(main, ["bench", "--device", device, "--model", "tiny"]),
+                key="--device",
+                device=device,
+            )
 
 
 def test_command_line_arguments(tmp_path, tiny_llama_dir):
@@ -2419,47 +2592,212 @@ def count_line() -> str:
 
 
 # ---- calibration profiles --------------------------------------------------------------------------------------
-def test_calibration_profiles(tmp_path, llama):
+GIVE_PROFILE = "give a profile written by squeezekit calibrate --out FILE"
+NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
+
+
+def _profile(path: Path, made: object) -> str:
+    """Write ``made`` (a profile's JSON, or raw text) to ``path``; return the path. NaN and infinities are written as
+    Python's json writes them (NaN, Infinity), as a profile measured in NaN would be."""
     import json
 
-    from squeezekit.plugins.calibrated import FORMAT, evictor_identity, model_identity
+    path.write_text(made if isinstance(made, str) else json.dumps(made))
+    return str(path)
+
+
+def _calibrated(profile):
+    return lambda: Config.from_kwargs(allocator="calibrated", profile=str(profile))
+
+
+def _sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no room (nothing is written; the readers must never read it)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_calibration_profiles(tmp_path, llama):
+    from squeezekit.plugins.calibrated import FORMAT, bundled_profiles, evictor_identity, model_identity
 
     missing = str(tmp_path / "nope.json")
-    write = "write one with squeezekit calibrate --out FILE"
     raised("profile-missing", lambda: Config.from_kwargs(allocator="calibrated"), source="kwargs", value="''",
            problem="required: a file written by squeezekit calibrate --out FILE")  # fmt: skip
     raised("profile-missing", lambda: Config.from_string(f"allocator=calibrated,profile={missing}"),
-           source="model_args", value=repr(missing), problem=f"no such file; {write}")  # fmt: skip
-    (tmp_path / "bad.json").write_text("{not json")
-    bad = str(tmp_path / "bad.json")
-    raised("profile-malformed", lambda: Config.from_kwargs(allocator="calibrated", profile=bad), source="kwargs",
-           value=repr(bad), problem=f"is not JSON; {write}")  # fmt: skip
-    (tmp_path / "other.json").write_text(json.dumps({"format": FORMAT, "levels": [0.5, 0.2], "loss": [[1, 2]]}))
-    other = str(tmp_path / "other.json")
-    raised(
-        "profile-malformed",
-        lambda: Config.from_kwargs(allocator="calibrated", profile=other),
-        source="kwargs",
-        value=repr(other),
-        problem=f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate",
-    )
+           source="model_args", value=repr(missing), problem=f"no such file; {GIVE_PROFILE}")  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    through = str(tmp_path / "afile" / "profile.json")
+    raised("profile-missing", _calibrated(through), source="kwargs", value=repr(through),
+           problem=f"cannot be read: Not a directory; {GIVE_PROFILE}")  # fmt: skip
+    # a FIFO or /dev/zero is never opened (reading would block, or never end)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, NOT_REGULAR), ("/dev/zero", NOT_REGULAR), (tmp_path, "a directory")):
+        raised("profile-not-regular", _calibrated(path), source="kwargs", value=repr(str(path)), kind=kind)
+    huge = _sparse(tmp_path / "huge.json", (16 << 20) + 1)
+    raised("profile-too-large", _calibrated(huge), source="kwargs", value=repr(str(huge)))
+    bundled = ", ".join(bundled_profiles())
+    for name, hint in (("bundled:smollm2/snapvk", "; did you mean 'bundled:smollm2/snapkv'?"),
+                       ("bundled:../../etc/passwd", "")):  # fmt: skip
+        raised("profile-bundled", lambda name=name: Config.from_string(f"allocator=calibrated,profile={name}"),
+               source="model_args", value=repr(name), bundled=bundled, hint=hint)  # fmt: skip
+
+    write = "write one with squeezekit calibrate --out FILE"
+    bad = _profile(tmp_path / "bad.json", "{not json")
+    raised("profile-malformed", _calibrated(bad), source="kwargs", value=repr(bad), problem=f"is not JSON; {write}")
+    not_a_profile = f"is not a calibration profile ({FORMAT}) written by squeezekit calibrate"
+    for name, made in (("other.json", {"format": "other/1", "levels": [0.2], "loss": [[1]]}),
+                       ("list.json", [FORMAT]),
+                       ("deep.json", "[" * 100_000 + "]" * 100_000)):  # fmt: skip
+        path = _profile(tmp_path / name, made)
+        raised("profile-malformed", _calibrated(path), source="kwargs", value=repr(path), problem=not_a_profile)
 
     config = Config.from_kwargs(allocator="uniform", evictor="streaming", sinks=2)
     made = {
         "format": FORMAT, "model": model_identity(llama), "evictor": evictor_identity(config.build_evictor()),
-        "levels": [0.1, 0.4], "layers": [0, 1], "loss": [[0.2, 0.1], [0.1, 0.0]],
+        "levels": [0.1, 0.4], "layers": [0, 1, 2, 3], "loss": [[0.2, 0.1], [0.1, 0.0], [0.0, 0.0], [0.3, 0.1]],
     }  # fmt: skip
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps(made))
+    path = _profile(tmp_path / "profile.json", made)
 
     def describe(identity):
         return identity["name"] + "(" + ", ".join(f"{k}={v}" for k, v in identity.items() if k != "name") + ")"
 
     for what, kwargs in (("evictor streaming(sinks=4, window=8)", {"sinks": 4}),
                          ("evictor sliding_window(window=8)", {"evictor": "sliding_window"})):  # fmt: skip
-        mine = Config.from_kwargs(**{"allocator": "calibrated", "profile": str(path), "evictor": "streaming", **kwargs})
-        raised("profile-mismatch", lambda c=mine: squeezekit.compress(llama, c).__enter__(), value=repr(str(path)),
+        mine = Config.from_kwargs(**{"allocator": "calibrated", "profile": path, "evictor": "streaming", **kwargs})
+        raised("profile-mismatch", lambda c=mine: squeezekit.compress(llama, c).__enter__(), value=repr(path),
                model=describe(made["model"]), evictor=describe(made["evictor"]), what=what)  # fmt: skip
+    three = _profile(tmp_path / "three.json", {**made, "loss": made["loss"][:3]})
+    mine = Config.from_kwargs(allocator="calibrated", profile=three, evictor="streaming", sinks=2)
+    raised("profile-layers", lambda: squeezekit.compress(llama, mine).__enter__(), value=repr(three), n=3, m=4)
+
+
+def test_calibration_profile_numbers(tmp_path):
+    """Every number of a profile is checked when it is read, naming the field: NaN, infinities, costs that overflow
+    the allocators' arithmetic, negative standard errors, levels out of order."""
+    import math
+
+    from squeezekit.plugins.calibrated import FORMAT
+
+    from squeezekit.errors import shown
+
+    good = {
+        "format": FORMAT, "model": {"name": "m"}, "evictor": {"name": "streaming", "sinks": 4, "window": 8},
+        "levels": [0.1, 0.4], "loss": [[0.2, 0.1], [0.1, 0.0]], "stderr": [[0.01, 0.01], [0.0, 0.0]],
+    }  # fmt: skip
+    assert Config.from_kwargs(allocator="calibrated", profile=_profile(tmp_path / "good.json", good)).allocator
+    names = (f"bad{i}.json" for i in range(1000))
+
+    def bad(row_key, change, **values):
+        path = _profile(tmp_path / next(names), {**good, **change})
+        raised(row_key, _calibrated(path), source="kwargs", value=repr(path), **values)
+
+    identity = "the {}'s identity (an object with its name)"
+    bad("profile-field", {"model": None}, field="model", found="None", what=identity.format("model"))
+    bad("profile-field", {"evictor": {"sinks": 4}}, field="evictor", found="{'sinks': 4}",
+        what=identity.format("evictor"))  # fmt: skip
+    bad("profile-field", {"levels": 0.1}, field="levels", found="0.1",
+        what="a list of budget levels (fractions of the prompt)")  # fmt: skip
+    bad("profile-field", {"levels": ["0.1", 0.4]}, field="levels[0]", found="'0.1'", what="a number")
+    per_layer = "a list of rows (one per layer) of 2 numbers each (one per level)"
+    bad("profile-field", {"loss": [[0.2, 0.1], [0.1]]}, field="loss[1]", found="[0.1]", what=per_layer)
+    bad("profile-field", {"loss": []}, field="loss", found="[]", what=per_layer)
+    bad("profile-field", {"loss": [[0.2, True], [0.1, 0.0]]}, field="loss[0][1]", found="True", what="a number")
+    bad("profile-field", {"stderr": [[0.0, 0.0]]}, field="stderr", found="[[0.0, 0.0]]",
+        what="a list of 2 rows (one per layer, as in loss) of 2 numbers each (one per level)")  # fmt: skip
+    for field, found, change in (("stderr[0][1]", "nan", {"stderr": [[0.0, math.nan], [0.0, 0.0]]}),
+                                 ("loss[1][0]", "inf", {"loss": [[0.2, 0.1], [math.inf, 0.0]]}),
+                                 ("levels[1]", "-inf", {"levels": [0.1, -math.inf]})):  # fmt: skip
+        bad("profile-number", change, field=field, found=found)
+    for levels in ([0.4, 0.1], [0.1, 0.1], [0.0, 0.5], [0.5, 1.0], [1e-9, 0.5]):
+        bad("profile-levels", {"levels": levels}, found=repr(levels))
+    bad("profile-cost", {"loss": [[1e308, 0.1], [0.1, 0.0]]}, field="loss[0][0]", found="1e+308")
+    bad("profile-cost", {"loss": [[0.2, 0.1], [0.1, -2e6]]}, field="loss[1][1]", found="-2000000.0")
+    bad("profile-cost", {"loss": [[10**400, 0.1], [0.1, 0.0]]}, field="loss[0][0]", found=shown(10**400))
+    bad("profile-stderr", {"stderr": [[0.01, -0.5], [0.0, 0.0]]}, field="stderr[0][1]", found="-0.5")
+    bad("profile-stderr", {"stderr": [[0.01, 0.01], [1e7, 0.0]]}, field="stderr[1][0]", found="10000000.0")
+
+
+# ---- squeezekit calibrate, the texts it reads, its output, its device -----------------------------------------------
+def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
+    """Every argument of squeezekit calibrate is checked before the model loads (all but the document length, which
+    the model's positions bound: checked once it is loaded, before any measurement)."""
+    from squeezekit.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning was the word. " * 200)
+    out = tmp_path / "profile.json"
+    base = ["calibrate", "--model", str(tiny_llama_dir), "--text", str(text), "--out", str(out)]
+
+    def error(*argv: str) -> str:
+        return _cli_error(main, [*base, *argv])
+
+    printed("calibrate-key", error("--set", "budget=0.3"), key="budget", value="'0.3'")
+    printed("calibrate-key", error("--set", "allocator=uniform"), key="allocator", value="'uniform'")
+    for levels in ("0.1,1.5", "0.1,x", "0,0.5", "nan", ","):
+        printed("calibrate-levels", error("--levels", levels), value=repr(levels))
+    thirty = "1" + "0" * 29  # (allocating for as many documents never ended)
+    printed("calibrate-limit", error("--documents", thirty), flag="--documents", most=10000, unit="documents",
+            value=repr(thirty))  # fmt: skip
+    for flag in ("--prompt-tokens", "--scored-tokens"):
+        printed("calibrate-limit", error(flag, "1048577"), flag=flag, most=1048576, unit="tokens", value="'1048577'")
+    cores = os.cpu_count() or 1
+    printed("calibrate-limit", error("--threads", str(cores + 1)), flag="--threads", most=cores,
+            unit="threads (this machine's cores)", value=repr(str(cores + 1)))  # fmt: skip
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\t\n")
+    printed("calibrate-empty-text", error("--text", str(empty)), value=repr(str(empty)))
+    # --out is tested by creating it, before the measurement (as root, os.access says yes to everything)
+    command_line = dict(source="command line", key="--out")
+    printed("output-directory", error("--out", str(tmp_path)), value=repr(str(tmp_path)), **command_line)
+    (tmp_path / "afile").write_text("")
+    for where, reason in ((tmp_path / "afile" / "profile.json", "Not a directory"),
+                          (tmp_path / "afile" / "sub" / "profile.json", "Not a directory"),
+                          (Path("/proc/profile.json"), ANY)):  # fmt: skip
+        printed("output-unwritable", error("--out", str(where)), value=repr(str(where)), reason=reason, **command_line)
+    for device in ("bogus", "CPU", "meta"):
+        printed("device-name", error("--device", device), source="command line", key="--device", value=repr(device))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        printed("device-no-cuda", error("--device", device), key="--device", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    printed("device-index", error("--device", "cuda:3"), key="--device", device="cuda:3", n=1, last=0)
+    monkeypatch.undo()
+    assert not out.exists()  # nothing was measured, nothing written
+    monkeypatch.setenv("SQUEEZEKIT_PROGRESS", "0")  # (the model loads: no "loading the model" line)
+    line = error("--device", "cpu", "--prompt-tokens", "4000", "--scored-tokens", "128")
+    printed("calibrate-positions", line, value="4000", scored=128, total=4128, positions=4096)
+    assert not out.exists()
+
+
+def test_texts_read(tmp_path, monkeypatch):
+    """The texts users name (squeezekit calibrate --text, $SQUEEZEKIT_TEXT, the tasks' text_file) are read only when
+    they are regular files of at most 256 MiB: a FIFO or /dev/zero never blocks or reads forever."""
+    from squeezekit.evaluators.tasks.utils import find_text
+
+    from squeezekit.cli import main
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    (tmp_path / "afile").write_text("")
+    cases = (
+        ("text-missing", tmp_path / "nope.txt", {}),
+        ("text-not-regular", fifo, {"kind": NOT_REGULAR}),
+        ("text-not-regular", Path("/dev/zero"), {"kind": NOT_REGULAR}),
+        ("text-not-regular", tmp_path, {"kind": "a directory"}),
+        ("text-unreadable", tmp_path / "afile" / "text.txt", {"reason": "Not a directory"}),
+        ("text-too-large", _sparse(tmp_path / "huge.txt", (256 << 20) + 1), {}),
+    )
+    for row_key, path, values in cases:
+        value = repr(str(path))
+        monkeypatch.setenv("SQUEEZEKIT_TEXT", str(path))
+        raised(row_key, find_text, source="environment", key="SQUEEZEKIT_TEXT", value=value, **values)
+        raised(row_key, lambda path=path: find_text(str(path)), source="metadata", key="text_file", value=value,
+               **values)  # fmt: skip
+        line = _cli_error(main, ["calibrate", "--text", str(path), "--out", str(tmp_path / "p.json")])
+        printed(row_key, line, source="command line", key="--text", value=value, **values)
 
 
 if __name__ == "__main__":  # rewrite docs/errors.md's table from CATALOGUE, and the count of cases tried

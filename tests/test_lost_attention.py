@@ -225,7 +225,7 @@ def register_allocators(register):
 def test_smollm2_gives_layer_0_the_least_and_the_retrieving_layers_more():
     """On SmolLM2 (1024 tokens of English), whatever the evictor: layer 0 attends broadly over small values and gets
     the smallest budget (squeeze gives it the whole prompt); layers 20, 23 and 24, the costliest to evict in the
-    calibration profiles (docs/results/smollm2-h200/profiles), get more than the mean."""
+    calibration profiles (plugins/profiles/smollm2), get more than the mean."""
     from test_smollm2 import english_text
 
     model, tok = squeezekit.load_default_model()

@@ -5,6 +5,11 @@ the King James Bible of Debian's ``bible-kjv`` package (``bible -f "gen1:1-rev22
 else the reST sources of Debian's ``python3.11-doc``, else the topic texts that ship with Python's own ``pydoc``.
 Documents are cut to token lengths with the model's tokenizer (``pretrained``/``tokenizer`` from ``--model_args``),
 for each of ``max_seq_lengths`` (``--metadata``), like lm-eval's RULER tasks.
+
+A text a user names (``text_file``, ``$SQUEEZEKIT_TEXT``, ``squeezekit calibrate --text``) is read by
+`read_text_file`: a regular file of at most 256 MiB (`MAX_TEXT_BYTES`; the King James Bible is 4.4 MiB), so a
+missing file, a directory, a FIFO or ``/dev/zero`` is a one-line `squeezekit.ConfigError` naming where the path came
+from, never a traceback or a read that blocks or never ends.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import datasets
-
 DEFAULT_LENGTHS = [1024]
 KJV_RANGE = "gen1:1-rev22:21"
 PASSKEY_INTRO = (
@@ -27,6 +30,8 @@ PASSKEY_INTRO = (
 )
 PASSKEY_QUESTION = "\nWhat is the pass key?"
 PASSKEY_PREFIX = "The pass key is"
+#: the largest text `read_text_file` reads
+MAX_TEXT_BYTES = 256 << 20
 
 
 def text_cache_dir() -> Path:
@@ -69,11 +74,20 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def read_text_file(path: str | os.PathLike, key: str, source: str) -> str:
+    """The text of the file a user named under ``key`` (from ``source``), bounded (see the module docstring)."""
+    from squeezekit.files import read_text
+
+    return read_text(path, key, MAX_TEXT_BYTES, source)
+
+
 def find_text(text_file: str | None = None) -> tuple[str, str]:
     """(text, name of its source): see the module docstring for the order."""
-    path = text_file or os.environ.get("SQUEEZEKIT_TEXT")
+    if text_file:
+        return read_text_file(text_file, "text_file", "metadata"), str(text_file)
+    path = os.environ.get("SQUEEZEKIT_TEXT")
     if path:
-        return Path(path).read_text(errors="replace"), str(path)
+        return read_text_file(path, "SQUEEZEKIT_TEXT", "environment"), path
     for name, fn in (("bible-kjv", kjv_text), ("python3.11-doc", python_doc_text)):
         text = fn()
         if text:
@@ -121,6 +135,8 @@ def _slices(tok, text: str, length: int, n: int, seed: int) -> list[list[int]]:
 
 def ppl_dataset(**kwargs) -> dict:
     """Documents of exactly ``max_seq_lengths`` tokens for loglikelihood_rolling (perplexity)."""
+    import datasets  # (here: `squeezekit calibrate` reads texts through this module without it)
+
     tok, text, lengths, n = _setup(kwargs)
     rows = []
     for length in lengths:
@@ -131,6 +147,8 @@ def ppl_dataset(**kwargs) -> dict:
 
 def passkey_dataset(**kwargs) -> dict:
     """A five-digit pass key hidden at depth 5%..95% of a haystack of real text, prompt ~ ``max_seq_lengths``."""
+    import datasets
+
     tok, text, lengths, n = _setup(kwargs)
     rng = random.Random(7)
     rows = []
