@@ -5,14 +5,20 @@ pass key tasks are built from (a fingerprint of its content), and the adapter se
 size, extend chunk, rolling prompt share, device, dtype). A store holding another setting's results is refused with
 one line, never mixed. Within it, a cell is a config (its label; ``full`` for the full cache, the same for every
 allocator and evictor) and a unit is ``TASK@LENGTH:N``, so nothing that decides a score is left out of its key.
+
+Writers take an exclusive ``flock`` on the results folder itself (no lock file is left behind) and replace
+``results.json`` atomically. A store without a folder (``out_dir=None``) lives in memory only: a single-config
+``squeezekit eval`` without ``--out`` prints its scores and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +65,14 @@ def text_fingerprint(text: str) -> str:
 class ResultStore:
     """``OUT/results.json`` for one setting (``identity``): see the module docstring."""
 
-    def __init__(self, out_dir: str | Path, identity: dict[str, Any]):
-        self.dir = Path(out_dir)
-        self.path = self.dir / "results.json"
+    def __init__(self, out_dir: str | Path | None, identity: dict[str, Any]):
+        self.dir = None if out_dir is None else Path(out_dir)
+        self.path = None if self.dir is None else self.dir / "results.json"
         self.identity = identity
         self.data = self._load()
 
     def _load(self) -> dict:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return {"format": FORMAT, "meta": dict(self.identity), "cells": {}}
         try:
             data = json.loads(self.path.read_text())
@@ -106,14 +112,39 @@ class ResultStore:
         self.data = self._merge({})
 
     def _merge(self, cells: dict[str, dict]) -> dict:
+        if self.dir is None:
+            return _merged(self.data, cells)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = self._load()  # another shard may have written since
-            for key, cell in cells.items():
-                into = merged["cells"].setdefault(key, {k: v for k, v in cell.items() if k != "units"} | {"units": {}})
-                into["units"].update(cell["units"])
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+        with self._locked():
+            merged = _merged(self._load(), cells)  # another shard may have written since
+            self._write(merged)
         return merged
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the results folder itself, held until the block ends."""
+        assert self.dir is not None
+        fd = os.open(self.dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self, data: dict) -> None:
+        """Replace ``results.json`` atomically (a reader sees the old file or the new one, never half of one)."""
+        assert self.path is not None
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _merged(data: dict, cells: dict[str, dict]) -> dict:
+    """``data`` with each cell's units added (a cell not there yet is created)."""
+    for key, cell in cells.items():
+        into = data["cells"].setdefault(key, {k: v for k, v in cell.items() if k != "units"} | {"units": {}})
+        into["units"].update(cell["units"])
+    return data

@@ -68,19 +68,6 @@ def _fill(value: Any, allocator: str, evictor: str) -> Any:
     return value.replace("{evictor}", evictor).replace("{allocator}", allocator)
 
 
-def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
-    """``(device, dtype)``: CUDA when there is one, else the CPU; bfloat16 on CUDA, float32 on the CPU. A CUDA device
-    asked for where there is none is a one-line error."""
-    import torch
-
-    from squeezekit.errors import InputError
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-
-
 def setting(
     model_dir: str,
     text_file: str | None,
@@ -104,7 +91,7 @@ def setting(
 def run_sweep(
     configs,
     units: list[Unit],
-    out_dir: Path,
+    out_dir: Path | None,
     model_dir=None,
     batch_size=4,
     text_file=None,
@@ -113,13 +100,16 @@ def run_sweep(
     shard: tuple[int, int] = (0, 1),
     **model_args,
 ) -> dict:
-    """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot.
+    """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot. With
+    ``out_dir=None`` nothing is read or written: the results are only returned.
 
+    ``device`` and ``dtype`` (in ``model_args``) are checked by `squeezekit.devices.resolve` before anything loads.
     ``shard=(i, n)`` runs only configs i, i+n, i+2n, ...: n processes (say one per core, each single-threaded)
     share one sweep and one results file.
     """
     from tqdm import tqdm
 
+    from squeezekit.devices import resolve
     from squeezekit.models import default_model_dir
 
     from .evaluator import Evaluator
@@ -127,7 +117,7 @@ def run_sweep(
     from .reports import write_reports
 
     model_dir = str(model_dir or default_model_dir())
-    device, dtype = resolve_device(model_args.pop("device", None), model_args.pop("dtype", None))
+    device, dtype = resolve(model_args.pop("device", None), model_args.pop("dtype", None), "device", "run_sweep")
     model_args.update(device=device, dtype=dtype)
     identity = setting(
         model_dir,
@@ -153,6 +143,7 @@ def run_sweep(
         store.put(config, unit, evaluator.run(config, unit))
         bar.update(1)
     bar.close()
-    store.save()
-    write_reports(store.data, out_dir)
+    if out_dir is not None:
+        store.save()
+        write_reports(store.data, out_dir)
     return store.data

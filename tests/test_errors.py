@@ -378,6 +378,42 @@ CATALOGUE = [
         "test_evaluation_command_arguments",
     ),
     Row(
+        "sweep-out",
+        "squeezekit eval --sweep without --out (results are never written anywhere by default)",
+        "ConfigError",
+        "config error: command line: --out: is required with --sweep: give the folder for results.json, results.md "
+        "and quality_vs_budget.png",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device",
+        "a --device squeezekit does not run on (bogus, CPU, meta, cuda:x)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected cpu, cuda or cuda:N",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device-no-cuda",
+        "--device cuda (or cuda:N) on a machine without a CUDA device",
+        "InputError",
+        "{key} {device}: no CUDA device is available here; use {key} cpu",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device-index",
+        "--device cuda:N beyond the machine's CUDA devices",
+        "InputError",
+        "{key} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{last}",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "dtype",
+        "a dtype other than bfloat16, float16, float32 (the Python API; --dtype offers only those)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected one of bfloat16, float16, float32",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
         "extend-chunk",
         "lm-eval model_args extend_chunk not an integer >= 1",
         "ConfigError",
@@ -1409,6 +1445,38 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     )
     tf.T5ForConditionalGeneration(config).save_pretrained(t5)
     raised("adapter-causal", lambda: SqueezekitLM.create_from_arg_string(f"pretrained={t5}", {"device": "cpu"}))
+
+
+def test_evaluation_outputs_and_devices(tiny_llama_dir, tmp_path, monkeypatch):
+    """Where eval's results go and what it runs on are checked before anything loads: nothing is created."""
+    from squeezekit.evaluators import sweep
+    from squeezekit.evaluators.suite import parse_suite
+
+    from squeezekit.cli import main
+
+    never = tmp_path / "never"
+    eval_ = ["eval", "--model", str(tiny_llama_dir), "--suite", "squeezekit_ppl@256:1"]
+    printed("sweep-out", _cli_error(main, [*eval_, "--sweep"]))
+    for device in ("bogus", "CPU", "meta", "cuda:x", "cuda:-1"):
+        err = _cli_error(main, [*eval_, "--device", device, "--out", str(never)])
+        printed("device", err, source="command line", key="--device", value=repr(device))
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1"):
+            err = _cli_error(main, [*eval_, "--device", device, "--out", str(never)])
+            printed("device-no-cuda", err, key="--device", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of 2 CUDA devices, as far as asked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    printed("device-index", _cli_error(main, [*eval_, "--device", "cuda:2", "--out", str(never)]), key="--device",
+            device="cuda:2", n=2, last=1)  # fmt: skip
+    monkeypatch.undo()
+    units = parse_suite("squeezekit_ppl@256:1")
+
+    def run_sweep(**device):
+        return lambda: sweep.run_sweep([Config.from_kwargs()], units, never, tiny_llama_dir, **device)
+
+    raised("dtype", run_sweep(device="cpu", dtype="float64"), source="run_sweep", key="dtype", value="'float64'")
+    raised("device", run_sweep(device="gpu"), source="run_sweep", key="device", value="'gpu'")
+    assert not never.exists()
 
 
 def _cli_error(main, argv) -> str:

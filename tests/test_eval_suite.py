@@ -111,6 +111,7 @@ def test_sweep_cli_resumes_and_reports(tiny_dir, text_file, tmp_path, monkeypatc
             "--suite", "squeezekit_passkey@256:2,squeezekit_ppl@256:2", "--allocators", "uniform,squeeze",
             "--evictors", "streaming", "--budgets", "0.5,1"]  # fmt: skip
     assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["quality_vs_budget.png", "results.json", "results.md"]  # no lock file left
     data = json.loads((out / "results.json").read_text())
     assert set(data["cells"]) == {"full", "uniform+streaming@0.5", "squeeze+streaming@0.5"}  # budget 1 once
     for cell in data["cells"].values():
@@ -125,6 +126,18 @@ def test_sweep_cli_resumes_and_reports(tiny_dir, text_file, tmp_path, monkeypatc
 
     monkeypatch.setattr(Evaluator, "run", boom)
     assert main(args) == 0  # everything is there already: nothing runs
+
+
+def test_single_config_eval_prints_its_scores_and_writes_nothing(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    from squeezekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--model", tiny_dir, "--text-file", text_file, "--batch-size", "2", "--device", "cpu",
+            "--suite", "squeezekit_passkey@256:2", "--evictor", "h2o", "--budget", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("squeeze+h2o@0.5: squeezekit_passkey@256:2 ") and "KV kept" in out
+    assert list(tmp_path.iterdir()) == []  # not docs/results, nor anything else of the current folder
 
 
 def test_suite_parsing_errors():
