@@ -2,18 +2,20 @@
 
 The model and the task data are built once; each cell only swaps the compression config. Results go to
 ``OUT/results.json`` after every unit (a rerun skips what is there: resumable; see results.py for what a store
-holds), then ``results.md`` and ``quality_vs_budget.png``. Per-sample scores are kept, so any two cells can be
+holds), then ``results.md`` and ``quality_vs_budget.png``; a cell whose config names a file that has changed since
+(a calibration profile rewritten at the same path) runs again. Per-sample scores are kept, so any two cells can be
 compared pairwise (reports.py).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from squeezekit.errors import ConfigError
 
-from .results import ResultStore, cell_key, model_fingerprint, text_fingerprint
+from .results import SOURCE, ResultStore, cell_key, model_fingerprint, text_fingerprint
 from .suite import Unit
 
 SWEEP_ALLOCATORS = ("uniform", "pyramid", "squeeze", "lost_attention")
@@ -68,6 +70,16 @@ def _fill(value: Any, allocator: str, evictor: str) -> Any:
     return value.replace("{evictor}", evictor).replace("{allocator}", allocator)
 
 
+def _drop_stale(store: ResultStore, configs) -> None:
+    """Forget the results of every cell computed with other files than its config names now (a calibration
+    profile rewritten at the same path), saying so in one line each: they run again."""
+    for config in configs:
+        why = store.stale(config)
+        if why:
+            print(f"squeezekit: {why}: running them again", file=sys.stderr, flush=True)
+            store.drop(config)
+
+
 def setting(
     model_dir: str,
     text_file: str | None,
@@ -110,15 +122,18 @@ def run_sweep(
     from tqdm import tqdm
 
     from squeezekit.devices import resolve
+    from squeezekit.files import check_output_dir
     from squeezekit.models import default_model_dir
 
     from .evaluator import Evaluator
     from .lm_eval_adapter import DEFAULT_EXTEND_CHUNK, DEFAULT_ROLLING_PROMPT
     from .reports import write_reports
 
-    model_dir = str(model_dir or default_model_dir())
     device, dtype = resolve(model_args.pop("device", None), model_args.pop("dtype", None), "device", "run_sweep")
     model_args.update(device=device, dtype=dtype)
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out", SOURCE)  # a file or an unwritable folder: refused now, not after a unit
+    model_dir = str(model_dir or default_model_dir())
     identity = setting(
         model_dir,
         text_file,
@@ -130,6 +145,7 @@ def run_sweep(
     )
     store = ResultStore(out_dir, identity)  # refuses an --out of another setting before anything loads
     configs = configs[shard[0] :: shard[1]]
+    _drop_stale(store, configs)
     todo = [(c, u) for c in configs for u in units if not store.has(c, u)]
     total = len(configs) * len(units)
     bar = tqdm(

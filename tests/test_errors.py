@@ -348,6 +348,36 @@ CATALOGUE = [
         "test_results_are_never_mixed",
     ),
     Row(
+        "results-unreadable",
+        "squeezekit eval --out holding a results.json that is not JSON, or not a regular file",
+        "ConfigError",
+        "config error: command line: --out = {out}: holds a results.json that cannot be read ({problem}); use another "
+        "--out",
+        "test_results_are_never_mixed",
+    ),
+    Row(
+        "results-malformed",
+        "squeezekit eval --out holding a results.json not of the structure squeezekit writes (cells a list, a cell "
+        "without units, a unit without scores, a list where a mapping belongs, ...)",
+        "ConfigError",
+        "config error: command line: --out = {out}: holds a malformed results.json: {problem}; use another --out",
+        "test_results_are_never_mixed",
+    ),
+    Row(
+        "out-dir-file",
+        "an output folder (squeezekit eval --out) that is a file",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is a file, not a folder; give a folder for the outputs",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "out-dir-unwritable",
+        "an output folder (squeezekit eval --out) that cannot be created or written into",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: cannot be written: {reason}",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
         "bench-methods",
         "squeezekit bench --methods item with a bad chunk or batch sizes",
         "ConfigError",
@@ -1469,6 +1499,20 @@ def test_evaluation_outputs_and_devices(tiny_llama_dir, tmp_path, monkeypatch):
     printed("device-index", _cli_error(main, [*eval_, "--device", "cuda:2", "--out", str(never)]), key="--device",
             device="cuda:2", n=2, last=1)  # fmt: skip
     monkeypatch.undo()
+    file = tmp_path / "a-file"
+    file.write_text("")
+    from squeezekit.evaluators import evaluator
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(evaluator, "Evaluator", no_model)
+    for out, key, values in (
+        (file, "out-dir-file", {}),
+        (file / "sub", "out-dir-unwritable", {"reason": "Not a directory"}),
+    ):
+        err = _cli_error(main, [*eval_, "--device", "cpu", "--out", str(out)])
+        printed(key, err, source="command line", key="--out", value=repr(str(out)), **values)
     units = parse_suite("squeezekit_ppl@256:1")
 
     def run_sweep(**device):
@@ -2246,6 +2290,8 @@ def test_empty_prompt(tiny_llama_dir):
 
 
 def test_results_are_never_mixed(tmp_path):
+    import json
+
     from squeezekit.evaluators.results import ResultStore
     from squeezekit.evaluators.suite import Unit
 
@@ -2262,7 +2308,11 @@ def test_results_are_never_mixed(tmp_path):
         dtype="float32",
     )
     store = ResultStore(out, identity)
-    store.put(Config.from_kwargs(budget=0.5), Unit("squeezekit_ppl", 256, 2), {"value": 1.0, "scores": [1.0, 1.0]})
+    store.put(
+        Config.from_kwargs(budget=0.5),
+        Unit("squeezekit_ppl", 256, 2),
+        {"value": 1.0, "stderr": 0.0, "scores": [1.0, 1.0]},
+    )
     for change, what in (
         (dict(model="b", model_fingerprint="9"), "model 'a' (now 'b'), model_fingerprint '1' (now '9')"),
         (dict(batch_size=8), "batch_size 4 (now 8)"),
@@ -2280,6 +2330,41 @@ def test_results_are_never_mixed(tmp_path):
     old.mkdir()
     (old / "results.json").write_text('{"meta": {}, "cells": {}}')
     raised("results-format", lambda: ResultStore(old, identity), out=repr(str(old)))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    store = bad / "results.json"
+    store.write_text("{not json")
+    raised("results-unreadable", lambda: ResultStore(bad, identity), out=repr(str(bad)),
+           problem="not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")  # fmt: skip
+    store.unlink()
+    store.mkdir()
+    raised("results-unreadable", lambda: ResultStore(bad, identity), out=repr(str(bad)), problem="is a directory")
+    store.rmdir()
+    unit = {"value": 1.0, "stderr": 0.0, "scores": [1.0], "kv_fraction": None}
+    cell = {"config": {"budget": 0.5}, "units": {"squeezekit_ppl@256:2": unit}}
+    for cells, problem in (
+        ([], "'cells' is a list, expected a mapping of cell keys to cells"),
+        ({"x": []}, "cells['x'] is a list, expected a mapping"),
+        ({"x": {"config": {"budget": 0.5}}},
+         "cells['x']['units'] is missing, expected a mapping of unit keys to results"),
+        ({"x": {**cell, "units": None}}, "cells['x']['units'] is null, expected a mapping of unit keys to results"),
+        ({"x": {**cell, "units": {"u": {"value": 1.0, "stderr": 0.0}}}},
+         "cells['x']['units']['u']['scores'] is missing, expected a list of numbers"),
+        ({"x": {**cell, "units": {"u": {**unit, "scores": [1.0, "1"]}}}},
+         "cells['x']['units']['u']['scores'][1] is a string, expected a number"),
+        ({"x": {**cell, "units": {"u": 3}}}, "cells['x']['units']['u'] is a number, expected a mapping"),
+        ({"x": {**cell, "config": {}}}, "cells['x']['config']['budget'] is missing, expected a number"),
+        ({"x": {**cell, "config": {"budget": 0.5, "evictor": ["h2o"]}}},
+         "cells['x']['config']['evictor'] is a list, expected a name"),
+    ):  # fmt: skip
+        store.write_text(json.dumps({"format": 2, "meta": identity, "cells": cells}))
+        raised("results-malformed", lambda: ResultStore(bad, identity), out=repr(str(bad)), problem=problem)
+    store.write_text(json.dumps({"format": 2, "meta": [], "cells": {}}))
+    raised("results-malformed", lambda: ResultStore(bad, identity), out=repr(str(bad)),
+           problem="'meta' is a list, expected a mapping")  # fmt: skip
+    store.write_text(json.dumps({"format": 2, "meta": identity, "cells": {"x": cell}}))
+    assert ResultStore(bad, identity).cells == {"x": cell}  # the structure squeezekit writes
 
 
 def test_plugin_command_that_cannot_build(plugin_site):
