@@ -176,6 +176,8 @@ class SqueezekitLM(HFLM):
         if self.backend != "causal":
             raise UnsupportedModelError("the squeezekit lm-eval model serves decoder-only (causal) models only")
         self._rolling = False
+        #: lm-eval's per-request progress bars (squeezekit eval shows its own instead and turns these off)
+        self.show_bars = True
         #: KV bytes kept / full after each prefill, summed over every compressed forward of this instance
         self.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
         #: generate_until batches by path: the serving path, or model.generate
@@ -254,15 +256,21 @@ class SqueezekitLM(HFLM):
             del cache
         return torch.cat([context, replay.tokens[:, :end].to(context.device)], dim=1)
 
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+
     # -- loglikelihood_rolling -----------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._rolling = True
         try:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_bars)
         finally:
             self._rolling = False
 
     # -- loglikelihood -------------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score each continuation against the cache compressed after prefilling its context.
 
@@ -299,7 +307,11 @@ class SqueezekitLM(HFLM):
         else:
             bs = 1
         order = sorted(unique, key=lambda k: (-len(k[0]), k))
-        pbar = tqdm(total=len(order), disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood requests")
+        pbar = tqdm(
+            total=len(order),
+            disable=disable_tqdm or not self.show_bars or self.rank != 0,
+            desc="Running loglikelihood requests",
+        )
         for i in range(0, len(order), bs):
             batch = [unique[k] for k in order[i : i + bs]]
             self._score_batch(batch)

@@ -9,6 +9,7 @@ compared pairwise (reports.py).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,14 +117,16 @@ def run_sweep(
     ``out_dir=None`` nothing is read or written: the results are only returned.
 
     ``device`` and ``dtype`` (in ``model_args``) are checked by `squeezekit.devices.resolve` before anything loads.
+    ``progress``: the units, and the samples of each, on stderr (`squeezekit.progress`: a bar on a terminal, a line
+    every 10 s elsewhere).
     ``shard=(i, n)`` runs only configs i, i+n, i+2n, ...: n processes (say one per core, each single-threaded)
     share one sweep and one results file.
     """
-    from tqdm import tqdm
-
     from squeezekit.devices import resolve
     from squeezekit.files import check_output_dir
     from squeezekit.models import default_model_dir
+    from squeezekit.progress import progress as progress_of
+    from squeezekit.progress import quiet_transformers, status
 
     from .evaluator import Evaluator
     from .lm_eval_adapter import DEFAULT_EXTEND_CHUNK, DEFAULT_ROLLING_PROMPT
@@ -148,17 +151,20 @@ def run_sweep(
     _drop_stale(store, configs)
     todo = [(c, u) for c in configs for u in units if not store.has(c, u)]
     total = len(configs) * len(units)
-    bar = tqdm(
-        total=total, initial=total - len(todo), desc="sweep", disable=not progress, unit="unit", dynamic_ncols=True
-    )
+    bar = progress_of(total, "eval", "unit", initial=total - len(todo)) if progress else None
     evaluator = None
-    for config, unit in todo:
-        if evaluator is None:
-            evaluator = Evaluator(model_dir, batch_size, text_file, extend_chunk, **model_args)
-        bar.set_postfix_str(f"{cell_key(config)} {unit.key}")
-        store.put(config, unit, evaluator.run(config, unit))
-        bar.update(1)
-    bar.close()
+    with bar if bar is not None else contextlib.nullcontext():
+        for config, unit in todo:
+            if evaluator is None:
+                quiet_transformers()  # squeezekit's progress, not transformers' weight-loading bar
+                if progress:
+                    status(f"loading the model {model_dir}")
+                evaluator = Evaluator(model_dir, batch_size, text_file, extend_chunk, **model_args)
+            if bar is not None:
+                bar.set_note(f"{cell_key(config)} {unit.key}")
+            store.put(config, unit, evaluator.run(config, unit, progress=progress))
+            if bar is not None:
+                bar.update(1)
     if out_dir is not None:
         store.save()
         write_reports(store.data, out_dir)

@@ -75,7 +75,7 @@ class FakeEvaluator:
         self.model_dir, self.lm = "tiny", SimpleNamespace(extend_chunk=16, rolling_prompt=0.5)
         FakeEvaluator.kwargs = kwargs
 
-    def run(self, config, unit):
+    def run(self, config, unit, **kwargs):
         return {"metric": "accuracy", "value": 1.0, "stderr": 0.0, "n": 1, "scores": [1.0], "seconds": 0.0,
                 "kv_fraction": None}  # fmt: skip
 
