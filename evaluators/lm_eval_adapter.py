@@ -49,6 +49,10 @@ uncompressed prompt at once, so the batch (``batch_size``)
   decodes at most ``check_every - 1`` tokens past the last stop, which are dropped).
 * ``cuda_graph`` (bool, default true): let the serving path's decoder replay its step as a CUDA graph.
 
+The numbers are typed by the config schema's own rules (`squeezekit.config`: text parsed, no bool, no fraction for
+an integer), then checked: any bad value (``inf``, ``nan``, ``1e400``, ``-1``, ``x``, ``True``) is a one-line
+`squeezekit.ConfigError` naming the argument and what it accepts.
+
 With ``budget=1`` nothing is evicted and every score equals plain `HFLM`'s (tests/test_lm_eval_adapter.py).
 Scores are summed in float64 on the device and read back once per batch (no host sync per token or chunk).
 """
@@ -56,6 +60,7 @@ Scores are summed in float64 on the device and read back once per batch (no host
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -67,7 +72,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from squeezekit.config import Config
+from squeezekit.config import Config, _check_typed, _coerce_string
 from squeezekit.errors import ConfigError, UnsupportedModelError
 from squeezekit.transformers_api import cache_argument, greedy_eos, output_cache
 
@@ -97,17 +102,18 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
 
 
 def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):
-    """Pop adapter argument ``key`` from ``args`` as ``kind``; a value that does not parse or fails ``ok``: \
-`ConfigError`."""
+    """Pop adapter argument ``key`` from ``args`` as ``kind`` (int or float), typed by the config schema's own rules
+    (`squeezekit.config`: text is parsed; no bool, no fraction for an integer, nothing beyond 64 bits or float range),
+    finite, and passing ``ok``. Any other value (inf, nan, 1e400, -1, 'x', True, ...) is a `ConfigError` saying
+    ``accepted``."""
     value = args.pop(key, default)
     try:
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
+        text = isinstance(value, str)
+        number = _check_typed(key, _coerce_string(key, value, kind, SOURCE) if text else value, kind, SOURCE)
+    except ConfigError:
+        number = None
+    if number is None or not math.isfinite(number) or not ok(number):
         raise ConfigError(key, value, accepted, SOURCE) from None
-    if isinstance(value, bool) or not ok(number):
-        raise ConfigError(key, value, accepted, SOURCE)
     return number
 
 

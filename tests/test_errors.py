@@ -1466,6 +1466,12 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     raised("adapter-cuda-graph", lm("cuda_graph=auto"), value="'auto'")
     raised("adapter-micro-batch", lm("micro_batch=0"), value="0")
     raised("adapter-check-every", lm("check_every=1.5"), value="1.5")
+    # infinite, NaN and overflowing numbers: the same lines, never an OverflowError
+    raised("extend-chunk", lm("extend_chunk=inf"), value="inf")
+    raised("rolling-prompt", lm("rolling_prompt=inf"), value="inf")
+    raised("adapter-micro-batch", lm("micro_batch=1e400"), value="inf")
+    raised("adapter-check-every", lm("check_every=nan"), value="nan")
+    raised("adapter-check-every", lm("check_every=true"), value="True")
     import transformers as tf
 
     t5 = tmp_path / "tiny-t5"
