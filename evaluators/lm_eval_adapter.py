@@ -5,7 +5,8 @@
 ``--model_args`` are the squeezekit config schema (``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``,
 ``window``, ``heavy_ratio`` and the chosen plugins' own parameters) plus `HFLM`'s own arguments (``pretrained``,
 ``batch_size``, ``device``, ``dtype``, ``max_length``, ...) plus the adapter's own, below. Any other key is a one-line
-`squeezekit.ConfigError` naming the nearest valid key. ``pretrained`` defaults to the embedded SmolLM2 model.
+`squeezekit.ConfigError` naming the nearest valid key. ``pretrained`` defaults to the embedded SmolLM2 model (for the
+``lm_eval`` command's RULER tasks too: see evaluators/_lm_eval_hook.py).
 
 How each request type sees the compressed cache (batch > 1, padded, like generation):
 
@@ -62,7 +63,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from tqdm import tqdm
 
 from squeezekit.config import Config, _check_typed, _coerce_string
 from squeezekit.errors import ConfigError, UnsupportedModelError
+from squeezekit.progress import status
 from squeezekit.transformers_api import cache_argument, greedy_eos, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
@@ -166,13 +167,9 @@ class SqueezekitLM(HFLM):
             from squeezekit.models import default_model_dir
 
             pretrained = str(default_model_dir())
-            # lm-eval builds task metadata from the model_args as given: tasks that size their prompts with a
-            # tokenizer (RULER) cannot see this default, and lm-eval offers no way to tell them. Say what to pass.
-            print(
-                f"squeezekit: no pretrained= in --model_args: using the embedded model {pretrained}; RULER tasks need "
-                f"it too: add pretrained={pretrained}",
-                file=sys.stderr,
-            )
+            # The lm_eval command's RULER tasks size their prompts with this model's tokenizer too: the start-up hook
+            # adds it to their metadata (evaluators/_lm_eval_hook.py, add_default_pretrained).
+            status(f"no pretrained= in --model_args: using the embedded model {pretrained}")
         if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: never ask a hub for anything
             pretrained = str(pretrained)
