@@ -1,6 +1,6 @@
-"""The evaluation results store (evaluators/results.py): any damaged store is refused in one documented line or
-read whole, never half used; a cell computed with a file that has changed since (a calibration profile rewritten at
-the same path) runs again."""
+"""The evaluation results store (evaluators/results.py) and its plot (evaluators/reports.py): any damaged store is
+refused in one documented line or read whole, never half used; a cell computed with a file that has changed since (a
+calibration profile rewritten at the same path) runs again; nothing of the plot is cut off."""
 
 from __future__ import annotations
 
@@ -197,3 +197,40 @@ def test_fingerprints_are_kept_for_files_only(tmp_path):
     assert file_fingerprints(copy.copy(config)) == prints  # the content decides, not the object
     assert file_fingerprints(Config.from_kwargs(allocator="calibrated", profile=profile, budget=1.0)) == {}
     assert file_fingerprints(Config.from_kwargs(evictor="h2o", window=4)) == {}
+
+
+# ---- the plot ---------------------------------------------------------------------------------------------------
+
+
+def _sweep_store(evictors: list[str], model: str) -> dict:
+    store = ResultStore(None, {**IDENTITY, "model": model})
+    units = [Unit("niah_single_1", 512, 2), Unit("squeezekit_passkey", 256, 2), Unit("squeezekit_ppl", 256, 2)]
+    configs = [Config.from_kwargs(budget=1.0)] + [
+        Config.from_kwargs(allocator=allocator, evictor=evictor, budget=budget)
+        for evictor in evictors
+        for allocator in ("uniform", "squeeze", "lost_attention")
+        for budget in (0.2, 0.5)
+    ]
+    for i, config in enumerate(configs):
+        for unit in units:
+            store.put(config, unit, _result(0.1 * (i % 7)))
+    return store.data
+
+
+@pytest.mark.parametrize("evictors", [["h2o"], ["h2o", "sliding_window", "snapkv", "streaming"]])
+@pytest.mark.parametrize("model", ["SmolLM2-135M-Instruct", "Meta-Llama-3.1-70B-Instruct-" * 4])
+def test_every_label_of_the_plot_lies_within_the_figure(evictors, model):
+    """The title (wrapped), the axes' titles, labels, ticks and legends: none is cut off, with one evictor's column
+    (a single-config eval) or four, and a long model name."""
+    from squeezekit.plotting import pyplot
+
+    fig = reports.figure(_sweep_store(evictors, model))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inches = fig.get_size_inches()
+    drawn = fig.get_tightbbox(renderer)  # (inches) everything drawn: titles, labels, ticks, legends
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= inches[0] + 0.01 and drawn.y1 <= inches[1] + 0.01
+    (title,) = [t for t in fig.texts if t.get_text().startswith("squeezekit on ")]
+    extent, box = title.get_window_extent(renderer), fig.bbox  # (pixels)
+    assert box.x0 <= extent.x0 < extent.x1 <= box.x1 and box.y0 <= extent.y0 < extent.y1 <= box.y1, extent.bounds
+    pyplot().close(fig)
