@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from squeezekit.errors import ConfigError
+from squeezekit.errors import NO_VALUE, ConfigError
 
 SOURCE = "command line"
 
 
 def add(parser: argparse.ArgumentParser) -> None:
     from squeezekit.cli_options import add_config_flags, add_model_option, positive_int, text_file
+    from squeezekit.devices import DTYPES
 
     from .suite import DEFAULT_SUITE
     from .sweep import SWEEP_ALLOCATORS, SWEEP_BUDGETS, SWEEP_EVICTORS
@@ -20,7 +21,8 @@ def add(parser: argparse.ArgumentParser) -> None:
         "Evaluate quality offline through lm-eval. Without --sweep: the config given by the flags. With --sweep: every "
         "allocator x evictor x budget (budget 1 = full cache, run once), resumable, written to --out (results.json, "
         "results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, device, ...): "
-        "results of another are refused, never mixed."
+        "results of another are refused, never mixed. Without --out (one config only) the scores are printed and "
+        "nothing is written."
     )
     add_model_option(parser)
     parser.add_argument(
@@ -33,7 +35,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=("bfloat16", "float16", "float32"),
+        choices=DTYPES,
         help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); part of the results' setting",
     )
     parser.add_argument(
@@ -53,7 +55,13 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocators", default=",".join(SWEEP_ALLOCATORS), help="allocators of the sweep")
     parser.add_argument("--evictors", default=",".join(SWEEP_EVICTORS), help="evictors of the sweep")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS), help="budgets of the sweep")
-    parser.add_argument("--out", default="docs/results", help="output folder (sweep and single runs alike)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="folder for results.json, results.md and quality_vs_budget.png; required with --sweep (default, one "
+        "config only: print the scores, write nothing)",
+    )
     parser.add_argument(
         "--shard", default="0/1", metavar="I/N", help="run every N-th config from the I-th (N processes share a sweep)"
     )
@@ -106,16 +114,29 @@ def _install_text() -> None:
         subprocess.run(["apt-get", "install", "-y", "bible-kjv"], check=False)
 
 
+def _out(args: argparse.Namespace) -> Path | None:
+    """The results folder; a sweep must be told where its results go (they are never written anywhere by default)."""
+    if args.out is None and args.sweep:
+        raise ConfigError(
+            "--out", NO_VALUE, "is required with --sweep: give the folder for results.json, results.md and "
+            "quality_vs_budget.png", SOURCE,
+        )  # fmt: skip
+    return None if args.out is None else Path(args.out)
+
+
 def run(args: argparse.Namespace) -> int:
     from squeezekit.cli_options import config_from_args, config_values
+    from squeezekit.devices import resolve
 
     from .reports import summarize
     from .results import cell_key
     from .suite import parse_suite
-    from .sweep import resolve_device, run_sweep, sweep_configs
+    from .sweep import run_sweep, sweep_configs
 
+    out = _out(args)
     units = parse_suite(args.suite)
     shard = _shard(args.shard)
+    device, dtype = resolve(args.device, args.dtype)  # before anything loads
     if args.sweep:
         params = {k: v for k, v in config_values(args).items() if k not in ("allocator", "evictor", "budget")}
         configs = sweep_configs(
@@ -130,11 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if args.install_text:
         _install_text()
     text_file = str(args.text_file) if args.text_file else None
-    device, dtype = resolve_device(args.device, args.dtype)
     data = run_sweep(
         configs,
         units,
-        Path(args.out),
+        out,
         args.model,
         args.batch_size,
         text_file,
@@ -151,6 +171,6 @@ def run(args: argparse.Namespace) -> int:
         scores = [f"{k} {u['value']:.3f}±{u['stderr']:.3f}" for k, u in sorted(cell["units"].items())]
         kv = "" if s["kv"] is None else f"; KV kept {100 * s['kv']:.1f}%"
         print(f"{cell_key(config)}: " + ", ".join(scores) + kv)
-    out = Path(args.out)
-    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'quality_vs_budget.png'}")
+    if out is not None:
+        print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'quality_vs_budget.png'}")
     return 0

@@ -1,14 +1,50 @@
 """`Evaluator`: a model loaded once as lm-eval's ``squeezekit`` model, plus the suite's task data loaded once;
-`Evaluator.run` evaluates one unit under one config (swapping only the compression config)."""
+`Evaluator.run` evaluates one unit under one config (swapping only the compression config).
+
+Progress is squeezekit's own (`squeezekit.progress`, on a terminal and off it): the samples of the unit being
+evaluated, counted as lm-eval's model answers them. lm-eval's per-request bars and its warnings about its own
+command line (``--metadata``) are left out of ``squeezekit eval``'s output.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+
+from squeezekit.progress import Progress, status
+from squeezekit.progress import progress as progress_of
 
 from .reports import _sd
+from .results import cell_key
 from .suite import Unit, load_unit
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's loggers at ERROR for the block: its warnings name its own command line's options."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _answered(bar: Progress | None):
+    """An lm-eval cache hook (the model calls it once per answered request) that counts into ``bar``."""
+    from lm_eval.api.model import CacheHook
+
+    class Answered(CacheHook):
+        def add_partial(self, attr, req, res) -> None:
+            if bar is not None:
+                bar.update(1)
+
+    return Answered(None)
 
 
 class Evaluator:
@@ -30,25 +66,33 @@ class Evaluator:
         self.text_file = text_file
         extra = {} if extend_chunk is None else {"extend_chunk": extend_chunk}
         self.lm = SqueezekitLM(pretrained=self.model_dir, batch_size=batch_size, budget=1.0, **extra, **model_args)
+        self.lm.show_bars = False  # squeezekit's own progress instead (see the module docstring)
         self._loaded: dict[str, dict] = {}
 
-    def run(self, config, unit: Unit) -> dict:
-        """Evaluate one unit under one config: per-sample scores and their summary."""
+    def run(self, config, unit: Unit, progress: bool = False) -> dict:
+        """Evaluate one unit under one config: per-sample scores and their summary. ``progress``: show the unit's
+        samples as they are answered (`squeezekit.progress`)."""
         from lm_eval.evaluator import evaluate
 
-        if unit.key not in self._loaded:
-            self._loaded[unit.key] = load_unit(unit, self.model_dir, self.text_file)
-        self.lm.squeeze_config = config
-        self.lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
-        t0 = time.time()
-        out = evaluate(
-            lm=self.lm,
-            task_dict=self._loaded[unit.key],
-            limit=unit.n,
-            log_samples=True,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
+        with quiet_lm_eval():
+            if unit.key not in self._loaded:
+                if progress:
+                    status(f"building the {unit.n} samples of {unit.key}")
+                self._loaded[unit.key] = load_unit(unit, self.model_dir, self.text_file)
+            self.lm.squeeze_config = config
+            self.lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+            t0 = time.time()
+            bar = progress_of(unit.n, f"{cell_key(config)} {unit.key}", "sample") if progress else None
+            with bar if bar is not None else contextlib.nullcontext():
+                self.lm.set_cache_hook(_answered(bar))
+                out = evaluate(
+                    lm=self.lm,
+                    task_dict=self._loaded[unit.key],
+                    limit=unit.n,
+                    log_samples=True,
+                    bootstrap_iters=0,
+                    verbosity="ERROR",
+                )
         seconds = time.time() - t0
         samples = sorted(next(iter(out["samples"].values())), key=lambda s: s["doc_id"])
         if unit.kind == "ppl":

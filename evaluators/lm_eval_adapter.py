@@ -5,7 +5,8 @@
 ``--model_args`` are the squeezekit config schema (``allocator``, ``evictor``, ``budget``, ``p``, ``sinks``,
 ``window``, ``heavy_ratio`` and the chosen plugins' own parameters) plus `HFLM`'s own arguments (``pretrained``,
 ``batch_size``, ``device``, ``dtype``, ``max_length``, ...) plus the adapter's own, below. Any other key is a one-line
-`squeezekit.ConfigError` naming the nearest valid key. ``pretrained`` defaults to the embedded SmolLM2 model.
+`squeezekit.ConfigError` naming the nearest valid key. ``pretrained`` defaults to the embedded SmolLM2 model (for the
+``lm_eval`` command's RULER tasks too: see evaluators/_lm_eval_hook.py).
 
 How each request type sees the compressed cache (batch > 1, padded, like generation):
 
@@ -49,6 +50,10 @@ uncompressed prompt at once, so the batch (``batch_size``)
   decodes at most ``check_every - 1`` tokens past the last stop, which are dropped).
 * ``cuda_graph`` (bool, default true): let the serving path's decoder replay its step as a CUDA graph.
 
+The numbers are typed by the config schema's own rules (`squeezekit.config`: text parsed, no bool, no fraction for
+an integer), then checked: any bad value (``inf``, ``nan``, ``1e400``, ``-1``, ``x``, ``True``) is a one-line
+`squeezekit.ConfigError` naming the argument and what it accepts.
+
 With ``budget=1`` nothing is evicted and every score equals plain `HFLM`'s (tests/test_lm_eval_adapter.py).
 Scores are summed in float64 on the device and read back once per batch (no host sync per token or chunk).
 """
@@ -56,8 +61,8 @@ Scores are summed in float64 on the device and read back once per batch (no host
 from __future__ import annotations
 
 import inspect
+import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +72,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from squeezekit.config import Config
+from squeezekit.config import Config, _check_typed, _coerce_string
 from squeezekit.errors import ConfigError, UnsupportedModelError
+from squeezekit.progress import status
 from squeezekit.transformers_api import cache_argument, greedy_eos, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
@@ -97,17 +103,18 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
 
 
 def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):
-    """Pop adapter argument ``key`` from ``args`` as ``kind``; a value that does not parse or fails ``ok``: \
-`ConfigError`."""
+    """Pop adapter argument ``key`` from ``args`` as ``kind`` (int or float), typed by the config schema's own rules
+    (`squeezekit.config`: text is parsed; no bool, no fraction for an integer, nothing beyond 64 bits or float range),
+    finite, and passing ``ok``. Any other value (inf, nan, 1e400, -1, 'x', True, ...) is a `ConfigError` saying
+    ``accepted``."""
     value = args.pop(key, default)
     try:
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
+        text = isinstance(value, str)
+        number = _check_typed(key, _coerce_string(key, value, kind, SOURCE) if text else value, kind, SOURCE)
+    except ConfigError:
+        number = None
+    if number is None or not math.isfinite(number) or not ok(number):
         raise ConfigError(key, value, accepted, SOURCE) from None
-    if isinstance(value, bool) or not ok(number):
-        raise ConfigError(key, value, accepted, SOURCE)
     return number
 
 
@@ -160,13 +167,9 @@ class SqueezekitLM(HFLM):
             from squeezekit.models import default_model_dir
 
             pretrained = str(default_model_dir())
-            # lm-eval builds task metadata from the model_args as given: tasks that size their prompts with a
-            # tokenizer (RULER) cannot see this default, and lm-eval offers no way to tell them. Say what to pass.
-            print(
-                f"squeezekit: no pretrained= in --model_args: using the embedded model {pretrained}; RULER tasks need "
-                f"it too: add pretrained={pretrained}",
-                file=sys.stderr,
-            )
+            # The lm_eval command's RULER tasks size their prompts with this model's tokenizer too: the start-up hook
+            # adds it to their metadata (evaluators/_lm_eval_hook.py, add_default_pretrained).
+            status(f"no pretrained= in --model_args: using the embedded model {pretrained}")
         if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: never ask a hub for anything
             pretrained = str(pretrained)
@@ -176,6 +179,8 @@ class SqueezekitLM(HFLM):
         if self.backend != "causal":
             raise UnsupportedModelError("the squeezekit lm-eval model serves decoder-only (causal) models only")
         self._rolling = False
+        #: lm-eval's per-request progress bars (squeezekit eval shows its own instead and turns these off)
+        self.show_bars = True
         #: KV bytes kept / full after each prefill, summed over every compressed forward of this instance
         self.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
         #: generate_until batches by path: the serving path, or model.generate
@@ -254,15 +259,21 @@ class SqueezekitLM(HFLM):
             del cache
         return torch.cat([context, replay.tokens[:, :end].to(context.device)], dim=1)
 
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+
     # -- loglikelihood_rolling -----------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._rolling = True
         try:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_bars)
         finally:
             self._rolling = False
 
     # -- loglikelihood -------------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score each continuation against the cache compressed after prefilling its context.
 
@@ -299,7 +310,11 @@ class SqueezekitLM(HFLM):
         else:
             bs = 1
         order = sorted(unique, key=lambda k: (-len(k[0]), k))
-        pbar = tqdm(total=len(order), disable=(disable_tqdm or self.rank != 0), desc="Running loglikelihood requests")
+        pbar = tqdm(
+            total=len(order),
+            disable=disable_tqdm or not self.show_bars or self.rank != 0,
+            desc="Running loglikelihood requests",
+        )
         for i in range(0, len(order), bs):
             batch = [unique[k] for k in order[i : i + bs]]
             self._score_batch(batch)

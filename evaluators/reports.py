@@ -206,6 +206,26 @@ def comparisons_markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> Path:
+    """Write `figure` of ``data`` to ``path`` (a PNG)."""
+    from squeezekit.plotting import pyplot
+
+    fig = figure(data)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def _wrapped(text: str, width_inches: float, points: float) -> str:
+    """``text`` in lines that fit ``width_inches`` at a font of ``points`` (a character is at most about 0.62 em)."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(12, int(width_inches * 72 / (0.62 * points))))
+
+
+def figure(data: dict):
+    """Quality vs budget: a column per evictor, a row per measure (RULER, pass key, perplexity), a line per
+    allocator. Laid out by matplotlib's constrained layout, the title wrapped to the figure's width: every label
+    lies within the figure, however few the columns and long the model's name."""
     import matplotlib.ticker
 
     from squeezekit.plotting import pyplot
@@ -222,7 +242,8 @@ def plot(data: dict, path: Path) -> Path:
         ("ppl", "word perplexity (lower is better)"),
     ]
     rows = [r for r in rows if any(s[r[0]] is not None for (_, s) in points.values())]
-    fig, axes = plt.subplots(len(rows), len(evictors), figsize=(4.2 * len(evictors), 3.2 * len(rows)), squeeze=False)
+    size = (4.2 * len(evictors), 3.2 * len(rows))
+    fig, axes = plt.subplots(len(rows), len(evictors), figsize=size, squeeze=False, layout="constrained")
     full = points["full"][1] if "full" in points else None
     budgets = sorted({p[2] for (p, _) in points.values()})
     for j, evictor in enumerate(evictors):
@@ -248,11 +269,9 @@ def plot(data: dict, path: Path) -> Path:
             if j == 0:
                 ax.set_ylabel(label)
             if i == len(rows) - 1:
-                ax.set_xlabel("mean KV budget (fraction of the prompt)")
+                ax.set_xlabel(_wrapped("mean KV budget (fraction of the prompt)", size[0] / len(evictors) - 0.6, 10))
             ax.legend(fontsize=8)
     model = Path(str(data.get("meta", {}).get("model", "?"))).name
-    fig.suptitle(f"squeezekit on {model}: quality vs KV budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = 12.0
+    fig.suptitle(_wrapped(f"squeezekit on {model}: quality vs KV budget", size[0] - 0.2, title), fontsize=title)
+    return fig

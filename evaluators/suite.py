@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,8 @@ def _capped(fn):
 @contextlib.contextmanager
 def offline_nltk():
     """RULER's niah module asks NLTK to download ``punkt_tab`` at import when it is missing (used for essay haystacks
-    only, not the tasks here): never reach for the network (an offline GPU machine would wait on it)."""
+    only, not the tasks here): never reach for the network (an offline GPU machine would wait on it). The module is
+    imported here, once, without the line it prints on stdout then ("Downloaded punkt_tab": nothing was)."""
     try:
         import nltk
     except ImportError:
@@ -139,6 +141,8 @@ def offline_nltk():
     download = nltk.download
     nltk.download = lambda *args, **kwargs: False
     try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            importlib.import_module("lm_eval.tasks.ruler.prepare_niah")
         yield
     finally:
         nltk.download = download

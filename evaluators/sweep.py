@@ -2,18 +2,21 @@
 
 The model and the task data are built once; each cell only swaps the compression config. Results go to
 ``OUT/results.json`` after every unit (a rerun skips what is there: resumable; see results.py for what a store
-holds), then ``results.md`` and ``quality_vs_budget.png``. Per-sample scores are kept, so any two cells can be
+holds), then ``results.md`` and ``quality_vs_budget.png``; a cell whose config names a file that has changed since
+(a calibration profile rewritten at the same path) runs again. Per-sample scores are kept, so any two cells can be
 compared pairwise (reports.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
 from squeezekit.errors import ConfigError
 
-from .results import ResultStore, cell_key, model_fingerprint, text_fingerprint
+from .results import SOURCE, ResultStore, cell_key, model_fingerprint, text_fingerprint
 from .suite import Unit
 
 SWEEP_ALLOCATORS = ("uniform", "pyramid", "squeeze", "lost_attention")
@@ -68,17 +71,14 @@ def _fill(value: Any, allocator: str, evictor: str) -> Any:
     return value.replace("{evictor}", evictor).replace("{allocator}", allocator)
 
 
-def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
-    """``(device, dtype)``: CUDA when there is one, else the CPU; bfloat16 on CUDA, float32 on the CPU. A CUDA device
-    asked for where there is none is a one-line error."""
-    import torch
-
-    from squeezekit.errors import InputError
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+def _drop_stale(store: ResultStore, configs) -> None:
+    """Forget the results of every cell computed with other files than its config names now (a calibration
+    profile rewritten at the same path), saying so in one line each: they run again."""
+    for config in configs:
+        why = store.stale(config)
+        if why:
+            print(f"squeezekit: {why}: running them again", file=sys.stderr, flush=True)
+            store.drop(config)
 
 
 def setting(
@@ -104,7 +104,7 @@ def setting(
 def run_sweep(
     configs,
     units: list[Unit],
-    out_dir: Path,
+    out_dir: Path | None,
     model_dir=None,
     batch_size=4,
     text_file=None,
@@ -113,22 +113,30 @@ def run_sweep(
     shard: tuple[int, int] = (0, 1),
     **model_args,
 ) -> dict:
-    """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot.
+    """Run every (config, unit) not yet in ``out_dir/results.json``; write the JSON, table and plot. With
+    ``out_dir=None`` nothing is read or written: the results are only returned.
 
+    ``device`` and ``dtype`` (in ``model_args``) are checked by `squeezekit.devices.resolve` before anything loads.
+    ``progress``: the units, and the samples of each, on stderr (`squeezekit.progress`: a bar on a terminal, a line
+    every 10 s elsewhere).
     ``shard=(i, n)`` runs only configs i, i+n, i+2n, ...: n processes (say one per core, each single-threaded)
     share one sweep and one results file.
     """
-    from tqdm import tqdm
-
+    from squeezekit.devices import resolve
+    from squeezekit.files import check_output_dir
     from squeezekit.models import default_model_dir
+    from squeezekit.progress import progress as progress_of
+    from squeezekit.progress import quiet_transformers, status
 
     from .evaluator import Evaluator
     from .lm_eval_adapter import DEFAULT_EXTEND_CHUNK, DEFAULT_ROLLING_PROMPT
     from .reports import write_reports
 
-    model_dir = str(model_dir or default_model_dir())
-    device, dtype = resolve_device(model_args.pop("device", None), model_args.pop("dtype", None))
+    device, dtype = resolve(model_args.pop("device", None), model_args.pop("dtype", None), "device", "run_sweep")
     model_args.update(device=device, dtype=dtype)
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out", SOURCE)  # a file or an unwritable folder: refused now, not after a unit
+    model_dir = str(model_dir or default_model_dir())
     identity = setting(
         model_dir,
         text_file,
@@ -140,19 +148,24 @@ def run_sweep(
     )
     store = ResultStore(out_dir, identity)  # refuses an --out of another setting before anything loads
     configs = configs[shard[0] :: shard[1]]
+    _drop_stale(store, configs)
     todo = [(c, u) for c in configs for u in units if not store.has(c, u)]
     total = len(configs) * len(units)
-    bar = tqdm(
-        total=total, initial=total - len(todo), desc="sweep", disable=not progress, unit="unit", dynamic_ncols=True
-    )
+    bar = progress_of(total, "eval", "unit", initial=total - len(todo)) if progress else None
     evaluator = None
-    for config, unit in todo:
-        if evaluator is None:
-            evaluator = Evaluator(model_dir, batch_size, text_file, extend_chunk, **model_args)
-        bar.set_postfix_str(f"{cell_key(config)} {unit.key}")
-        store.put(config, unit, evaluator.run(config, unit))
-        bar.update(1)
-    bar.close()
-    store.save()
-    write_reports(store.data, out_dir)
+    with bar if bar is not None else contextlib.nullcontext():
+        for config, unit in todo:
+            if evaluator is None:
+                quiet_transformers()  # squeezekit's progress, not transformers' weight-loading bar
+                if progress:
+                    status(f"loading the model {model_dir}")
+                evaluator = Evaluator(model_dir, batch_size, text_file, extend_chunk, **model_args)
+            if bar is not None:
+                bar.set_note(f"{cell_key(config)} {unit.key}")
+            store.put(config, unit, evaluator.run(config, unit, progress=progress))
+            if bar is not None:
+                bar.update(1)
+    if out_dir is not None:
+        store.save()
+        write_reports(store.data, out_dir)
     return store.data

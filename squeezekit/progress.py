@@ -54,6 +54,9 @@ class Progress:
     """``total`` steps of work called ``desc``, counted in ``unit``s (see the module docstring). Use as a context
     manager or call `close`."""
 
+    #: how many bars are drawn now: `status` writes its line above them, not into them
+    live = 0
+
     def __init__(
         self,
         total: int,
@@ -77,6 +80,7 @@ class Progress:
             self._bar = tqdm(
                 total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=False
             )
+            Progress.live += 1
 
     def __enter__(self) -> Progress:
         return self
@@ -101,6 +105,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            Progress.live -= 1
         elif self.mode == "lines" and self.n != self._printed:
             if self._printed >= 0 or time.monotonic() - self._start >= QUIET_UNDER:
                 self._line(force=True)
@@ -135,7 +140,13 @@ def status(text: str, stream: TextIO | None = None) -> None:
     """One line of what is happening now (``squeezekit: loading the model ...``), on a terminal or off it, unless
     ``SQUEEZEKIT_PROGRESS=0``."""
     stream = stream if stream is not None else sys.stderr
-    if _mode(stream) != "off":
+    if _mode(stream) == "off":
+        return
+    if Progress.live:  # a bar is drawn: tqdm clears it, writes the line, draws it again (a print would land in it)
+        from tqdm import tqdm
+
+        tqdm.write(f"squeezekit: {text}", file=stream)
+    else:
         print(f"squeezekit: {text}", file=stream, flush=True)
 
 

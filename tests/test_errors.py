@@ -338,6 +338,29 @@ CATALOGUE = [
         "test_results_are_never_mixed",
     ),
     Row(
+        "results-unreadable",
+        "squeezekit eval --out holding a results.json that is not JSON, or not a regular file",
+        "ConfigError",
+        "config error: command line: --out = {out}: holds a results.json that cannot be read ({problem}); use another "
+        "--out",
+        "test_results_are_never_mixed",
+    ),
+    Row(
+        "results-malformed",
+        "squeezekit eval --out holding a results.json not of the structure squeezekit writes (cells a list, a cell "
+        "without units, a unit without scores, a list where a mapping belongs, ...)",
+        "ConfigError",
+        "config error: command line: --out = {out}: holds a malformed results.json: {problem}; use another --out",
+        "test_results_are_never_mixed",
+    ),
+    Row(
+        "out-dir-file",
+        "an output folder (squeezekit eval --out, bench --out) that is a file",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is a file, not a folder; give a folder for the outputs",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
         "bench-methods",
         "squeezekit bench --methods item with a bad chunk or batch sizes",
         "ConfigError",
@@ -378,18 +401,48 @@ CATALOGUE = [
         "test_labels_and_bench_arguments",
     ),
     Row(
-        "output-dir-file",
-        "an output folder (squeezekit bench --out) that is a file",
-        "ConfigError",
-        "config error: command line: {key} = {value}: is a file, not a folder; give a folder for the outputs",
-        "test_labels_and_bench_arguments",
-    ),
-    Row(
         "shard",
         "squeezekit eval --shard not of the form I/N with 0 <= I < N",
         "ConfigError",
         "config error: command line: --shard = {value}: expected I/N with 0 <= I < N, e.g. 0/2",
         "test_evaluation_command_arguments",
+    ),
+    Row(
+        "sweep-out",
+        "squeezekit eval --sweep without --out (results are never written anywhere by default)",
+        "ConfigError",
+        "config error: command line: --out: is required with --sweep: give the folder for results.json, results.md "
+        "and quality_vs_budget.png",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device",
+        "a --device squeezekit does not run on, e.g. bogus, CPU, meta, cuda:x (generate, eval, calibrate, bench: "
+        "squeezekit.devices)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected cpu, cuda or cuda:N",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device-no-cuda",
+        "--device cuda (or cuda:N) on a machine without a CUDA device (every command that takes --device)",
+        "InputError",
+        "{key} {device}: no CUDA device is available here; use {key} cpu",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "device-index",
+        "--device cuda:N beyond the machine's CUDA devices (every command that takes --device)",
+        "InputError",
+        "{key} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{last}",
+        "test_evaluation_outputs_and_devices",
+    ),
+    Row(
+        "dtype",
+        "a dtype other than bfloat16, float16, float32 (the Python API; --dtype offers only those)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: expected one of bfloat16, float16, float32",
+        "test_evaluation_outputs_and_devices",
     ),
     Row(
         "extend-chunk",
@@ -1031,32 +1084,10 @@ CATALOGUE = [
     ),
     Row(
         "output-unwritable",
-        "an output file (squeezekit calibrate --out) that cannot be created, tested by creating it before the work "
-        "(e.g. under a regular file, or in /proc)",
+        "an output file or folder (calibrate --out, eval --out, bench --out) that cannot be created, tested by "
+        "creating it before the work (e.g. under a regular file, or in /proc)",
         "ConfigError",
         "config error: {source}: {key} = {value}: cannot be written: {reason}",
-        "test_calibrate_arguments",
-    ),
-    Row(
-        "device-name",
-        "a --device that is not cpu, cuda or cuda:N, e.g. bogus, CPU, meta (generate, eval, calibrate, bench: "
-        "squeezekit.devices)",
-        "ConfigError",
-        "config error: {source}: {key} = {value}: expected cpu, cuda or cuda:N",
-        "test_calibrate_arguments",
-    ),
-    Row(
-        "device-no-cuda",
-        "--device cuda or cuda:N where there is no CUDA device (generate, eval, calibrate, bench)",
-        "InputError",
-        "{key} {device}: no CUDA device is available here; use {key} cpu",
-        "test_calibrate_arguments",
-    ),
-    Row(
-        "device-index",
-        "--device cuda:N beyond the machine's CUDA devices (generate, eval, calibrate, bench)",
-        "InputError",
-        "{key} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{last}",
         "test_calibrate_arguments",
     ),
 ]
@@ -1512,6 +1543,12 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     raised("adapter-cuda-graph", lm("cuda_graph=auto"), value="'auto'")
     raised("adapter-micro-batch", lm("micro_batch=0"), value="0")
     raised("adapter-check-every", lm("check_every=1.5"), value="1.5")
+    # infinite, NaN and overflowing numbers: the same lines, never an OverflowError
+    raised("extend-chunk", lm("extend_chunk=inf"), value="inf")
+    raised("rolling-prompt", lm("rolling_prompt=inf"), value="inf")
+    raised("adapter-micro-batch", lm("micro_batch=1e400"), value="inf")
+    raised("adapter-check-every", lm("check_every=nan"), value="nan")
+    raised("adapter-check-every", lm("check_every=true"), value="True")
     import transformers as tf
 
     t5 = tmp_path / "tiny-t5"
@@ -1521,6 +1558,52 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
     )
     tf.T5ForConditionalGeneration(config).save_pretrained(t5)
     raised("adapter-causal", lambda: SqueezekitLM.create_from_arg_string(f"pretrained={t5}", {"device": "cpu"}))
+
+
+def test_evaluation_outputs_and_devices(tiny_llama_dir, tmp_path, monkeypatch):
+    """Where eval's results go and what it runs on are checked before anything loads: nothing is created."""
+    from squeezekit.evaluators import sweep
+    from squeezekit.evaluators.suite import parse_suite
+
+    from squeezekit.cli import main
+
+    never = tmp_path / "never"
+    eval_ = ["eval", "--model", str(tiny_llama_dir), "--suite", "squeezekit_ppl@256:1"]
+    printed("sweep-out", _cli_error(main, [*eval_, "--sweep"]))
+    for device in ("bogus", "CPU", "meta", "cuda:x", "cuda:-1"):
+        err = _cli_error(main, [*eval_, "--device", device, "--out", str(never)])
+        printed("device", err, source="command line", key="--device", value=repr(device))
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1"):
+            err = _cli_error(main, [*eval_, "--device", device, "--out", str(never)])
+            printed("device-no-cuda", err, key="--device", device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of 2 CUDA devices, as far as asked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    printed("device-index", _cli_error(main, [*eval_, "--device", "cuda:2", "--out", str(never)]), key="--device",
+            device="cuda:2", n=2, last=1)  # fmt: skip
+    monkeypatch.undo()
+    file = tmp_path / "a-file"
+    file.write_text("")
+    from squeezekit.evaluators import evaluator
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(evaluator, "Evaluator", no_model)
+    for out, key, values in (
+        (file, "out-dir-file", {}),
+        (file / "sub", "output-unwritable", {"reason": "Not a directory"}),
+    ):
+        err = _cli_error(main, [*eval_, "--device", "cpu", "--out", str(out)])
+        printed(key, err, source="command line", key="--out", value=repr(str(out)), **values)
+    units = parse_suite("squeezekit_ppl@256:1")
+
+    def run_sweep(**device):
+        return lambda: sweep.run_sweep([Config.from_kwargs()], units, never, tiny_llama_dir, **device)
+
+    raised("dtype", run_sweep(device="cpu", dtype="float64"), source="run_sweep", key="dtype", value="'float64'")
+    raised("device", run_sweep(device="gpu"), source="run_sweep", key="device", value="'gpu'")
+    assert not never.exists()
 
 
 def _cli_error(main, argv) -> str:
@@ -2386,9 +2469,9 @@ def test_labels_and_bench_arguments(tmp_path):
         (["--new-tokens", "4096"], "bench-new-tokens-len", dict(value=4096, max=4096, model="tiny", most=4095)),
         (["--model", str(model_dir), "--new-tokens", "600"], "bench-new-tokens-len",
          dict(value=600, max=512, model="short-model", most=511)),
-        (["--out", str(out_file)], "output-dir-file", dict(key="--out", value=repr(str(out_file)))),
-        (["--device", "gpu"], "device-name", dict(source="command line", key="--device", value="'gpu'")),
-        (["--device", "CPU"], "device-name", dict(source="command line", key="--device", value="'CPU'")),
+        (["--out", str(out_file)], "out-dir-file", dict(source="command line", key="--out", value=repr(str(out_file)))),
+        (["--device", "gpu"], "device", dict(source="command line", key="--device", value="'gpu'")),
+        (["--device", "CPU"], "device", dict(source="command line", key="--device", value="'CPU'")),
     ):  # fmt: skip
         err = _cli_error(main, ["bench", "--device", "cpu", "--model", "tiny", *argv])
         printed(key, err, **values)
@@ -2491,6 +2574,8 @@ def test_empty_prompt(tiny_llama_dir):
 
 
 def test_results_are_never_mixed(tmp_path):
+    import json
+
     from squeezekit.evaluators.results import ResultStore
     from squeezekit.evaluators.suite import Unit
 
@@ -2507,7 +2592,11 @@ def test_results_are_never_mixed(tmp_path):
         dtype="float32",
     )
     store = ResultStore(out, identity)
-    store.put(Config.from_kwargs(budget=0.5), Unit("squeezekit_ppl", 256, 2), {"value": 1.0, "scores": [1.0, 1.0]})
+    store.put(
+        Config.from_kwargs(budget=0.5),
+        Unit("squeezekit_ppl", 256, 2),
+        {"value": 1.0, "stderr": 0.0, "scores": [1.0, 1.0]},
+    )
     for change, what in (
         (dict(model="b", model_fingerprint="9"), "model 'a' (now 'b'), model_fingerprint '1' (now '9')"),
         (dict(batch_size=8), "batch_size 4 (now 8)"),
@@ -2525,6 +2614,41 @@ def test_results_are_never_mixed(tmp_path):
     old.mkdir()
     (old / "results.json").write_text('{"meta": {}, "cells": {}}')
     raised("results-format", lambda: ResultStore(old, identity), out=repr(str(old)))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    store = bad / "results.json"
+    store.write_text("{not json")
+    raised("results-unreadable", lambda: ResultStore(bad, identity), out=repr(str(bad)),
+           problem="not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")  # fmt: skip
+    store.unlink()
+    store.mkdir()
+    raised("results-unreadable", lambda: ResultStore(bad, identity), out=repr(str(bad)), problem="is a directory")
+    store.rmdir()
+    unit = {"value": 1.0, "stderr": 0.0, "scores": [1.0], "kv_fraction": None}
+    cell = {"config": {"budget": 0.5}, "units": {"squeezekit_ppl@256:2": unit}}
+    for cells, problem in (
+        ([], "'cells' is a list, expected a mapping of cell keys to cells"),
+        ({"x": []}, "cells['x'] is a list, expected a mapping"),
+        ({"x": {"config": {"budget": 0.5}}},
+         "cells['x']['units'] is missing, expected a mapping of unit keys to results"),
+        ({"x": {**cell, "units": None}}, "cells['x']['units'] is null, expected a mapping of unit keys to results"),
+        ({"x": {**cell, "units": {"u": {"value": 1.0, "stderr": 0.0}}}},
+         "cells['x']['units']['u']['scores'] is missing, expected a list of numbers"),
+        ({"x": {**cell, "units": {"u": {**unit, "scores": [1.0, "1"]}}}},
+         "cells['x']['units']['u']['scores'][1] is a string, expected a number"),
+        ({"x": {**cell, "units": {"u": 3}}}, "cells['x']['units']['u'] is a number, expected a mapping"),
+        ({"x": {**cell, "config": {}}}, "cells['x']['config']['budget'] is missing, expected a number"),
+        ({"x": {**cell, "config": {"budget": 0.5, "evictor": ["h2o"]}}},
+         "cells['x']['config']['evictor'] is a list, expected a name"),
+    ):  # fmt: skip
+        store.write_text(json.dumps({"format": 2, "meta": identity, "cells": cells}))
+        raised("results-malformed", lambda: ResultStore(bad, identity), out=repr(str(bad)), problem=problem)
+    store.write_text(json.dumps({"format": 2, "meta": [], "cells": {}}))
+    raised("results-malformed", lambda: ResultStore(bad, identity), out=repr(str(bad)),
+           problem="'meta' is a list, expected a mapping")  # fmt: skip
+    store.write_text(json.dumps({"format": 2, "meta": identity, "cells": {"x": cell}}))
+    assert ResultStore(bad, identity).cells == {"x": cell}  # the structure squeezekit writes
 
 
 def test_plugin_command_that_cannot_build(plugin_site):
@@ -2755,7 +2879,7 @@ def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
                           (Path("/proc/profile.json"), ANY)):  # fmt: skip
         printed("output-unwritable", error("--out", str(where)), value=repr(str(where)), reason=reason, **command_line)
     for device in ("bogus", "CPU", "meta"):
-        printed("device-name", error("--device", device), source="command line", key="--device", value=repr(device))
+        printed("device", error("--device", device), source="command line", key="--device", value=repr(device))
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

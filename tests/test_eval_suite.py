@@ -111,6 +111,7 @@ def test_sweep_cli_resumes_and_reports(tiny_dir, text_file, tmp_path, monkeypatc
             "--suite", "squeezekit_passkey@256:2,squeezekit_ppl@256:2", "--allocators", "uniform,squeeze",
             "--evictors", "streaming", "--budgets", "0.5,1"]  # fmt: skip
     assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["quality_vs_budget.png", "results.json", "results.md"]  # no lock file left
     data = json.loads((out / "results.json").read_text())
     assert set(data["cells"]) == {"full", "uniform+streaming@0.5", "squeeze+streaming@0.5"}  # budget 1 once
     for cell in data["cells"].values():
@@ -125,6 +126,29 @@ def test_sweep_cli_resumes_and_reports(tiny_dir, text_file, tmp_path, monkeypatc
 
     monkeypatch.setattr(Evaluator, "run", boom)
     assert main(args) == 0  # everything is there already: nothing runs
+
+
+def test_single_config_eval_prints_its_scores_and_progress_and_writes_nothing(
+    tiny_dir, text_file, tmp_path, monkeypatch, capsys
+):
+    from squeezekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SQUEEZEKIT_PROGRESS", raising=False)
+    args = ["eval", "--model", tiny_dir, "--text-file", text_file, "--batch-size", "2", "--device", "cpu", "--suite",
+            "squeezekit_passkey@256:2,squeezekit_ppl@256:2", "--evictor", "h2o", "--budget", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()  # stderr is not a terminal here: progress comes as plain lines
+    assert out.startswith("squeeze+h2o@0.5: squeezekit_passkey@256:2 ") and "KV kept" in out and out.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # not docs/results, nor anything else of the current folder
+    lines = err.splitlines()
+    assert f"squeezekit: loading the model {tiny_dir}" in lines
+    assert any(line.startswith("squeezekit: eval 0/2 units (0%), ") for line in lines)
+    assert any(line.startswith("squeezekit: eval 2/2 units (100%), ") for line in lines)
+    for unit in ("squeezekit_passkey@256:2", "squeezekit_ppl@256:2"):  # within each unit: its samples
+        assert any(line.startswith(f"squeezekit: squeeze+h2o@0.5 {unit} 2/2 samples (100%), ") for line in lines)
+    for theirs in ("Loading weights", "Running generate_until requests", "Running loglikelihood requests", "WARNING"):
+        assert theirs not in err  # transformers' and lm-eval's own bars and warnings
 
 
 def test_suite_parsing_errors():

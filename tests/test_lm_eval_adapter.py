@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +17,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
 from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
-from squeezekit.errors import ConfigError  # noqa: E402
+from squeezekit.errors import ConfigError, shown  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,3 +133,79 @@ def test_fallback_plugin_keys_pass(tiny_dir):
     }
     with pytest.raises(ConfigError, match="per = 'sequence': unknown key"):
         SqueezekitLM(pretrained=tiny_dir, device="cpu", allocator="pyramid", per="sequence")
+
+
+# ---- the adapter's own arguments: any bad value is one line, through lm-eval's k=v parsing or as a Python value ----
+
+INTEGER = "must be an integer >= 1"
+ACCEPTED = {
+    "extend_chunk": INTEGER,
+    "micro_batch": INTEGER,
+    "check_every": INTEGER,
+    "rolling_prompt": "must be a fraction in (0, 1] or a whole number of tokens",
+    "fast": "must be true or false or auto",
+    "cuda_graph": "must be true or false",
+    "attn_implementation": "must be 'sdpa' or 'eager'",
+}
+SPECIAL = [math.inf, -math.inf, math.nan, 1e400, -1, 0, "x", "", "inf", "-inf", "nan", "1e400", "2.5", "1e3x", [4]]
+
+
+def _good(key: str, value) -> bool:
+    """Whether ``value`` is a valid ``key`` (what the adapter documents)."""
+    if key == "micro_batch" and value is None or key == "attn_implementation" and value in (None, "sdpa", "eager"):
+        return True
+    if key in ("fast", "cuda_graph"):
+        words = ("1", "true", "yes", "on", "0", "false", "no", "off") + (("auto",) if key == "fast" else ())
+        return str(value).strip().lower() in words
+    if key == "attn_implementation" or isinstance(value, (bool, list)) or value is None:
+        return False
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (ValueError, OverflowError):
+        return False
+    if not math.isfinite(number):
+        return False
+    if key == "rolling_prompt":
+        return 0 < number <= 1 or (number > 1 and number.is_integer())
+    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+        return False
+    return number.is_integer() and number >= 1 and abs(number) < 2**63
+
+
+def _values(key: str):
+    return st.one_of(
+        st.sampled_from(SPECIAL), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=6)
+    ).filter(lambda v: not _good(key, v))
+
+
+@pytest.mark.parametrize("key", sorted(ACCEPTED))
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_every_bad_adapter_argument_is_a_one_line_config_error(tiny_dir, key, data):
+    value = data.draw(_values(key), label=key)
+    with pytest.raises(ConfigError) as err:
+        SqueezekitLM(pretrained=tiny_dir, device="cpu", **{key: value})
+    assert str(err.value) == f"config error: model_args: {key} = {shown(value)}: {ACCEPTED[key]}"
+
+
+@pytest.mark.parametrize("key", sorted(ACCEPTED))
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_every_bad_adapter_argument_of_the_model_args_string_is_a_one_line_config_error(tiny_dir, key, data):
+    from lm_eval.utils import handle_arg_string
+
+    texts = st.sampled_from([str(v) for v in SPECIAL if not isinstance(v, list)])
+    text = data.draw(texts | st.text("0123456789.e+-infaxNoT", max_size=6))
+    value = handle_arg_string(text)  # what lm-eval hands over for `key=text`
+    assume(not _good(key, value))
+    with pytest.raises(ConfigError) as err:
+        SqueezekitLM.create_from_arg_string(f"pretrained={tiny_dir},{key}={text}", {"device": "cpu"})
+    assert str(err.value) == f"config error: model_args: {key} = {shown(value)}: {ACCEPTED[key]}"
+
+
+def test_adapter_arguments_given_as_text_are_typed(tiny_dir):
+    lm = SqueezekitLM(pretrained=tiny_dir, device="cpu", extend_chunk="8", rolling_prompt=" 0.25", micro_batch=2.0,
+                      check_every="4", fast="off", cuda_graph="no")  # fmt: skip
+    assert (lm.extend_chunk, lm.rolling_prompt, lm.micro_batch, lm.check_every) == (8, 0.25, 2, 4)
+    assert (lm.fast, lm.cuda_graph) == (False, False)
+    assert all(type(v) is int for v in (lm.extend_chunk, lm.micro_batch, lm.check_every))

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     return model, tasks
 
 
-def _lm_eval(*args: str) -> subprocess.CompletedProcess:
+def _lm_eval(*args: str, **env: str) -> subprocess.CompletedProcess:
     exe = shutil.which("lm_eval") or shutil.which("lm-eval")
     cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
     env = {
@@ -35,8 +35,21 @@ def _lm_eval(*args: str) -> subprocess.CompletedProcess:
         "HF_DATASETS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **env,
     }
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _installed_hook_is_current() -> None:
+    """The hook lm-eval runs is the one in site-packages, copied there at install time: it must be this one."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("_squeezekit_lm_eval_hook")
+    assert spec is not None and spec.origin, "the lm-eval start-up hook is not installed: pip install -e ."
+    source = Path(__file__).resolve().parents[1] / "evaluators" / "_lm_eval_hook.py"
+    assert Path(spec.origin).read_text() == source.read_text(), (
+        f"{spec.origin} is an older copy of evaluators/_lm_eval_hook.py: reinstall (pip install --no-deps -e .)"
+    )
 
 
 def test_literal_lm_eval_command(setup):
@@ -54,6 +67,34 @@ def test_literal_lm_eval_command(setup):
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("|")}
     assert {"tiny_gen", "tiny_mc", "tiny_ppl"} <= set(rows)
     assert "exact_match" in rows["tiny_gen"] and "acc" in rows["tiny_mc"] and "bits_per_byte" in rows["tiny_ppl"]
+
+
+def _readme_command() -> list[str]:
+    """The arguments of the README's ``lm_eval`` command (its lm-eval section's first code block)."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.partition("## Quality evaluation with lm-eval")[2]
+    block = section.partition("```bash\n")[2].partition("```")[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[0] == "lm_eval" and "pretrained" not in block, block
+    return words[1:]
+
+
+def test_readme_ruler_command_without_pretrained(tmp_path):
+    """The README's command as a new user types it (plus --limit 2): no pretrained=, a RULER task. The tiny model,
+    saved where squeezekit keeps its embedded model ($SQUEEZEKIT_CACHE/SmolLM2-135M-Instruct), is the default."""
+    from squeezekit.models import DEFAULT_MODEL
+
+    _installed_hook_is_current()
+    default = make_tiny_model(tmp_path / DEFAULT_MODEL)
+    out = _lm_eval(*_readme_command(), "--limit", "2", SQUEEZEKIT_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("|niah_single_1")]
+    assert rows and rows[0][5].strip() == "1024", out.stdout  # scored at the asked length
+    assert f"squeezekit: no pretrained= in --model_args: using the embedded model {default}" in out.stderr
+    assert f"Using tokenizer {default} for synthetic tasks" in out.stderr  # RULER sized its prompts with it
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.slow  # a second lm-eval start-up (~15 s); the error itself is covered in-process too
