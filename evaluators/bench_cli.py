@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
-from squeezekit.cli_options import non_negative_int, positive_int
+from squeezekit.cli_options import non_negative_float, non_negative_int, positive_int, threads_option
 from squeezekit.devices import resolve
 from squeezekit.errors import ConfigError, InputError
 from squeezekit.files import check_output_dir, read_text
@@ -37,17 +36,6 @@ NEW_TOKENS = 128
 #: ``--max-seconds-per-run`` by default: a method's ladder stops after a run longer than this
 MAX_SECONDS = {"cuda": 300.0, "cpu": 20.0}
 SOURCE = "command line"
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (argparse reports a bad value as ``invalid number >= 0 value``)."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(text)
-    return value
-
-
-non_negative_float.__name__ = "number >= 0"
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +79,7 @@ def add(parser: argparse.ArgumentParser) -> None:
         "optionally with its own chunked prefill (~1024) and batch sizes (:8/16/32)",
     )  # fmt: skip
     parser.add_argument(
-        "--threads", type=positive_int, default=None, metavar="N",
+        "--threads", type=threads_option(), default=None, metavar="N",
         help="CPU threads of torch (default: 1 for the tiny config on the CPU, whose operations are too small to "
         "share; torch's own otherwise, usually one per core)",
     )  # fmt: skip

@@ -38,25 +38,15 @@ MAX_DOCUMENTS = 10_000
 MAX_TOKENS = 1 << 20
 
 
-def _count(low: int, high: int, unit: str):
-    """An argparse type: an integer in [low, high] (``unit``: what it counts, for the message above ``high``)."""
-    from squeezekit.cli_options import int_at_least
-    from squeezekit.errors import shown
-
-    at_least = int_at_least(low)
-
-    def parse(text: str) -> int:
-        value = at_least(text)
-        if value > high:
-            raise argparse.ArgumentTypeError(f"at most {high} {unit}, got {shown(text)}")
-        return value
-
-    parse.__name__ = at_least.__name__  # (argparse names it in "invalid integer >= 1 value")
-    return parse
-
-
 def add(parser: argparse.ArgumentParser) -> None:
-    from squeezekit.cli_options import add_config_flags, add_model_option, non_negative_int, positive_int
+    from squeezekit.cli_options import (
+        add_config_flags,
+        add_model_option,
+        int_between,
+        non_negative_int,
+        positive_int,
+        threads_option,
+    )
     from squeezekit.devices import DTYPES
 
     parser.description = (
@@ -81,7 +71,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--documents",
-        type=_count(1, MAX_DOCUMENTS, "documents"),
+        type=int_between(1, MAX_DOCUMENTS, "documents"),
         default=4,
         metavar="N",
         help=f"documents to average over, at most {MAX_DOCUMENTS}",
@@ -90,7 +80,7 @@ def add(parser: argparse.ArgumentParser) -> None:
                                 ("--scored-tokens", 128, "tokens scored after the prompt")):  # fmt: skip
         parser.add_argument(
             flag,
-            type=_count(2, MAX_TOKENS, "tokens"),
+            type=int_between(2, MAX_TOKENS, "tokens"),
             default=default,
             metavar="N",
             help=f"{what}, at most {MAX_TOKENS}",
@@ -116,7 +106,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     cores = os.cpu_count() or 1
     parser.add_argument(
         "--threads",
-        type=_count(1, cores, "threads (this machine's cores)"),
+        type=threads_option(),
         default=None,
         metavar="N",
         help=f"torch threads, at most the {cores} cores (default: torch's own)",

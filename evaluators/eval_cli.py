@@ -11,7 +11,7 @@ SOURCE = "command line"
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    from squeezekit.cli_options import add_config_flags, add_model_option, positive_int, text_file
+    from squeezekit.cli_options import add_config_flags, add_model_option, positive_int, text_file, threads_option
     from squeezekit.devices import DTYPES
 
     from .suite import DEFAULT_SUITE
@@ -67,9 +67,10 @@ def add(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads_option(),
         default=None,
-        help="torch threads (1 per process when sharding a sweep; default: torch's)",
+        metavar="N",
+        help="torch threads, at most this machine's cores (1 per process when sharding a sweep; default: torch's)",
     )
     add_config_flags(parser)
     parser.set_defaults(func=run)

@@ -148,13 +148,16 @@ def offline_nltk():
         nltk.download = download
 
 
-def load_unit(unit: Unit, model_dir: str, text_file: str | None = None, max_gen_toks: int | None = None) -> dict:
+def load_unit(
+    unit: Unit, model_dir: str | os.PathLike, text_file: str | None = None, max_gen_toks: int | None = None
+) -> dict:
     """lm-eval's loaded task dict for ``unit`` (prompts sized with ``model_dir``'s tokenizer), zero-shot, with
     generation cut to what the answers need (``max_gen_toks``, default `MAX_GEN_TOKS`). A TaskManager indexes only
     RULER's and squeezekit's task folders, with the unit's metadata (TaskManager takes it when it is built)."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
+    model_dir = str(model_dir)  # (lm-eval's task metadata drops what is not plain data: a Path never reaches RULER)
     metadata = {
         "max_seq_lengths": [unit.length],
         "pretrained": model_dir,
@@ -166,7 +169,16 @@ def load_unit(unit: Unit, model_dir: str, text_file: str | None = None, max_gen_
     ruler_dir = Path(lm_eval.tasks.__file__).parent / "ruler"
     manager = TaskManager(include_path=[str(TASKS_DIR), str(ruler_dir)], include_defaults=False, metadata=metadata)
     with offline_nltk(), capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext():
-        loaded = manager.load([unit.task])
+        try:
+            loaded = manager.load([unit.task])
+        except ValueError as exc:
+            if "Could not generate any sample" not in str(exc):
+                raise
+            # RULER could not fit its template, needle and answer into LENGTH tokens of this model's tokenizer
+            raise ConfigError(
+                "--suite", unit.key, "too short for this task with this model's tokenizer (RULER fits no sample into "
+                "it); use a larger LENGTH", SOURCE,
+            ) from None  # fmt: skip
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)

@@ -27,7 +27,10 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or "default" in text or default in (None, argparse.SUPPRESS, False, [], ""):
+        # (by identity: 0 and 0.0 equal False, and are defaults worth showing)
+        if "%(default)" in text or "default" in text or any(default is v for v in (None, argparse.SUPPRESS, False)):
+            return text
+        if default in ([], ""):
             return text
         if action.option_strings and action.nargs != 0:
             text += " (default: %(default)s)"
@@ -64,6 +67,39 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def int_between(low: int, high: int, unit: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (a huge value would hang or crash what it sizes: documents to
+    allocate, threads); ``unit``: what it counts, for the message above ``high``."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"at most {high} {unit}, got {shown(text)}")
+        return value
+
+    parse.__name__ = at_least.__name__  # (argparse names it in "invalid integer >= 1 value")
+    return parse
+
+
+def threads_option() -> Callable[[str], int]:
+    """``--threads``: torch's CPU threads, at most this machine's cores (torch crashes on a huge count)."""
+    return int_between(1, os.cpu_count() or 1, "threads (this machine's cores)")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+non_negative_float.__name__ = "number >= 0"
 
 
 def text_file(text: str) -> Path:
@@ -131,9 +167,9 @@ def add_config_flags(parser: argparse.ArgumentParser, only: str | None = None) -
     group = parser.add_argument_group("compression config", f"{what}; a plugin's parameters are flags too")
     taken = {o for action in parser._actions for o in action.option_strings}
     group.add_argument("--config", metavar="FILE", type=text_file, help="YAML, TOML or JSON file with config keys")
-    for key in keys().values():
+    for key in keys(only).values():
         flag = f"--{key.name.replace('_', '-')}"
-        if flag in taken or (only and not (key.name == only or only in key.kinds)):
+        if flag in taken:
             continue
         owners = f"[{', '.join(key.plugins)}] " if key.plugins else ""
         help_text = f"{owners}{key.help}".strip() or f"parameter of {', '.join(key.plugins)}"

@@ -49,7 +49,6 @@ class Key:
     #: the values it may take (a ``typing.Literal`` parameter; None: any value of its type)
     choices: tuple[Any, ...] | None = None
     given_metavar: str | None = None  #: a plugin's own (``metadata["metavar"]`` of its field)
-    kinds: tuple[str, ...] = ()  #: the kinds of the plugins that take it ("allocator", "evictor"); () for a core key
 
     @property
     def metavar(self) -> str:
@@ -140,19 +139,22 @@ def _typed(key: str, value: Any, typ: type, text: bool, source: str | None) -> A
     return _check_typed(key, value, typ, source)
 
 
-def keys() -> dict[str, Key]:
-    """Every configuration key: the core keys, then every installed plugin's parameters (merged by name)."""
+def keys(kind: str | None = None) -> dict[str, Key]:
+    """Every configuration key: the core keys, then every installed plugin's parameters (merged by name).
+    ``kind="evictor"`` (or ``"allocator"``): that core key and the parameters of the plugins of that kind alone."""
     out = {}
     for name, (typ, _, _, help_text) in CORE.items():
+        if kind is not None and name != kind:
+            continue
         default = getattr(Config, name)
         shown = "unset" if default is None else f"{default:g}" if isinstance(default, float) else str(default)
         out[name] = Key(name, typ, help_text, shown)
     params: dict[str, list[Param]] = {}
-    kinds: dict[str, set[str]] = {}
     for info in registry().all():
+        if kind is not None and info.kind != kind:
+            continue
         for param in info.params().values():
             params.setdefault(param.name, []).append(param)
-            kinds.setdefault(param.name, set()).add(info.kind)
     for name, group in params.items():
         if name in out:  # a plugin field named like a core key is shadowed by it
             continue
@@ -164,7 +166,6 @@ def keys() -> dict[str, Key]:
         out[name] = Key(
             name, group[0].type, help_text, default, tuple(p.plugin for p in group),
             choices.pop() if len(choices) == 1 else None, next((p.metavar for p in group if p.metavar), None),
-            tuple(sorted(kinds[name])),
         )  # fmt: skip
     return out
 

@@ -1,8 +1,8 @@
 """Progress of long work, on stderr: a live bar on a terminal, plain lines elsewhere (a log file, CI, a pipe).
 
 Every long command reports through `progress`. On a terminal it is a tqdm bar. Off a terminal a bar would be
-unreadable (carriage returns) and tqdm's ``disable=None`` would hide it entirely, so there it prints a line every
-`EVERY` seconds and one when it ends (unless it took under a second and printed nothing before)::
+unreadable (carriage returns) and tqdm's ``disable=None`` would hide it entirely, so there it prints one line when
+the work starts, then at most one every `EVERY` seconds, and one when it ends::
 
     squeezekit: sweep 3/40 units (7%), 1m12s elapsed, about 14m left: uniform+h2o@0.2 niah_single_1@1024:8
 
@@ -18,8 +18,6 @@ from typing import Any, TextIO
 
 #: seconds between two progress lines off a terminal
 EVERY = 10.0
-#: work shorter than this that printed nothing before prints no closing line either (off a terminal)
-QUIET_UNDER = 1.0
 ENV = "SQUEEZEKIT_PROGRESS"
 
 
@@ -81,6 +79,8 @@ class Progress:
                 total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=False
             )
             Progress.live += 1
+        elif self.mode == "lines":
+            self._line(force=True)
 
     def __enter__(self) -> Progress:
         return self
@@ -107,8 +107,7 @@ class Progress:
             self._bar = None
             Progress.live -= 1
         elif self.mode == "lines" and self.n != self._printed:
-            if self._printed >= 0 or time.monotonic() - self._start >= QUIET_UNDER:
-                self._line(force=True)
+            self._line(force=True)
         self.mode = "off"
 
     _printed = -1

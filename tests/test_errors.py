@@ -302,6 +302,15 @@ CATALOGUE = [
         "test_evaluation_command_arguments",
     ),
     Row(
+        "suite-too-short",
+        "squeezekit eval --suite with a RULER unit whose LENGTH cannot hold the task's template, needle and answer in "
+        "the model's tokens (e.g. niah_single_1@256 with a byte-level tokenizer)",
+        "ConfigError",
+        "config error: command line: --suite = {value}: too short for this task with this model's tokenizer (RULER "
+        "fits no sample into it); use a larger LENGTH",
+        "test_evaluation_command_arguments",
+    ),
+    Row(
         "suite-samples",
         "squeezekit eval --suite with N < 1 (e.g. :0 or :-1)",
         "ConfigError",
@@ -1529,6 +1538,10 @@ def test_evaluation_command_arguments(tiny_llama_dir, tmp_path):
         err = _cli_error(main, ["eval", "--sweep", "--out", str(tmp_path), *argv])
         printed(key, err, **values)
     pytest.importorskip("lm_eval")
+    from squeezekit.evaluators.suite import Unit, load_unit
+
+    raised("suite-too-short", lambda: load_unit(Unit("niah_single_1", 256, 2), tiny_llama_dir),
+           value="'niah_single_1@256:2'")  # fmt: skip
     from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
 
     def lm(extra: str):
