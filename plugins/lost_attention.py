@@ -3,7 +3,8 @@
 At the end of prefill, the queries of the last ``window`` prompt tokens (those snapkv scores with) attend to each
 layer's keys. The evictor ranks the layer's tokens as it will at the uniform budget; a layer keeping only its ``b``
 best ranked tokens attends over those alone, and its output moves (L2 distance, averaged over the queries and
-heads). The budgets follow the batch's mean (batch-level, like ``squeeze``):
+heads). Per prompt: a sequence's budgets depend on its own prompt alone, so they are the same whatever batch (or
+micro-batch of a served batch) it runs in:
 
 ``rule="sqrt"`` (default): that change at the uniform budget is each layer's cost, and budgets are proportional to
 its square root (`squeezekit.budget.sqrt_split`). ``rule="greedy"``: the change at a grid of budgets is each
@@ -26,7 +27,6 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
 
     name = "lost_attention"
     needs = squeezekit.Stat.WINDOW_QUERIES
-    batch_level = True
     #: the last prompt tokens whose queries measure the loss (the evictor's own window when it collects them)
     window: int = 8
     #: "sqrt" (budgets ~ square root of each layer's change at the uniform budget) or "greedy" (token by token)
@@ -50,7 +50,6 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
             levels = torch.logspace(-torch.log10(torch.tensor(float(self.points))), 0, self.points, dtype=torch.float64)
             knots = torch.round(levels.view(1, -1) * request.cap.double().view(-1, 1)).long().clamp(1, None)  # (B, K)
         costs = torch.stack([self.lost(view, request.evictor, uniform, knots) for view in request.layers], dim=1)
-        costs = costs.mean(0, keepdim=True).expand(B, -1, -1)  # (B, L, K), the batch's mean
         if self.rule == "sqrt":
             return sqrt_split(costs[..., 0], request.total, request.floor, request.cap)
         return waterfill(costs, knots, request.total, request.floor, request.cap)

@@ -22,6 +22,8 @@ class Arch:
     layers: str  #: attribute of the decoder holding the ModuleList of decoder layers
     attention: str  #: attribute of a decoder layer holding its attention module
     post_attention: str | None = None  #: attribute of a decoder layer applied to the attention output (Gemma3)
+    #: the attention module scales its queries itself and calls attention with ``scaling=1.0`` (OPT)
+    prescaled_queries: bool = False
 
 
 _LLAMA_LIKE = Arch("model", "layers", "self_attn")
@@ -34,7 +36,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "phi3": _LLAMA_LIKE,
     "gemma3_text": Arch("model", "layers", "self_attn", "post_attention_layernorm"),
     "gemma3": Arch("model.language_model", "layers", "self_attn", "post_attention_layernorm"),
-    "opt": Arch("model.decoder", "layers", "self_attn"),
+    "opt": Arch("model.decoder", "layers", "self_attn", prescaled_queries=True),
     "gpt_neox": Arch("gpt_neox", "layers", "attention"),
     "falcon": Arch("transformer", "h", "self_attention"),
 }

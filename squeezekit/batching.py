@@ -13,6 +13,7 @@ from .allocation import BatchAllocation
 from .attention import NAME as ATTENTION
 from .cache import SqueezeCache
 from .errors import InputError
+from .layers import SlotLayer
 from .transformers_api import attn_implementation, output_cache
 
 if TYPE_CHECKING:
@@ -78,11 +79,11 @@ def prefill(
             cache = part
             break
         if cache is None:  # the first micro-batch: preallocate the batch cache
-            cache = SqueezeCache.for_batch(part, batch)
+            cache = _batch_cache(compressor, part, batch)
             peak = max(part.peak_kv_bytes_prefill, cache.kv_nbytes() + part.kv_nbytes())
         else:
             peak = max(peak, cache.kv_nbytes() + part.peak_kv_bytes_prefill)
-        cache.copy_rows(part, rows)
+        _copy_rows(cache, part, rows)
         del part
     assert cache is not None
     if batch > micro_batch:
@@ -132,3 +133,67 @@ def _prefill_one(
         cache.peak_kv_bytes_prefill = max(cache.peak_kv_bytes_prefill, cache.kv_nbytes())
     cache.compact()
     return cache, last
+
+
+# -- building one batch cache from the micro-batches' ---------------------------------------------------------------
+def _batch_cache(compressor: Compressor, first: SqueezeCache, batch: int) -> SqueezeCache:
+    """An empty cache of ``batch`` rows laid out like ``first`` (the first micro-batch), to `_copy_rows` into."""
+    out = compressor.new_cache()
+    out.sync_timings = first.sync_timings
+    out.length = first.length
+    out.seen = first.seen.new_zeros(batch)
+    out.prompt_len = first.prompt_len.new_zeros(batch)
+    out.importance = first.importance.new_zeros(batch, first.importance.shape[1])
+    out.budgets = first.budgets.new_zeros(batch, first.budgets.shape[1])
+    for layer, like in zip(out.layers, first.layers, strict=True):
+        with torch.inference_mode(False):  # slot tensors carry version counters (see squeezekit.layers)
+            for name, t, fill in like.slot_items():
+                layer.set_slot(name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
+            if like.budget is not None:
+                layer.budget = like.budget.new_zeros(batch)
+        if like.held is not None:
+            layer.held = [0] * batch
+        if like.budgeted:
+            layer.budget_host = [0] * batch  # type: ignore[attr-defined]
+            layer.steady, layer.holes = like.steady, like.holes
+        layer.lazy_initialization(layer.keys, layer.values)
+    return out
+
+
+def _copy_rows(cache: SqueezeCache, part: SqueezeCache, rows: slice) -> None:
+    """Copy a micro-batch's compressed cache into ``rows`` of the batch cache (its tensors are freed as they are
+    copied)."""
+    if part.length != cache.length or part.runner is not cache.runner:
+        raise ValueError("caches to merge must come from one compress() block and have the same padded length")
+    for name in ("seen", "prompt_len", "importance", "budgets"):
+        getattr(cache, name)[rows] = getattr(part, name)
+    cache.full_kv_bytes_prefill += part.full_kv_bytes_prefill
+    cache.kv_bytes_prefill += part.kv_bytes_prefill
+    cache.host_seen_max = max(cache.host_seen_max, part.host_seen_max)
+    for key in cache.timings:
+        cache.timings[key] += part.timings[key]
+    for layer, piece in zip(cache.layers, part.layers, strict=True):
+        _copy_layer_rows(layer, piece, rows)
+
+
+def _copy_layer_rows(layer: SlotLayer, part: SlotLayer, rows: slice) -> None:
+    """Copy ``part``'s rows into ``rows`` of ``layer`` (growing its slots if ``part`` holds more), then free it."""
+    if part.capacity > layer.capacity:  # rare: this micro-batch got a larger budget for the layer
+        layer.pad_to(part.capacity)
+        layer.holes = True  # the rows so far now have free slots
+    # a row padded to the batch's buffer has free slots: still steady (see BudgetedLayer.holes)
+    layer.holes = layer.holes or part.holes or part.capacity < layer.capacity
+    mine = {name: t for name, t, _ in layer.slot_items()}
+    for name, t, fill in part.slot_items():
+        extra = layer.capacity - t.shape[2]
+        if extra:
+            t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
+        mine[name][rows] = t
+    if part.budget is not None and layer.budget is not None:
+        layer.budget[rows] = part.budget
+        layer.budget_host[rows] = part.budget_host  # type: ignore[attr-defined]
+    if layer.held is not None and part.held is not None:
+        layer.held[rows] = part.held
+    layer.heads_differ |= part.heads_differ
+    layer.steady = layer.steady and part.steady
+    part.reset()

@@ -76,10 +76,16 @@ def compiled_layers(
     # patching the method for the block (restored below) is the point here: no annotation expresses it to mypy
     SqueezeCache.update = torch.compiler.disable(update, recursive=True)  # type: ignore[method-assign]
     register_attention(attention.NAME, torch.compiler.disable(attention.squeezekit_attention, recursive=True))
+    # The decoder layers differ only in their weights and their ``layer_idx`` (an int attribute it reads to index the
+    # cache): Dynamo would specialise on it, compiling one code per layer until its recompile limit (8), the layers
+    # after that running uncompiled. As an unspecialised int, one compilation serves every layer. (A torch._dynamo
+    # setting: torch 2.11 to 2.15, squeezekit's tested range, have it; tests/test_compiled.py checks the effect.)
+    unspecialised = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
     try:
-        for layer in layers:
-            layer.compile(mode=None if mode == "default" else mode, fullgraph=False, dynamic=DYNAMIC)
-        yield layers
+        with unspecialised:
+            for layer in layers:
+                layer.compile(mode=None if mode == "default" else mode, fullgraph=False, dynamic=DYNAMIC)
+            yield layers
     finally:
         for layer in layers:
             layer._compiled_call_impl = None  # what nn.Module.compile set: the layer calls its own forward again

@@ -6,8 +6,9 @@ Inside the block every forward that starts a cache (``model.generate``, or a cal
 1. a pre-hook on the decoder stack (`Compressor._begin`) puts the cache in the forward's arguments, opens the
    step (which new tokens are real, their positions) and passes a `squeezekit.attention.Forward` down to every
    attention call as a keyword argument;
-2. at prefill, hooks on each layer measure its importance (cosine similarity of the hidden state before and after
-   attention) while the layers write their keys and values into the cache;
+2. at prefill, hooks on each layer hand the residual stream before and after its attention to the statistics that
+   measure it (the layer importance, squeezekit.statistics.Importance) while the layers write their keys and values
+   into the cache;
 3. a hook after the decoder stack (`Compressor._end`) ends the step: the cache plans the budgets (at prefill) and
    evicts every layer down to its budget, calling the policies through the block's `PolicyRunner`.
 
@@ -26,10 +27,11 @@ from . import transformers_api as hf
 from .allocation import BatchAllocation, kept_whole
 from .architectures import resolve
 from .attention import Forward
-from .cache import SqueezeCache, Step
+from .cache import SqueezeCache
 from .config import Config
 from .errors import InputError, PluginError, UnsupportedModelError
 from .runner import PolicyRunner
+from .step import open_step
 
 _BACKENDS = {"sdpa": "sdpa", "eager": "eager", None: "sdpa"}
 NESTED = "this model is already inside a squeezekit.compress() block; nest blocks only on different models"
@@ -45,6 +47,11 @@ class Compressor:
         self.resolved = resolve(model)
         #: the layers the budget applies to (full-attention layers)
         self.compressible = self.resolved.compressible
+        #: each layer's attention window, scale and soft-capping, read from the model once
+        self.geometry = [
+            hf.attention_geometry(attn, hf.text_config(model), self.resolved.arch.prescaled_queries)
+            for attn in self.resolved.attentions
+        ]
         #: the policies and every call into them
         self.runner = PolicyRunner(config)
         self.runner.prepare(model)  # e.g. a calibration profile made for another model: stop before any work
@@ -59,7 +66,6 @@ class Compressor:
         self._forward: Forward | None = None  # the forward running now
         self._handles: list = []
         self._x: dict[int, torch.Tensor] = {}
-        self._importance: dict[int, torch.Tensor] = {}
 
     @property
     def allocator(self):
@@ -101,7 +107,7 @@ class Compressor:
         ``branches``: each prompt row is prefilled once and its cache repeated that many times before it is
         compressed (`SqueezeCache.branch`); the steps after the prefill pass ``rows x branches`` sequences."""
         return SqueezeCache(
-            self.runner, len(self.resolved.layers), self.compressible, shared=shared,
+            self.runner, self.geometry, self.compressible, backend=self.backend, shared=shared,
             expected_prompt_len=expected_prompt_len, sync_timings=self.sync_timings, branches=branches,
         )  # fmt: skip
 
@@ -135,7 +141,6 @@ class Compressor:
         self.active = False
         self._forward = None
         self._x.clear()
-        self._importance.clear()
         if exc_type is None:
             self.runner.check_nan()  # NaN scores not yet reported (CUDA checks every 32 steps): the model is restored
 
@@ -180,16 +185,14 @@ class Compressor:
                 f"tokens ({seen} so far + {new} in this step); shorten the prompt or lower max_new_tokens"
             )
         if cache is None:
-            pos = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, -1)
-            step = Step(new_valid=new_valid, new_pos=pos, prefill=True, all_valid=bool(new_valid.all()))
+            step = open_step(torch.zeros_like(new_valid[:, 0], dtype=torch.long), new_valid, True, all_valid)
         else:
             step = cache.begin_step(new_valid, all_valid)
             if step.prefill:  # a chunked prefill's first chunk may hold none of a left-padded row's tokens
                 expected = cache.expected_prompt_len
                 self._check_prompts(new_valid.sum(-1) if expected is None else expected.to(new_valid.device))
-        self._forward = Forward(step, cache, self.runner, self.backend)
+        self._forward = Forward(step, cache, self.runner, self.backend, self.geometry)
         kwargs[attention.KWARG] = self._forward
-        self._importance.clear()
         return args, kwargs
 
     def _check_prompts(self, n: torch.Tensor) -> None:
@@ -210,12 +213,7 @@ class Compressor:
         forward = self._forward
         cache = None if forward is None else forward.cache
         if cache is not None:
-            importance = None
-            if forward.step.prefill:
-                layers = range(len(self.resolved.layers))
-                importance = torch.stack([self._importance[i].float().cpu() for i in layers], dim=1)
-                importance = _fill_unmeasured(importance, forward.step.new_valid.sum(-1).cpu())
-            cache.end_step(importance)
+            cache.end_step()
             self.last_cache = cache
             if cache.length % 32 == 0:  # (on CPU, NaN scores are caught as they are returned)
                 self.runner.check_nan()
@@ -244,14 +242,8 @@ class Compressor:
             x = self._x.pop(i).to(out.device, non_blocking=True)
             if post_name:
                 out = getattr(layer, post_name)(out)
-            # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
-            # x.h = (|x|^2 + |h|^2 - |out|^2) / 2
-            nx = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-            nh = torch.linalg.vector_norm(x + out, dim=-1, dtype=torch.float32)
-            no = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
-            cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
-            valid = self._forward.step.new_valid.to(cos.device).float()
-            self._importance[i] = (cos * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            valid = self._forward.step.new_valid.to(out.device)
+            self.runner.observe_residual(cache.layers[i].stats, x, out, valid)
             cache.timings["importance"] += cache.clock() - t0
 
         return hook
@@ -305,15 +297,3 @@ def compress(model: torch.nn.Module, config: Config | dict | str | None = None, 
     compressor = Compressor(model, Config.coerce(config, **kwargs))
     with compressor:
         yield compressor
-
-
-def _fill_unmeasured(importance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Rows without a real token in the measured step (the first chunk of a chunked prefill can be all padding for a
-    left-padded row) have no importance of their own: they take the token-weighted mean of the rows that do."""
-    empty = tokens == 0
-    if not bool(empty.any()) or bool(empty.all()):
-        return importance
-    weight = tokens.to(importance.dtype).view(-1, 1)
-    importance = importance.clone()
-    importance[empty] = (importance * weight).sum(0) / weight.sum()
-    return importance

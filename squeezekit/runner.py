@@ -33,7 +33,7 @@ from .budget import check_budgets
 from .errors import PluginError, PluginFallbackWarning, SqueezekitError
 from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
 from .selection import check_selection, top_slots, victim_slots
-from .statistics import OBSERVATION_TENSORS, Observation, Statistic, needed
+from .statistics import OBSERVATION_TENSORS, Importance, Observation, Statistic, needed
 
 if TYPE_CHECKING:
     from .config import Config
@@ -46,12 +46,13 @@ KINDS = ("allocator", "evictor")
 
 
 def _live_tensors(view: Any) -> list[tuple[str, Any]]:
-    """The cache's own tensors in a `LayerView` (or a `SqueezeLayer`): the slot tensors and every statistic."""
+    """The cache's own tensors in a `LayerView` (or a `squeezekit.layers.SlotLayer`): the slot tensors and every
+    statistic."""
     return [*((f, getattr(view, f)) for f in LIVE_FIELDS), *view.stats.items()]
 
 
 def _version(t: torch.Tensor | None) -> int | None:
-    # inference tensors carry no version counter; the cache never hands its own to a plugin (see SqueezeLayer.view)
+    # inference tensors carry no version counter; the cache never hands its own to a plugin (see SlotLayer.view)
     return None if t is None or t.is_inference() else t._version
 
 
@@ -113,23 +114,31 @@ class PolicyRunner:
 
     def _collect(self) -> None:
         """Decide which statistics the block collects: those its evictor and allocators (a fallback allocator
-        included; a fallback evictor needs no others, see Config) need, none at full budget."""
+        included; a fallback evictor needs no others, see Config) need, none at full budget; and, in every block, the
+        engine's own: the layer importance (the allocators' input and the summaries')."""
         wanted: dict[type[Statistic], list[Any]] = {}
         if not self.config.full:
             for policy in (self.evictor, self.allocator, self._fallbacks["allocator"]):
                 for cls in needed(policy.needs) if policy is not None else ():
                     wanted.setdefault(cls, []).append(policy)
-        #: the statistics collected, one instance each
+        #: the statistics the policies need, one instance each
         self.statistics: tuple[Statistic, ...] = tuple(cls(policies) for cls, policies in wanted.items())
+        collected = (*self.statistics, Importance([self.allocator]))
         #: those the attention calls on every call (`Statistic.observe`), and those that take the attention mass
-        self.observers = tuple(s for s in self.statistics if type(s).observe is not Statistic.observe)
-        self.mass_statistics = tuple(s for s in self.statistics if s.attention_mass)
+        self.observers = tuple(s for s in collected if type(s).observe is not Statistic.observe)
+        self.mass_statistics = tuple(s for s in collected if s.attention_mass)
+        #: those that measure the residual stream around each layer's attention at prefill (`observe_residual`)
+        self.residual_observers = tuple(
+            s for s in collected if type(s).observe_residual is not Statistic.observe_residual
+        )
         #: the per-slot fields and the value of a fresh slot (kept in the layers' slot tables), and the fields that
         #: live for one step
-        self.slot_fields = tuple((f, s.fill) for s in self.statistics if s.per_slot for f in s.fields)
-        self.step_fields = tuple(f for s in self.statistics if not s.per_slot for f in s.fields)
-        #: every field collected (a layer's other statistic tensors, left by a policy that fell back, are dropped)
+        self.slot_fields = tuple((f, s.fill) for s in collected if s.per_slot for f in s.fields)
+        self.step_fields = tuple(f for s in collected if not s.per_slot for f in s.fields)
+        #: every field the policies' views show (a layer's other statistic tensors, left by a policy that fell back,
+        #: are dropped when the step ends)
         self.fields = frozenset(f for s in self.statistics for f in s.fields)
+        self._collected = collected
 
     # -- the policies ----------------------------------------------------------------------------------------------
     @property
@@ -210,7 +219,7 @@ class PolicyRunner:
         ``watch``: a `LayerView` (or a list of them) whose live tensors the plugin must not write to."""
         plugin = self._policies[kind]
         views = watch if isinstance(watch, list) else [] if watch is None else [watch]
-        deep = any(getattr(v, "phase", "prefill") == "prefill" for v in views)  # (a SqueezeLayer: an allocator's)
+        deep = any(getattr(v, "phase", "prefill") == "prefill" for v in views)  # (a SlotLayer: an allocator's)
         live = _Watch([(f"view.{f}", t) for v in views for f, t in _live_tensors(v)], deep)
         try:
             out = getattr(plugin, method)(*args)
@@ -246,6 +255,14 @@ class PolicyRunner:
         for stat in self.mass_statistics:
             self._statistic_call(stat, "add_attention", stats, mass)
 
+    def observe_residual(
+        self, stats: dict[str, torch.Tensor], hidden: torch.Tensor, attended: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """At prefill: a layer's residual stream before and after its attention, to the statistics that measure it
+        (`squeezekit.statistics.Importance`), through the guard."""
+        for stat in self.residual_observers:
+            self._statistic_call(stat, "observe_residual", stats, (hidden, attended, valid))
+
     def _statistic_kind(self, stat: Statistic) -> str:
         """The kind of the policy a statistic is collected for (the evictor's first): whose error its failure is."""
         for kind in ("evictor", "allocator"):
@@ -258,18 +275,21 @@ class PolicyRunner:
         prefix = f"statistic {stat.name!r}: "
 
         def once() -> None:
-            if stat not in self.statistics:  # a fallback took over and does not need it
+            if stat not in self._collected:  # a fallback took over and does not need it
                 return
             mine = set(stat.fields)
             others = {name: t for name, t in stats.items() if name not in mine}
             if isinstance(arg, Observation):
                 handed = [(f"call.{f}", getattr(arg, f)) for f in OBSERVATION_TENSORS]
-                deep = arg.prefill
+                deep, args = arg.prefill, (arg,)
+            elif isinstance(arg, tuple):  # the residual stream, at prefill (activations: version counters only)
+                handed = list(zip(("hidden", "attended", "valid"), arg, strict=True))
+                deep, args = False, arg
             else:
-                handed, deep = [("the attention mass", arg)], False
+                handed, deep, args = [("the attention mass", arg)], False, (arg,)
             watch = _Watch([*handed, *((f"stats[{n!r}] (another statistic's)", t) for n, t in others.items())], deep)
             try:
-                getattr(stat, method)(stats, arg)
+                getattr(stat, method)(stats, *args)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # SystemExit and friends from a plugin are its errors too

@@ -5,7 +5,8 @@ A policy names what it reads in its ``needs``: a `Stat`, a `Statistic` subclass 
 each statistic as an attribute of the `squeezekit.LayerView` they get (``view.attention``). What the engine does with
 a statistic follows from its class:
 
-- ``fields``: the view attributes it fills; each layer stores them under these names (`SqueezeLayer.stats`);
+- ``fields``: the view attributes it fills; each layer stores them under these names
+  (`squeezekit.layers.SlotLayer.stats`);
 - ``per_slot``: its fields are (B, H, S) float32 tensors in the layer's slot table, like the token positions: they
   follow their token through every eviction, growth, compaction and batch operation, and a slot that receives a new
   token is reset to ``fill``. Otherwise the fields live for one step: the prefill's are read by the allocator and
@@ -16,6 +17,9 @@ a statistic follows from its class:
   call's real queries, summed over them and over the query heads of its KV head (the fused kernel or the explicit
   softmax path compute it as a by-product), and hands it to `add_attention`;
 - `problem`: what a policy that needs it must declare (a ``window`` field, say).
+- `observe_residual`: called at prefill with each layer's residual stream before and after its attention (the
+  input hidden state and the attention output); `Importance`, the allocators' input, is measured this way and is
+  collected in every block.
 
 Adding a statistic to squeezekit touches this file alone (a `Stat` member and a subclass whose ``name`` is the
 member's value) plus the plugin that reads it. A plugin can also bring its own: subclass `Statistic` in the plugin's
@@ -127,6 +131,41 @@ class Statistic:
     def add_attention(self, stats: dict[str, torch.Tensor], mass: torch.Tensor) -> None:
         """With ``attention_mass``: ``mass`` (B, H, S) float32 is the attention each slot received in this call."""
         raise NotImplementedError(f"statistic {self.name!r} sets attention_mass but does not take it")
+
+    def observe_residual(
+        self, stats: dict[str, torch.Tensor], hidden: torch.Tensor, attended: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """At prefill, once per layer: ``hidden`` (B, T, E) is the layer's input residual stream, ``attended``
+        (B, T, E) its attention output as added to it, ``valid`` (B, T) the real tokens."""
+        return None
+
+
+#: the field of the layer importance every block measures (`Importance`)
+IMPORTANCE = "importance"
+
+
+class Importance(Statistic):
+    """Per sequence and layer, at prefill: the mean over its real tokens of the cosine similarity between the
+    layer's input hidden state ``x`` and ``x + attention(x)`` (SqueezeAttention's measure): high = attention changed
+    little = a less important layer. The allocators' input (``AllocationRequest.importance``), so every block
+    collects it."""
+
+    name = IMPORTANCE
+    fields = (IMPORTANCE,)
+
+    def observe_residual(
+        self, stats: dict[str, torch.Tensor], hidden: torch.Tensor, attended: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        import torch
+
+        # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
+        # x.h = (|x|^2 + |h|^2 - |out|^2) / 2
+        nx = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
+        nh = torch.linalg.vector_norm(hidden + attended, dim=-1, dtype=torch.float32)
+        no = torch.linalg.vector_norm(attended, dim=-1, dtype=torch.float32)
+        cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
+        weight = valid.to(cos.device).float()
+        stats[IMPORTANCE] = (cos * weight).sum(-1) / weight.sum(-1).clamp_min(1)
 
 
 class AttentionMass(Statistic):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import transformers
@@ -105,6 +106,39 @@ def text_config(model: Any) -> Any:
     ``layer_types`` (``"full_attention"`` marks the layers squeezekit budgets) and ``max_position_embeddings``."""
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What one layer's attention calls always pass to the attention function, read once from the model when a
+    cache is built (the layer kind and the attention plan depend on it; the attention function never learns it)."""
+
+    window: int | None  #: the model's own sliding window (``sliding_window``), None for full attention
+    scaling: float  #: the softmax scale (``scaling``)
+    softcap: float | None  #: the logit soft-capping (``softcap``), None for none
+
+
+def attention_geometry(attention: Any, config: Any, prescaled_queries: bool = False) -> Geometry:
+    """A layer's `Geometry`. Relied on (tests/test_transformers_api.py checks each supported architecture against
+    what its attention calls really pass): the attention module's ``scaling`` (every supported model sets it; else
+    ``head_dim ** -0.5``, what the attention function assumes without one; 1 where the module scales its queries
+    itself, ``prescaled_queries``: OPT) and ``attn_logit_softcapping``; its ``sliding_window`` when the module has one
+    (Qwen2, Qwen3, Gemma3: per layer type), else the config's ``sliding_window`` for every layer (Mistral, Mixtral,
+    Phi3 pass ``config.sliding_window`` to every call)."""
+    scaling = 1.0 if prescaled_queries else getattr(attention, "scaling", None)
+    if scaling is None:
+        head_dim = getattr(attention, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        scaling = head_dim**-0.5
+    if hasattr(attention, "sliding_window"):
+        window = attention.sliding_window
+    else:
+        window = getattr(config, "sliding_window", None)
+    softcap = getattr(attention, "attn_logit_softcapping", None)
+    return Geometry(
+        window=int(window) if window else None,
+        scaling=float(scaling),
+        softcap=float(softcap) if softcap else None,
+    )
 
 
 # -- generation --------------------------------------------------------------------------------------------------------

@@ -42,3 +42,22 @@ def test_compile_is_opt_in_and_checks_its_mode():
     with pytest.raises(ValueError, match="Inductor's CUDA graphs must stay off"):
         with compiled.compiled_layers(tiny_model("llama"), mode="reduce-overhead"):
             pass
+
+
+def test_the_compiled_layers_compile_once_for_every_layer():
+    """One compilation serves every decoder layer: the layer index is not a guard (before, torch.compile compiled
+    the layer once per index and stopped at its recompile limit of 8, so most layers of a 32-layer model ran
+    uncompiled). The graphs compiled do not grow with the number of layers."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for layers in (3, 6):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model("llama", num_hidden_layers=layers)
+        ids, _ = batch(2, 40)
+        with squeezekit.compress(model, evictor="streaming", budget=0.5, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+            GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False, compile=True).run(3)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+    assert graphs[3] == graphs[6] > 0, graphs

@@ -2858,6 +2858,8 @@ def test_calibration_profile_numbers(tmp_path):
 def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
     """Every argument of squeezekit calibrate is checked before the model loads (all but the document length, which
     the model's positions bound: checked once it is loaded, before any measurement)."""
+    from squeezekit.errors import shown  # (a long path is cut, as every value in a message is)
+
     from squeezekit.cli import main
 
     text = tmp_path / "text.txt"
@@ -2882,15 +2884,15 @@ def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
             unit="threads (this machine's cores)", value=repr(str(cores + 1)))  # fmt: skip
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\t\n")
-    printed("calibrate-empty-text", error("--text", str(empty)), value=repr(str(empty)))
+    printed("calibrate-empty-text", error("--text", str(empty)), value=shown(str(empty)))
     # --out is tested by creating it, before the measurement (as root, os.access says yes to everything)
     command_line = dict(source="command line", key="--out")
-    printed("output-directory", error("--out", str(tmp_path)), value=repr(str(tmp_path)), **command_line)
+    printed("output-directory", error("--out", str(tmp_path)), value=shown(str(tmp_path)), **command_line)
     (tmp_path / "afile").write_text("")
     for where, reason in ((tmp_path / "afile" / "profile.json", "Not a directory"),
                           (tmp_path / "afile" / "sub" / "profile.json", "Not a directory"),
                           (Path("/proc/profile.json"), ANY)):  # fmt: skip
-        printed("output-unwritable", error("--out", str(where)), value=repr(str(where)), reason=reason, **command_line)
+        printed("output-unwritable", error("--out", str(where)), value=shown(str(where)), reason=reason, **command_line)
     for device in ("bogus", "CPU", "meta"):
         printed("device", error("--device", device), source="command line", key="--device", value=repr(device))
     import torch

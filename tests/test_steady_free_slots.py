@@ -11,8 +11,8 @@ from tiny_models import applicable, tiny_model
 
 import squeezekit
 from squeezekit.batching import prefill
-from squeezekit.cache import SqueezeLayer
 from squeezekit.decoding import GreedyDecoder
+from squeezekit.layers import BudgetedLayer
 
 
 def _mixed_batch(n=6, length=90, seed=3):
@@ -51,8 +51,8 @@ def test_free_slots_decode_as_the_general_path(evictor, micro_batch, monkeypatch
     fast = _decode(model, config, ids, mask, micro_batch)
     assert all(steady for steady, _ in fast[3]) and any(holes for _, holes in fast[3])  # steady, with free slots
 
-    general = SqueezeLayer.update_steady
-    monkeypatch.setattr(SqueezeLayer, "update_steady", lambda self: general(self) or setattr(self, "steady", False))
+    general = BudgetedLayer.update_steady
+    monkeypatch.setattr(BudgetedLayer, "update_steady", lambda self: general(self) or setattr(self, "steady", False))
     ref = _decode(model, config, ids, mask, micro_batch)
     assert not any(steady for steady, _ in ref[3])  # the general path throughout
     assert torch.equal(fast[0], ref[0])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from tiny_models import batch, tiny_model
+from tiny_models import ARCHS, batch, tiny_model
 
 import squeezekit
 from squeezekit import transformers_api as hf
@@ -107,3 +107,37 @@ def test_cache_in_reads_either_spelling():
     assert hf.cache_in({"cache": cache}) is cache and hf.cache_in({"past_key_values": cache}) is cache
     kwargs = {"past_key_values": cache, "cache": None}
     assert hf.pop_cache(kwargs) is cache and kwargs == {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_geometry_is_what_the_attention_calls_pass(arch):
+    """`attention_geometry` reads each layer's window, scale and soft-capping from the model once; this checks it
+    against what every supported architecture's attention really passes to the attention function, call by call."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from squeezekit.architectures import resolve
+    from squeezekit.transformers_api import attention_geometry, text_config
+
+    seen: dict[int, tuple] = {}
+
+    def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        seen[module.layer_idx] = (kwargs.get("sliding_window") or None, scaling, kwargs.get("softcap") or None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("squeezekit_geometry_spy", spy)
+    model = tiny_model(arch)
+    model.config._attn_implementation = "squeezekit_geometry_spy"
+    for sub in model.modules():
+        if getattr(sub, "config", None) is not None:
+            sub.config._attn_implementation = "squeezekit_geometry_spy"
+    ids, mask = batch(1, 20)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    resolved = resolve(model)
+    config = text_config(model)
+    expected = {}
+    for i, attention in enumerate(resolved.attentions):
+        g = attention_geometry(attention, config, resolved.arch.prescaled_queries)
+        expected[i] = (g.window, g.scaling, g.softcap)
+    assert seen == expected

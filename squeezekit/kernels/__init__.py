@@ -96,13 +96,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def use(name: str, tensor: torch.Tensor) -> bool:
-    """Whether kernel ``name`` serves a computation on ``tensor``'s device."""
+def use(name: str, where: torch.Tensor | torch.device) -> bool:
+    """Whether kernel ``name`` serves a computation on ``where``'s device (a tensor's, or a device)."""
     if name not in settings.enabled or name in settings.failed:
         return False
+    device_type = getattr(where, "device", where).type
     if name == "compile":
-        return tensor.device.type == "cuda"
-    if tensor.device.type == "cuda":
+        return device_type == "cuda"
+    if device_type == "cuda":
         return triton_available() and not interpreting()
     return settings.interpret and interpreting() and triton_available()
 

@@ -1,6 +1,6 @@
 """The steady decode step's slot write in one Triton kernel: victim selection + writing the new token.
 
-At steady state (squeezekit.cache.SqueezeLayer.steady) each decode step replaces, in every (sequence, KV head) row,
+At steady state (squeezekit.layers.BudgetedLayer.steady) each decode step replaces, in every (sequence, KV head) row,
 the slot the evictor ranks lowest by the new token. The plain path takes ~15 small kernels per layer for it (NaN
 check of the scores, the ranking key, min, ties, argmin, four scatters); this kernel does it in one, with the
 same choice as `squeezekit.selection.victim_slots` (``protect_newest=False``): the lowest score (NaN counts as
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import triton
     import triton.language as tl
     from triton.runtime import KernelInterface
-
-    from ..cache import SqueezeLayer
 else:
     triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
 
@@ -94,6 +92,11 @@ def _fall_back_on_error(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the kernel serves tensors on ``tensor``'s device now (on, not failed before)."""
+    return use("steady", tensor)
+
+
 def steady_write(
     score: torch.Tensor,
     valid: torch.Tensor,
@@ -138,24 +141,4 @@ def steady_write(
         failed("steady", exc)
         return None
     settings.calls["steady"] += 1
-    return victim
-
-
-def append_steady(layer: SqueezeLayer, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """`SqueezeLayer._steady_append` through the kernel, for evictors that only `score` (the engine selects) and
-    layers without free slots: the victims (B, H, 1), or None to run the plain path. Plugin errors propagate
-    through the runner (its fallback handles them)."""
-    cache = layer.cache
-    runner = cache.runner
-    if layer.holes or not runner.scores_only or not use("steady", k):
-        return None
-    score = runner.kernel_scores(lambda: layer.view("decode"))  # checked; NaN is recorded by the kernel
-    # the kernel resets the first per-slot statistic of the victim's slot, the layer any others
-    stat, fill = next(((layer.stats[name], fill) for name, fill in runner.slot_fields), (None, 0.0))
-    victim = steady_write(
-        score, layer.valid, layer.positions, layer.keys, layer.values, stat, fill, k, v,
-        cache.step.new_pos.to(k.device), runner.nan_flag(score.device),
-    )  # fmt: skip
-    if victim is not None:
-        layer.reset_stats(victim, skip=1)
     return victim
