@@ -2858,9 +2858,8 @@ def test_calibration_profile_numbers(tmp_path):
 def test_calibrate_arguments(tmp_path, tiny_llama_dir, monkeypatch):
     """Every argument of squeezekit calibrate is checked before the model loads (all but the document length, which
     the model's positions bound: checked once it is loaded, before any measurement)."""
-    from squeezekit.errors import shown  # (a long path is cut, as every value in a message is)
-
     from squeezekit.cli import main
+    from squeezekit.errors import shown  # (a long path is cut, as every value in a message is)
 
     text = tmp_path / "text.txt"
     text.write_text("In the beginning was the word. " * 200)
