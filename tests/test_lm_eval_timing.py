@@ -1,4 +1,4 @@
-"""The GPU timing script (evaluators/lm_eval_timing.py) runs end to end on the CPU with tiny settings, and
+"""The GPU timing script (benchmarks/lm_eval_timing.py) runs end to end on the CPU with tiny settings, and
 ``squeezekit eval`` records the device and dtype of its results and never mixes two in one store."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import pytest
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from squeezekit.evaluators import lm_eval_timing, sweep  # noqa: E402
+from benchmark_scripts import load  # noqa: E402
+from squeezekit.evaluators import sweep  # noqa: E402
 from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+lm_eval_timing = load("lm_eval_timing")
 
 
 def test_timing_script_runs_on_cpu(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Wall time of lm-eval's ``hf`` model against ``squeezekit`` (budget 1.0 and a compressed config), in one process, on
 the same tasks, through lm-eval's own ``evaluate``:
 
-    python -m squeezekit.evaluators.lm_eval_timing --out docs/benchmarks --models smollm2
-    python -m squeezekit.evaluators.lm_eval_timing --out docs/benchmarks --models mistral-7b
+    python benchmarks/lm_eval_timing.py --out docs/benchmarks --models smollm2
+    python benchmarks/lm_eval_timing.py --out docs/benchmarks --models mistral-7b
 
 Per model, each method evaluates every unit (``niah_single_1`` and ``squeezekit_ppl`` at each of ``--lengths``) after
 a short untimed warm-up; only ``evaluate`` is timed (the model and the task data are built once, before, and shared).
@@ -18,11 +18,12 @@ Checks: per-sample agreement of ``hf`` and ``squeezekit`` at budget 1.0 in the t
 log-likelihoods within 1e-3 relative; bf16 kernels differ, so this is a rate, not an identity), and, on the first
 ``--check`` samples of each unit (both runs batched alike), the compressed config as it runs now against the same
 config run the previous way: ``model.generate`` (``fast=false``) for generation, the previous scoring code
-(`reference.PreviousScoringLM`) for perplexity (log-likelihoods within 1e-5 relative). These should agree on every
-sample when ``--micro-batch`` is not set (with it, a batch-level allocator shares the first micro-batch's
-allocation, and bf16 kernels of other shapes may round differently).
+(`lm_eval_reference.PreviousScoringLM`, beside this script) for perplexity (log-likelihoods within 1e-5 relative).
+These should agree on every sample when ``--micro-batch`` is not set (with it, a batch-level allocator shares the
+first micro-batch's allocation, and bf16 kernels of other shapes may round differently).
 
-Needs nothing beyond ``lm-eval[hf,ruler]==0.4.13`` and squeezekit; no network (``HF_HUB_OFFLINE``).
+Needs nothing beyond ``lm-eval[hf,ruler]==0.4.13``, squeezekit (as installed) and lm_eval_reference.py beside this
+script; no network (``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ TARGET_FULL, TARGET_COMPRESSED = 1.1, 0.6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m squeezekit.evaluators.lm_eval_timing", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python benchmarks/lm_eval_timing.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for lm-eval-timing.json and .md")
     p.add_argument("--models", default="smollm2,mistral-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
@@ -90,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- models ------------------------------------------------------------------------------------------------------------
 def tokenizer_dir(name: str, scratch: Path) -> str:
     if name == "tiny":
-        from .testing import make_tiny_model
+        from squeezekit.evaluators.testing import make_tiny_model
 
         target = scratch / "tiny"
         if not (target / "config.json").exists():
@@ -106,7 +105,7 @@ def build_model(name: str, tok_dir: str, device: str, dtype):
     import transformers as tf
 
     if name == "mistral-7b":  # random weights, Mistral-7B shapes, SmolLM2's vocabulary and special ids
-        from .bench_models import CONFIGS
+        from squeezekit.evaluators.bench_models import CONFIGS
 
         small = tf.AutoConfig.from_pretrained(tok_dir)
         spec = dict(
@@ -128,13 +127,13 @@ def build_model(name: str, tok_dir: str, device: str, dtype):
 
 def make_lm(method: str, model, tok_dir: str, args, previous: bool = False):
     """The lm-eval model of ``method``; ``previous``: squeezekit as before the serving path (``model.generate`` for
-    generation, `reference.PreviousScoringLM` for scoring)."""
+    generation, `lm_eval_reference.PreviousScoringLM` for scoring)."""
     from lm_eval.models.huggingface import HFLM
 
     if method == "hf":
         return HFLM(pretrained=model, tokenizer=tok_dir, batch_size=args.batch_size)
-    from .lm_eval_adapter import SqueezekitLM
-    from .reference import PreviousScoringLM
+    from lm_eval_reference import PreviousScoringLM  # beside this script
+    from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
 
     cls, extra = SqueezekitLM, {"fast": args.fast}
     if previous:
@@ -165,7 +164,7 @@ class Tasks:
 
     def get(self, task: str, length: int, n: int) -> dict:
         """The task dict of ``task`` at ``length`` with ``n_max`` samples (callers take the first ``n``)."""
-        from .suite import Unit, load_unit
+        from squeezekit.evaluators.suite import Unit, load_unit
 
         key = (task, length)
         if key not in self._loaded:
@@ -286,7 +285,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
         print(f"[{name}] model built in {time.time() - t0:.1f} s", flush=True)
         meta.append({
             "model": name,
-            "command": " ".join(["python -m squeezekit.evaluators.lm_eval_timing", *args.argv]),
+            "command": " ".join(["python benchmarks/lm_eval_timing.py", *args.argv]),
             "environment": environment(device, dtype_name),
             "batch_size": args.batch_size, "compressed_batch_size": args.compressed_batch_size or args.batch_size,
             "micro_batch": args.micro_batch, "compressed": args.compressed, "max_gen_toks": args.max_gen_toks,

@@ -1,4 +1,7 @@
-"""``python -m squeezekit.evaluators.gpu_perf --out DIR``: the GPU checks and measurements of issue 15's kernels.
+"""``python benchmarks/gpu_perf.py --out DIR``: the GPU checks and measurements of issue 15's kernels.
+
+A script of the checkout, not part of the installed package: it imports squeezekit as installed and nothing else of
+this folder, so it runs from anywhere (benchmarks/README.md).
 
 Correctness first, then the measurements; every target is printed and written as met or not met from the numbers:
 
@@ -36,9 +39,8 @@ import traceback
 from pathlib import Path
 
 import torch
-
-from . import bench_models as bench
-from .bench_runs import Method
+from squeezekit.evaluators import bench_models as bench
+from squeezekit.evaluators.bench_runs import Method
 
 TRANSFORMERS_BEST = 1128.0  # decode tok/s, transformers' best on the H200 (shared/baselines/h200-2026-11-30, B=96)
 KVPRESS_BEST = 2275.0  # kvpress StreamingLLMPress(0.8), same run (B=160)
@@ -812,7 +814,7 @@ STAGES = ("correctness", "h2o_prefill", "chunked_prefill", "decode", "big_batch"
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m squeezekit.evaluators.gpu_perf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_perf.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU, seconds): the script's own test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
