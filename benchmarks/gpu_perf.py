@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import time
 import traceback
@@ -75,7 +74,7 @@ class Runner:
             status = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
             traceback.print_exc()
         finally:
-            _free(self.device)
+            bench.peak_reset(self.device)
         self.results["stages"][name] = {"status": status, "seconds": round(time.perf_counter() - t, 1)}
         self.log({"stage": name, **self.results["stages"][name]})
         self.write()
@@ -94,18 +93,6 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_perf.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "gpu_perf.md").write_text(markdown(self.results))
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _kernels(choice):
@@ -351,14 +338,14 @@ def _prefill_time(r: Runner, model, B: int, method: str, kernels_choice: str, ch
     m = Method.parse(method)
     g = torch.Generator().manual_seed(B)
     ids = torch.randint(1, model.config.vocab_size, (B, r.args.prompt_len), generator=g).to(r.device)
-    _free(r.device)
+    bench.peak_reset(r.device)
     with _kernels(kernels_choice), torch.inference_mode():
         with squeezekit.compress(model, m.config) as c:
             c.sync_timings = r.cuda
-            _sync(r.device)
+            bench.sync(r.device)
             t = time.perf_counter()
             cache, logits = prefill(model, c, ids, None, micro_batch=r.args.micro_batch, chunk=chunk or m.chunk)
-            _sync(r.device)
+            bench.sync(r.device)
             seconds = time.perf_counter() - t
             s = c.summary()
     peak = torch.cuda.max_memory_allocated() / 2**30 if r.cuda else float("nan")
@@ -405,12 +392,12 @@ def prefill_attention_bench(r: Runner, model, B: int) -> dict:
     for name, fn in fns.items():
         try:
             fn()
-            _sync(dev)
+            bench.sync(dev)
             n = 2 if name.startswith("explicit") else 10
             t = time.perf_counter()
             for _ in range(n):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             ms = 1000 * (time.perf_counter() - t) / n
             row[name] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1)}
         except Exception as exc:
@@ -494,26 +481,26 @@ def gemm_tflops(device: str) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    _sync(device)
+    bench.sync(device)
     t = time.perf_counter()
     for _ in range(10):
         a @ b
-    _sync(device)
+    bench.sync(device)
     return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
 def _decode_once(r: Runner, model, cache, first, steps: int, compile: bool, graph: bool = True) -> dict:
     from squeezekit.decoding import GreedyDecoder
 
-    _sync(r.device)
+    bench.sync(r.device)
     t = time.perf_counter()
     decoder = GreedyDecoder(model, cache, first, cuda_graph=graph, compile=compile)
     decoder.run(steps)  # bench's protocol: eager warm-up steps, capture, replays
-    _sync(r.device)
+    bench.sync(r.device)
     first_run = time.perf_counter() - t
     t = time.perf_counter()
     decoder.run(steps)  # replays only
-    _sync(r.device)
+    bench.sync(r.device)
     replay = (time.perf_counter() - t) / steps
     # bench times 127 steps in one run: the warm-up and capture (what the first run took beyond its replays) spread
     # over 127 steps
@@ -561,11 +548,11 @@ def attention_bench(r: Runner, B: int, H: int, G: int, S: int, D: int) -> dict:
         for name, fn in (("sdpa", plain), ("triton", fused)):
             for _ in range(3):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             t = time.perf_counter()
             for _ in range(20):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             us = 1e6 * (time.perf_counter() - t) / 20
             row[f"{name}_us"] = round(us, 1)
             row[f"{name}_TBps"] = round(nbytes / us / 1e6, 2)
@@ -599,7 +586,7 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
             choice, compile = VARIANTS[variant]
             if compile and ((not r.cuda and not a.quick_compile) or variant in broken):
                 continue
-            _free(r.device)
+            bench.peak_reset(r.device)
 
             def measure(steps, choice=choice, compile=compile, B=B):
                 with _kernels(choice), torch.inference_mode():
@@ -616,7 +603,7 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
             try:
                 if compile:  # compile (or recompile for a new batch size) outside the timed runs
                     measure(3)
-                    _free(r.device)
+                    bench.peak_reset(r.device)
                 row, kv = measure(a.decode_steps)
             except Exception as exc:
                 if bench.is_oom(exc) or not compile:
@@ -672,22 +659,22 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
         variant = "steady"
     choice, compile = VARIANTS[variant]
     for chunk in (None, a.chunk):
-        _free(r.device)
+        bench.peak_reset(r.device)
         try:
             with _kernels(choice), torch.inference_mode():
                 with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t0 = time.perf_counter()
                     cache, logits = prefill(model, c, ids, None, micro_batch=a.micro_batch, chunk=chunk)
                     first = logits.argmax(-1)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t1 = time.perf_counter()
                     decoder = GreedyDecoder(model, cache, first, cuda_graph=True, compile=compile)
                     decoder.run(a.big_new_tokens - 1)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t2 = time.perf_counter()
                     decoder.run(16)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     replay = 1000 * (time.perf_counter() - t2) / 16
                     kv = cache.kv_nbytes()
                     peak = torch.cuda.max_memory_allocated() / 2**30 if r.cuda else float("nan")
@@ -795,21 +782,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def small_fp32_model(name: str, device: str, layers: int = 4):
-    """The same shapes with a few layers, in fp32 (exact token comparisons)."""
-    import transformers as tf
-
-    spec = dict(bench.CONFIGS[name], num_hidden_layers=layers)
-    config = tf.AutoConfig.for_model(**spec)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 STAGES = ("correctness", "h2o_prefill", "chunked_prefill", "decode", "big_batch")
 
 
@@ -884,7 +856,9 @@ def main(argv=None) -> int:
     def correctness():
         check_attention_kernels(r)
         check_steady_kernel(r)
-        small = small_fp32_model(args.config, device) if r.cuda and args.config in bench.CONFIGS else None
+        # the same shapes with 4 layers, in fp32: exact token comparisons
+        exact = r.cuda and args.config in bench.CONFIGS
+        small = bench.build_model(args.config, device, torch.float32, layers=4) if exact else None
         if args.quick and not r.cuda:
             small = model  # the tiny model is fp32 already: runs the code path (the kernels are GPU-only)
         check_served_tokens(r, model, small)

@@ -29,7 +29,6 @@ script; no network (``HF_HUB_OFFLINE``).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -100,29 +99,14 @@ def tokenizer_dir(name: str, scratch: Path) -> str:
     return str(default_model_dir())  # SmolLM2's: also the random 7B's tokenizer
 
 
-def build_model(name: str, tok_dir: str, device: str, dtype):
-    import torch
-    import transformers as tf
+def evaluated_model(name: str, tok_dir: str, device: str, dtype):
+    """The model lm-eval evaluates: ``mistral-7b``'s shapes with random weights and the vocabulary and special ids of
+    ``tok_dir``'s model (SmolLM2's), or ``tok_dir``'s own weights; generations stop at its end token."""
+    from squeezekit.evaluators import bench_models as bench
 
-    if name == "mistral-7b":  # random weights, Mistral-7B shapes, SmolLM2's vocabulary and special ids
-        from squeezekit.evaluators.bench_models import CONFIGS
-
-        small = tf.AutoConfig.from_pretrained(tok_dir)
-        spec = dict(
-            CONFIGS["mistral-7b"],
-            vocab_size=small.vocab_size,
-            bos_token_id=small.bos_token_id,
-            eos_token_id=small.eos_token_id,
-            pad_token_id=small.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        config = tf.AutoConfig.for_model(**spec)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(tok_dir, dtype=dtype, attn_implementation="sdpa").to(device)
-    return model.eval()
+    if name == "mistral-7b":
+        return bench.build_model(name, device, dtype, vocab_from=tok_dir, fixed_length=False)
+    return bench.build_model(tok_dir, device, dtype, fixed_length=False)
 
 
 def make_lm(method: str, model, tok_dir: str, args, previous: bool = False):
@@ -199,21 +183,6 @@ def agreement(a: list, b: list, tol: float = 1e-3) -> dict:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _free(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def environment(device: str, dtype: str) -> dict:
     import lm_eval
     import torch
@@ -267,6 +236,7 @@ def run(args) -> dict:
 
 def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype, dtype_name, out_dir) -> dict:
     import torch
+    from squeezekit.evaluators import bench_models as bench
 
     task_sets: dict[str, Tasks] = {}
     for name in models:
@@ -280,8 +250,8 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
             loader.get(task, L, n)
         print(f"[{name}] task data built in {time.time() - t0:.1f} s", flush=True)
         t0 = time.time()
-        model = build_model(name, tok_dir, device, dtype)
-        _sync(device)
+        model = evaluated_model(name, tok_dir, device, dtype)
+        bench.sync(device)
         print(f"[{name}] model built in {time.time() - t0:.1f} s", flush=True)
         meta.append({
             "model": name,
@@ -303,10 +273,10 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
                     lm.generate_batches = {"serving": 0, "generate": 0}
-                _sync(device)
+                bench.sync(device)
                 t0 = time.perf_counter()
                 out = _evaluate(loader, lm, task, L, n)
-                _sync(device)
+                bench.sync(device)
                 seconds = time.perf_counter() - t0
                 metric, value = score_of(task, L, out)
                 responses[(method, task, L)] = per_sample(out)
@@ -324,7 +294,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 print(f"[{name}] {method:22s} {task}@{L}: {seconds:8.2f} s  {metric} {value:.4f}", flush=True)
                 save(data, out_dir)
             del lm
-            _free(device)
+            bench.peak_reset(device)
         for task, L, _ in units:  # hf vs squeezekit at budget 1.0, every sample
             c = agreement(responses[("hf", task, L)], responses[("squeezekit@1.0", task, L)])
             data["checks"].append({"model": name, "task": task, "length": L, "what": "hf vs squeezekit@1.0", **c})
@@ -341,7 +311,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 print(f"[{name}] check {task}@{L}: compressed, {what}: {c['agree']:.0%} of {c['n']} agree", flush=True)
         save(data, out_dir)
         del model
-        _free(device)
+        bench.peak_reset(device)
     return data
 
 
