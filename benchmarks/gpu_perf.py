@@ -23,6 +23,10 @@ Correctness first, then the measurements; every target is printed and written as
    step at large batch, and one layer's decode attention (SDPA vs the Triton kernel).
 5. B=1024 at budget 0.2, end to end like ``squeezekit bench`` (unchunked; chunked ~1024 if that runs out of memory).
 
+Each decode and large-batch row says what its kernels did (``kernels``: ran, fell back, did not run), and so does one
+layer's decode attention (``triton``): the opt-in kernels return None when they are off or fail, and the plain path
+is timed in their place.
+
 Mistral-7B shapes, random bf16 weights, 4096-token prompts (bench's model and protocol). The stages run in that order
 and each is skipped once ``--time-budget-s`` would be exceeded (written as skipped). ``--quick`` runs everything at
 toy sizes (also on the CPU, in seconds: tests/test_gpu_perf.py).
@@ -302,9 +306,12 @@ def check_served_tokens(r: Runner, model, small_model) -> None:
             logits_max_abs_diff=float((logits_fused - logits_plain).abs().max()),
             logit_scale=float(logits_plain.abs().max()), token_agreement=agree(h2o_fused, h2o_plain))  # fmt: skip
     if r.cuda:
-        with _kernels("attention,steady,decode"):
+        with _kernels("attention,steady,decode") as settings:
+            before = dict(settings.calls)
             fast, _ = _serve(model, ids, "squeeze+streaming@0.2", steps, a.check_batch)
-        r.check("decode kernel vs SDPA (bf16 full model; informational)", True, agreement=agree(fast, plain))
+            used = kernels_used(settings, "decode", before)["decode"]
+        r.check("decode kernel vs SDPA (bf16 full model; informational)", True, decode_kernel=used,
+                agreement=agree(fast, plain))  # fmt: skip
     if small_model is None:
         return
     # fp32, 4 layers of the same shapes: the kernels against the plain paths, exactly (tokens) and closely (logits)
@@ -519,6 +526,37 @@ VARIANTS = {
 }
 
 
+def _why_off(tensor: torch.Tensor) -> str:
+    """Why a chosen kernel does not serve ``tensor`` (squeezekit.kernels.use)."""
+    from squeezekit import kernels
+
+    if tensor.device.type != "cuda":
+        return f"{tensor.device.type} tensors take the plain path"
+    return "Triton does not import" if not kernels.triton_available() else "TRITON_INTERPRET is set"
+
+
+def kernels_used(settings, choice: str, before: dict[str, int]) -> dict[str, str]:
+    """What each kernel of ``choice`` did since ``before`` (a copy of ``settings.calls``): "ran", "fell back: ERROR"
+    (it failed and the plain path ran instead) or "did not run" (not on this device, or not reached)."""
+    used = {}
+    for name in (k for k in choice.split(",") if k):
+        if name in settings.failed:
+            used[name] = f"fell back: {settings.failed[name][:300]}"
+        else:
+            used[name] = "ran" if settings.calls[name] > before[name] else "did not run"
+    return used
+
+
+def variant_label(row: dict) -> str:
+    """A decode row's variant, and which of its kernels fell back or did not run (the row then timed the plain path
+    in their place)."""
+    kernels = row.get("kernels", {})
+    fell = [k for k, v in kernels.items() if v.startswith("fell back")]
+    idle = [k for k, v in kernels.items() if v == "did not run"]
+    notes = [f"{', '.join(names)} {what}" for names, what in ((fell, "fell back"), (idle, "did not run")) if names]
+    return f"{row['variant']} ({'; '.join(notes)})" if notes else row["variant"]
+
+
 def attention_bench(r: Runner, B: int, H: int, G: int, S: int, D: int) -> dict:
     """One layer's decode attention over a full buffer: SDPA over the folded query (plain) vs the Triton kernel."""
     import torch.nn.functional as F
@@ -540,11 +578,16 @@ def attention_bench(r: Runner, B: int, H: int, G: int, S: int, D: int) -> dict:
     def fused():
         return decode_attention(q, k, v, D**-0.5)
 
-    with kernels.configured("decode"):
+    with kernels.configured("decode") as settings:
         if not kernels.use("decode", q):
+            row["triton"] = f"off: {_why_off(q)}"
             return row
-        ref = plain()
-        row["max_abs_diff"] = float((fused().float() - ref.float()).abs().max())
+        ref, got = plain(), fused()
+        if got is None:  # the kernel failed on its first use: its callers run SDPA instead
+            row["triton"] = f"fell back to SDPA: {settings.failed.get('decode', 'no reason given')[:300]}"
+            return row
+        row["triton"] = "ran"
+        row["max_abs_diff"] = float((got.float() - ref.float()).abs().max())
         for name, fn in (("sdpa", plain), ("triton", fused)):
             for _ in range(3):
                 fn()
@@ -589,7 +632,8 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
             bench.peak_reset(r.device)
 
             def measure(steps, choice=choice, compile=compile, B=B):
-                with _kernels(choice), torch.inference_mode():
+                with _kernels(choice) as settings, torch.inference_mode():
+                    before = dict(settings.calls)
                     with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
                         cache, logits = prefill(model, c, ids, None, micro_batch=mb)
                         replicate(cache, B // mb)
@@ -598,6 +642,7 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
                         row = _decode_once(r, model, cache, first, steps, compile)
                         c.last_cache = None
                         del cache
+                    row["kernels"] = kernels_used(settings, choice, before)
                 return row, kv
 
             try:
@@ -627,13 +672,13 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
     for B in sorted({x["B"] for x in rows}):
         best = min((x for x in rows if x["B"] == B), key=lambda x: x["replay_step_ms"])
         others = [x for x in rows if x["B"] == B and x["variant"] in ("plain", "steady") and x is not best]
-        was = "".join(f"; {x['variant']} {x['replay_step_ms']} ms ({x['replay_over_floor']}x)" for x in others)
+        was = "".join(f"; {variant_label(x)} {x['replay_step_ms']} ms ({x['replay_over_floor']}x)" for x in others)
         r.target(
             f"decode step vs floor at B={B}",
             "<= 1.6x",
             f"{best['replay_step_ms']} ms replayed ({best['replay_over_floor']}x; bench protocol "
             f"{best['bench_over_floor']}x) vs floor {best['floor_ms']} ms, "
-            f"compute floor {best['compute_floor_ms']} ms, with {best['variant']}{was}",
+            f"compute floor {best['compute_floor_ms']} ms, with {variant_label(best)}{was}",
             best["replay_over_floor"] <= 1.6,
             best["replay_over_floor"],
         )
@@ -661,7 +706,8 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
     for chunk in (None, a.chunk):
         bench.peak_reset(r.device)
         try:
-            with _kernels(choice), torch.inference_mode():
+            with _kernels(choice) as settings, torch.inference_mode():
+                before = dict(settings.calls)
                 with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
                     bench.sync(r.device)
                     t0 = time.perf_counter()
@@ -679,6 +725,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
                     kv = cache.kv_nbytes()
                     peak = torch.cuda.max_memory_allocated() / 2**30 if r.cuda else float("nan")
                     del cache, decoder
+                used = kernels_used(settings, choice, before)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not bench.is_oom(exc):
                 raise
@@ -691,7 +738,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
                    bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2), replay_step_ms=round(replay, 2),
                    floor_ms=round(floor, 2), peak_gib=round(peak, 2), kv_gib=round(kv / 2**30, 2),
                    decode_tok_s=round(B * (N - 1) / (t2 - t1), 1), decode_tok_s_replay=round(1000 * B / replay, 1),
-                   e2e_tok_s=round(B * N / (t2 - t0), 1))  # fmt: skip
+                   e2e_tok_s=round(B * N / (t2 - t0), 1), kernels=used)  # fmt: skip
         r.results.setdefault("big_batch", []).append(row)
         r.log(row)
         break
@@ -706,7 +753,8 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
         f"decode step vs floor at B={B}",
         "<= 1.6x",
         f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: "
-        f"{row['replay_step_ms'] / row['floor_ms']:.2f}x (bench protocol {row['bench_step_ms']} ms; {variant})",
+        f"{row['replay_step_ms'] / row['floor_ms']:.2f}x (bench protocol {row['bench_step_ms']} ms; "
+        f"{variant_label(row)})",
         row["replay_step_ms"] / row["floor_ms"] <= 1.6,
         row["replay_step_ms"] / row["floor_ms"],
     )
@@ -767,7 +815,7 @@ def markdown(res: dict) -> str:
                 )
                 continue
             lines.append(
-                f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
+                f"| {d['B']} | {variant_label(d)} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
                 f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |"
             )
     if res.get("prefill_attention"):

@@ -24,6 +24,9 @@ def test_gpu_perf_quick_runs_on_cpu(tmp_path):
         "steady+decode",
     }  # compiled: GPU (or --quick-compile)
     assert (tmp_path / "gpu_perf.md").read_text().startswith("# gpu_perf")
+    # the Triton decode kernel is off for CPU tensors: said so, SDPA alone timed
+    assert [a["triton"] for a in res["decode_attention"]] == ["off: cpu tensors take the plain path"] * 2
+    assert all(v == "did not run" for d in res["decode"] for v in d["kernels"].values())
 
 
 def test_the_scripts_run_away_from_the_checkout(tmp_path):
@@ -46,3 +49,40 @@ def test_the_scripts_run_away_from_the_checkout(tmp_path):
     probe = "import lm_eval_reference; print(lm_eval_reference.PreviousScoringLM.__name__)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "PreviousScoringLM", done.stderr
+
+
+def test_a_decode_kernel_that_falls_back_is_reported_and_the_stage_goes_on(tmp_path, monkeypatch):
+    """The opt-in Triton decode kernel returns None when it is off or failed (its caller then runs SDPA): the decode
+    stage says so in its rows and goes on (it used to call ``.float()`` on the None and fail). Here the kernel is
+    chosen for CPU tensors, as it is for CUDA ones, and fails on its first use, as an incompatible Triton would."""
+    import pytest
+
+    from squeezekit import kernels
+    from squeezekit.kernels import decode
+
+    real_use = kernels.use
+
+    def use(name, tensor):  # the decode kernel serves CPU tensors too; the others as before
+        if name != "decode":
+            return real_use(name, tensor)
+        return name in kernels.settings.enabled and name not in kernels.settings.failed
+
+    def broken():
+        raise RuntimeError("no kernel today")
+
+    for module in (kernels, decode):
+        monkeypatch.setattr(module, "use", use)
+    monkeypatch.setattr(decode, "_kernels", broken)
+    monkeypatch.setattr(decode, "_fall_back_on_error", lambda tensor: True)  # as on the GPU
+    with pytest.warns(RuntimeWarning, match="fused 'decode' kernel failed"):
+        code = gpu_perf.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--stages", "decode"])
+    res = json.loads((tmp_path / "gpu_perf.json").read_text())
+    assert code == 0 and res["stages"]["decode"]["status"] == "done", res["stages"]
+    assert [a["triton"] for a in res["decode_attention"]] == ["fell back to SDPA: RuntimeError: no kernel today"] * 2
+    rows = {(d["B"], d["variant"]): d for d in res["decode"]}
+    assert set(rows) == {(B, v) for B in (4, 8) for v in ("plain", "steady", "steady+decode")}
+    assert all(rows[B, "steady+decode"]["kernels"]["decode"] == "fell back: RuntimeError: no kernel today"
+               for B in (4, 8))  # fmt: skip
+    assert rows[4, "steady"]["kernels"] == {"attention": "did not run", "steady": "did not run"}  # CPU tensors
+    report = (tmp_path / "gpu_perf.md").read_text()
+    assert "| 4 | steady+decode (decode fell back; attention, steady did not run) |" in report
