@@ -24,9 +24,41 @@ def test_gpu_perf_quick_runs_on_cpu(tmp_path):
         "steady+decode",
     }  # compiled: GPU (or --quick-compile)
     assert (tmp_path / "gpu_perf.md").read_text().startswith("# gpu_perf")
+    peers = [t for t in res["targets"] if "tok/s at B=8 vs" in t["target"]]  # no --baseline: not judged
+    assert len(peers) == 2 and all(t["met"] is None for t in peers)
+    assert all(t["measured"].endswith("not compared: no --baseline given") for t in peers)
     # the Triton decode kernel is off for CPU tensors: said so, SDPA alone timed
     assert [a["triton"] for a in res["decode_attention"]] == ["off: cpu tensors take the plain path"] * 2
     assert all(v == "did not run" for d in res["decode"] for v in d["kernels"].values())
+
+
+def test_the_peers_figures_come_from_the_baseline_file_and_say_so(tmp_path):
+    """The large batch is compared with the best hf and kvpress rows of a bench JSON (--baseline), not with figures
+    kept in the script; the output names the file, its setting and the rows."""
+    import pytest
+
+    runs = [{"method": "hf", "B": 32, "decode_tok_s": 300.0}, {"method": "hf", "B": 48, "decode_tok_s": 500.0},
+            {"method": "hf", "B": 64, "oom": True},
+            {"method": "squeeze+streaming@0.2", "B": 8, "decode_tok_s": 9e9}]  # fmt: skip
+    base = tmp_path / "bench-tiny.json"
+    base.write_text(json.dumps({"device": "cpu", "config": "tiny", "prompt_len": 64, "runs": runs}))
+    out = tmp_path / "out"
+    assert gpu_perf.main(["--quick", "--out", str(out), "--device", "cpu", "--stages", "big_batch",
+                          "--baseline", str(base)]) == 0  # fmt: skip
+    res = json.loads((out / "gpu_perf.json").read_text())
+    assert res["baseline"]["transformers"] == {"method": "hf", "B": 48, "decode_tok_s": 500.0}
+    (row,) = res["big_batch"]
+    hf, kvpress = (t for t in res["targets"] if "tok/s at B=8 vs" in t["target"])
+    assert hf["target"] == "decode tok/s at B=8 vs transformers' best" and hf["goal"] == ">= 15x"
+    source = f"hf at B=48, from {base} (device cpu, config tiny, prompt_len 64)"
+    assert f"vs 500 tok/s ({source}): {row['decode_tok_s_replay'] / 500:.1f}x" in hf["measured"]
+    assert hf["measured"].endswith("(indicative: not the same run)")  # the same config and prompt length
+    assert kvpress["measured"].endswith(f"not compared: no kvpress run in {base}") and kvpress["met"] is None
+    assert f"Baseline of the peers' figures: {base} (device cpu" in (out / "gpu_perf.md").read_text()
+    for text, error in (("{", "Expecting property name"), ('{"runs": 3}', "not a squeezekit bench JSON")):
+        base.write_text(text)
+        with pytest.raises(SystemExit, match=f"^--baseline {base}: {error}"):
+            gpu_perf.main(["--quick", "--out", str(out), "--device", "cpu", "--baseline", str(base)])
 
 
 def test_the_scripts_run_away_from_the_checkout(tmp_path):
