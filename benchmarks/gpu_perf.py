@@ -25,9 +25,9 @@ Correctness first, then the measurements; every target is printed and written as
    and its decode tok/s against transformers' and kvpress's best in ``--baseline FILE`` (a ``squeezekit bench``
    JSON; the output names the file, its setting and the rows taken; without it these targets are not judged).
 
-Each decode and large-batch row says what its kernels did (``kernels``: ran, fell back, did not run), and so does one
-layer's decode attention (``triton``): the opt-in kernels return None when they are off or fail, and the plain path
-is timed in their place.
+Each decode and large-batch row says what its decode-step kernels did (``kernels``: ran, fell back, did not run), and
+so does one layer's decode attention (``triton``): the opt-in kernels return None when they are off or fail, and the
+plain path is timed in their place.
 
 Mistral-7B shapes, random bf16 weights, 4096-token prompts (bench's model and protocol). The stages run in that order
 and each is skipped once ``--time-budget-s`` would be exceeded (written as skipped). ``--quick`` runs everything at
@@ -537,11 +537,15 @@ def _why_off(tensor: torch.Tensor) -> str:
     return "Triton does not import" if not kernels.triton_available() else "TRITON_INTERPRET is set"
 
 
+#: the kernels of a decode step: a variant's ``attention`` kernel serves only its prefill (streaming's is SDPA's)
+STEP_KERNELS = ("steady", "decode")
+
+
 def kernels_used(settings, choice: str, before: dict[str, int]) -> dict[str, str]:
-    """What each kernel of ``choice`` did since ``before`` (a copy of ``settings.calls``): "ran", "fell back: ERROR"
-    (it failed and the plain path ran instead) or "did not run" (not on this device, or not reached)."""
+    """What each decode-step kernel of ``choice`` did since ``before`` (a copy of ``settings.calls``): "ran",
+    "fell back: ERROR" (it failed and the plain path ran instead) or "did not run" (not on this device)."""
     used = {}
-    for name in (k for k in choice.split(",") if k):
+    for name in (k for k in choice.split(",") if k in STEP_KERNELS):
         if name in settings.failed:
             used[name] = f"fell back: {settings.failed[name][:300]}"
         else:
