@@ -3,7 +3,8 @@
 Adds two files at the top of site-packages: ``_squeezekit_lm_eval_hook.py`` (a copy of ``_lm_eval_hook.py``) and
 ``squeezekit-lm-eval.pth`` (one line that imports it at startup). A regular wheel takes them from ``build_lib``; an
 editable install (PEP 660) ships only its own finder from there, so they go into the editable wheel's folder
-(the ``install`` command's ``install_lib``) instead. pip records both, so uninstalling removes them.
+(the ``install`` command's ``install_lib``) instead. pip records both, so uninstalling removes them. A regular build
+also deletes the modules of an earlier build that the tree no longer has (see `build_py._drop_stale_modules`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ class build_py(_build_py):
         if getattr(self, "editable_mode", False):
             self._write(Path(self.get_finalized_command("install").install_lib))
         else:
+            self._drop_stale_modules()
             self._write(Path(self.build_lib))
+
+    def _drop_stale_modules(self) -> None:
+        """Delete the modules that an earlier build left in ``build_lib`` and the tree no longer has: the wheel packs
+        all of ``build_lib``, so a module moved out of the package (to benchmarks/, say) would ship again from a
+        checkout's old build/ folder."""
+        built = {os.path.abspath(path) for path in super().get_outputs(include_bytecode=False)}
+        for package in self.packages or ():
+            for path in Path(self.build_lib, *package.split(".")).glob("*.py"):
+                if os.path.abspath(path) not in built:
+                    path.unlink()
 
     def _write(self, target: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The benchmark's models and measuring protocol, shared by ``squeezekit bench`` and its kvpress peer.
+"""The benchmark's models and measuring protocol, shared by ``squeezekit bench``, its kvpress peer and the GPU scripts
+of the checkout's benchmarks/ folder.
 
 Random-weight models built from named configs (or a local model directory), device memory and bandwidth probes,
 and `run_hf`: transformers' own ``generate`` with its full DynamicCache. It is timed with the figures of the shared
@@ -66,14 +67,40 @@ CONFIGS = {
 }
 
 
-def build_model(name: str, device: str, dtype: torch.dtype, gpus: int = 1):
-    """A random-weight model from a named config (sharded layer-wise over ``gpus`` GPUs with accelerate), or a local
-    directory's weights."""
+def named_config(name: str, layers: int | None = None, vocab_from: str | None = None):
+    """The transformers config of the named config ``name`` (`CONFIGS`). ``layers``: that many decoder layers instead
+    (the same shapes, smaller); ``vocab_from``: a model directory whose vocabulary size and special token ids replace
+    the named ones, so that its tokenizer drives a random model of the named shapes."""
+    import transformers as tf
+
+    spec = dict(CONFIGS[name])
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    if vocab_from is not None:
+        real = tf.AutoConfig.from_pretrained(vocab_from)
+        spec.update(vocab_size=real.vocab_size, bos_token_id=real.bos_token_id, eos_token_id=real.eos_token_id,
+                    pad_token_id=real.pad_token_id, tie_word_embeddings=False)  # fmt: skip
+    return tf.AutoConfig.for_model(**spec)
+
+
+def build_model(
+    name: str,
+    device: str,
+    dtype: torch.dtype,
+    gpus: int = 1,
+    *,
+    layers: int | None = None,
+    vocab_from: str | None = None,
+    fixed_length: bool = True,
+):
+    """A random-weight model from a named config (sharded layer-wise over ``gpus`` GPUs with accelerate; ``layers``
+    and ``vocab_from`` as in `named_config`), or a local directory's weights. ``fixed_length`` (the bench's
+    protocol): no end-of-sequence token, so that every generation runs to its length; False keeps the model's own
+    (lm-eval's generations stop at it)."""
     import transformers as tf
 
     if name in CONFIGS:
-        spec = dict(CONFIGS[name])
-        config = tf.AutoConfig.for_model(**spec)
+        config = named_config(name, layers, vocab_from)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
         if gpus > 1:
@@ -87,8 +114,9 @@ def build_model(name: str, device: str, dtype: torch.dtype, gpus: int = 1):
         if gpus <= 1:
             model = model.to(device)
     model.eval()
-    model.generation_config.eos_token_id = None  # fixed-length generations
-    model.generation_config.pad_token_id = 0
+    if fixed_length:
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
     return model
 
 

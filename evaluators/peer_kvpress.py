@@ -5,7 +5,8 @@ NVIDIA kvpress needs transformers < 5.3, so it cannot share squeezekit's process
 transformers==5.2.0``) first on ``PYTHONPATH``. The script builds the same random-weight model from the same config
 and times ``model.generate`` inside kvpress's ``StreamingLLMPress`` context, with the bench's own `build_model` and
 `run_hf` (bench_models.py, which imports neither squeezekit's data path nor its transformers surface). One JSON line
-per batch size on stdout.
+per batch size on stdout. Installed with the package, unlike the checkout's benchmarks/ scripts: the bench runs it as
+``python -m squeezekit.evaluators.peer_kvpress`` wherever squeezekit is installed.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Shared fixtures. ``plugin_site``: install fake third-party plugins for one test (see tests/plugin_factory.py);
-``one_thread``: torch on one thread for a module's tests; ``tiny_dir``: a tiny local model directory."""
+``one_thread``: torch on one thread for a module's tests; ``tiny_dir``: a tiny local model directory; ``build_wheel``:
+squeezekit's wheel, built from a copy of the tree."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +111,29 @@ def tiny_dir(tmp_path_factory) -> str:
     from squeezekit.evaluators.testing import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture
+def build_wheel(tmp_path):
+    """``build_wheel(before=None)``: the path of squeezekit's wheel, built by pip (offline, with the installed
+    setuptools) from a copy of the tree's package folders in ``tmp_path / "src"`` (no build/, egg-info or caches);
+    ``before(src)`` changes the copy first."""
+
+    def build(before=None) -> Path:
+        root = Path(__file__).resolve().parent.parent
+        src = tmp_path / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+        for name in ("squeezekit", "plugins", "evaluators"):
+            shutil.copytree(root / name, src / name, ignore=ignore)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(root / name, src / name)
+        if before is not None:
+            before(src)
+        pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+        dist = tmp_path / "dist"
+        proc = subprocess.run([*pip, "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        (wheel,) = dist.glob("squeezekit-*.whl")
+        return wheel
+
+    return build

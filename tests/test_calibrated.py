@@ -459,23 +459,12 @@ def test_bundled_profiles_are_for_the_embedded_model_and_each_evictor_at_its_def
         assert len(data["loss"]) == smollm2["num_hidden_layers"]
 
 
-def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(tmp_path):
+def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(tmp_path, build_wheel):
     """A wheel built from the tree holds the profiles as package data, and, unpacked as site-packages, names them
     from a process whose working directory is not the checkout (nothing is read from docs/ or the tree)."""
-    import shutil
     import zipfile
 
-    root = Path(__file__).resolve().parent.parent
-    src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for name in ("squeezekit", "plugins", "evaluators"):
-        shutil.copytree(root / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(root / name, src / name)
-    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
-    proc = subprocess.run([*pip, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    (wheel,) = (tmp_path / "dist").glob("squeezekit-*.whl")
+    wheel = build_wheel()
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"squeezekit/plugins/profiles/smollm2/{e}.json" for e in BUNDLED} <= names
     site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"

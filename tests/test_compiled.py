@@ -1,5 +1,5 @@
 """The decode step with torch.compile'd decoder layers (squeezekit.compiled): same greedy tokens as the eager step
-(fp32 on the CPU; the CUDA-graph capture of the compiled step runs in evaluators/gpu_perf.py), the model restored."""
+(fp32 on the CPU; the CUDA-graph capture of the compiled step runs in benchmarks/gpu_perf.py), the model restored."""
 
 from __future__ import annotations
 

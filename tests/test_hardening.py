@@ -1,6 +1,7 @@
 """What a careless plugin or a hostile input can no longer do (issue 13), beyond the one-line errors of
 tests/test_errors.py: writes to the copies a plugin is given change nothing, messages stay short and printable,
-a stale start-up hook is silent, an empty cache variable is no cache directory."""
+a stale start-up hook is silent, a stale build folder ships no module the tree no longer has, an empty cache variable
+is no cache directory."""
 
 from __future__ import annotations
 
@@ -105,6 +106,22 @@ def test_a_stale_startup_hook_is_silent(tmp_path):
     code = f"import site; site.addsitedir({str(tmp_path)!r}); print('started')"
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "started\n" and out.stderr == "", out.stderr
+
+
+def test_a_stale_build_folder_ships_no_module_the_tree_no_longer_has(build_wheel):
+    """pip builds a checkout's wheel in its build/ folder and the wheel packs all of build/lib: a module moved out of
+    the package (benchmarks/gpu_perf.py was squeezekit/evaluators/gpu_perf.py) must not ship again from an old build."""
+    import zipfile
+
+    def old_build(src):
+        stale = src / "build" / "lib" / "squeezekit" / "evaluators"
+        stale.mkdir(parents=True)
+        (stale / "gpu_perf.py").write_text("raise SystemExit('an old build')\n")
+
+    wheel = build_wheel(old_build)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "squeezekit/evaluators/bench_models.py" in names and "squeezekit-lm-eval.pth" in names
+    assert not {n for n in names if n.rpartition("/")[2] in ("gpu_perf.py", "lm_eval_timing.py", "reference.py")}
 
 
 def test_an_empty_cache_variable_means_unset(monkeypatch, tmp_path):

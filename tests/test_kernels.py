@@ -309,7 +309,8 @@ def test_kernels_compile_for_hopper():
 @pytest.mark.parametrize("case", ["left-padding", "later-step"])
 def test_half_precision_kernels_against_an_fp32_reference(case):
     """The GPU runs these kernels in bf16/fp16 (probabilities cast to the value dtype before P.V, as flash does).
-    The interpreter's dot is wrong for bf16, right for fp16: fp16 checks that path here (bf16: evaluators/gpu_perf)."""
+    The interpreter's dot is wrong for bf16, right for fp16: fp16 checks that path here (bf16:
+    benchmarks/gpu_perf.py)."""
     from squeezekit.kernels import decode
     from squeezekit.kernels.attention import attention_lse, column_sums
 

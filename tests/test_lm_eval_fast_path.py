@@ -1,6 +1,6 @@
 """The lm-eval adapter on the serving machinery gives today's results: the same generated tokens as
 ``model.generate`` (old path), and the same log-likelihoods as the adapter before the serving path (its scoring code
-is kept, verbatim, in squeezekit/evaluators/reference.py)."""
+is kept, verbatim, in benchmarks/lm_eval_reference.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from benchmark_scripts import load  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
-from squeezekit.evaluators.reference import PreviousScoringLM as LegacyLM  # noqa: E402
 from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+LegacyLM = load("lm_eval_reference").PreviousScoringLM
 
 
 def _lm(tiny_dir, cls=SqueezekitLM, **kw):

@@ -1,4 +1,4 @@
-"""The GPU timing script (evaluators/lm_eval_timing.py) runs end to end on the CPU with tiny settings, and
+"""The GPU timing script (benchmarks/lm_eval_timing.py) runs end to end on the CPU with tiny settings, and
 ``squeezekit eval`` records the device and dtype of its results and never mixes two in one store."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import pytest
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from squeezekit.evaluators import lm_eval_timing, sweep  # noqa: E402
+from benchmark_scripts import load  # noqa: E402
+from squeezekit.evaluators import sweep  # noqa: E402
 from squeezekit.evaluators.testing import make_tiny_model, standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+lm_eval_timing = load("lm_eval_timing")
 
 
 def test_timing_script_runs_on_cpu(tmp_path, capsys):
@@ -118,8 +120,9 @@ def test_eval_cli_takes_device_and_dtype(monkeypatch, tmp_path):
 
 
 def test_random_7b_is_built_with_smollm2s_tokenizer(monkeypatch):
-    """The random-weight model: the named shapes (shrunk here), SmolLM2's vocabulary and special ids; lm-eval's HFLM
-    and squeezekit take it as a model object."""
+    """The random-weight model: the named shapes (shrunk here), SmolLM2's vocabulary and special ids, built by the
+    bench's `build_model`; lm-eval's HFLM and squeezekit take it as a model object. The bench's own models (the same
+    function's defaults) have no end token: fixed-length generations."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from squeezekit.evaluators import bench_models as bench
@@ -131,9 +134,12 @@ def test_random_7b_is_built_with_smollm2s_tokenizer(monkeypatch):
                  num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     monkeypatch.setitem(bench.CONFIGS, "mistral-7b", small)
     tok_dir = str(default_model_dir())
-    model = lm_eval_timing.build_model("mistral-7b", tok_dir, "cpu", torch.float32)
+    model = lm_eval_timing.evaluated_model("mistral-7b", tok_dir, "cpu", torch.float32)
     assert model.config.vocab_size == 49152 and model.config.model_type == "mistral"
     assert model.generation_config.eos_token_id == 2 and model.config.num_hidden_layers == 2
+    benched = bench.build_model("mistral-7b", "cpu", torch.float32, layers=1)
+    assert benched.config.vocab_size == 32000 and benched.config.num_hidden_layers == 1
+    assert benched.generation_config.eos_token_id is None
     assert HFLM(pretrained=model, tokenizer=tok_dir, batch_size=2).max_length == 32768
     lm = SqueezekitLM(pretrained=model, tokenizer=tok_dir, batch_size=2, budget=0.5, evictor="h2o", fast=True)
     ctx, mask = lm.tok_batch_encode([standin_text(40, seed=1), standin_text(25, seed=2)])

@@ -1,8 +1,8 @@
 """Wall time of lm-eval's ``hf`` model against ``squeezekit`` (budget 1.0 and a compressed config), in one process, on
 the same tasks, through lm-eval's own ``evaluate``:
 
-    python -m squeezekit.evaluators.lm_eval_timing --out docs/benchmarks --models smollm2
-    python -m squeezekit.evaluators.lm_eval_timing --out docs/benchmarks --models mistral-7b
+    python benchmarks/lm_eval_timing.py --out docs/benchmarks --models smollm2
+    python benchmarks/lm_eval_timing.py --out docs/benchmarks --models mistral-7b
 
 Per model, each method evaluates every unit (``niah_single_1`` and ``squeezekit_ppl`` at each of ``--lengths``) after
 a short untimed warm-up; only ``evaluate`` is timed (the model and the task data are built once, before, and shared).
@@ -18,17 +18,17 @@ Checks: per-sample agreement of ``hf`` and ``squeezekit`` at budget 1.0 in the t
 log-likelihoods within 1e-3 relative; bf16 kernels differ, so this is a rate, not an identity), and, on the first
 ``--check`` samples of each unit (both runs batched alike), the compressed config as it runs now against the same
 config run the previous way: ``model.generate`` (``fast=false``) for generation, the previous scoring code
-(`reference.PreviousScoringLM`) for perplexity (log-likelihoods within 1e-5 relative). These should agree on every
-sample when ``--micro-batch`` is not set (with it, a batch-level allocator shares the first micro-batch's
-allocation, and bf16 kernels of other shapes may round differently).
+(`lm_eval_reference.PreviousScoringLM`, beside this script) for perplexity (log-likelihoods within 1e-5 relative).
+These should agree on every sample when ``--micro-batch`` is not set (with it, a batch-level allocator shares the
+first micro-batch's allocation, and bf16 kernels of other shapes may round differently).
 
-Needs nothing beyond ``lm-eval[hf,ruler]==0.4.13`` and squeezekit; no network (``HF_HUB_OFFLINE``).
+Needs nothing beyond ``lm-eval[hf,ruler]==0.4.13``, squeezekit (as installed) and lm_eval_reference.py beside this
+script; no network (``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -47,9 +47,7 @@ TARGET_FULL, TARGET_COMPRESSED = 1.1, 0.6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m squeezekit.evaluators.lm_eval_timing", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python benchmarks/lm_eval_timing.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for lm-eval-timing.json and .md")
     p.add_argument("--models", default="smollm2,mistral-7b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
@@ -90,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- models ------------------------------------------------------------------------------------------------------------
 def tokenizer_dir(name: str, scratch: Path) -> str:
     if name == "tiny":
-        from .testing import make_tiny_model
+        from squeezekit.evaluators.testing import make_tiny_model
 
         target = scratch / "tiny"
         if not (target / "config.json").exists():
@@ -101,40 +99,25 @@ def tokenizer_dir(name: str, scratch: Path) -> str:
     return str(default_model_dir())  # SmolLM2's: also the random 7B's tokenizer
 
 
-def build_model(name: str, tok_dir: str, device: str, dtype):
-    import torch
-    import transformers as tf
+def evaluated_model(name: str, tok_dir: str, device: str, dtype):
+    """The model lm-eval evaluates: ``mistral-7b``'s shapes with random weights and the vocabulary and special ids of
+    ``tok_dir``'s model (SmolLM2's), or ``tok_dir``'s own weights; generations stop at its end token."""
+    from squeezekit.evaluators import bench_models as bench
 
-    if name == "mistral-7b":  # random weights, Mistral-7B shapes, SmolLM2's vocabulary and special ids
-        from .bench_models import CONFIGS
-
-        small = tf.AutoConfig.from_pretrained(tok_dir)
-        spec = dict(
-            CONFIGS["mistral-7b"],
-            vocab_size=small.vocab_size,
-            bos_token_id=small.bos_token_id,
-            eos_token_id=small.eos_token_id,
-            pad_token_id=small.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        config = tf.AutoConfig.for_model(**spec)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(tok_dir, dtype=dtype, attn_implementation="sdpa").to(device)
-    return model.eval()
+    if name == "mistral-7b":
+        return bench.build_model(name, device, dtype, vocab_from=tok_dir, fixed_length=False)
+    return bench.build_model(tok_dir, device, dtype, fixed_length=False)
 
 
 def make_lm(method: str, model, tok_dir: str, args, previous: bool = False):
     """The lm-eval model of ``method``; ``previous``: squeezekit as before the serving path (``model.generate`` for
-    generation, `reference.PreviousScoringLM` for scoring)."""
+    generation, `lm_eval_reference.PreviousScoringLM` for scoring)."""
     from lm_eval.models.huggingface import HFLM
 
     if method == "hf":
         return HFLM(pretrained=model, tokenizer=tok_dir, batch_size=args.batch_size)
-    from .lm_eval_adapter import SqueezekitLM
-    from .reference import PreviousScoringLM
+    from lm_eval_reference import PreviousScoringLM  # beside this script
+    from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
 
     cls, extra = SqueezekitLM, {"fast": args.fast}
     if previous:
@@ -165,7 +148,7 @@ class Tasks:
 
     def get(self, task: str, length: int, n: int) -> dict:
         """The task dict of ``task`` at ``length`` with ``n_max`` samples (callers take the first ``n``)."""
-        from .suite import Unit, load_unit
+        from squeezekit.evaluators.suite import Unit, load_unit
 
         key = (task, length)
         if key not in self._loaded:
@@ -200,21 +183,6 @@ def agreement(a: list, b: list, tol: float = 1e-3) -> dict:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _free(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def environment(device: str, dtype: str) -> dict:
     import lm_eval
     import torch
@@ -268,6 +236,7 @@ def run(args) -> dict:
 
 def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype, dtype_name, out_dir) -> dict:
     import torch
+    from squeezekit.evaluators import bench_models as bench
 
     task_sets: dict[str, Tasks] = {}
     for name in models:
@@ -281,12 +250,12 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
             loader.get(task, L, n)
         print(f"[{name}] task data built in {time.time() - t0:.1f} s", flush=True)
         t0 = time.time()
-        model = build_model(name, tok_dir, device, dtype)
-        _sync(device)
+        model = evaluated_model(name, tok_dir, device, dtype)
+        bench.sync(device)
         print(f"[{name}] model built in {time.time() - t0:.1f} s", flush=True)
         meta.append({
             "model": name,
-            "command": " ".join(["python -m squeezekit.evaluators.lm_eval_timing", *args.argv]),
+            "command": " ".join(["python benchmarks/lm_eval_timing.py", *args.argv]),
             "environment": environment(device, dtype_name),
             "batch_size": args.batch_size, "compressed_batch_size": args.compressed_batch_size or args.batch_size,
             "micro_batch": args.micro_batch, "compressed": args.compressed, "max_gen_toks": args.max_gen_toks,
@@ -304,10 +273,10 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 if hasattr(lm, "kv_bytes"):
                     lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
                     lm.generate_batches = {"serving": 0, "generate": 0}
-                _sync(device)
+                bench.sync(device)
                 t0 = time.perf_counter()
                 out = _evaluate(loader, lm, task, L, n)
-                _sync(device)
+                bench.sync(device)
                 seconds = time.perf_counter() - t0
                 metric, value = score_of(task, L, out)
                 responses[(method, task, L)] = per_sample(out)
@@ -325,7 +294,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 print(f"[{name}] {method:22s} {task}@{L}: {seconds:8.2f} s  {metric} {value:.4f}", flush=True)
                 save(data, out_dir)
             del lm
-            _free(device)
+            bench.peak_reset(device)
         for task, L, _ in units:  # hf vs squeezekit at budget 1.0, every sample
             c = agreement(responses[("hf", task, L)], responses[("squeezekit@1.0", task, L)])
             data["checks"].append({"model": name, "task": task, "length": L, "what": "hf vs squeezekit@1.0", **c})
@@ -342,7 +311,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
                 print(f"[{name}] check {task}@{L}: compressed, {what}: {c['agree']:.0%} of {c['n']} agree", flush=True)
         save(data, out_dir)
         del model
-        _free(device)
+        bench.peak_reset(device)
     return data
 
 

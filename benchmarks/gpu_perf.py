@@ -1,4 +1,7 @@
-"""``python -m squeezekit.evaluators.gpu_perf --out DIR``: the GPU checks and measurements of issue 15's kernels.
+"""``python benchmarks/gpu_perf.py --out DIR``: the GPU checks and measurements of issue 15's kernels.
+
+A script of the checkout, not part of the installed package: it imports squeezekit as installed and nothing else of
+this folder, so it runs from anywhere (benchmarks/README.md).
 
 Correctness first, then the measurements; every target is printed and written as met or not met from the numbers:
 
@@ -18,7 +21,13 @@ Correctness first, then the measurements; every target is printed and written as
    bench protocol (127 steps including the eager warm-up and the capture, derived from a timed first run and a
    timed run of replays). Also the compute floor (the step's FLOPs at the measured GEMM rate), which bounds the
    step at large batch, and one layer's decode attention (SDPA vs the Triton kernel).
-5. B=1024 at budget 0.2, end to end like ``squeezekit bench`` (unchunked; chunked ~1024 if that runs out of memory).
+5. B=1024 at budget 0.2, end to end like ``squeezekit bench`` (unchunked; chunked ~1024 if that runs out of memory),
+   and its decode tok/s against transformers' and kvpress's best in ``--baseline FILE`` (a ``squeezekit bench``
+   JSON; the output names the file, its setting and the rows taken; without it these targets are not judged).
+
+Each decode and large-batch row says what its decode-step kernels did (``kernels``: ran, fell back, did not run), and
+so does one layer's decode attention (``triton``): the opt-in kernels return None when they are off or fail, and the
+plain path is timed in their place.
 
 Mistral-7B shapes, random bf16 weights, 4096-token prompts (bench's model and protocol). The stages run in that order
 and each is skipped once ``--time-budget-s`` would be exceeded (written as skipped). ``--quick`` runs everything at
@@ -29,19 +38,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from squeezekit.evaluators import bench_models as bench
+from squeezekit.evaluators.bench_runs import Method
 
-from . import bench_models as bench
-from .bench_runs import Method
-
-TRANSFORMERS_BEST = 1128.0  # decode tok/s, transformers' best on the H200 (shared/baselines/h200-2026-11-30, B=96)
-KVPRESS_BEST = 2275.0  # kvpress StreamingLLMPress(0.8), same run (B=160)
+#: the large batch's decode tok/s against the best of each peer in the ``--baseline`` bench JSON: (key, peer, goal)
+PEERS = (("transformers", "transformers' best", 15.0), ("kvpress", "kvpress's best", 7.0))
 
 
 class Runner:
@@ -73,7 +80,7 @@ class Runner:
             status = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
             traceback.print_exc()
         finally:
-            _free(self.device)
+            bench.peak_reset(self.device)
         self.results["stages"][name] = {"status": status, "seconds": round(time.perf_counter() - t, 1)}
         self.log({"stage": name, **self.results["stages"][name]})
         self.write()
@@ -92,18 +99,6 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_perf.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "gpu_perf.md").write_text(markdown(self.results))
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _kernels(choice):
@@ -313,9 +308,12 @@ def check_served_tokens(r: Runner, model, small_model) -> None:
             logits_max_abs_diff=float((logits_fused - logits_plain).abs().max()),
             logit_scale=float(logits_plain.abs().max()), token_agreement=agree(h2o_fused, h2o_plain))  # fmt: skip
     if r.cuda:
-        with _kernels("attention,steady,decode"):
+        with _kernels("attention,steady,decode") as settings:
+            before = dict(settings.calls)
             fast, _ = _serve(model, ids, "squeeze+streaming@0.2", steps, a.check_batch)
-        r.check("decode kernel vs SDPA (bf16 full model; informational)", True, agreement=agree(fast, plain))
+            used = kernels_used(settings, "decode", before)["decode"]
+        r.check("decode kernel vs SDPA (bf16 full model; informational)", True, decode_kernel=used,
+                agreement=agree(fast, plain))  # fmt: skip
     if small_model is None:
         return
     # fp32, 4 layers of the same shapes: the kernels against the plain paths, exactly (tokens) and closely (logits)
@@ -349,14 +347,14 @@ def _prefill_time(r: Runner, model, B: int, method: str, kernels_choice: str, ch
     m = Method.parse(method)
     g = torch.Generator().manual_seed(B)
     ids = torch.randint(1, model.config.vocab_size, (B, r.args.prompt_len), generator=g).to(r.device)
-    _free(r.device)
+    bench.peak_reset(r.device)
     with _kernels(kernels_choice), torch.inference_mode():
         with squeezekit.compress(model, m.config) as c:
             c.sync_timings = r.cuda
-            _sync(r.device)
+            bench.sync(r.device)
             t = time.perf_counter()
             cache, logits = prefill(model, c, ids, None, micro_batch=r.args.micro_batch, chunk=chunk or m.chunk)
-            _sync(r.device)
+            bench.sync(r.device)
             seconds = time.perf_counter() - t
             s = c.summary()
     peak = torch.cuda.max_memory_allocated() / 2**30 if r.cuda else float("nan")
@@ -403,12 +401,12 @@ def prefill_attention_bench(r: Runner, model, B: int) -> dict:
     for name, fn in fns.items():
         try:
             fn()
-            _sync(dev)
+            bench.sync(dev)
             n = 2 if name.startswith("explicit") else 10
             t = time.perf_counter()
             for _ in range(n):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             ms = 1000 * (time.perf_counter() - t) / n
             row[name] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1)}
         except Exception as exc:
@@ -492,26 +490,26 @@ def gemm_tflops(device: str) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    _sync(device)
+    bench.sync(device)
     t = time.perf_counter()
     for _ in range(10):
         a @ b
-    _sync(device)
+    bench.sync(device)
     return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
 def _decode_once(r: Runner, model, cache, first, steps: int, compile: bool, graph: bool = True) -> dict:
     from squeezekit.decoding import GreedyDecoder
 
-    _sync(r.device)
+    bench.sync(r.device)
     t = time.perf_counter()
     decoder = GreedyDecoder(model, cache, first, cuda_graph=graph, compile=compile)
     decoder.run(steps)  # bench's protocol: eager warm-up steps, capture, replays
-    _sync(r.device)
+    bench.sync(r.device)
     first_run = time.perf_counter() - t
     t = time.perf_counter()
     decoder.run(steps)  # replays only
-    _sync(r.device)
+    bench.sync(r.device)
     replay = (time.perf_counter() - t) / steps
     # bench times 127 steps in one run: the warm-up and capture (what the first run took beyond its replays) spread
     # over 127 steps
@@ -528,6 +526,41 @@ VARIANTS = {
     "steady+compile": ("attention,steady", True),
     "steady+decode+compile": ("attention,steady,decode", True),
 }
+
+
+def _why_off(tensor: torch.Tensor) -> str:
+    """Why a chosen kernel does not serve ``tensor`` (squeezekit.kernels.use)."""
+    from squeezekit import kernels
+
+    if tensor.device.type != "cuda":
+        return f"{tensor.device.type} tensors take the plain path"
+    return "Triton does not import" if not kernels.triton_available() else "TRITON_INTERPRET is set"
+
+
+#: the kernels of a decode step: a variant's ``attention`` kernel serves only its prefill (streaming's is SDPA's)
+STEP_KERNELS = ("steady", "decode")
+
+
+def kernels_used(settings, choice: str, before: dict[str, int]) -> dict[str, str]:
+    """What each decode-step kernel of ``choice`` did since ``before`` (a copy of ``settings.calls``): "ran",
+    "fell back: ERROR" (it failed and the plain path ran instead) or "did not run" (not on this device)."""
+    used = {}
+    for name in (k for k in choice.split(",") if k in STEP_KERNELS):
+        if name in settings.failed:
+            used[name] = f"fell back: {settings.failed[name][:300]}"
+        else:
+            used[name] = "ran" if settings.calls[name] > before[name] else "did not run"
+    return used
+
+
+def variant_label(row: dict) -> str:
+    """A decode row's variant, and which of its kernels fell back or did not run (the row then timed the plain path
+    in their place)."""
+    kernels = row.get("kernels", {})
+    fell = [k for k, v in kernels.items() if v.startswith("fell back")]
+    idle = [k for k, v in kernels.items() if v == "did not run"]
+    notes = [f"{', '.join(names)} {what}" for names, what in ((fell, "fell back"), (idle, "did not run")) if names]
+    return f"{row['variant']} ({'; '.join(notes)})" if notes else row["variant"]
 
 
 def attention_bench(r: Runner, B: int, H: int, G: int, S: int, D: int) -> dict:
@@ -551,19 +584,24 @@ def attention_bench(r: Runner, B: int, H: int, G: int, S: int, D: int) -> dict:
     def fused():
         return decode_attention(q, k, v, D**-0.5)
 
-    with kernels.configured("decode"):
+    with kernels.configured("decode") as settings:
         if not kernels.use("decode", q):
+            row["triton"] = f"off: {_why_off(q)}"
             return row
-        ref = plain()
-        row["max_abs_diff"] = float((fused().float() - ref.float()).abs().max())
+        ref, got = plain(), fused()
+        if got is None:  # the kernel failed on its first use: its callers run SDPA instead
+            row["triton"] = f"fell back to SDPA: {settings.failed.get('decode', 'no reason given')[:300]}"
+            return row
+        row["triton"] = "ran"
+        row["max_abs_diff"] = float((got.float() - ref.float()).abs().max())
         for name, fn in (("sdpa", plain), ("triton", fused)):
             for _ in range(3):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             t = time.perf_counter()
             for _ in range(20):
                 fn()
-            _sync(dev)
+            bench.sync(dev)
             us = 1e6 * (time.perf_counter() - t) / 20
             row[f"{name}_us"] = round(us, 1)
             row[f"{name}_TBps"] = round(nbytes / us / 1e6, 2)
@@ -597,10 +635,11 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
             choice, compile = VARIANTS[variant]
             if compile and ((not r.cuda and not a.quick_compile) or variant in broken):
                 continue
-            _free(r.device)
+            bench.peak_reset(r.device)
 
             def measure(steps, choice=choice, compile=compile, B=B):
-                with _kernels(choice), torch.inference_mode():
+                with _kernels(choice) as settings, torch.inference_mode():
+                    before = dict(settings.calls)
                     with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
                         cache, logits = prefill(model, c, ids, None, micro_batch=mb)
                         replicate(cache, B // mb)
@@ -609,12 +648,13 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
                         row = _decode_once(r, model, cache, first, steps, compile)
                         c.last_cache = None
                         del cache
+                    row["kernels"] = kernels_used(settings, choice, before)
                 return row, kv
 
             try:
                 if compile:  # compile (or recompile for a new batch size) outside the timed runs
                     measure(3)
-                    _free(r.device)
+                    bench.peak_reset(r.device)
                 row, kv = measure(a.decode_steps)
             except Exception as exc:
                 if bench.is_oom(exc) or not compile:
@@ -638,13 +678,13 @@ def stage_decode(r: Runner, model, weight_bytes: int, bandwidth: float, tflops: 
     for B in sorted({x["B"] for x in rows}):
         best = min((x for x in rows if x["B"] == B), key=lambda x: x["replay_step_ms"])
         others = [x for x in rows if x["B"] == B and x["variant"] in ("plain", "steady") and x is not best]
-        was = "".join(f"; {x['variant']} {x['replay_step_ms']} ms ({x['replay_over_floor']}x)" for x in others)
+        was = "".join(f"; {variant_label(x)} {x['replay_step_ms']} ms ({x['replay_over_floor']}x)" for x in others)
         r.target(
             f"decode step vs floor at B={B}",
             "<= 1.6x",
             f"{best['replay_step_ms']} ms replayed ({best['replay_over_floor']}x; bench protocol "
             f"{best['bench_over_floor']}x) vs floor {best['floor_ms']} ms, "
-            f"compute floor {best['compute_floor_ms']} ms, with {best['variant']}{was}",
+            f"compute floor {best['compute_floor_ms']} ms, with {variant_label(best)}{was}",
             best["replay_over_floor"] <= 1.6,
             best["replay_over_floor"],
         )
@@ -670,26 +710,28 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
         variant = "steady"
     choice, compile = VARIANTS[variant]
     for chunk in (None, a.chunk):
-        _free(r.device)
+        bench.peak_reset(r.device)
         try:
-            with _kernels(choice), torch.inference_mode():
+            with _kernels(choice) as settings, torch.inference_mode():
+                before = dict(settings.calls)
                 with squeezekit.compress(model, evictor="streaming", budget=0.2) as c:
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t0 = time.perf_counter()
                     cache, logits = prefill(model, c, ids, None, micro_batch=a.micro_batch, chunk=chunk)
                     first = logits.argmax(-1)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t1 = time.perf_counter()
                     decoder = GreedyDecoder(model, cache, first, cuda_graph=True, compile=compile)
                     decoder.run(a.big_new_tokens - 1)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     t2 = time.perf_counter()
                     decoder.run(16)
-                    _sync(r.device)
+                    bench.sync(r.device)
                     replay = 1000 * (time.perf_counter() - t2) / 16
                     kv = cache.kv_nbytes()
                     peak = torch.cuda.max_memory_allocated() / 2**30 if r.cuda else float("nan")
                     del cache, decoder
+                used = kernels_used(settings, choice, before)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not bench.is_oom(exc):
                 raise
@@ -702,7 +744,7 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
                    bench_step_ms=round(1000 * (t2 - t1) / (N - 1), 2), replay_step_ms=round(replay, 2),
                    floor_ms=round(floor, 2), peak_gib=round(peak, 2), kv_gib=round(kv / 2**30, 2),
                    decode_tok_s=round(B * (N - 1) / (t2 - t1), 1), decode_tok_s_replay=round(1000 * B / replay, 1),
-                   e2e_tok_s=round(B * N / (t2 - t0), 1))  # fmt: skip
+                   e2e_tok_s=round(B * N / (t2 - t0), 1), kernels=used)  # fmt: skip
         r.results.setdefault("big_batch", []).append(row)
         r.log(row)
         break
@@ -717,26 +759,57 @@ def stage_big_batch(r: Runner, model, weight_bytes: int, bandwidth: float) -> No
         f"decode step vs floor at B={B}",
         "<= 1.6x",
         f"{row['replay_step_ms']} ms replayed vs floor {row['floor_ms']} ms: "
-        f"{row['replay_step_ms'] / row['floor_ms']:.2f}x (bench protocol {row['bench_step_ms']} ms; {variant})",
+        f"{row['replay_step_ms'] / row['floor_ms']:.2f}x (bench protocol {row['bench_step_ms']} ms; "
+        f"{variant_label(row)})",
         row["replay_step_ms"] / row["floor_ms"] <= 1.6,
         row["replay_step_ms"] / row["floor_ms"],
     )
     tok = row["decode_tok_s_replay"]
-    r.target(
-        f"decode tok/s at B={B} vs transformers' best ({TRANSFORMERS_BEST:.0f}, 2026-11-30 baseline run)",
-        ">= 15x",
-        f"{tok:.0f} tok/s replayed ({row['decode_tok_s']:.0f} bench protocol, {N} tokens): "
-        f"{tok / TRANSFORMERS_BEST:.1f}x (indicative: not the same run)",
-        tok / TRANSFORMERS_BEST >= 15,
-        None if r.cuda else float("nan"),
-    )
-    r.target(
-        f"decode tok/s at B={B} vs kvpress's best ({KVPRESS_BEST:.0f}, same baseline run)",
-        ">= 7x",
-        f"{tok / KVPRESS_BEST:.1f}x (indicative)",
-        tok / KVPRESS_BEST >= 7,
-        None if r.cuda else float("nan"),
-    )
+    base = r.results["baseline"]
+    for key, peer, goal in PEERS:
+        ref = base.get(key)
+        if ref is None:
+            why = f"no {key} run in {base['file']}" if base else "no --baseline given"
+            r.target(f"decode tok/s at B={B} vs {peer}", f">= {goal:g}x", f"{tok:.0f} tok/s replayed; not compared: "
+                     f"{why}", None)  # fmt: skip
+            continue
+        ratio = tok / ref["decode_tok_s"]
+        unlike = []  # the baseline's setting where it is not this run's
+        for what, field, mine in (("config", "config", a.config), ("prompt length", "prompt_len", a.prompt_len)):
+            if base.get(field) not in (None, mine):
+                unlike.append(f"{what} {base[field]} there, {mine} here")
+        r.target(
+            f"decode tok/s at B={B} vs {peer}",
+            f">= {goal:g}x",
+            f"{tok:.0f} tok/s replayed ({row['decode_tok_s']:.0f} bench protocol, {N} tokens) vs "
+            f"{ref['decode_tok_s']:.0f} tok/s ({ref['method']} at B={ref['B']}, from {base['source']}): {ratio:.1f}x "
+            f"(indicative: not the same run{''.join(f'; {u}' for u in unlike)})",
+            ratio >= goal,
+            None if r.cuda else float("nan"),
+        )
+
+
+def read_baseline(path: str | None) -> dict:
+    """transformers' (``hf``) and kvpress's best decode tok/s in a ``squeezekit bench`` JSON (``bench --out DIR``;
+    kvpress's rows with ``--peer-kvpress``), and where they come from; {} without a file."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--baseline {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise SystemExit(f"--baseline {path}: not a squeezekit bench JSON (no list of runs)")
+    setting = ", ".join(f"{k} {data[k]}" for k in ("device", "config", "prompt_len", "new_tokens") if k in data)
+    out: dict = {"file": str(path), "source": f"{path} ({setting})" if setting else str(path),
+                 "config": data.get("config"), "prompt_len": data.get("prompt_len")}  # fmt: skip
+    for key, pick in (("transformers", lambda m: m == "hf"), ("kvpress", lambda m: m.startswith("kvpress"))):
+        rows = [x for x in data["runs"] if isinstance(x, dict) and pick(str(x.get("method", ""))) and
+                isinstance(x.get("decode_tok_s"), (int, float))]  # fmt: skip
+        if rows:
+            best = max(rows, key=lambda x: x["decode_tok_s"])
+            out[key] = {"method": best["method"], "B": best.get("B"), "decode_tok_s": best["decode_tok_s"]}
+    return out
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -746,6 +819,7 @@ def markdown(res: dict) -> str:
              f"config {res['args']['config']}, prompts {res['args']['prompt_len']} tokens, copy bandwidth "
              f"{res.get('copy_bandwidth_Bps', float('nan')) / 1e12:.2f} TB/s, "
              f"bf16 GEMM {res.get('gemm_tflops', float('nan')):.0f} TFLOP/s.", "",
+             f"Baseline of the peers' figures: {res.get('baseline', {}).get('source', 'none (no --baseline)')}.", "",
              "## Targets", "", "| target | goal | measured | met? |", "|---|---|---|---|"]  # fmt: skip
     for t in res["targets"]:
         met = "n/a" if t["met"] is None else ("**yes**" if t["met"] else "**no**")
@@ -778,7 +852,7 @@ def markdown(res: dict) -> str:
                 )
                 continue
             lines.append(
-                f"| {d['B']} | {d['variant']} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
+                f"| {d['B']} | {variant_label(d)} | {d['replay_step_ms']} | {d['bench_step_ms']} | {d['floor_ms']} | "
                 f"{d['compute_floor_ms']} | {d['replay_over_floor']} | {d['decode_tok_s_replay']} |"
             )
     if res.get("prefill_attention"):
@@ -793,26 +867,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def small_fp32_model(name: str, device: str, layers: int = 4):
-    """The same shapes with a few layers, in fp32 (exact token comparisons)."""
-    import transformers as tf
-
-    spec = dict(bench.CONFIGS[name], num_hidden_layers=layers)
-    config = tf.AutoConfig.for_model(**spec)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 STAGES = ("correctness", "h2o_prefill", "chunked_prefill", "decode", "big_batch")
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m squeezekit.evaluators.gpu_perf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_perf.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU, seconds): the script's own test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -831,6 +890,12 @@ def parse(argv=None):
     p.add_argument("--big-batch", type=int, default=1024)
     p.add_argument("--big-new-tokens", type=int, default=32)
     p.add_argument("--big-batch-need-s", type=float, default=150.0)
+    p.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="a squeezekit bench JSON (bench --out DIR, with --peer-kvpress for kvpress): the large batch's decode "
+        "tok/s is compared with the best hf and kvpress rows there (default: not compared)",
+    )
     p.add_argument("--check-batch", type=int, default=4)
     p.add_argument("--check-len", type=int, default=512)
     p.add_argument("--check-tokens", type=int, default=16)
@@ -855,6 +920,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     r = Runner(args)
+    r.results["baseline"] = read_baseline(args.baseline)  # before any work: a bad file is a one-line error
     device = args.device
     dtype = torch.bfloat16 if r.cuda else torch.float32
     import transformers
@@ -882,7 +948,9 @@ def main(argv=None) -> int:
     def correctness():
         check_attention_kernels(r)
         check_steady_kernel(r)
-        small = small_fp32_model(args.config, device) if r.cuda and args.config in bench.CONFIGS else None
+        # the same shapes with 4 layers, in fp32: exact token comparisons
+        exact = r.cuda and args.config in bench.CONFIGS
+        small = bench.build_model(args.config, device, torch.float32, layers=4) if exact else None
         if args.quick and not r.cuda:
             small = model  # the tiny model is fp32 already: runs the code path (the kernels are GPU-only)
         check_served_tokens(r, model, small)

@@ -1,15 +1,15 @@
 """The lm-eval adapter's scoring as it was before the serving path, kept as the reference that the equality checks
-compare the adapter with: tests/test_lm_eval_fast_path.py on the CPU, and ``lm_eval_timing --check`` on the GPU.
-(Generation needs no copy: ``fast=false`` still runs ``model.generate``.)"""
+compare the adapter with: tests/test_lm_eval_fast_path.py on the CPU, and ``lm_eval_timing.py --check`` (beside it) on
+the GPU. Not installed: support of those two, imported from this folder. (Generation needs no copy: ``fast=false``
+still runs ``model.generate``.)"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
 
 from squeezekit.transformers_api import cache_argument, output_cache
-
-from .lm_eval_adapter import SqueezekitLM
 
 
 class PreviousScoringLM(SqueezekitLM):
