@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plugin_factory import bundled
 from tiny_models import ARCHS, applicable, batch, tiny_model
 
 import squeezekit
@@ -63,8 +64,8 @@ def test_right_padding_forward_is_exact():
     assert (no_cache - ref)[real].abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("evictor", ["streaming", "sliding_window", "h2o", "snapkv"])
-@pytest.mark.parametrize("allocator", ["uniform", "squeeze", "pyramid"])
+@pytest.mark.parametrize("evictor", bundled("evictor"))
+@pytest.mark.parametrize("allocator", bundled("allocator", plain=True))
 def test_memory_after_prefill_and_constant_during_decode(allocator, evictor):
     """At budget b the cache holds at most b x full + 3% bytes, and does not grow over 200 decode steps."""
     model = tiny_model("llama", hidden_size=128, head_dim=64)  # a real head size: bookkeeping is ~2% of K+V
@@ -89,7 +90,7 @@ def test_memory_after_prefill_and_constant_during_decode(allocator, evictor):
                 assert bool((layer.positions == sink).any(-1).all())
 
 
-@pytest.mark.parametrize("evictor", ["streaming", "sliding_window", "h2o", "snapkv"])
+@pytest.mark.parametrize("evictor", bundled("evictor"))
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_eager_and_sdpa_agree_under_compression(arch, evictor):
     ids, mask = batch(2, 48, pad=5)
