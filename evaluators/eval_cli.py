@@ -128,6 +128,7 @@ def _out(args: argparse.Namespace) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from squeezekit.cli_options import config_from_args, config_values
+    from squeezekit.config import LABEL_KEYS
     from squeezekit.devices import resolve
 
     from .reports import summarize
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     device, dtype = resolve(args.device, args.dtype)  # before anything loads
     if args.sweep:
-        params = {k: v for k, v in config_values(args).items() if k not in ("allocator", "evictor", "budget")}
+        params = {k: v for k, v in config_values(args).items() if k not in LABEL_KEYS}
         configs = sweep_configs(
             _names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"), _budgets(args.budgets), params
         )
