@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from plugin_factory import bundled
-from tiny_models import ARCHS, applicable, batch, tiny_model
+from tiny_models import ARCHS, UNBUILT, applicable, batch, model_type, tiny_model
 
 import squeezekit
+from squeezekit.architectures import ARCHITECTURES
 from squeezekit.cache import SqueezeCache
 from squeezekit.transformers_api import cache_in, output_cache
 
 GEN = dict(do_sample=False, pad_token_id=0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_supported_architecture_has_a_tiny_model_and_is_in_the_readme():
+    """The table of squeezekit/architectures.py is the one list of supported architectures: the tiny models these
+    tests run on are of its model types, and cover every one but those `tiny_models.UNBUILT` names, with a reason;
+    the README's "Supported models" names exactly its model types."""
+    built = {model_type(name) for name in ARCHS}
+    assert built <= set(ARCHITECTURES), built - set(ARCHITECTURES)
+    assert set(ARCHITECTURES) - built == set(UNBUILT), "a supported architecture without a tiny model (or a reason)"
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Supported models\n", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"`([a-z0-9_]+)`", section)) == set(ARCHITECTURES)
 
 
 def _full_cache_bytes(model, ids, mask):
