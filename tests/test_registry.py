@@ -4,11 +4,12 @@ directory with entry points) put on ``sys.path`` by the ``plugin_site`` fixture,
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
 import torch
-from plugin_factory import BUNDLED, OLDEST_FIRST, bundled, doc_example_files, installed, installed_names
+from plugin_factory import BUNDLED, DOC, OLDEST_FIRST, bundled, doc_example_files, installed, installed_names
 
 import squeezekit
 from squeezekit import Config, PluginError
@@ -94,6 +95,18 @@ def test_the_collection_time_list_of_bundled_policies_is_the_registrys(plugin_si
     plugin_site.setenv("SQUEEZEKIT_PLUGINS", "uniform,sk_oldest")
     assert set(plugin_site.reload().evictors) == {"oldest_first"}
     assert set(bundled("evictor")) == BUNDLED["evictor"]
+
+
+def test_the_readme_and_the_plugin_guide_name_every_bundled_policy():
+    """The README's config-schema table and the introduction of docs/plugins.md name the bundled allocators and
+    evictors, all of them and no other."""
+    readme = (DOC.parents[1] / "README.md").read_text()
+    intro = DOC.read_text().split("- a **layer-budget allocator**", 1)[1].split("\n\n", 1)[0]
+    guide = dict(zip(("allocator", "evictor"), intro.split("- a **token evictor**"), strict=True))
+    for kind in ("allocator", "evictor"):
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kind}` |")]
+        assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(bundled(kind)), row
+        assert set(re.findall(r"`(\w+)`", guide[kind])) == set(bundled(kind)), guide[kind]
 
 
 def test_registry_is_cached():
