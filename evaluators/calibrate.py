@@ -325,7 +325,7 @@ def _check_length(model, prompt: int, scored: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from squeezekit.cli_options import config_values
-    from squeezekit.config import Config
+    from squeezekit.config import LABEL_KEYS, Config
     from squeezekit.devices import resolve
     from squeezekit.errors import ConfigError
     from squeezekit.files import check_output_file
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(key, values[key], problem, SOURCE)
     # the evictor and its parameters
     config = Config.from_mapping({"evictor": "streaming", **values, "allocator": "uniform"}, source=SOURCE, text=True)
-    params = {k: v for k, v in config.as_dict().items() if k not in ("allocator", "evictor", "budget")}
+    params = {k: v for k, v in config.as_dict().items() if k not in LABEL_KEYS}
     device, dtype = resolve(args.device, args.dtype)
     out = check_output_file(args.out, "--out", SOURCE)
     text, source = _text(args.text)

@@ -15,7 +15,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     from squeezekit.devices import DTYPES
 
     from .suite import DEFAULT_SUITE
-    from .sweep import SWEEP_ALLOCATORS, SWEEP_BUDGETS, SWEEP_EVICTORS
+    from .sweep import SWEEP_BUDGETS, default_plugins
 
     parser.description = (
         "Evaluate quality offline through lm-eval. Without --sweep: the config given by the flags. With --sweep: every "
@@ -52,8 +52,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if missing")
     parser.add_argument("--sweep", action="store_true", help="run the allocator x evictor x budget sweep")
-    parser.add_argument("--allocators", default=",".join(SWEEP_ALLOCATORS), help="allocators of the sweep")
-    parser.add_argument("--evictors", default=",".join(SWEEP_EVICTORS), help="evictors of the sweep")
+    # (default: squeezekit's own allocators and evictors, but those that need a parameter, see sweep.default_plugins)
+    parser.add_argument("--allocators", default=",".join(default_plugins("allocator")), help="allocators of the sweep")
+    parser.add_argument("--evictors", default=",".join(default_plugins("evictor")), help="evictors of the sweep")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS), help="budgets of the sweep")
     parser.add_argument(
         "--out",
@@ -127,6 +128,7 @@ def _out(args: argparse.Namespace) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from squeezekit.cli_options import config_from_args, config_values
+    from squeezekit.config import LABEL_KEYS
     from squeezekit.devices import resolve
 
     from .reports import summarize
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     device, dtype = resolve(args.device, args.dtype)  # before anything loads
     if args.sweep:
-        params = {k: v for k, v in config_values(args).items() if k not in ("allocator", "evictor", "budget")}
+        params = {k: v for k, v in config_values(args).items() if k not in LABEL_KEYS}
         configs = sweep_configs(
             _names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"), _budgets(args.budgets), params
         )

@@ -50,9 +50,10 @@ uncompressed prompt at once, so the batch (``batch_size``)
   decodes at most ``check_every - 1`` tokens past the last stop, which are dropped).
 * ``cuda_graph`` (bool, default true): let the serving path's decoder replay its step as a CUDA graph.
 
-The numbers are typed by the config schema's own rules (`squeezekit.config`: text parsed, no bool, no fraction for
-an integer), then checked: any bad value (``inf``, ``nan``, ``1e400``, ``-1``, ``x``, ``True``) is a one-line
-`squeezekit.ConfigError` naming the argument and what it accepts.
+They are declared once, in `ADAPTER_ARGS` (one row each: name, type, default, rule, accepted text), and read by
+`adapter_args`: typed by the config schema's own rules (`squeezekit.config`: text parsed; for a number no bool, no
+fraction for an integer), then checked by the row's rule; any bad value (``inf``, ``nan``, ``1e400``, ``-1``, ``x``,
+``True``) is a one-line `squeezekit.ConfigError` naming the argument and what it accepts.
 
 With ``budget=1`` nothing is evicted and every score equals plain `HFLM`'s (tests/test_lm_eval_adapter.py).
 Scores are summed in float64 on the device and read back once per batch (no host sync per token or chunk).
@@ -63,6 +64,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +82,57 @@ from squeezekit.transformers_api import cache_argument, greedy_eos, output_cache
 
 #: keyword arguments of HFLM.__init__ (lm-eval's own model_args)
 HFLM_KEYS = frozenset(p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs"))
-#: the adapter's own arguments (documented in the module docstring)
-ADAPTER_KEYS = frozenset(
-    {"extend_chunk", "rolling_prompt", "attn_implementation", "fast", "micro_batch", "check_every", "cuda_graph"}
-)
-DEFAULT_EXTEND_CHUNK = 16
-DEFAULT_ROLLING_PROMPT = 0.5
-DEFAULT_CHECK_EVERY = 8
 #: most float32 elements of log-probabilities scored at once (bounds the memory of scoring long prompts)
 SCORE_BLOCK = 1 << 26
 SOURCE = "model_args"
+
+
+@dataclass(frozen=True)
+class AdapterArg:
+    """One of the adapter's own arguments (documented in the module docstring; read by `adapter_args`)."""
+
+    name: str
+    type: type  #: int, float, bool or str, typed by the config schema's rules
+    default: Any  #: None: unset unless given (and None may be given)
+    rule: Callable[[Any], bool]  #: what the typed value must satisfy (numbers must be finite too)
+    accepted: str  #: what it accepts, as its one-line error says
+    words: tuple[str, ...] = ()  #: texts taken as they are, besides the values of its type (``fast=auto``)
+    hflm: bool = False  #: passed on to `HFLM` (``from_pretrained``) when set, instead of kept by the adapter
+
+
+def _any(value: Any) -> bool:
+    return True
+
+
+def _positive(value: float) -> bool:
+    return value >= 1
+
+
+def _prompt_share(value: float) -> bool:
+    return 0 < value <= 1 or (value > 1 and value == int(value))
+
+
+def _served_attention(value: str) -> bool:
+    return value in ("sdpa", "eager")
+
+
+_INTEGER = "must be an integer >= 1"
+#: the adapter's own arguments, in the order the module docstring documents them
+ADAPTER_ARGS = (
+    AdapterArg("extend_chunk", int, 16, _positive, _INTEGER),
+    AdapterArg("rolling_prompt", float, 0.5, _prompt_share, "must be a fraction in (0, 1] or a whole number of tokens"),
+    AdapterArg("attn_implementation", str, None, _served_attention, "must be 'sdpa' or 'eager'", hflm=True),
+    AdapterArg("fast", bool, "auto", _any, "must be true or false or auto", words=("auto",)),
+    AdapterArg("micro_batch", int, None, _positive, _INTEGER),
+    AdapterArg("check_every", int, 8, _positive, _INTEGER),
+    AdapterArg("cuda_graph", bool, True, _any, "must be true or false"),
+)  # fmt: skip
+ADAPTER_KEYS = frozenset(arg.name for arg in ADAPTER_ARGS)
+DEFAULTS = {arg.name: arg.default for arg in ADAPTER_ARGS}
+DEFAULT_EXTEND_CHUNK = DEFAULTS["extend_chunk"]
+DEFAULT_ROLLING_PROMPT = DEFAULTS["rolling_prompt"]
+#: a switch's words besides the config schema's true / false / 1 / 0 / yes / no
+_SWITCH_WORDS = {"on": "true", "off": "false"}
 
 
 def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
@@ -102,33 +146,36 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     return Config.from_mapping(values, source=SOURCE, text=True, others=others), hf
 
 
-def _number(args: dict[str, Any], key: str, default, kind: type, ok, accepted: str):
-    """Pop adapter argument ``key`` from ``args`` as ``kind`` (int or float), typed by the config schema's own rules
-    (`squeezekit.config`: text is parsed; no bool, no fraction for an integer, nothing beyond 64 bits or float range),
-    finite, and passing ``ok``. Any other value (inf, nan, 1e400, -1, 'x', True, ...) is a `ConfigError` saying
-    ``accepted``."""
-    value = args.pop(key, default)
-    try:
-        text = isinstance(value, str)
-        number = _check_typed(key, _coerce_string(key, value, kind, SOURCE) if text else value, kind, SOURCE)
-    except ConfigError:
-        number = None
-    if number is None or not math.isfinite(number) or not ok(number):
-        raise ConfigError(key, value, accepted, SOURCE) from None
-    return number
+def adapter_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Pop every adapter argument (`ADAPTER_ARGS`) from ``args``; return each, typed and checked (its default when
+    not given), by name."""
+    return {arg.name: _adapter_arg(arg, args.pop(arg.name, arg.default)) for arg in ADAPTER_ARGS}
 
 
-def _switch(args: dict[str, Any], key: str, default, auto: bool = False):
-    """Pop adapter argument ``key`` as a bool (or ``"auto"`` where allowed); anything else: `ConfigError`."""
-    value = args.pop(key, default)
+def _adapter_arg(arg: AdapterArg, value: Any) -> Any:
+    """``value`` typed by the config schema's own rules (`squeezekit.config`: text is parsed; for a number no bool, no
+    fraction for an integer, nothing beyond 64 bits or float range; a switch's text in any case), finite when a
+    number, and passing ``arg.rule``. Any other value (inf, nan, 1e400, -1, 'x', True, ...) is a `ConfigError`
+    saying ``arg.accepted``."""
+    if value is None and arg.default is None:
+        return None
     text = str(value).strip().lower()
-    if auto and text == "auto":
-        return "auto"
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(key, value, "must be true or false" + (" or auto" if auto else ""), SOURCE)
+    if text in arg.words:
+        return text
+    try:
+        if arg.type is bool:  # a switch: any value whose text is one of the words (True, 1, "yes", "off", ...)
+            typed = _coerce_string(arg.name, _SWITCH_WORDS.get(text, text), bool, SOURCE)
+        else:  # text is parsed for a number; a name is taken as it is
+            text_number = isinstance(value, str) and arg.type is not str
+            typed = _check_typed(
+                arg.name, _coerce_string(arg.name, value, arg.type, SOURCE) if text_number else value, arg.type, SOURCE
+            )
+    except ConfigError:
+        typed = None
+    number = arg.type in (int, float)
+    if typed is None or (number and not math.isfinite(typed)) or not arg.rule(typed):
+        raise ConfigError(arg.name, value, arg.accepted, SOURCE) from None
+    return typed
 
 
 def _prompt_tokens(rolling_prompt: float, n: int) -> int:
@@ -142,27 +189,14 @@ class SqueezekitLM(HFLM):
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         config, hf = split_model_args(kwargs)
         self.squeeze_config = config
-        self.extend_chunk = _number(
-            hf, "extend_chunk", DEFAULT_EXTEND_CHUNK, int, lambda v: v >= 1, "must be an integer >= 1"
-        )
-        self.rolling_prompt = _number(
-            hf, "rolling_prompt", DEFAULT_ROLLING_PROMPT, float, lambda v: 0 < v <= 1 or (v > 1 and v == int(v)),
-            "must be a fraction in (0, 1] or a whole number of tokens",
-        )  # fmt: skip
-        self.fast = _switch(hf, "fast", "auto", auto=True)
-        self.micro_batch = None  # the whole batch
-        if hf.get("micro_batch") is not None:
-            self.micro_batch = _number(hf, "micro_batch", None, int, lambda v: v >= 1, "must be an integer >= 1")
-        hf.pop("micro_batch", None)
-        self.check_every = _number(
-            hf, "check_every", DEFAULT_CHECK_EVERY, int, lambda v: v >= 1, "must be an integer >= 1"
-        )
-        self.cuda_graph = _switch(hf, "cuda_graph", True)
-        attn = hf.pop("attn_implementation", None)
-        if attn is not None:
-            if attn not in ("sdpa", "eager"):
-                raise ConfigError("attn_implementation", attn, "must be 'sdpa' or 'eager'", SOURCE)
-            hf["attn_implementation"] = attn
+        # each adapter argument is an attribute of its name (self.extend_chunk, ...); HFLM's join its arguments
+        adapter = adapter_args(hf)
+        for arg in ADAPTER_ARGS:
+            value = adapter[arg.name]
+            if not arg.hflm:
+                setattr(self, arg.name, value)
+            elif value is not None:
+                hf[arg.name] = value
         if pretrained is None:
             from squeezekit.models import default_model_dir
 

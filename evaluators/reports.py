@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from squeezekit.config import LABEL_KEYS, Config
+
 from .suite import RULER_TASKS
 
 BASELINE = "uniform"
@@ -34,9 +36,10 @@ def parts(cell_key: str, cell: dict) -> tuple[str, str, float, str]:
     if cell_key == "full":
         return "(any)", "(any)", 1.0, ""
     config = cell["config"]
-    rest = {k: v for k, v in config.items() if k not in ("allocator", "evictor", "budget")}
+    rest = {k: v for k, v in config.items() if k not in LABEL_KEYS}
     variant = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(rest.items()))
-    return config.get("allocator", "squeeze"), config.get("evictor", "streaming"), float(config["budget"]), variant
+    allocator, evictor = config.get("allocator", Config.allocator), config.get("evictor", Config.evictor)
+    return allocator, evictor, float(config["budget"]), variant
 
 
 def summarize(cell: dict, expected: list[str] | None = None) -> dict:
@@ -66,7 +69,7 @@ def write_reports(data: dict, out_dir: Path) -> None:
 def markdown_table(data: dict) -> str:
     cells = data["cells"]
     unit_keys = sorted({k for c in cells.values() for k in c["units"]})
-    head = ["allocator", "evictor", "budget", *unit_keys, "RULER mean", "KV kept"]
+    head = [*LABEL_KEYS, *unit_keys, "RULER mean", "KV kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(u):
@@ -156,7 +159,7 @@ def comparisons(data: dict) -> list[dict]:
         if key == "full":
             continue
         alloc, evict, budget, _ = parts(key, cell)
-        rest = {k: v for k, v in cell["config"].items() if k not in ("allocator", "evictor", "budget")}
+        rest = {k: v for k, v in cell["config"].items() if k not in LABEL_KEYS}
         own = _own_params(alloc)
         mine = ",".join(f"{k}={v}" for k, v in sorted(rest.items()) if k in own)
         shared = ",".join(f"{k}={v}" for k, v in sorted(rest.items()) if k not in own)

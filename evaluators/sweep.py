@@ -19,11 +19,32 @@ from squeezekit.errors import ConfigError
 from .results import SOURCE, ResultStore, cell_key, model_fingerprint, text_fingerprint
 from .suite import Unit
 
-SWEEP_ALLOCATORS = ("uniform", "pyramid", "squeeze", "lost_attention")
-SWEEP_EVICTORS = ("streaming", "sliding_window", "h2o", "snapkv")
 SWEEP_BUDGETS = (0.1, 0.14, 0.2, 0.28, 0.4, 1.0)
 #: the order cells run in: the full cache, then the budgets the targets compare, then the rest
 PRIORITY = (1.0, 0.2, 0.4, 0.14, 0.28, 0.1)
+
+
+def default_plugins(kind: str) -> tuple[str, ...]:
+    """The sweep's default allocators (``kind="allocator"``) or evictors: every policy of that kind squeezekit itself
+    ships that the registry loaded, by name, except those that need a parameter no default can give (they do not
+    build at their default parameters). That leaves out ``calibrated``, whose profile is made for one model and one
+    evictor: a sweep names it itself (``--allocators calibrated --profile 'profiles/{evictor}.json'``). Third-party
+    plugins are swept when named (``--allocators``, ``--evictors``), never by default."""
+    from squeezekit.errors import SqueezekitError
+    from squeezekit.registry import BUNDLED_PACKAGE, registry
+
+    reg = registry()
+    table = reg.allocators if kind == "allocator" else reg.evictors
+    names = []
+    for name, info in sorted(table.items()):
+        if info.package != BUNDLED_PACKAGE:
+            continue
+        try:
+            info.cls()
+        except SqueezekitError:  # a required parameter
+            continue
+        names.append(name)
+    return tuple(names)
 
 
 def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None = None) -> list:

@@ -83,6 +83,9 @@ CORE: dict[str, tuple[type, Any, str, str]] = {
     ),
 }  # fmt: skip
 CORE_KEYS = tuple(CORE)
+#: the core keys a label's head spells, ``ALLOCATOR+EVICTOR@BUDGET`` (`Config.label`); any other key set follows as
+#: ``/KEY=VALUE`` (a cell's parameters, in the sweep and its reports)
+LABEL_KEYS = ("allocator", "evictor", "budget")
 
 
 def _number(key: str, value: Any, source: str | None, integer: bool) -> float | int:
@@ -304,7 +307,7 @@ class Config:
                 "expected ALLOCATOR+EVICTOR@BUDGET[/KEY=VALUE...], e.g. squeeze+h2o@0.2/window=4",
                 source,
             )
-        values: dict[str, Any] = {"allocator": allocator, "evictor": evictor, "budget": budget}
+        values: dict[str, Any] = dict(zip(LABEL_KEYS, (allocator, evictor, budget), strict=True))
         key = None
         for pair in pairs:
             name, eq, value = pair.partition("=")
@@ -350,7 +353,7 @@ class Config:
     @property
     def label(self) -> str:
         """``ALLOCATOR+EVICTOR@BUDGET`` plus ``/KEY=VALUE`` for every other key set (round-trips `from_label`)."""
-        rest = {k: v for k, v in self.as_dict().items() if k not in ("allocator", "evictor", "budget")}
+        rest = {k: v for k, v in self.as_dict().items() if k not in LABEL_KEYS}
         pairs = "".join(f"/{k}={v:g}" if isinstance(v, float) else f"/{k}={v}" for k, v in sorted(rest.items()))
         return f"{self.allocator}+{self.evictor}@{self.budget:g}{pairs}"
 

@@ -13,9 +13,11 @@ putting the directory on ``sys.path`` is, for squeezekit's registry, the same as
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 GROUP = "squeezekit"
@@ -38,6 +40,54 @@ def installed(kind: str) -> set[str]:
 def installed_names(kind: str, *extra: str) -> str:
     """``installed`` (plus ``extra``), sorted and comma-separated, as error messages list them."""
     return ", ".join(sorted(installed(kind) | set(extra)))
+
+
+@functools.cache
+def _shipped() -> tuple[tuple[str, type], ...]:
+    """``(kind, class)`` of every policy squeezekit's own distribution registers, as its entry points load."""
+    import pluggy
+
+    from squeezekit import hookspecs
+    from squeezekit.registry import BUNDLED_PACKAGE
+
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    for ep in metadata.distribution(BUNDLED_PACKAGE).entry_points:
+        if ep.group == GROUP:
+            pm.register(ep.load(), name=ep.name)
+    found: list[tuple[str, type]] = []
+    for kind in ("allocator", "evictor"):
+        getattr(pm.hook, f"register_{kind}s")(register=lambda cls, kind=kind: found.append((kind, cls)))
+    return tuple(found)
+
+
+def _builds_at_defaults(cls: type) -> bool:
+    from squeezekit import SqueezekitError
+
+    try:
+        cls()
+    except SqueezekitError:  # a required parameter (calibrated's profile)
+        return False
+    return True
+
+
+def bundled(kind: str, plain: bool = False) -> list[str]:
+    """The names of the policies of ``kind`` that squeezekit ships, sorted: the tests that cover "every bundled
+    allocator / evictor" take their list from here, so that a policy added later is covered too.
+
+    Read from squeezekit's own distribution's entry points, not from the process registry, so that it works at
+    collection time (a ``parametrize`` argument), before any fixture, whatever ``SQUEEZEKIT_PLUGINS`` the calling
+    shell sets. ``plain=True``: only those that build at their default parameters and need no statistic
+    (``Stat.NONE``), the allocators that work from layer importance alone (not calibrated, which requires a
+    profile, nor lost_attention, which needs window queries)."""
+    from squeezekit.statistics import needed
+
+    names = {
+        cls.name
+        for k, cls in _shipped()
+        if k == kind and (not plain or (not needed(cls.needs) and _builds_at_defaults(cls)))
+    }
+    return sorted(names)
 
 
 # A well-behaved third-party evictor, written as its author would (module source for `make_plugin`).

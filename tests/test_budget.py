@@ -12,13 +12,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from plugin_factory import bundled
 
 import squeezekit
 from squeezekit import AllocationRequest
 from squeezekit.budget import check_budgets, distribute
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALLOCATORS = ["uniform", "squeeze", "pyramid"]
+ALLOCATORS = bundled("allocator", plain=True)
 
 
 def allocator(name: str, **params):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from plugin_factory import bundled
 
 import squeezekit
 from squeezekit import AllocationRequest, Config, ConfigError
@@ -437,7 +438,8 @@ def test_a_malformed_profile_is_refused_with_a_catalogue_message_or_gives_valid_
 
 
 # ---- bundled profiles --------------------------------------------------------------------------------------------
-BUNDLED = ("h2o", "sliding_window", "snapkv", "streaming")
+#: one bundled profile per bundled evictor
+EVICTORS = bundled("evictor")
 
 
 def test_bundled_profiles_are_for_the_embedded_model_and_each_evictor_at_its_defaults():
@@ -450,9 +452,9 @@ def test_bundled_profiles_are_for_the_embedded_model_and_each_evictor_at_its_def
 
     from squeezekit.models import default_model_dir
 
-    assert bundled_profiles() == [f"bundled:smollm2/{e}" for e in BUNDLED]
+    assert bundled_profiles() == [f"bundled:smollm2/{e}" for e in EVICTORS]
     smollm2 = model_identity(SimpleNamespace(config=AutoConfig.from_pretrained(default_model_dir())))
-    for evictor in BUNDLED:
+    for evictor in EVICTORS:
         config = Config.from_kwargs(allocator="calibrated", profile=f"bundled:smollm2/{evictor}", evictor=evictor)
         data = load_profile(config.build_allocator().profile)
         assert data["model"] == smollm2 and data["evictor"] == evictor_identity(config.build_evictor())
@@ -466,7 +468,7 @@ def test_a_wheel_ships_the_bundled_profiles_and_they_serve_outside_the_checkout(
 
     wheel = build_wheel()
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"squeezekit/plugins/profiles/smollm2/{e}.json" for e in BUNDLED} <= names
+    assert {f"squeezekit/plugins/profiles/smollm2/{e}.json" for e in EVICTORS} <= names
     site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere.mkdir()

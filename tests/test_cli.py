@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,25 @@ def test_a_plugins_parameter_is_a_flag_with_help_and_default(plugin_site, capsys
     argv = ["generate", "hi", "--evictor", "oldest_first", "--skip", "3", "--budget", "0.5"]
     args = build_parser(argv).parse_args(argv)
     assert config_from_args(args) == Config.from_kwargs(evictor="oldest_first", skip=3, budget=0.5)
+
+
+def test_the_sweep_defaults_are_the_bundled_policies_that_build_at_their_defaults(plugin_site, capsys):
+    """``squeezekit eval --sweep`` without --allocators / --evictors sweeps every bundled allocator but calibrated
+    (it needs a profile, made for one model and evictor) and every bundled evictor, as --help shows; an installed
+    third-party plugin is swept only when named."""
+    from squeezekit.cli import build_parser
+
+    plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", version="0.3.1")
+    plugin_site.reload()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    expected = {"allocator": BUNDLED["allocator"] - {"calibrated"}, "evictor": BUNDLED["evictor"]}
+    args = build_parser(["eval"]).parse_args(["eval", "--sweep"])
+    for kind, names in expected.items():
+        shown = re.search(rf"--{kind}s {kind.upper()}S {kind}s of the sweep \(default: ([a-z0-9_,]+)\)", help_text)
+        assert shown is not None and set(shown.group(1).split(",")) == names, help_text
+        assert set(getattr(args, f"{kind}s").split(",")) == names
 
 
 def test_help_shows_every_option_with_its_default(capsys):

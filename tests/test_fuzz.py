@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from plugin_factory import bundled
 from test_errors import documented
 from tiny_models import ARCHS, attn_implementations, hook_counts, tiny_model
 
@@ -28,8 +29,8 @@ import squeezekit
 from squeezekit.cache import SqueezeCache
 from squeezekit.transformers_api import cache_in
 
-ALLOCATORS = ["squeeze", "uniform", "pyramid"]
-EVICTORS = ["streaming", "sliding_window", "h2o", "snapkv"]
+ALLOCATORS = bundled("allocator", plain=True)
+EVICTORS = bundled("evictor")
 GEN = dict(do_sample=False, pad_token_id=0)
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

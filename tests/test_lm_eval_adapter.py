@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 from hypothesis import assume, given, settings
@@ -14,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM  # noqa: E402
+from squeezekit.evaluators import lm_eval_adapter  # noqa: E402
+from squeezekit.evaluators.lm_eval_adapter import ADAPTER_ARGS, ADAPTER_KEYS, SqueezekitLM  # noqa: E402
 from squeezekit.evaluators.testing import standin_text  # noqa: E402
 
 from squeezekit.errors import ConfigError, shown  # noqa: E402
@@ -178,7 +180,7 @@ def _values(key: str):
     ).filter(lambda v: not _good(key, v))
 
 
-@pytest.mark.parametrize("key", sorted(ACCEPTED))
+@pytest.mark.parametrize("key", sorted(ADAPTER_KEYS))
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_every_bad_adapter_argument_is_a_one_line_config_error(tiny_dir, key, data):
@@ -188,7 +190,7 @@ def test_every_bad_adapter_argument_is_a_one_line_config_error(tiny_dir, key, da
     assert str(err.value) == f"config error: model_args: {key} = {shown(value)}: {ACCEPTED[key]}"
 
 
-@pytest.mark.parametrize("key", sorted(ACCEPTED))
+@pytest.mark.parametrize("key", sorted(ADAPTER_KEYS))
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_every_bad_adapter_argument_of_the_model_args_string_is_a_one_line_config_error(tiny_dir, key, data):
@@ -201,6 +203,18 @@ def test_every_bad_adapter_argument_of_the_model_args_string_is_a_one_line_confi
     with pytest.raises(ConfigError) as err:
         SqueezekitLM.create_from_arg_string(f"pretrained={tiny_dir},{key}={text}", {"device": "cpu"})
     assert str(err.value) == f"config error: model_args: {key} = {shown(value)}: {ACCEPTED[key]}"
+
+
+def test_the_module_docstring_documents_every_adapter_argument_with_its_default():
+    """The docstring's list of adapter arguments is the table's (`ADAPTER_ARGS`), in its order, each with its
+    default; and every argument has the error text the catalogue expects."""
+    doc = lm_eval_adapter.__doc__.split("Adapter arguments (not part of the squeezekit schema):", 1)[1]
+    bullets = dict(re.findall(r"^\* ``(\w+)`` \((.*)$", doc, flags=re.M))
+    assert list(bullets) == [arg.name for arg in ADAPTER_ARGS]
+    for arg in ADAPTER_ARGS:
+        default = "default:" if arg.default is None else rf"default (``)?{re.escape(str(arg.default).lower())}\b"
+        assert re.search(default, bullets[arg.name]), (arg.name, bullets[arg.name])
+    assert set(ACCEPTED) == ADAPTER_KEYS
 
 
 def test_adapter_arguments_given_as_text_are_typed(tiny_dir):

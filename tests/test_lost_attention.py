@@ -12,13 +12,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plugin_factory import bundled
 
 import squeezekit
 from squeezekit import AllocationRequest, LayerView, Stat
 from squeezekit.budget import check_budgets
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-EVICTORS = ["streaming", "sliding_window", "h2o", "snapkv"]
+EVICTORS = bundled("evictor")
 
 
 def plugin(kind: str, name: str, **params):

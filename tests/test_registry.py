@@ -4,11 +4,12 @@ directory with entry points) put on ``sys.path`` by the ``plugin_site`` fixture,
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
 import torch
-from plugin_factory import BUNDLED, OLDEST_FIRST, doc_example_files, installed, installed_names
+from plugin_factory import BUNDLED, DOC, OLDEST_FIRST, bundled, doc_example_files, installed, installed_names
 
 import squeezekit
 from squeezekit import Config, PluginError
@@ -24,9 +25,9 @@ def everything() -> dict[str, set[str]]:
 
 
 def assert_bundled_intact(reg) -> None:
-    for kind, bundled in BUNDLED.items():
+    for kind, shipped in BUNDLED.items():
         table = reg.allocators if kind == "allocator" else reg.evictors
-        for name in bundled:
+        for name in shipped:
             info = table[name]
             assert (info.package, info.version, info.origin) == ("squeezekit", "0.1.0", "squeezekit 0.1.0"), name
             assert info.cls.__module__ == f"squeezekit.plugins.{name}"
@@ -78,6 +79,34 @@ def test_bundled_plugins_load_through_the_entry_point_group():
         assert info.entry_point == info.name
         assert info.doc and "\n" not in info.doc
         assert squeezekit.registry().get(info.kind, info.name) is info
+
+
+def test_the_collection_time_list_of_bundled_policies_is_the_registrys(plugin_site):
+    """`plugin_factory.bundled`, which parametrizes the tests of "every bundled policy", names what the registry
+    loads from squeezekit (the bundled nine), also where SQUEEZEKIT_PLUGINS hides some and a third-party plugin is
+    installed beside them; ``plain``: those that build at their defaults and need no statistic."""
+    reg = squeezekit.registry(reload=True)
+    for kind, table in (("allocator", reg.allocators), ("evictor", reg.evictors)):
+        assert bundled(kind) == sorted(n for n, info in table.items() if info.package == "squeezekit")
+        assert set(bundled(kind)) == BUNDLED[kind]
+    assert bundled("allocator", plain=True) == ["pyramid", "squeeze", "uniform"]
+    assert bundled("evictor", plain=True) == ["sliding_window", "streaming"]
+    plugin_site.add("sk_oldest", OLDEST_FIRST)
+    plugin_site.setenv("SQUEEZEKIT_PLUGINS", "uniform,sk_oldest")
+    assert set(plugin_site.reload().evictors) == {"oldest_first"}
+    assert set(bundled("evictor")) == BUNDLED["evictor"]
+
+
+def test_the_readme_and_the_plugin_guide_name_every_bundled_policy():
+    """The README's config-schema table and the introduction of docs/plugins.md name the bundled allocators and
+    evictors, all of them and no other."""
+    readme = (DOC.parents[1] / "README.md").read_text()
+    intro = DOC.read_text().split("- a **layer-budget allocator**", 1)[1].split("\n\n", 1)[0]
+    guide = dict(zip(("allocator", "evictor"), intro.split("- a **token evictor**"), strict=True))
+    for kind in ("allocator", "evictor"):
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kind}` |")]
+        assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(bundled(kind)), row
+        assert set(re.findall(r"`(\w+)`", guide[kind])) == set(bundled(kind)), guide[kind]
 
 
 def test_registry_is_cached():

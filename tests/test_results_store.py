@@ -11,6 +11,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plugin_factory import bundled
 from squeezekit.evaluators import reports
 from squeezekit.evaluators.results import ResultStore, cell_key
 from squeezekit.evaluators.suite import Unit
@@ -217,11 +218,11 @@ def _sweep_store(evictors: list[str], model: str) -> dict:
     return store.data
 
 
-@pytest.mark.parametrize("evictors", [["h2o"], ["h2o", "sliding_window", "snapkv", "streaming"]])
+@pytest.mark.parametrize("evictors", [["h2o"], bundled("evictor")])
 @pytest.mark.parametrize("model", ["SmolLM2-135M-Instruct", "Meta-Llama-3.1-70B-Instruct-" * 4])
 def test_every_label_of_the_plot_lies_within_the_figure(evictors, model):
     """The title (wrapped), the axes' titles, labels, ticks and legends: none is cut off, with one evictor's column
-    (a single-config eval) or four, and a long model name."""
+    (a single-config eval) or every bundled one, and a long model name."""
     from squeezekit.plotting import pyplot
 
     fig = reports.figure(_sweep_store(evictors, model))

@@ -6,6 +6,7 @@ import pydoc
 
 import pytest
 import torch
+from plugin_factory import bundled
 
 import squeezekit
 
@@ -93,8 +94,8 @@ def test_importance_finds_the_known_important_layers(smol, long_prompt):
     assert set((budgets == 1024).nonzero().view(-1).tolist()) == {0, 1, 24}  # the cap is the normal case
 
 
-@pytest.mark.parametrize("evictor", ["streaming", "sliding_window", "h2o", "snapkv"])
-@pytest.mark.parametrize("allocator", ["uniform", "squeeze", "pyramid"])
+@pytest.mark.parametrize("evictor", bundled("evictor"))
+@pytest.mark.parametrize("allocator", bundled("allocator", plain=True))
 def test_every_pair_generates_from_a_1k_prompt(smol, long_prompt, allocator, evictor):
     model, tok = smol
     with squeezekit.compress(model, allocator=allocator, evictor=evictor, budget=0.2) as c:

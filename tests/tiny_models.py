@@ -51,6 +51,17 @@ def _configs():
 
 
 ARCHS = list(_configs())
+#: the model types of squeezekit.architectures.ARCHITECTURES no tiny model is built for, and why (every other one has
+#: one: tests/test_data_path.py checks that the two agree)
+UNBUILT = {
+    "falcon": "served only with flash_attention_2, which needs CUDA (its eager / SDPA error: tests/test_errors.py)",
+    "gemma3": "the multimodal Gemma3 (its decoder at model.language_model); its text model, gemma3_text, is built",
+}
+
+
+def model_type(name: str) -> str:
+    """The ``config.model_type`` of tiny model ``name`` (``gemma3`` builds the text model, ``gemma3_text``)."""
+    return _configs()[name]().model_type
 
 
 def tiny_model(name: str, attn: str = "sdpa", seed: int = 0, **overrides):
