@@ -116,9 +116,11 @@ def run_squeezekit(
 @torch.inference_mode()
 def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[Method], cuda_graph: bool) -> list[dict]:
     """On the same inputs: the full budget against transformers (prefill logits, greedy tokens), and each compressed
-    fast path (micro-batches + decoder / CUDA graph) against squeezekit through ``model.generate``. A chunked
-    prefill measures importance on its first chunk, so it has no unchunked reference (its exactness at budget 1 is
-    tested on CPU: tests/test_fast_path.py)."""
+    fast path (micro-batches + decoder / CUDA graph) against squeezekit through ``model.generate``. The fast path
+    prefills one row per micro-batch; a batch-level allocator (``squeeze`` with ``per="batch"``) allocates a served
+    batch from its first micro-batch (squeezekit.batching.prefill), so for it the whole check batch is one
+    micro-batch, as ``generate`` sees it. A chunked prefill measures importance on its first chunk, so it has no
+    unchunked reference (its exactness at budget 1 is tested on CPU: tests/test_fast_path.py)."""
     import squeezekit
 
     from .bench_models import run_hf
@@ -137,11 +139,14 @@ def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[M
         "logit_scale": round(float(hf_logits.abs().max()), 3),
     })  # fmt: skip
     for method in [m for m in methods if not m.is_hf and not m.chunk]:
-        fast = run_squeezekit(model, ids, new_tokens, device, method.config, 1, cuda_graph)["tokens"]
+        batch_level = bool(getattr(method.config.build_allocator(), "batch_level", False))
+        micro_batch = ids.shape[0] if batch_level else 1
+        fast = run_squeezekit(model, ids, new_tokens, device, method.config, micro_batch, cuda_graph)["tokens"]
         with squeezekit.compress(model, method.config):
             slow = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         checks.append({
             "method": method.name, "reference": "squeezekit through model.generate (no micro-batches, no CUDA graph)",
+            "micro_batch": micro_batch,
             "token_agreement": round(float((fast == slow[:, ids.shape[1] :]).float().mean()), 4),
         })  # fmt: skip
     return checks
