@@ -220,7 +220,13 @@ def _add_mass(plan: LayerPlan, runner: PolicyRunner, mass: torch.Tensor | None) 
         runner.add_attention(plan.layer.stats, mass)
 
 
-def _explicit_path(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def _explicit_path(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
     if plan.full:
         mask_for: Callable[[int, int], torch.Tensor | None] = lambda s, e: None  # noqa: E731
     else:
@@ -230,7 +236,13 @@ def _explicit_path(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, k
     return out, None
 
 
-def _fused(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def _fused(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
     fused = kernels.masked_attention(
         query, key, value, plan.kv_valid, plan.kv_pos, plan.q_pos, plan.q_valid, plan.window, plan.scaling,
         plan.fresh, plan.mass, dense=plan.causal,
@@ -241,14 +253,26 @@ def _fused(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torc
     return fused[0], None
 
 
-def _causal(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def _causal(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
     q = query.shape[2]
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=plan.scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _full(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def _full(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
     """One query per sequence over a buffer of real tokens: the group folded into the query axis, no mask."""
     out = decode_kernel.decode_attention(query, key, value, plan.scaling)  # opt-in Triton kernel (CUDA), else None
     if out is not None:
@@ -259,7 +283,13 @@ def _full(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch
     return _unfold(out, Hq, q), None
 
 
-def _masked(plan: LayerPlan, runner: PolicyRunner, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def _masked(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
     B, Hq, q, D = query.shape
     H = key.shape[1]
     shared_key = (plan.window, query.device)  # layers of a sharded model live on different devices
@@ -293,19 +323,29 @@ def _check_geometry(plan: LayerPlan, layer_idx: int, scaling: Any, kwargs: dict[
         )
 
 
-def squeezekit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def squeezekit_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     forward: Forward | None = kwargs.get(KWARG)
     if forward is None:
         raise InputError(
             "attn_implementation 'squeezekit' only works inside a squeezekit.compress(model, ...) block; load the "
             "model with 'sdpa' or 'eager' and compress() switches it"
         )
-    plan = forward.plan(module.layer_idx, query.device)
+    layer_idx = int(module.layer_idx)  # type: ignore[arg-type]  # (every supported attention module sets it)
+    plan = forward.plan(layer_idx, query.device)
     step, runner = forward.step, forward.runner
     if step.prefill:
-        _check_geometry(plan, module.layer_idx, scaling, kwargs)
+        _check_geometry(plan, layer_idx, scaling, kwargs)
     layer = plan.layer
-    if layer is not None and runner.observers:  # statistics the policies need (squeezekit.statistics)
+    if layer is not None and layer.new_slots is not None and runner.observers:  # (squeezekit.statistics)
         call = Observation(
             query=query, query_positions=plan.q_pos, query_valid=plan.q_valid, keys=key, values=value,
             new_slots=layer.new_slots, prefill=step.prefill,

@@ -47,7 +47,7 @@ class PrefillViews(Sequence[LayerView]):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         view = self.sources[i].view("prefill")
@@ -106,7 +106,9 @@ class SqueezeCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
         out = layer.write(key_states, value_states)
         self.step.plans[layer_idx] = plan_layer(layer, self.step, self.runner, self.backend)

@@ -18,7 +18,9 @@ restored: the model is exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -30,6 +32,7 @@ from .attention import Forward
 from .cache import SqueezeCache
 from .config import Config
 from .errors import InputError, PluginError, UnsupportedModelError
+from .policies import LayerBudgetAllocator, TokenEvictor
 from .runner import PolicyRunner
 from .step import open_step
 
@@ -68,12 +71,12 @@ class Compressor:
         self._x: dict[int, torch.Tensor] = {}
 
     @property
-    def allocator(self):
+    def allocator(self) -> LayerBudgetAllocator:
         """The allocator in use (the fallback, once it has taken over)."""
         return self.runner.allocator
 
     @property
-    def evictor(self):
+    def evictor(self) -> TokenEvictor:
         """The evictor in use (the fallback, once it has taken over)."""
         return self.runner.evictor
 
@@ -132,7 +135,7 @@ class Compressor:
         self.active = True
         return self
 
-    def __exit__(self, exc_type=None, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None = None, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -145,10 +148,12 @@ class Compressor:
             self.runner.check_nan()  # NaN scores not yet reported (CUDA checks every 32 steps): the model is restored
 
     # -- hooks ---------------------------------------------------------------------------------------------------------
-    def _begin(self, module, args, kwargs):
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise InputError("squeezekit needs input_ids or inputs_embeds in the model's forward")
         B, q = tokens.shape[:2]
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
@@ -209,7 +214,7 @@ class Compressor:
         forward = self._forward
         return forward is not None and forward.cache is not None and forward.step.prefill
 
-    def _end(self, module, args, kwargs, output):
+    def _end(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         forward = self._forward
         cache = None if forward is None else forward.cache
         if cache is not None:
@@ -221,20 +226,21 @@ class Compressor:
         self._x.clear()
         return output
 
-    def _layer_input(self, i: int):
-        def hook(module, args, kwargs):
+    def _layer_input(self, i: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if self._measuring:
                 self._x[i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 
-    def _attention_output(self, i: int, layer: torch.nn.Module):
+    def _attention_output(self, i: int, layer: torch.nn.Module) -> Callable[..., None]:
         post_name = self.resolved.arch.post_attention
 
-        def hook(module, args, output):
-            if not self._measuring or i not in self._x:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            forward = self._forward
+            if not self._measuring or i not in self._x or forward is None or forward.cache is None:
                 return
-            cache = self._forward.cache
+            cache = forward.cache
             t0 = cache.clock()
             out = output[0] if isinstance(output, tuple) else output
             # A sharded model's layer may receive its input on the previous layer's device (accelerate moves it
@@ -242,7 +248,7 @@ class Compressor:
             x = self._x.pop(i).to(out.device, non_blocking=True)
             if post_name:
                 out = getattr(layer, post_name)(out)
-            valid = self._forward.step.new_valid.to(out.device)
+            valid = forward.step.new_valid.to(out.device)
             self.runner.observe_residual(cache.layers[i].stats, x, out, valid)
             cache.timings["importance"] += cache.clock() - t0
 
@@ -289,7 +295,7 @@ def check_environment() -> None:
 
 
 @contextmanager
-def compress(model: torch.nn.Module, config: Config | dict | str | None = None, **kwargs):
+def compress(model: torch.nn.Module, config: Config | dict | str | None = None, **kwargs: Any) -> Iterator[Compressor]:
     """Apply a compression config to ``model`` inside a ``with`` block; yields the `Compressor`.
 
     ``config`` may be a `Config`, a dict, a ``k=v,k=v`` string or a config file path; keyword arguments override it.

@@ -246,7 +246,7 @@ def _profile_for(model, evictor, params, tmp_path) -> str:
     built = squeezekit.Config.from_kwargs(evictor=evictor, **params).build_evictor()
     data = {
         "format": FORMAT, "model": model_identity(model), "evictor": evictor_identity(built),
-        "levels": [0.1, 0.2, 0.4], "loss": [[0.3 * (i + 1) / L, 0.2 * (i + 1) / L, 0.1 * (i + 1) / L] for i in range(L)],
+        "levels": [0.1, 0.2, 0.4], "loss": [[c * (i + 1) / L for c in (0.3, 0.2, 0.1)] for i in range(L)],
     }  # fmt: skip
     path = tmp_path / f"{evictor}.json"
     path.write_text(json.dumps(data))

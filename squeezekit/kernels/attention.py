@@ -44,7 +44,7 @@ else:
 LOG2E = 1.4426950408889634
 
 
-def _fwd(
+def _fwd(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
     Q, K, V, Out, Lse, KVValid, KVPos, QPos, QValid,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -115,7 +115,7 @@ def _fwd(
     tl.store(Lse + b * slb + hq * slh + offs_m * slm, m_i + tl.log2(l_safe), mask=m_ok)
 
 
-def _colsum(
+def _colsum(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
     Q, K, Lse, KVValid, KVPos, QPos, QValid, Sums,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,

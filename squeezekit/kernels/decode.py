@@ -26,7 +26,7 @@ else:
 LOG2E = 1.4426950408889634
 
 
-def _split(
+def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
     Q, K, V, Out, PartAcc, PartM, PartL,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
@@ -79,7 +79,7 @@ def _split(
         tl.store(PartL + row, l_i, mask=g_ok)
 
 
-def _merge(
+def _merge(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
     Out, PartAcc, PartM, PartL,
     sob, soh, sod,
     H, G, D, nsplit,

@@ -25,7 +25,7 @@ else:
     triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
 
 
-def _steady_write(
+def _steady_write(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
     Score, Valid, Pos, Keys, Values, Stat, Fill, KNew, VNew, NewPos, Victim, NanFlag,
     ssb, ssh, sss,
     svb, svh, svs,
