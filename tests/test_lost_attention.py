@@ -91,12 +91,18 @@ def test_contract_exact_total_floor_cap_and_determinism(rule, req):
 
 @SETTINGS
 @given(L=st.integers(2, 10), n=st.integers(40, 200), rows=st.integers(2, 4), seed=st.integers(0, 2**16))
-def test_budgets_follow_the_batch(L, n, rows, seed):
-    """Batch-level, like squeeze: equal prompts get equal budgets, whatever each one's own attention."""
+def test_budgets_follow_each_prompt_alone(L, n, rows, seed):
+    """Per prompt: each row's budgets are those it gets alone, whatever the other rows of its batch (before, the
+    batch's mean cost: a served batch then depended on how it was split into micro-batches)."""
     evictor = plugin("evictor", "streaming")
     req = request(views([n] * rows, L, seed), evictor, [n * L // 3] * rows, evictor.floor())
     budgets = plugin("allocator", "lost_attention").allocate(req)
-    assert all(torch.equal(budgets[0], budgets[b]) for b in range(rows))
+    for b in range(rows):
+        one = dataclasses.replace(
+            req, importance=req.importance[b : b + 1], total=req.total[b : b + 1], cap=req.cap[b : b + 1],
+            layers=[view.rows(torch.tensor([b])) for view in req.layers],
+        )  # fmt: skip
+        assert torch.equal(plugin("allocator", "lost_attention").allocate(one)[0], budgets[b])
 
 
 @pytest.mark.parametrize("rule", ["sqrt", "greedy"])
@@ -157,7 +163,9 @@ def test_runs_in_the_engine_with_every_evictor(tiny, evictor):
     assert n.tolist() == [96, 76, 96]
     for b in range(3):
         assert int(s["budgets"][b].sum()) == round(0.3 * int(n[b]) * 4)
-    assert torch.equal(s["budgets"][0], s["budgets"][2])  # batch-level: equal prompts, equal budgets
+    with squeezekit.compress(tiny, allocator="lost_attention", evictor=evictor, budget=0.3) as c:
+        tiny.generate(input_ids=ids[2:], attention_mask=mask[2:], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(s["budgets"][2], c.summary()["budgets"][0])  # per prompt: alone as in the batch
 
 
 def test_the_engine_collects_queries_only_for_those_who_need_them(tiny):
