@@ -855,7 +855,7 @@ CATALOGUE = [
     Row(
         "statistic-wrote",
         "a statistic writing into the call's tensors (call.keys, call.query, ...) or another statistic's field, in "
-        "place (also through .data at prefill)",
+        "place (also through .data into the small ones at prefill)",
         "PluginError",
         PLUGIN + "statistic {stat}: {method}() wrote to {what} in place; return new tensors instead",
         "test_misbehaving_statistics",
@@ -2027,12 +2027,6 @@ def select(self, view, keep):
         dict(method="score", field="positions"),
     ),
     # ... also writes that bypass the version counters, at prefill (content fingerprints; docs/plugins.md)
-    "writes_keys_data": (
-        "evictor",
-        "def score(self, view):\n    view.keys.data.mul_(0)\n    return view.positions.float()\n",
-        "plugin-wrote",
-        dict(method="score", field="keys"),
-    ),
     "writes_valid_numpy": (
         "evictor",
         "def score(self, view):\n    view.valid.numpy()[1, :, 0] = True  # row 1's first slot is padding\n"
@@ -2043,9 +2037,9 @@ def select(self, view, keep):
     "allocator_writes_layers": (
         "allocator",
         "needs = squeezekit.Stat.WINDOW_QUERIES\nwindow: int = 4\n"
-        + UNIFORM.replace("    L = ", "    request.layers[0].keys.data.mul_(0)\n    L = "),
+        + UNIFORM.replace("    L = ", "    request.layers[0].positions.numpy()[...] = 0\n    L = "),
         "plugin-wrote",
-        dict(method="allocate", field="keys"),
+        dict(method="allocate", field="positions"),
     ),
     "marks_padding_valid": (
         "evictor",
@@ -2160,8 +2154,8 @@ class Scratch(squeezekit.Statistic):
             raise SystemExit(3)
         if HOW == ("keys", call.prefill):
             call.keys.mul_(0.5)
-        if HOW == ("keys.data", call.prefill):
-            call.keys.data.mul_(0.5)
+        if HOW == ("valid.data", call.prefill):
+            call.query_valid.data.fill_(False)
         if HOW == ("query", call.prefill):
             call.query.zero_()
         if HOW == ("other", call.prefill):
@@ -2215,7 +2209,7 @@ def test_misbehaving_statistics(plugin_site):
         (("mass", True), "statistic-raises", dict(method="add_attention", exception="LookupError", detail="mass")),
         (("keys", True), "statistic-wrote", dict(method="observe", what="call.keys")),
         (("keys", False), "statistic-wrote", dict(method="observe", what="call.keys")),
-        (("keys.data", True), "statistic-wrote", dict(method="observe", what="call.keys")),
+        (("valid.data", True), "statistic-wrote", dict(method="observe", what="call.query_valid")),
         (("query", False), "statistic-wrote", dict(method="observe", what="call.query")),
         (("other", True), "statistic-wrote", dict(method="observe", what="stats['attention'] (another statistic's)")),
         (("other", False), "statistic-wrote", dict(method="observe", what="stats['attention'] (another statistic's)")),
