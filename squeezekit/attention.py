@@ -95,7 +95,7 @@ class LayerPlan:
 
 def plan_layer(layer: SlotLayer, step: Step, runner: PolicyRunner, backend: str) -> LayerPlan:
     """The plan of ``layer`` once it has written ``step``'s tokens (host state only: no sync)."""
-    device = layer.keys.device
+    device = layer.device
     q = step.q
     kv_valid, kv_pos = layer.valid, layer.positions
     if not layer.heads_differ:

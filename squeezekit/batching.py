@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .allocation import BatchAllocation
 from .attention import NAME as ATTENTION
 from .cache import SqueezeCache
 from .errors import InputError
-from .layers import SlotLayer
+from .layers import BudgetedLayer, SlotLayer
 from .transformers_api import attn_implementation, output_cache
 
 if TYPE_CHECKING:
@@ -152,9 +153,12 @@ def _batch_cache(compressor: Compressor, first: SqueezeCache, batch: int) -> Squ
             if like.budget is not None:
                 layer.budget = like.budget.new_zeros(batch)
         if like.held is not None:
-            layer.held = [0] * batch
+            layer.held = np.zeros((batch, like.held.shape[1]), dtype=np.int64)
+        if isinstance(layer, BudgetedLayer) and isinstance(like, BudgetedLayer) and like.head_budget is not None:
+            layer.head_budget = like.head_budget.new_zeros(batch, like.head_budget.shape[1])
+            layer.budget_host = np.zeros(batch, dtype=np.int64)
+            layer.head_budget_host = np.zeros((batch, like.head_budget.shape[1]), dtype=np.int64)
         if like.budgeted:
-            layer.budget_host = [0] * batch  # type: ignore[attr-defined]
             layer.steady, layer.holes = like.steady, like.holes
         layer.lazy_initialization(layer.keys, layer.values)
     return out
@@ -189,9 +193,13 @@ def _copy_layer_rows(layer: SlotLayer, part: SlotLayer, rows: slice) -> None:
         if extra:
             t = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 4 else (0, extra), value=fill)
         mine[name][rows] = t
-    if part.budget is not None and layer.budget is not None:
+    if isinstance(layer, BudgetedLayer) and isinstance(part, BudgetedLayer) and part.budget is not None:
+        assert layer.budget is not None and layer.head_budget is not None and part.head_budget is not None
+        assert layer.budget_host is not None and layer.head_budget_host is not None
         layer.budget[rows] = part.budget
-        layer.budget_host[rows] = part.budget_host  # type: ignore[attr-defined]
+        layer.head_budget[rows] = part.head_budget
+        layer.budget_host[rows] = part.budget_host
+        layer.head_budget_host[rows] = part.head_budget_host
     if layer.held is not None and part.held is not None:
         layer.held[rows] = part.held
     layer.heads_differ |= part.heads_differ

@@ -15,11 +15,25 @@ the token the evictor drops, instead of concatenating. The kinds differ in what 
 Each layer's attention geometry (window, softmax scale, soft-capping) is fixed when the cache is built
 (`squeezekit.transformers_api.attention_geometry`); the attention function never writes it.
 
-**Host state.** Every row keeps as many tokens in every KV head (an evictor keeps ``keep[b]`` slots per row and
-head), so a layer tracks each row's count on the host (`SlotLayer.held`), updated by every write and eviction from
-what the step already knows. The attention plan (`squeezekit.attention.plan_layer`) and the steady flags read it
-without a host sync. A layer whose window drops tokens on the device does not know its counts on the host
-(``held`` is None): it is never steady and always attends with a mask.
+**Host state.** A layer tracks how many tokens each KV head of each row holds on the host (`SlotLayer.held`, a
+(B, H) array), updated by every write and eviction from what the step already knows (the evictor keeps exactly the
+counts it is asked for). The attention plan (`squeezekit.attention.plan_layer`) and the steady flags read it without
+a host sync. A layer whose window drops tokens on the device does not know its counts on the host (``held`` is
+None): it is never steady and always attends with a mask.
+
+**Head budgets.** A budgeted layer's budget is per row (``budget``, what the allocator gives the layer) and per KV
+head (``head_budget``, what the head split gives each head of it at the end of prefill: the same for every head with
+the default ``uniform`` split).
+
+**Memory of unequal head budgets.** A rectangular (B, H, C, D) buffer would hold the largest head's budget for
+every head. Once the heads of a budgeted layer hold different budgets, its keys and values move into a *pool*
+(`HeadPool`): each (row, head) owns a packed segment of exactly its budget, ``slot_map`` (B, H, C) names the pool
+row of each logical slot (-1 past the segment), so the bytes held are the sum of the heads' budgets. Why packed
+segments rather than pages: after prefill a head never grows (at steady state each decode token replaces one), so
+segments need no allocator and waste nothing; a multi-token step that must grow (scoring's extend steps) unpacks the
+layer and the next settle packs it again. The small per-slot tensors (validity, positions, statistics: a few bytes a
+slot, against 2 x head_dim x 2 for bf16 K/V) stay rectangular, so every policy still sees (B, H, C) tensors; the
+keys and values a view or the attention reads are gathered from the pool (the CPU path; on CUDA too, for now).
 
 The slot tensors are ordinary (not inference-mode) tensors, also under ``torch.inference_mode``, so that the
 runner's version counters can tell when a plugin writes into them.
@@ -30,11 +44,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from .kernels import steady as steady_kernel
-from .policies import LayerView
-from .runner import LIVE_FIELDS
+from .policies import LIVE_FIELDS, LayerView
 from .selection import top_slots
 from .transformers_api import CacheLayerMixin, Geometry
 
@@ -88,13 +102,14 @@ class SlotLayer(CacheLayerMixin):
         self.stats: dict[str, torch.Tensor] = {}
         self.new_slots: torch.Tensor | None = None  # (B, H, q) slots written by the current step
         self.heads_differ = False  # once per-head eviction happened, masks are per KV head
-        #: host-side: the tokens each row holds in every KV head, None when only the device knows (see the module
+        #: host-side (B, H): the tokens each KV head of each row holds, None when only the device knows (see the module
         #: docstring)
-        self.held: list[int] | None = None
+        self.held: np.ndarray | None = None
 
     # -- transformers' layer API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = int(key_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -117,12 +132,12 @@ class SlotLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.held is not None:
-            self.held = [self.held[i] for i in indices.tolist()]
+            self.held = self.held[indices.cpu().numpy()]
         self.map_rows(lambda t: t.index_select(0, indices.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.held is not None:
-            self.held = [n for n in self.held for _ in range(repeats)]
+            self.held = np.repeat(self.held, repeats, axis=0)
         self.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
@@ -169,7 +184,7 @@ class SlotLayer(CacheLayerMixin):
     # -- state ---------------------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.valid is None else self.valid.shape[2]
 
     def counts(self) -> torch.Tensor:
         """(B, H) number of valid slots (on the device; `held` is the host's copy where it is known)."""
@@ -177,7 +192,7 @@ class SlotLayer(CacheLayerMixin):
 
     def full_after_write(self) -> bool:
         """Host-side: every slot holds a real token now (this step's written): attention needs no mask."""
-        return self.held is not None and all(n == self.capacity for n in self.held)
+        return self.held is not None and bool((self.held == self.capacity).all())
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (keys, values and bookkeeping)."""
@@ -188,9 +203,9 @@ class SlotLayer(CacheLayerMixin):
 
     def kv_bytes_held(self) -> int:
         """Bytes of the keys and values of the tokens held (valid slots), without the free slots' room."""
-        if self.keys is None:
+        if self.valid is None:
             return 0
-        per_slot = 2 * self.keys.shape[-1] * self.keys.element_size()
+        per_slot = 2 * self.head_dim * self.dtype.itemsize
         return int(self.valid.sum()) * per_slot
 
     #: (B,) long on the layer's device: the most tokens a row may hold; None: unbounded (see `BudgetedLayer`)
@@ -200,26 +215,37 @@ class SlotLayer(CacheLayerMixin):
         """(B,) long on the layer's device, a fresh tensor: the budget, or the capacity for an unbounded layer."""
         if self.budget is not None:
             return self.budget.clone()
-        return torch.full((self.keys.shape[0],), self.capacity, dtype=torch.long, device=self.keys.device)
+        return torch.full((self.valid.shape[0],), self.capacity, dtype=torch.long, device=self.valid.device)
 
     def view(self, phase: str, for_plugin: bool = True) -> LayerView:
         """What an evictor sees: the layer's own slot tensors (writes to them are detected, see PolicyRunner) and
         fresh copies of the small per-sequence tensors."""
         cache = self.cache
         plain = plain_copy if for_plugin else (lambda t: t)  # a copy only of the prefill's inference tensors
+        keys, values = self.view_kv(plain)
         return LayerView(
-            keys=plain(self.keys),
-            values=plain(self.values),
+            keys=keys,
+            values=values,
             valid=self.valid,
             positions=self.positions,
-            seen=cache.seen_after_step().to(self.keys.device, copy=True),
+            seen=cache.seen_after_step().to(self.device, copy=True),
             budget=self.budget_tensor(),
             layer_idx=self.layer_idx,
             n_layers=len(cache.layers),
             phase=phase,
             scaling=self.scaling,
+            head_budget=None if self.budget is None else self.head_budget_tensor(),
             stats={name: plain(t) for name, t in self.stats.items() if name in cache.runner.fields},
         )
+
+    def view_kv(self, plain: Any) -> tuple[Any, Any]:
+        """The keys and values a view hands over (or callables that gather them on first use)."""
+        return plain(self.keys), plain(self.values)
+
+    def head_budget_tensor(self) -> torch.Tensor:
+        """(B, H) long on the layer's device, a fresh tensor: each KV head's budget."""
+        assert self.budget is not None
+        return self.budget.view(-1, 1).expand(-1, self.valid.shape[1]).clone()
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +268,9 @@ class SlotLayer(CacheLayerMixin):
             for name, fill in self.cache.runner.slot_fields:
                 self.stats[name] = torch.full((B, H, q), fill, dtype=torch.float32, device=k.device)
         self.new_slots = torch.arange(q, device=k.device).expand(B, H, q)
-        self.held = list(step.real) if self.window is None else None
+        self.held = (
+            np.repeat(np.asarray(step.real, dtype=np.int64)[:, None], H, axis=1) if self.window is None else None
+        )
         return self.keys, self.values
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +279,7 @@ class SlotLayer(CacheLayerMixin):
         B, H, q, _ = k.shape
         free = ~self.valid
         if self.held is not None:
-            need = q - (self.capacity - max(self.held))
+            need = q - (self.capacity - int(self.held.max()))
         else:
             need = q - int(free.sum(-1).min())
         if need > 0:
@@ -267,7 +295,7 @@ class SlotLayer(CacheLayerMixin):
         self.reset_stats(slots)
         self.new_slots = slots
         if self.held is not None:
-            self.held = [n + r for n, r in zip(self.held, step.real, strict=True)]
+            self.held = self.held + np.asarray(step.real, dtype=np.int64)[:, None]
         return self.keys, self.values
 
     def reset_stats(self, slots: torch.Tensor, skip: int = 0) -> None:
@@ -360,56 +388,238 @@ class WindowLayer(SlotLayer):
             self.heads_differ = differ  # (dropped by position: the KV heads of a row still hold the same tokens)
 
 
+class HeadPool:
+    """The keys and values of a budgeted layer whose KV heads hold different budgets (see the module docstring):
+    ``keys``/``values`` (N, D) with N the sum of the heads' capacities ``caps`` (B, H), and ``slot_map`` (B, H, C),
+    each logical slot's pool row, -1 past its head's segment."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_map: torch.Tensor, caps: np.ndarray):
+        self.keys, self.values, self.slot_map, self.caps = keys, values, slot_map, caps
+
+    @classmethod
+    def pack(cls, keys: torch.Tensor, values: torch.Tensor, caps: np.ndarray) -> HeadPool:
+        """Pool rectangular ``keys``/``values`` (B, H, C0, D) whose head (b, h) holds what it keeps in its first
+        slots (after a compaction), into segments of ``caps[b, h]`` slots (C0 <= caps.max())."""
+        B, H, C0, D = keys.shape
+        device = keys.device
+        caps_t = torch.as_tensor(caps, device=device)
+        offsets = (torch.cumsum(caps_t.view(-1), 0) - caps_t.view(-1)).view(B, H)
+        C = int(caps.max())
+        slot = torch.arange(C, device=device)
+        slot_map = torch.where(slot < caps_t[..., None], offsets[..., None] + slot, -1)
+        with _plain:
+            pool_k = keys.new_zeros(int(caps.sum()), D)
+            pool_v = values.new_zeros(int(caps.sum()), D)
+            inside = slot[:C0] < caps_t[..., None]  # (B, H, C0)
+            rows = slot_map[..., :C0][inside]
+            pool_k[rows] = keys[inside]
+            pool_v[rows] = values[inside]
+        return cls(pool_k, pool_v, slot_map, caps.copy())
+
+    def rect(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, C, D) keys and values gathered from the pool (past a segment: any row; those slots are invalid)."""
+        rows = self.slot_map.clamp_min(0)
+        return self.keys[rows], self.values[rows]
+
+    def mapped(self) -> torch.Tensor:
+        """(B, H, C) bool: the logical slots inside their head's segment."""
+        return self.slot_map >= 0
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` (B, H, q, D) into the logical ``slots`` (B, H, q), all inside their segments."""
+        rows = self.slot_map.gather(2, slots).reshape(-1)
+        D = self.keys.shape[-1]
+        self.keys.index_copy_(0, rows, k.reshape(-1, D).to(self.keys.dtype))
+        self.values.index_copy_(0, rows, v.reshape(-1, D).to(self.values.dtype))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def map_nbytes(self) -> int:
+        return self.slot_map.numel() * self.slot_map.element_size()
+
+
 class BudgetedLayer(WindowLayer):
-    """A compressed layer: each row holds at most its budget, set at the end of prefill (`set_budget`), and this
-    class alone decides what leaves (see the module docstring). Windowed when the model's attention is."""
+    """A compressed layer: each row holds at most its budget, set at the end of prefill (`set_budget`), each KV head
+    at most its head budget (`split_heads`), and this class alone decides what leaves (see the module docstring).
+    Windowed when the model's attention is."""
 
     budgeted = True
-    row_fields = ("new_slots", "budget")
+    row_fields = ("new_slots", "budget", "head_budget")
 
     def __init__(self, cache: SqueezeCache, layer_idx: int, geometry: Geometry):
         super().__init__(cache, layer_idx, geometry)
         self.budget: torch.Tensor | None = None  # (B,) long on the layer's device; None until prefill ends
-        self.budget_host: list[int] | None = None
-        #: host-side: every row is at its budget. A decode step then evicts one token and writes the new one: shapes
-        #: never change, no host sync (CUDA-graph safe). Without `holes`, in the evicted token's slot and no mask.
+        self.head_budget: torch.Tensor | None = None  # (B, H) long on the layer's device, with `budget`
+        #: host-side copies: (B,) and (B, H)
+        self.budget_host: np.ndarray | None = None
+        self.head_budget_host: np.ndarray | None = None
+        #: host-side: every head of every row is at its budget. A decode step then evicts one token and writes the
+        #: new one: shapes never change, no host sync (CUDA-graph safe). Without `holes`, in the evicted token's slot
+        #: and no mask.
         self.steady = False
-        #: host-side, with `steady`: some rows have free slots (a smaller budget than the buffer, or padding). A step
-        #: then writes where the general path would (the first free slot once the victim's is freed) and attention
-        #: masks by slot: bitwise what the general path computes, without its host syncs.
+        #: host-side, with `steady`: some slots are free (a smaller budget than the buffer, or padding). A step then
+        #: writes where the general path would (the first free slot once the victim's is freed) and attention masks
+        #: by slot: bitwise what the general path computes, without its host syncs.
         self.holes = False
+
+    # -- where the keys and values live: the rectangular buffers, or a pool of per-head segments -----------------
+    pool: HeadPool | None = None
+    _keys: torch.Tensor | None = None
+    _values: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(B, H, C, D): the buffer, or (pooled) a copy gathered from the pool: write through `HeadPool.write`."""
+        return self.pool.rect()[0] if self.pool is not None else self._keys  # type: ignore[return-value]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor) -> None:
+        self._keys = t
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.pool.rect()[1] if self.pool is not None else self._values  # type: ignore[return-value]
+
+    @values.setter
+    def values(self, t: torch.Tensor) -> None:
+        self._values = t
+
+    def _pack(self) -> None:
+        """After a settle: the heads' budgets differ, so their keys and values move into a pool of segments of
+        exactly each head's budget (the buffers were compacted to the largest)."""
+        hb = self.head_budget_host
+        if self.pool is not None or hb is None or self._keys is None or bool((hb == hb[:, :1]).all()):
+            return
+        caps = np.maximum(hb, self.held if self.held is not None else hb)
+        if int(caps.max()) < self.capacity:
+            return  # (a rare wider buffer, e.g. a merged micro-batch: stay rectangular)
+        pool = HeadPool.pack(self._keys, self._values, caps)  # type: ignore[arg-type]
+        C = pool.slot_map.shape[2]
+        with _plain:
+            for name, t, fill in self.slot_items():
+                if t.dim() == 3 and t.shape[2] < C:
+                    self.set_slot(name, torch.nn.functional.pad(t, (0, C - t.shape[2]), value=fill))
+        self._keys = self._values = None
+        self.pool = pool
+
+    def _unpack(self) -> None:
+        """Back to rectangular buffers (before growing, merging or reordering rows)."""
+        if self.pool is None:
+            return
+        with _plain:
+            keys, values = self.pool.rect()
+        self.pool = None
+        self._keys, self._values = keys, values
+
+    def slot_items(self) -> list[tuple[str, torch.Tensor, Any]]:
+        if self.pool is not None:  # (the keys and values are the pool's: see nbytes)
+            return [item for item in super().slot_items() if item[0] not in ("keys", "values")]
+        return super().slot_items()
+
+    def nbytes(self) -> int:
+        extra = 0 if self.pool is None else self.pool.nbytes() + self.pool.map_nbytes()
+        return super().nbytes() + extra
+
+    def kv_nbytes(self) -> int:
+        return self.pool.nbytes() if self.pool is not None else super().kv_nbytes()
+
+    def pad_to(self, capacity: int) -> None:
+        self._unpack()
+        super().pad_to(capacity)
+
+    def keep_slots(self, idx: torch.Tensor, compact: bool) -> None:
+        if compact:
+            self._unpack()
+        super().keep_slots(idx, compact)
+
+    def map_rows(self, fn: Any) -> None:
+        self._unpack()
+        super().map_rows(fn)
+
+    def make_plain(self) -> None:
+        if self.pool is None:
+            super().make_plain()
+        else:
+            self.pool.keys, self.pool.values = plain_copy(self.pool.keys), plain_copy(self.pool.values)
+
+    def view_kv(self, plain: Any) -> tuple[Any, Any]:
+        if self.pool is None:
+            return super().view_kv(plain)
+        pool = self.pool
+        return (lambda: pool.rect()[0]), (lambda: pool.rect()[1])
+
+    def head_budget_tensor(self) -> torch.Tensor:
+        assert self.head_budget is not None
+        return self.head_budget.clone()
+
+    def free_slots(self) -> torch.Tensor:
+        """(B, H, C) bool: the slots a new token may take (inside its head's segment, when pooled)."""
+        return ~self.valid if self.pool is None else ~self.valid & self.pool.mapped()
 
     def reset(self) -> None:
         super().reset()
-        self.budget = self.budget_host = None
+        self.pool = None
+        self._keys = self._values = None
+        self.budget = self.head_budget = None
+        self.budget_host = self.head_budget_host = None
         self.steady = self.holes = False
 
     def set_budget(self, budget: torch.Tensor) -> None:
-        """(B,) long: each row's budget from now on."""
-        self.budget_host = [int(b) for b in budget.tolist()]
-        self.budget = budget.to(self.keys.device)
+        """(B,) long: each row's budget from now on, the same for each of its KV heads until `split_heads`."""
+        H = self.valid.shape[1]
+        self.budget_host = budget.cpu().numpy().astype(np.int64)
+        self.head_budget_host = np.repeat(self.budget_host[:, None], H, axis=1)
+        self.budget = budget.to(self.device)
+        self.head_budget = self.budget.view(-1, 1).expand(-1, H).clone()
+
+    def split_heads(self) -> None:
+        """At the end of prefill, once the budget is set: the head split (``heads=...``) gives each KV head its own
+        budget, from the evictor's scores of the layer's tokens (`squeezekit.runner.PolicyRunner.split_heads`).
+        The default ``uniform`` split keeps the row's budget for every head and is not called."""
+        runner = self.cache.runner
+        if self.budget is None or not getattr(runner, "splits_heads", False):
+            return
+        from .selection import rank_key
+
+        view = self.view("prefill")
+        key = rank_key(runner.head_scores(view), view, protect_newest=True).float()
+        cap = view.valid.sum(-1).cpu()
+        heads = runner.split_heads(  # type: ignore[attr-defined]  # (the head-split contract, issue 22)
+            key,
+            view.valid,
+            torch.as_tensor(self.budget_host),
+            runner.floor,
+            cap,
+            self.layer_idx,
+            len(self.cache.layers),
+        )
+        self.head_budget_host = heads.numpy().astype(np.int64)
+        self.head_budget = heads.to(self.device)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.budget_host is not None:
-            self.budget_host = [self.budget_host[i] for i in indices.tolist()]
+        if self.budget_host is not None and self.head_budget_host is not None:
+            picked = indices.cpu().numpy()
+            self.budget_host, self.head_budget_host = self.budget_host[picked], self.head_budget_host[picked]
         super().batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.budget_host is not None:
-            self.budget_host = [b for b in self.budget_host for _ in range(repeats)]
+        if self.budget_host is not None and self.head_budget_host is not None:
+            self.budget_host = np.repeat(self.budget_host, repeats, axis=0)
+            self.head_budget_host = np.repeat(self.head_budget_host, repeats, axis=0)
         super().batch_repeat_interleave(repeats)
 
     def _grow(self, need: int) -> None:
-        """Add free slots, only up to the budget once there is one."""
-        if self.budget_host is None:
+        """Add free slots, only up to the largest head budget once there is one."""
+        if self.head_budget_host is None:
             return super()._grow(need)
         cap = self.capacity
-        extra = max(need, min(max(need, 64, cap // 8), max(self.budget_host) + need - cap))
+        extra = max(need, min(max(need, 64, cap // 8), int(self.head_budget_host.max()) + need - cap))
         self.pad_to(cap + extra)
 
     # -- the one owner of eviction ---------------------------------------------------------------------------------
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one step's tokens, after making room for a decode token in the rows at their budget; at steady
+        """Write one step's tokens, after making room for a decode token in the heads at their budget; at steady
         state, in one step with no host sync (`_steady_write`)."""
         if self.keys is None:
             return self._first_write(k, v)
@@ -423,10 +633,12 @@ class BudgetedLayer(WindowLayer):
         return self._append(k, v)
 
     def _steady_write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode at steady state: replace each row's lowest-ranked token by the new one, in place."""
+        """Decode at steady state: replace each head's lowest-ranked token by the new one, in place."""
         cache = self.cache
         runner, step = cache.runner, cache.step
         view_of = lambda: self.view("decode")  # noqa: E731
+        if self.pool is not None:
+            return self._steady_write_pooled(k, v)
         victim = None
         if not self.holes and runner.scores_only:  # one fused kernel selects and writes (CUDA: kernels/steady)
             score = runner.kernel_scores(view_of) if steady_kernel.available(k) else None
@@ -455,43 +667,85 @@ class BudgetedLayer(WindowLayer):
         self.heads_differ = True
         return self.keys, self.values
 
-    def _make_room(self, step: Step) -> None:
-        """Before a one-token decode step: rows at their budget drop one token (the evictor picks which)."""
-        assert self.budget is not None and self.budget_host is not None  # (only bounded layers make room)
+    def _steady_write_pooled(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steady write into a pool: every head is at its budget, which is its segment, so the new token takes
+        the victim's slot (where the general path, freeing it and writing into the first free slot inside the
+        segment, writes it too)."""
+        assert self.pool is not None
+        runner, step = self.cache.runner, self.cache.step
+        victim = runner.victims(lambda: self.view("decode"), protect_newest=False, defer_nan=True)
+        self.pool.write(victim, k, v)
+        B, H = victim.shape[:2]
+        self.positions.scatter_(2, victim, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, 1))
+        self.reset_stats(victim)
+        self.new_slots = victim
+        self.heads_differ = True
+        return self.keys, self.values
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write into the first free slots of every head; into a pool's segments while they have room (else back to
+        rectangular buffers, which grow; the next settle packs them again)."""
+        if self.pool is None:
+            return super()._append(k, v)
+        step = self.cache.step
+        B, H, q, _ = k.shape
+        free = self.free_slots()
+        room = int((self.pool.caps - self.held).min()) if self.held is not None else int(free.sum(-1).min())
+        if room < q:
+            self._unpack()
+            return super()._append(k, v)
+        slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
+        self.pool.write(slots, k, v)
+        self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
+        self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
+        self.reset_stats(slots)
+        self.new_slots = slots
         if self.held is not None:
-            full = [n >= b and r > 0 for n, b, r in zip(self.held, self.budget_host, step.real, strict=True)]
-            if not any(full):
+            self.held = self.held + np.asarray(step.real, dtype=np.int64)[:, None]
+        return self.keys, self.values
+
+    def _make_room(self, step: Step) -> None:
+        """Before a one-token decode step: heads at their budget drop one token (the evictor picks which)."""
+        assert self.head_budget is not None and self.head_budget_host is not None  # (only bounded layers make room)
+        if self.held is not None:
+            real = np.asarray(step.real)[:, None] > 0
+            full = (self.held >= self.head_budget_host) & real
+            if not full.any():
                 return
-            keep = torch.tensor([n - f for n, f in zip(self.held, full, strict=True)], dtype=torch.long)
+            keep = torch.from_numpy(self.held - full)
         else:
             counts = self.counts()
-            at = (counts >= self.budget.view(-1, 1)) & step.new_valid.to(counts.device)[:, :1]
+            at = (counts >= self.head_budget.to(counts.device)) & step.new_valid.to(counts.device)[:, :1]
             if not bool(at.any()):
                 return
-            keep = torch.where(at, counts - 1, counts).amax(-1)  # counts are equal across heads of a row
+            keep = torch.where(at, counts - 1, counts)
         self.evict(keep, "decode", making_room=True)
 
     def settle(self, step: Step) -> None:
-        """After a step: drop what the model's window drops, then every row down to its budget (at prefill, into
-        buffers just large enough); update the steady flags."""
+        """After a step: drop what the model's window drops, then every head down to its budget (at prefill, first
+        split over the heads, then into buffers just large enough); update the steady flags."""
         if self.window is not None:
             self.drop_out_of_window(compact=False)
+        if step.prefill:
+            self.split_heads()
         if self.budget is not None and not self.steady:
             self._enforce(compact=step.prefill)
         elif step.prefill and self.window is not None:
             self.shrink_to_fit()
+        self._pack()
         self.update_steady()
 
     def _enforce(self, compact: bool) -> None:
-        assert self.budget is not None and self.budget_host is not None
+        assert self.head_budget is not None and self.head_budget_host is not None
         keep: torch.Tensor | None = None
         if self.held is not None:
-            if any(n > b for n, b in zip(self.held, self.budget_host, strict=True)):
-                keep = torch.tensor([min(n, b) for n, b in zip(self.held, self.budget_host, strict=True)])
+            if (self.held > self.head_budget_host).any():
+                keep = torch.from_numpy(np.minimum(self.held, self.head_budget_host))
         else:
-            counts = self.counts().amax(-1)
-            if bool((counts > self.budget).any()):
-                keep = torch.minimum(counts, self.budget)
+            counts = self.counts()
+            budget = self.head_budget.to(counts.device)
+            if bool((counts > budget).any()):
+                keep = torch.minimum(counts, budget)
         if keep is not None:
             self.evict(keep, "prefill" if compact else "decode", compact=compact)
         elif compact:
@@ -503,41 +757,48 @@ class BudgetedLayer(WindowLayer):
             self.update_steady()
 
     def evict(self, keep: torch.Tensor, phase: str, compact: bool = False, making_room: bool = False) -> None:
-        """Keep ``keep[b]`` slots of each row, as chosen by the evictor. ``compact`` also shrinks the buffers.
+        """Keep ``keep[b, h]`` slots of each head of each row ((B, H), or (B,) for every head alike), as chosen by the
+        evictor. ``compact`` also shrinks the buffers.
 
         ``making_room``: before a decode step writes its token, which will be the most recent one; the engine then
         does not also protect the newest held token (that would take a slot of the evictor's, e.g. a sink).
         """
         runner = self.cache.runner
         protect = not making_room
+        B, H = self.valid.shape[:2]
+        if keep.dim() == 1:
+            keep = keep.view(-1, 1).expand(B, H)
         held = self.held
-        if held is not None:  # the host knows every row's count: no sync
-            keep = torch.minimum(keep.cpu(), torch.tensor(held))
-            over_host = [n > k for n, k in zip(held, keep.tolist(), strict=True)]
-            one_each = all(n - k <= 1 for n, k in zip(held, keep.tolist(), strict=True))
+        if held is not None:  # the host knows every head's count: no sync
+            keep = torch.minimum(keep.cpu(), torch.from_numpy(held))
+            keep_np = keep.numpy()
+            over_host = held > keep_np
+            one_each = bool((held - keep_np <= 1).all())
         else:
-            keep = torch.minimum(keep.to(self.valid.device), self.counts().amin(-1))
-            one_each = bool((self.counts() - keep.view(-1, 1) <= 1).all())
+            keep = torch.minimum(keep.to(self.valid.device), self.counts())
+            one_each = bool((self.counts() - keep <= 1).all())
         if not compact and one_each:
-            # The hot decode path: drop the lowest-ranked slot of each row that is over.
+            # The hot decode path: drop the lowest-ranked slot of each head that is over.
             victim = runner.victims(lambda: self.view(phase), protect_newest=protect)
             if held is not None:
-                over = torch.tensor(over_host).to(self.valid.device).view(-1, 1, 1).expand_as(victim)
+                over = torch.from_numpy(over_host).to(self.valid.device)[..., None]
             else:
-                over = (self.counts() > keep.view(-1, 1))[..., None]
+                over = (self.counts() > keep)[..., None]
             self.valid.scatter_(2, victim, ~over & torch.gather(self.valid, 2, victim))
             self.heads_differ = True
         else:
-            self.keep_slots(runner.keep_slots(lambda: self.view(phase), keep, protect_newest=protect), compact)
+            per_row = bool((keep == keep[:, :1]).all())  # the same count in every head: an evictor's own select
+            wanted = keep[:, 0] if per_row else keep
+            self.keep_slots(runner.keep_slots(lambda: self.view(phase), wanted, protect_newest=protect), compact)
         if held is not None:
-            self.held = keep.tolist()
+            self.held = keep.numpy().astype(np.int64).copy()
 
     def update_steady(self) -> None:
-        """Recompute `steady` (every row at its budget) and `holes` (some slot free) from the host's counts.
+        """Recompute `steady` (every head at its budget) and `holes` (some slot free) from the host's counts.
         Windowed layers are never steady."""
-        if self.window is None and self.budget_host is not None and self.held is not None:
-            self.steady = self.held == self.budget_host
-            self.holes = self.steady and any(n < self.capacity for n in self.held)
+        if self.window is None and self.head_budget_host is not None and self.held is not None:
+            self.steady = bool((self.held == self.head_budget_host).all())
+            self.holes = self.steady and bool((self.held < self.capacity).any())
         else:
             self.steady = self.holes = False
 

@@ -11,6 +11,7 @@ plugin module's own imports light for the same reason (import heavy libraries in
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,16 @@ def evictor_floor(evictors: list[tuple[TokenEvictor, str]]) -> tuple[int, TokenE
     return max(floors, key=lambda t: t[0])
 
 
+def slot_tensor() -> Any:
+    """A `LayerView` field that is the cache's own slot tensor (one entry per slot; handed as it is, watched)."""
+    return field(metadata={"live": True})
+
+
+def per_sequence(default: Any = dataclasses.MISSING) -> Any:
+    """A `LayerView` field with one entry per sequence (a view of some rows indexes it, `LayerView.rows`)."""
+    return field(default=default, metadata={"rows": True})
+
+
 @dataclass(init=False)
 class LayerView:
     """One layer's cache as an evictor sees it. ``B`` sequences, ``H`` KV heads, ``S`` slots, ``D`` head dim.
@@ -63,49 +74,53 @@ class LayerView:
     The statistics the policies need (squeezekit.statistics) are attributes too, None when not collected:
     ``attention`` (B, H, S) float32 with `Stat.ATTENTION`; ``window_queries`` (B, H, G, W, D) and
     ``window_positions`` (B, W) long (-1 for padding) with `Stat.WINDOW_QUERIES`, at prefill. They live in `stats`
-    and may be passed to the constructor by name (``LayerView(..., attention=a)``).
+    and may be passed to the constructor by name (``LayerView(..., attention=a)``). ``keys`` and ``values`` may be
+    given as zero-argument callables: the engine gathers them on first use only (a layer whose heads hold different
+    budgets keeps them in a pool).
     """
 
-    keys: torch.Tensor  #: (B, H, S, D), RoPE already applied
-    values: torch.Tensor  #: (B, H, S, D)
-    valid: torch.Tensor  #: (B, H, S) bool
-    positions: torch.Tensor  #: (B, H, S) int32, 0-based position of the token in its sequence (-1 if invalid)
-    seen: torch.Tensor  #: (B,) long, tokens of each sequence once this step is done (at decode: incl. the new one)
-    budget: torch.Tensor  #: (B,) long, the most tokens this layer may hold for each sequence
-    layer_idx: int
-    n_layers: int
-    phase: str  #: "prefill" (once, at the end of the prompt) or "decode" (making room for one new token)
+    keys: torch.Tensor = slot_tensor()  #: (B, H, S, D), RoPE already applied
+    values: torch.Tensor = slot_tensor()  #: (B, H, S, D)
+    valid: torch.Tensor = slot_tensor()  #: (B, H, S) bool
+    #: (B, H, S) int32, 0-based position of the token in its sequence (-1 if invalid)
+    positions: torch.Tensor = slot_tensor()
+    #: (B,) long, tokens of each sequence once this step is done (at decode: incl. the new one)
+    seen: torch.Tensor = per_sequence()
+    budget: torch.Tensor = per_sequence()  #: (B,) long, the most tokens this layer may hold for each sequence
+    layer_idx: int = 0
+    n_layers: int = 1
+    phase: str = "prefill"  #: "prefill" (once, at the end of the prompt) or "decode" (making room for one new token)
     scaling: float = 1.0  #: the attention's softmax scale, for evictors that recompute attention
+    #: (B, H) long, the most tokens each KV head may hold (the head split's, ``heads=``); None: ``budget`` for each
+    head_budget: torch.Tensor | None = per_sequence(None)
     stats: dict[str, Any] = field(default_factory=dict)  #: the statistics collected, by field name
 
-    def __init__(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        valid: torch.Tensor,
-        positions: torch.Tensor,
-        seen: torch.Tensor,
-        budget: torch.Tensor,
-        layer_idx: int,
-        n_layers: int,
-        phase: str,
-        scaling: float = 1.0,
-        stats: dict[str, Any] | None = None,
-        **fields: Any,
-    ):
+    def __init__(self, *args: Any, stats: dict[str, Any] | None = None, **kwargs: Any):
         # (into __dict__, not through __setattr__: the hot path builds a view per layer and step)
-        self.__dict__.update(
-            keys=keys, values=values, valid=valid, positions=positions, seen=seen, budget=budget,
-            layer_idx=layer_idx, n_layers=n_layers, phase=phase, scaling=scaling, stats=dict(stats or {}),
-        )  # fmt: skip
-        known = field_names()
-        for name, value in fields.items():
-            if name not in known:
+        values = dict(_VIEW_DEFAULTS)
+        if len(args) > len(_VIEW_NAMES):
+            raise TypeError(f"LayerView() takes at most {len(_VIEW_NAMES)} positional arguments")
+        values.update(zip(_VIEW_NAMES, args, strict=False))
+        for name, value in kwargs.items():
+            if name in _VIEW_DEFAULTS or name in _VIEW_REQUIRED:
+                values[name] = value
+            elif name in field_names():
+                stats = {**(stats or {}), name: value}
+            else:
                 raise TypeError(f"LayerView() got an unexpected keyword argument {name!r}")
-            self.stats[name] = value
+        missing = [name for name in _VIEW_REQUIRED if name not in values]
+        if missing:
+            raise TypeError(f"LayerView() missing required arguments: {', '.join(missing)}")
+        lazy = {name: values.pop(name) for name in _LAZY_OK if callable(values.get(name))}
+        self.__dict__.update(values, stats=dict(stats or {}), _lazy=lazy)
 
     def __getattr__(self, name: str) -> Any:
-        # only called for names that are not attributes: statistics' fields
+        # only called for names that are not attributes: keys/values given as callables, and statistics' fields
+        lazy = self.__dict__.get("_lazy", {})
+        if name in lazy:
+            value = lazy.pop(name)()
+            self.__dict__[name] = value
+            return value
         if name != "stats" and name in field_names():
             return self.stats.get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -114,7 +129,13 @@ class LayerView:
         if name in field_names():
             self.stats[name] = value
         else:
+            self.__dict__.get("_lazy", {}).pop(name, None)
             object.__setattr__(self, name, value)
+
+    def live(self) -> list[tuple[str, Any]]:
+        """The cache's own tensors it holds (not those it would gather on first use): the slot tensors and every
+        statistic, which a plugin must not write to (squeezekit.runner watches them)."""
+        return [(f, self.__dict__[f]) for f in LIVE_FIELDS if f in self.__dict__] + list(self.stats.items())
 
     def rows(self, index: torch.Tensor) -> LayerView:
         """A view of the sequences ``index`` (a long tensor) only: every per-sequence tensor indexed along dim 0."""
@@ -122,15 +143,25 @@ class LayerView:
         def pick(v: Any) -> Any:
             return v.index_select(0, index.to(v.device)) if hasattr(v, "index_select") else v
 
-        tensors = {f: pick(getattr(self, f)) for f in ("keys", "values", "valid", "positions", "seen", "budget")}
         return LayerView(
-            **tensors,
-            layer_idx=self.layer_idx,
-            n_layers=self.n_layers,
-            phase=self.phase,
-            scaling=self.scaling,
+            **{f.name: (pick(getattr(self, f.name)) if f.name in _ROW_FIELDS else getattr(self, f.name))
+               for f in dataclasses.fields(self) if f.name != "stats"},
             stats={k: pick(v) for k, v in self.stats.items()},
-        )
+        )  # fmt: skip
+
+
+#: every field of a `LayerView`, in order, and which are the cache's own slot tensors (`LayerView.live`) or
+#: per-sequence (indexed by `LayerView.rows`): read from the class, its one declaration
+_VIEW_NAMES = tuple(f.name for f in dataclasses.fields(LayerView) if f.name != "stats")
+_VIEW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerView) if f.default is not dataclasses.MISSING}
+_VIEW_REQUIRED = tuple(n for n in _VIEW_NAMES if n not in _VIEW_DEFAULTS)
+LIVE_FIELDS = tuple(f.name for f in dataclasses.fields(LayerView) if f.metadata.get("live"))
+_ROW_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(LayerView) if f.metadata.get("live") or f.metadata.get("rows")
+)
+_LAZY_OK = ("keys", "values")
+#: the names a statistic's fields may not take
+VIEW_FIELDS = frozenset((*_VIEW_NAMES, "stats"))
 
 
 class TokenEvictor(ABC):

@@ -32,7 +32,7 @@ import torch
 
 from .budget import check_budgets
 from .errors import PluginError, PluginFallbackWarning, SqueezekitError
-from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
+from .policies import LIVE_FIELDS, AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
 from .selection import check_selection, top_slots, victim_slots
 from .statistics import OBSERVATION_TENSORS, Importance, Observation, Statistic, needed
 
@@ -40,15 +40,14 @@ if TYPE_CHECKING:
     from .config import Config
 
 T = TypeVar("T")
-#: LayerView fields that are the cache's own tensors, handed to the evictor as they are (writes are detected), as
-#: are all of its ``stats``
-LIVE_FIELDS = ("keys", "values", "valid", "positions")
 KINDS = ("allocator", "evictor")
 
 
 def _live_tensors(view: Any) -> list[tuple[str, Any]]:
     """The cache's own tensors in a `LayerView` (or a `squeezekit.layers.SlotLayer`): the slot tensors and every
     statistic."""
+    if isinstance(view, LayerView):
+        return view.live()
     return [*((f, getattr(view, f)) for f in LIVE_FIELDS), *view.stats.items()]
 
 
@@ -380,12 +379,17 @@ class PolicyRunner:
 
         return self._call("evictor", "score", view, watch=view, check=check)
 
+    def head_scores(self, view: LayerView) -> torch.Tensor:
+        """The evictor's checked scores of a layer's slots, for the head split (`PolicyRunner.split_heads`)."""
+        return self.guarded("evictor", lambda: self._scores(view))
+
     def keep_slots(self, view_of: Callable[[], LayerView], keep: torch.Tensor, protect_newest: bool) -> torch.Tensor:
-        """(B, H, K) slot indices to keep, ``keep[b]`` per row, padded with -1 (the evictor's choice, checked)."""
+        """(B, H, K) slot indices to keep, ``keep[b]`` per row (or ``keep[b, h]`` per head: then the top of the
+        evictor's scores, a head split being for evictors that only score), padded with -1 (checked)."""
 
         def once() -> torch.Tensor:
             view = view_of()
-            if type(self.evictor).select is TokenEvictor.select:
+            if type(self.evictor).select is TokenEvictor.select or keep.dim() == 2:
                 return top_slots(self._scores(view), view, keep, protect_newest=protect_newest)
             check = lambda idx: check_selection(idx, view, keep)  # noqa: E731
             return self._call("evictor", "select", view, keep, watch=view, check=check).long()

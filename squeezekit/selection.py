@@ -28,7 +28,8 @@ def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) 
 
 
 def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_newest: bool = True) -> torch.Tensor:
-    """Indices (B, H, K) of the ``keep[b]`` best slots of each row, padded with -1, ``K = keep.max()``."""
+    """Indices (B, H, K) of the ``keep[b]`` best slots of each row (``keep`` (B,)), or ``keep[b, h]`` of each head
+    (``keep`` (B, H)), padded with -1, ``K = keep.max()``."""
     key = rank_key(score, view, protect_newest)
     k = int(keep.max())
     # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
@@ -37,7 +38,8 @@ def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_
     order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
     order = recent_first.gather(-1, order)[..., :k]
     rank = torch.arange(k, device=key.device)
-    pad = rank.view(1, 1, k) >= keep.to(key.device).view(-1, 1, 1)
+    per = keep.to(key.device)
+    pad = rank.view(1, 1, k) >= (per.view(-1, 1, 1) if per.dim() == 1 else per[..., None])
     return order.masked_fill(pad, -1)
 
 
@@ -71,7 +73,8 @@ def check_selection(idx: object, view: LayerView, keep: torch.Tensor) -> str | N
         return f"select() returned indices outside [0, {S})"
     used = idx >= 0
     counts = used.sum(-1)
-    want = keep.to(idx.device).view(B, 1).expand(B, H)
+    want = keep.to(idx.device)
+    want = want.view(B, 1).expand(B, H) if want.dim() == 1 else want
     if not torch.equal(counts, want):
         bad = (counts != want).nonzero()[0].tolist()
         return f"select() kept {int(counts[bad[0], bad[1]])} slots in row {bad}, expected {int(want[bad[0], bad[1]])}"

@@ -38,11 +38,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-#: what a `LayerView` holds besides statistics: no statistic may use these names
-VIEW_FIELDS = frozenset(
-    ("keys", "values", "valid", "positions", "seen", "budget", "layer_idx", "n_layers", "phase", "scaling", "stats")
-)
-
 
 class Stat(enum.Enum):
     """The statistics squeezekit collects for a policy that names them in its ``needs``."""
@@ -78,6 +73,15 @@ OBSERVATION_TENSORS = ("query", "query_positions", "query_valid", "keys", "value
 _FIELDS: frozenset[str] = frozenset()
 
 
+def _view_fields() -> frozenset[str]:
+    """The names of `squeezekit.LayerView`'s own fields, which no statistic may take (its one declaration is in
+    squeezekit.policies, which imports this module: while the bundled statistics below are defined, none yet)."""
+    import sys
+
+    policies = sys.modules.get(__package__ + ".policies")
+    return getattr(policies, "VIEW_FIELDS", frozenset())
+
+
 class Statistic:
     """How one statistic is collected and stored (see the module docstring). Subclasses set ``name`` and
     ``fields``; the engine makes one instance per ``compress`` block, given the policies that need it."""
@@ -99,7 +103,7 @@ class Statistic:
         super().__init_subclass__(**kwargs)
         if not cls.name:
             return
-        clash = VIEW_FIELDS.intersection(cls.fields)
+        clash = _view_fields().intersection(cls.fields)
         if clash:
             raise TypeError(f"statistic {cls.name!r}: field names {sorted(clash)} are taken by LayerView")
         if cls.attention_mass and cls.add_attention is Statistic.add_attention:
