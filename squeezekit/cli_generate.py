@@ -62,6 +62,9 @@ def summary_line(summary: dict, new_tokens: int, note: str = "") -> str:
         f"per-layer budget mean {summary['mean_budget']:.1f}, min {summary['min_budget']}, "
         f"max {summary['max_budget']} tokens"
     )
+    low, high = summary.get("min_head_budget", -1), summary.get("max_head_budget", -1)
+    if (low, high) != (summary["min_budget"], summary["max_budget"]) and low >= 0:
+        line += f"; per-head budget min {low}, max {high} tokens"
     return f"{line}; {note}" if note else line
 
 
@@ -194,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
 
         budgets = summary["budgets"][0].clone()
         budgets[budgets < 0] = int(summary["prompt_len"][0])
-        path = plot_layers(summary["importance"][0].tolist(), budgets.tolist(), args.plot, config.describe())
+        heads = summary["head_budgets"][0]
+        split = heads.tolist() if bool((heads.amax(-1) > heads.amin(-1)).any()) else None  # (the heads differ)
+        path = plot_layers(summary["importance"][0].tolist(), budgets.tolist(), args.plot, config.describe(), split)
         print(f"plot: {path}")
     return 0

@@ -263,6 +263,7 @@ class Compressor:
         budgets = cache.budgets
         b = budgets[:, self.compressible].double()
         bounded = b >= 0
+        heads = _head_budgets(cache)
         whole = (
             torch.zeros(budgets.shape[0], dtype=torch.bool)
             if self.config.full
@@ -280,6 +281,10 @@ class Compressor:
             "mean_budget": float(b[bounded].mean()) if bool(bounded.any()) else float("nan"),
             "min_budget": int(b[bounded].min()) if bool(bounded.any()) else -1,
             "max_budget": int(b[bounded].max()) if bool(bounded.any()) else -1,
+            #: (B, L, H) per-KV-head budgets of the budgeted layers (-1 elsewhere), and their min / max
+            "head_budgets": heads,
+            "min_head_budget": int(heads[heads >= 0].min()) if bool((heads >= 0).any()) else -1,
+            "max_head_budget": int(heads[heads >= 0].max()) if bool((heads >= 0).any()) else -1,
             #: (B,) bool: the prompts kept whole (shorter than the budget, or too short for the evictor's floor)
             "kept_whole": whole,
             "timings": dict(cache.timings),
@@ -303,3 +308,15 @@ def compress(model: torch.nn.Module, config: Config | dict | str | None = None, 
     compressor = Compressor(model, Config.coerce(config, **kwargs))
     with compressor:
         yield compressor
+
+
+def _head_budgets(cache: SqueezeCache) -> torch.Tensor:
+    """(B, L, H) each KV head's budget in the budgeted layers (-1 in the others, and before prefill ends)."""
+    B = cache.budgets.shape[0]
+    H = max((layer.valid.shape[1] for layer in cache.layers if layer.valid is not None), default=1)
+    out = torch.full((B, len(cache.layers), H), -1, dtype=torch.long)
+    for i, layer in enumerate(cache.layers):
+        host = getattr(layer, "head_budget_host", None)
+        if host is not None:
+            out[:, i, : host.shape[1]] = torch.from_numpy(host)
+    return out

@@ -32,8 +32,15 @@ def fitted_title(ax: Any, text: str, fontsize: float = 10.0) -> None:
         chars = max(20, int(chars * fig.bbox.width / box.width * 0.95))
 
 
-def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str | Path, title: str = "") -> Path:
-    """Bars: each layer's token budget; line: its importance (cosine similarity before vs after attention).
+def plot_layers(
+    importance: Sequence[float],
+    budgets: Sequence[int],
+    path: str | Path,
+    title: str = "",
+    head_budgets: Sequence[Sequence[int]] | None = None,
+) -> Path:
+    """Bars: each layer's token budget; line: its importance (cosine similarity before vs after attention); with
+    ``head_budgets`` (per layer, each KV head's budget), a dot per head: how the head split shared the layer's.
 
     ``importance`` and ``budgets`` are per-layer sequences (for a batch, pass the first sequence's or the mean).
     Layers with an unbounded budget (-1) are drawn as holding the whole prompt.
@@ -42,6 +49,11 @@ def plot_layers(importance: Sequence[float], budgets: Sequence[int], path: str |
     layers = list(range(len(importance)))
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.28), 3.6), dpi=120)
     ax.bar(layers, budgets, color="#4C72B0", alpha=0.8, label="budget (tokens)")
+    if head_budgets is not None:
+        xs = [i for i, row in enumerate(head_budgets) for b in row if b >= 0]
+        ys = [b for row in head_budgets for b in row if b >= 0]
+        ax.scatter(xs, ys, s=9, color="#222222", zorder=3, label="a KV head's budget")
+        ax.legend(loc="upper left", fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("KV budget (tokens)", color="#4C72B0")
     ax2 = ax.twinx()
