@@ -7,7 +7,7 @@ the query axis, so keys and values are never repeated, and per-KV-head masks sta
 
 **The plan.** Which way a layer attends in a step is decided once, on the host, when the layer has written the
 step's tokens (`plan_layer`, from what the step and the layer know there: no host sync), and the attention function
-only dispatches to one of five small paths:
+only dispatches to one of six small paths:
 
 - ``causal``: a fresh prefill without padding or a window inside the step: SDPA ``is_causal``, no mask;
 - ``full``: a one-token step over a buffer whose every slot holds a real token (a steady layer without free slots):
@@ -16,6 +16,9 @@ only dispatches to one of five small paths:
 - ``fused``: a multi-token step through the fused Triton kernel (squeezekit.kernels.attention), which builds the
   slot mask on the fly and also sums the attention per slot for the statistics that take it; where the kernel is
   off or fails, the plan's fallback path runs;
+- ``pooled``: a one-token step over a layer whose KV heads hold different budgets, read from its pool of per-head
+  segments by a fused kernel (squeezekit.kernels.decode; on the CPU, and with statistics that must see the keys or
+  the probabilities, the layer hands over gathered buffers and the step is ``masked`` or ``explicit``);
 - ``explicit``: softmax in query blocks (the ``eager`` backend, logit soft-capping, or statistics that take the
   attention mass), summing the probabilities per slot as a by-product.
 
@@ -24,6 +27,7 @@ The statistics the policies need (squeezekit.statistics) observe each call throu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +42,7 @@ from .statistics import Observation
 
 if TYPE_CHECKING:
     from .cache import SqueezeCache
-    from .layers import SlotLayer
+    from .layers import HeadPool, SlotLayer
     from .runner import PolicyRunner
     from .step import Step
     from .transformers_api import Geometry
@@ -91,6 +95,8 @@ class LayerPlan:
     mass: bool  #: some statistic takes the attention each slot received
     layer: SlotLayer | None  #: the layer (its statistics), None without a cache
     shared: dict[Any, torch.Tensor] | None  #: the step's masks shared by fresh layers, None where not shared
+    #: ``pooled``: the layer's pool of per-head segments (the keys and values the attention gets are its rows)
+    pool: HeadPool | None = None
 
 
 def plan_layer(layer: SlotLayer, step: Step, runner: PolicyRunner, backend: str) -> LayerPlan:
@@ -102,10 +108,14 @@ def plan_layer(layer: SlotLayer, step: Step, runner: PolicyRunner, backend: str)
         kv_valid, kv_pos = kv_valid[:, :1], kv_pos[:, :1]
     fresh = step.prefill and layer.capacity == q
     full = q == 1 and ((not layer.holes) if layer.steady else layer.full_after_write())
-    return _plan(
+    plan = _plan(
         step, device, kv_valid, kv_pos, layer.window, layer.scaling, layer.softcap, fresh, full,
         bool(runner.mass_statistics), backend, layer, step.shared_masks if fresh else None,
     )  # fmt: skip
+    pool = getattr(layer, "pool", None)
+    if pool is not None and layer.reads_pool(q):  # type: ignore[attr-defined]  # (a BudgetedLayer's)
+        return dataclasses.replace(plan, path="pooled", fallback="pooled", pool=pool)
+    return plan
 
 
 def plan_uncached(step: Step, geometry: Geometry, backend: str, device: torch.device) -> LayerPlan:
@@ -283,6 +293,22 @@ def _full(
     return _unfold(out, Hq, q), None
 
 
+def _pooled(
+    plan: LayerPlan,
+    runner: PolicyRunner,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
+    """One query per sequence over a pool of per-head segments: the fused kernel reads the valid slots' rows."""
+    assert plan.pool is not None
+    out = decode_kernel.pooled_decode_attention(query, key, value, plan.pool.slot_map, plan.kv_valid, plan.scaling)
+    if out is None:  # the kernel failed on its first use: gather the buffers and mask them
+        keys, values = plan.pool.rect()
+        return _masked(dataclasses.replace(plan, path="masked", pool=None), runner, query, keys, values)
+    return out, None
+
+
 def _masked(
     plan: LayerPlan,
     runner: PolicyRunner,
@@ -307,6 +333,7 @@ def _masked(
 #: the paths, by name (the plan names one)
 PATHS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {
     "causal": _causal, "full": _full, "masked": _masked, "fused": _fused, "explicit": _explicit_path,
+    "pooled": _pooled,
 }  # fmt: skip
 
 

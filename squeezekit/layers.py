@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from . import kernels
 from .kernels import steady as steady_kernel
 from .policies import LIVE_FIELDS, LayerView
 from .selection import top_slots
@@ -553,6 +554,22 @@ class BudgetedLayer(WindowLayer):
         assert self.head_budget is not None
         return self.head_budget.clone()
 
+    def reads_pool(self, q: int) -> bool:
+        """This step's attention reads the pool itself (the fused ``pooled`` decode kernel): a pooled layer, a
+        one-token step on a device the kernel serves, and no statistic that must see the attention's keys (an
+        observer) or its probabilities (the attention mass). Otherwise the attention gets gathered buffers."""
+        runner = self.cache.runner
+        return (
+            self.pool is not None and q == 1 and kernels.use("pooled", self.device)
+            and not runner.observers and not runner.mass_statistics
+        )  # fmt: skip
+
+    def attended(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `write` returns for the attention: the pool's rows (see `reads_pool`), or (B, H, C, D) buffers."""
+        if self.pool is not None and self.reads_pool(q):
+            return self.pool.keys, self.pool.values
+        return self.keys, self.values
+
     def free_slots(self) -> torch.Tensor:
         """(B, H, C) bool: the slots a new token may take (inside its head's segment, when pooled)."""
         return ~self.valid if self.pool is None else ~self.valid & self.pool.mapped()
@@ -680,7 +697,7 @@ class BudgetedLayer(WindowLayer):
         self.reset_stats(victim)
         self.new_slots = victim
         self.heads_differ = True
-        return self.keys, self.values
+        return self.attended(1)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write into the first free slots of every head; into a pool's segments while they have room (else back to
@@ -702,7 +719,7 @@ class BudgetedLayer(WindowLayer):
         self.new_slots = slots
         if self.held is not None:
             self.held = self.held + np.asarray(step.real, dtype=np.int64)[:, None]
-        return self.keys, self.values
+        return self.attended(q)
 
     def _make_room(self, step: Step) -> None:
         """Before a one-token decode step: heads at their budget drop one token (the evictor picks which)."""

@@ -269,6 +269,39 @@ def test_decode_attention_matches_sdpa_over_the_folded_query(B, H, G, S, D):
     assert decode.splits(B, H, S, 8, 16) == (1 if B * H >= 16 else max(1, min(-(-32 // (B * H)), S // 32)))
 
 
+@pytest.mark.parametrize("B,H,G,D", [(1, 2, 4, 16), (3, 2, 2, 24), (2, 4, 1, 16)])
+def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, D):
+    """The pooled kernel reads only the valid slots of each head's segment (of its own length) and equals masked
+    attention over the gathered rectangular buffers."""
+    import numpy as np
+
+    from squeezekit.attention import _fold, _unfold
+    from squeezekit.kernels import decode
+    from squeezekit.layers import HeadPool
+
+    g = torch.Generator().manual_seed(B * 10 + H)
+    caps = np.random.default_rng(B + H).integers(5, 60, size=(B, H))
+    C0 = int(caps.max())
+    keys, values = torch.randn(B, H, C0, D, generator=g), torch.randn(B, H, C0, D, generator=g)
+    pool = HeadPool.pack(keys, values, caps)
+    valid = pool.mapped() & (torch.rand(pool.slot_map.shape, generator=g) > 0.2)  # some free slots in each segment
+    valid[..., 0] = True
+    query = torch.randn(B, H * G, 1, D, generator=g)
+    k_rect, v_rect = pool.rect()
+    mask = valid[:, :, None, :].expand(B, H, G, C0).reshape(B, H, G, C0)
+    ref = _unfold(F_sdpa(_fold(query, H), k_rect, v_rect, mask), H * G, 1)
+    assert decode.pooled_decode_attention(query, pool.keys, pool.values, pool.slot_map, valid, 0.25) is None
+    with kernels.configured("pooled", interpret=True):
+        out = decode.pooled_decode_attention(query, pool.keys, pool.values, pool.slot_map, valid, 0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def F_sdpa(query, key, value, mask):
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25)
+
+
 def test_steady_decode_with_the_decode_kernel_gives_the_same_tokens():
     model = tiny_model("llama")
     ids, _ = batch(2, 40)

@@ -27,13 +27,14 @@ LOG2E = 1.4426950408889634
 
 
 def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
-    Q, K, V, Out, PartAcc, PartM, PartL,
+    Q, K, V, Out, PartAcc, PartM, PartL, SlotMap, Valid,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, sod,
+    smb, smh, smn,
     H, G, S, D, per_split, scale_log2,
-    ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, POOLED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -55,8 +56,15 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if POOLED:  # logical slot -> pool row (-1 past the head's segment); only valid slots are read
+            rows = tl.load(SlotMap + b * smb + h * smh + offs_n * smn, mask=n_ok, other=-1)
+            n_ok = n_ok & (rows >= 0) & (tl.load(Valid + b * smb + h * smh + offs_n * smn, mask=n_ok, other=0) != 0)
+            k_ptr = K + rows[:, None] * skn + offs_d[None, :] * skd
+            v_ptr = V + rows[:, None] * svn + offs_d[None, :] * svd
+        else:
+            k_ptr = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+            v_ptr = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        k = tl.load(k_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -64,8 +72,7 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        v = tl.load(v_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     mask = g_ok[:, None] & d_ok[None, :]
@@ -142,8 +149,48 @@ def decode_attention(
     is off for this device (or failed before: the caller then runs its plain path)."""
     if not use("decode", query) or query.shape[2] != 1:
         return None
+    return _launch("decode", query, key, value, scaling, None, None)
+
+
+def pooled_decode_attention(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    slot_map: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor | None:
+    """Decode attention over a pool of per-head segments (squeezekit.layers.HeadPool): query (B, Hq, 1, D);
+    key_pool/value_pool (N, D); slot_map (B, H, S) long, each logical slot's pool row (-1 past its head's segment);
+    valid (B, H, S) bool: the slots attended to (every real token held: a decode query may see them all). Only the
+    valid slots' rows are read. Returns (B, 1, Hq, D), or None when the kernel is off for this device."""
+    if not use("pooled", query) or query.shape[2] != 1:
+        return None
+    return _launch("pooled", query, key_pool, value_pool, scaling, slot_map, valid)
+
+
+def _launch(
+    name: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    slot_map: torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> torch.Tensor | None:
     B, Hq, _, D = query.shape
-    H, S = key.shape[1], key.shape[2]
+    pooled = slot_map is not None
+    if slot_map is not None and valid is not None:
+        H, S = slot_map.shape[1], slot_map.shape[2]
+        valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
+        key_strides = (0, 0, *key.stride())  # (pool rows: the row stride stands for the slot stride)
+        value_strides = (0, 0, *value.stride())
+        map_strides = tuple(slot_map.stride())
+        assert tuple(valid8.stride()) == map_strides, "slot_map and valid must be laid out alike"
+    else:
+        H, S = key.shape[1], key.shape[2]
+        slot_map = valid8 = query  # never read without POOLED
+        key_strides, value_strides, map_strides = tuple(key.stride()), tuple(value.stride()), (0, 0, 0)
     G = Hq // H
     interpret = interpreting()
     try:
@@ -164,11 +211,12 @@ def decode_attention(
         prec = "ieee" if query.dtype == torch.float32 else "tf32"
         extra = {} if interpret else {"num_warps": 4, "num_stages": 3}
         split[(B * H, nsplit)](
-            query, key, value, out, part_acc, part_m, part_l,
-            query.stride(0), query.stride(1), query.stride(3), *key.stride(), *value.stride(),
-            out.stride(0), out.stride(2), out.stride(3),
+            query, key, value, out, part_acc, part_m, part_l, slot_map, valid8,
+            query.stride(0), query.stride(1), query.stride(3), *key_strides, *value_strides,
+            out.stride(0), out.stride(2), out.stride(3), *map_strides,
             H, G, S, D, per_split, float(scaling) * LOG2E,
-            ONE_SPLIT=nsplit == 1, DOT_PREC=prec, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, **extra,
+            ONE_SPLIT=nsplit == 1, POOLED=pooled, DOT_PREC=prec, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+            **extra,
         )  # fmt: skip
         if nsplit > 1:
             merge[(B * Hq,)](
@@ -178,7 +226,7 @@ def decode_attention(
     except Exception as exc:
         if is_oom(exc) or not _fall_back_on_error(query):
             raise
-        failed("decode", exc)
+        failed(name, exc)
         return None
-    settings.calls["decode"] += 1
+    settings.calls[name] += 1
     return out
