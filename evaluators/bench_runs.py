@@ -7,6 +7,7 @@ its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -94,6 +95,8 @@ def run_squeezekit(
         sync(device)
         t1 = time.perf_counter()
         peak_prefill = peak_gib(device)
+        del logits
+        held = cache_allocated(device, before) if device.startswith("cuda") else None
         decoder = GreedyDecoder(model, cache, first, cuda_graph=cuda_graph)
         rest = decoder.run(new_tokens - 1)
         sync(device)
@@ -110,7 +113,18 @@ def run_squeezekit(
         policy_s={k: round(v, 4) for k, v in s["timings"].items()},
         policy_share_of_prefill=round(overhead / max(t1 - t0, 1e-9), 4),
         mean_budget=round(s["mean_budget"], 1), tokens=torch.cat([first[:, None], rest], dim=1),
+        cache_nbytes=cache.nbytes(), cuda_allocated_after_prefill=held,
+        head_budget_min=s["min_head_budget"], head_budget_max=s["max_head_budget"],
     )  # fmt: skip
+
+
+def cache_allocated(device: str, before_gib: float | None) -> int:
+    """Bytes CUDA holds now beyond what it held before the run (after prefill: the compressed cache, the step's
+    first tokens and the allocator's rounding), to check the cache's own accounting (`SqueezeCache.nbytes`)."""
+    gc.collect()
+    sync(device)
+    assert before_gib is not None
+    return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) - before_gib * 2**30)
 
 
 @torch.inference_mode()
