@@ -91,11 +91,17 @@ def main() -> int:
         "PartAcc": "*fp32",
         "PartM": "*fp32",
         "PartL": "*fp32",
+        "SlotMap": "*i64",
+        "Valid": "*i8",
         **{name: "*bf16" for name in ("Q", "K", "V", "Out")},
     }
     for one in (True, False):
-        check(kd._split, parts, dict(ONE_SPLIT=one, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128), 4, 3)
-    check(kd._split, parts, dict(ONE_SPLIT=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256), 4, 3)
+        for pooled in (False, True):
+            consts = dict(ONE_SPLIT=one, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128)
+            check(kd._split, parts, consts, 4, 3)
+    for pooled in (False, True):
+        consts = dict(ONE_SPLIT=True, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256)
+        check(kd._split, parts, consts, 4, 3)
     check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
     print(f"compiled {n} kernel configurations for sm_90")
     return 0
