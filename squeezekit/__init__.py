@@ -1,8 +1,9 @@
-"""squeezekit: compress the KV cache of Hugging Face transformers models along two axes at once, which layers get
-how much cache (a `LayerBudgetAllocator`) and which tokens each layer keeps (a `TokenEvictor`).
+"""squeezekit: compress the KV cache of Hugging Face transformers models along three axes at once: which layers get
+how much cache (a `LayerBudgetAllocator`), which tokens each layer keeps (a `TokenEvictor`) and how a layer's budget
+splits over its KV heads (a `HeadBudgetSplitter`).
 
     import squeezekit
-    with squeezekit.compress(model, allocator="squeeze", evictor="h2o", budget=0.2):
+    with squeezekit.compress(model, allocator="squeeze", evictor="h2o", heads="adaptive", budget=0.2):
         model.generate(**inputs)
 """
 
@@ -24,7 +25,16 @@ from .errors import (
     UntestedVersionWarning,
 )
 from .hookspecs import hookimpl
-from .policies import AllocationRequest, LayerBudgetAllocator, LayerView, Stat, TokenEvictor, check
+from .policies import (
+    AllocationRequest,
+    HeadBudgetSplitter,
+    HeadSplitRequest,
+    LayerBudgetAllocator,
+    LayerView,
+    Stat,
+    TokenEvictor,
+    check,
+)
 from .registry import registry
 from .statistics import Observation, Statistic
 
@@ -36,6 +46,8 @@ __all__ = [
     "CommandLineError",
     "Config",
     "ConfigError",
+    "HeadBudgetSplitter",
+    "HeadSplitRequest",
     "InputError",
     "LayerBudgetAllocator",
     "LayerView",

@@ -88,7 +88,10 @@ def prefill(
         del part
     assert cache is not None
     if batch > micro_batch:
-        cache.peak_kv_bytes_prefill = peak
+        for layer in cache.layers:  # heads of unequal budgets: into their pool (assembled rectangular, see below)
+            if isinstance(layer, BudgetedLayer):
+                layer.pack()
+        cache.peak_kv_bytes_prefill = max(peak, cache.kv_nbytes())
     compressor.last_cache = cache
     return cache, torch.cat(logits)
 
@@ -147,6 +150,8 @@ def _batch_cache(compressor: Compressor, first: SqueezeCache, batch: int) -> Squ
     out.importance = first.importance.new_zeros(batch, first.importance.shape[1])
     out.budgets = first.budgets.new_zeros(batch, first.budgets.shape[1])
     for layer, like in zip(out.layers, first.layers, strict=True):
+        if isinstance(like, BudgetedLayer):  # a micro-batch's pooled heads are copied as rectangular buffers
+            like.unpack()
         with torch.inference_mode(False):  # slot tensors carry version counters (see squeezekit.layers)
             for name, t, fill in like.slot_items():
                 layer.set_slot(name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
@@ -181,7 +186,11 @@ def _copy_rows(cache: SqueezeCache, part: SqueezeCache, rows: slice) -> None:
 
 
 def _copy_layer_rows(layer: SlotLayer, part: SlotLayer, rows: slice) -> None:
-    """Copy ``part``'s rows into ``rows`` of ``layer`` (growing its slots if ``part`` holds more), then free it."""
+    """Copy ``part``'s rows into ``rows`` of ``layer`` (growing its slots if ``part`` holds more), then free it.
+    A micro-batch whose heads hold unequal budgets comes out of its pool first; the batch's layers are rectangular
+    while they are assembled (at most the largest head budget per head) and go into their own pool at the end."""
+    if isinstance(part, BudgetedLayer):
+        part.unpack()
     if part.capacity > layer.capacity:  # rare: this micro-batch got a larger budget for the layer
         layer.pad_to(part.capacity)
         layer.holes = True  # the rows so far now have free slots

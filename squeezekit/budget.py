@@ -13,15 +13,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def _project_row(target: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray:
-    """Integers in [lo, hi] summing to ``total``, nearest to ``target`` + a common shift (water-filling)."""
+def _project_row(target: np.ndarray, total: int, lo: int, hi: int | np.ndarray) -> np.ndarray:
+    """Integers in [lo, hi] summing to ``total``, nearest to ``target`` + a common shift (water-filling). ``hi`` may
+    be one bound for every entry or one per entry."""
     import numpy as np
 
     n = target.size
-    if not n * lo <= total <= n * hi:
-        raise ValueError(f"cannot place {total} tokens in {n} layers of [{lo}, {hi}]")
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.int64), target.shape)
+    if not (n * lo <= total <= int(hi.sum()) and bool((hi >= lo).all())):
+        shown = f"{int(hi[0])}" if bool((hi == hi[0]).all()) else f"{int(hi.min())}..{int(hi.max())}"
+        raise ValueError(f"cannot place {total} tokens in {n} layers of [{lo}, {shown}]")
     # Find the shift s so that sum(clip(target + s, lo, hi)) == total. The sum is monotone in s: bisection.
-    a, b = lo - float(target.max()) - 1.0, hi - float(target.min()) + 1.0
+    a, b = lo - float(target.max()) - 1.0, float(hi.max()) - float(target.min()) + 1.0
     for _ in range(100):
         mid = (a + b) / 2
         if np.clip(target + mid, lo, hi).sum() < total:
@@ -46,11 +49,15 @@ def _project_row(target: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray
     return out
 
 
-def distribute(targets: torch.Tensor, total: torch.Tensor, floor: int, cap: torch.Tensor) -> torch.Tensor:
+def distribute(
+    targets: torch.Tensor, total: torch.Tensor, floor: int | torch.Tensor, cap: torch.Tensor
+) -> torch.Tensor:
     """Round real-valued per-layer ``targets`` (B, L) to exact integer budgets.
 
     Each row sums to ``total[b]``, each entry lies in ``[floor, cap[b]]``. What a cap or floor clips is spread
     evenly over the layers still free, so the total is conserved exactly (no leaked, no invented tokens).
+    ``floor`` may also be (B,), one per row, and ``cap`` (B, L), one per entry (a head split's request: its
+    ``budget.clamp(max=floor)`` and ``cap``, with ``total = budget * H``).
     """
     import numpy as np
     import torch
@@ -58,7 +65,8 @@ def distribute(targets: torch.Tensor, total: torch.Tensor, floor: int, cap: torc
     t = targets.detach().to(torch.float64).cpu().numpy()
     tot = total.detach().cpu().numpy().astype(np.int64)
     caps = cap.detach().cpu().numpy().astype(np.int64)
-    rows = [_project_row(t[b], int(tot[b]), int(floor), int(caps[b])) for b in range(t.shape[0])]
+    floors = np.broadcast_to(torch.as_tensor(floor).cpu().numpy().astype(np.int64), tot.shape)
+    rows = [_project_row(t[b], int(tot[b]), int(floors[b]), caps[b]) for b in range(t.shape[0])]
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
 
 
@@ -86,6 +94,37 @@ def check_budgets(budgets: object, total: torch.Tensor, floor: int, cap: torch.T
     if bool(over.any()):
         i = int(over.nonzero()[0, 0])
         return f"allocate() gave a layer {int(b[i].max())} tokens, more than the {int(cap[i])} it holds"
+    return None
+
+
+def check_head_budgets(budgets: object, budget: torch.Tensor, floor: int, cap: torch.Tensor) -> str | None:
+    """Return what is wrong with a head split's (B, H) budgets, or None when they honour the contract: each row sums
+    to ``budget[b] * H``, each head keeps at least ``min(floor, budget[b])`` and at most ``cap[b, h]`` (the tokens
+    it holds). ``budget`` (B,) and ``cap`` (B, H) are squeezekit's own copies, on the CPU."""
+    import torch
+
+    if not isinstance(budgets, torch.Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
+        return f"split() must return an integer tensor, got {getattr(budgets, 'dtype', type(budgets).__name__)}"
+    if tuple(budgets.shape) != tuple(cap.shape):
+        return f"split() returned shape {tuple(budgets.shape)}, expected {tuple(cap.shape)}"
+    if budgets.device.type == "meta":
+        return "split() returned a tensor on the meta device (it holds no values)"
+    b = budgets.long().cpu()
+    H = cap.shape[1]
+    want = budget.long() * H
+    sums = b.sum(-1)
+    if not torch.equal(sums, want):
+        i = int((sums != want).nonzero()[0])
+        return f"split() budgets sum to {int(sums[i])} tokens for sequence {i}, expected exactly {int(want[i])}"
+    lo = budget.long().clamp(max=floor).view(-1, 1)
+    under = b < lo
+    if bool(under.any()):
+        i, h = (int(x) for x in under.nonzero()[0])
+        return f"split() gave head {h} of sequence {i} {int(b[i, h])} tokens, below the floor {int(lo[i])}"
+    over = b > cap
+    if bool(over.any()):
+        i, h = (int(x) for x in over.nonzero()[0])
+        return f"split() gave head {h} of sequence {i} {int(b[i, h])} tokens, more than the {int(cap[i, h])} it holds"
     return None
 
 

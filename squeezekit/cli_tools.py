@@ -8,9 +8,10 @@ import sys
 
 def add_plugins(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "List the installed allocators and evictors (bundled and third-party, loaded from the 'squeezekit' "
-        "entry-point group), with the package each comes from. Plugins that failed to load are printed on stderr. "
-        "SQUEEZEKIT_PLUGINS=name1,name2 loads only those entry points."
+        "List the installed allocators, evictors and head splits (bundled and third-party, loaded from the "
+        "'squeezekit' entry-point group), with the package each comes from; kind is the config key that selects "
+        "one. Plugins that failed to load are printed on stderr. SQUEEZEKIT_PLUGINS=name1,name2 loads only those "
+        "entry points (never hiding the default head split)."
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load or is missing")
     parser.set_defaults(func=run_plugins)
@@ -20,7 +21,7 @@ def run_plugins(args: argparse.Namespace) -> int:
     from .registry import registry
 
     reg = registry()
-    rows = [(p.name, p.kind, p.origin, p.doc) for p in reg.all()]
+    rows = [(p.name, p.kind, p.origin, p.doc) for p in reg.all()]  # (kind: the config key that selects it)
     widths = [max(len(r[i]) for r in [*rows, ("name", "kind", "from", "")]) for i in range(3)]
     print(f"{'name':<{widths[0]}}  {'kind':<{widths[1]}}  {'from':<{widths[2]}}  description")
     for name, kind, origin, doc in rows:

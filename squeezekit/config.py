@@ -2,9 +2,10 @@
 CLI flags, labels (``squeeze+h2o@0.2/window=4``: bench methods, sweep cells) and YAML / TOML / JSON files all
 produce the same frozen `Config`.
 
-Core keys (`CORE`): ``allocator``, ``evictor``, ``budget``, ``fallback_allocator``, ``fallback_evictor``. Every
-other key is a parameter of a plugin: a dataclass field of the chosen allocator or evictor (or of a fallback), which
-validates it; a key no chosen plugin has is an error naming the nearest valid one. `keys` lists every key of every
+Core keys (`CORE`): ``allocator``, ``evictor``, ``heads`` (the head split, default ``uniform``), ``budget``,
+``fallback_allocator``, ``fallback_evictor``. Every other key is a parameter of a plugin: a dataclass field of the
+chosen allocator, evictor or head split (or of a fallback), which validates it; a key no chosen plugin has is an
+error naming the nearest valid one (or the installed plugin that takes it). `keys` lists every key of every
 installed plugin, with its type, help and default: the CLI's flags, lm-eval's model_args and the sweep's cells are
 all derived from it, so a third-party plugin's parameters are as first-class as the bundled ones.
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from .errors import NO_VALUE, ConfigError, PluginError, SqueezekitError
 from .policies import evictor_floor
-from .registry import Param, PluginInfo, registry
+from .registry import WORDS, Param, PluginInfo, registry
 from .statistics import needed
 
 BUDGET_RANGE = "a fraction of the prompt in (0, 1] (1 = full cache, nothing evicted) or a whole number of tokens > 1"
@@ -68,6 +69,11 @@ def _budget_ok(v: float) -> bool:
 CORE: dict[str, tuple[type, Any, str, str]] = {
     "allocator": (str, lambda v: True, "an installed allocator name", "layer-budget allocator (`squeezekit plugins`)"),
     "evictor": (str, lambda v: True, "an installed evictor name", "token evictor (`squeezekit plugins`)"),
+    "heads": (
+        str, lambda v: True, "an installed head split name",
+        "how each layer's budget splits over its KV heads (`squeezekit plugins`): uniform (every head keeps the "
+        "layer's budget) or e.g. adaptive (Ada-KV: the heads' best tokens, the memory held following them)",
+    ),
     "budget": (
         float,
         _budget_ok,
@@ -191,6 +197,8 @@ class Config:
 
     allocator: str = "squeeze"
     evictor: str = "streaming"
+    #: the head split (`squeezekit.HeadBudgetSplitter`); the default gives every KV head its layer's budget
+    heads: str = "uniform"
     budget: float = 0.2
     #: used instead of the allocator / evictor if it fails during a run (None: the run stops with a PluginError)
     fallback_allocator: str | None = None
@@ -230,7 +238,8 @@ class Config:
                 rest[key] = value
         allocator = reg.get("allocator", core.get("allocator", cls.allocator), source)
         evictor = reg.get("evictor", core.get("evictor", cls.evictor), source)
-        plugins = [allocator, evictor]
+        heads = reg.get("heads", core.get("heads", cls.heads), source)
+        plugins = [allocator, evictor, heads]
         for kind, primary in (("allocator", allocator), ("evictor", evictor)):
             name = core.get(f"fallback_{kind}")
             if name is None:
@@ -257,9 +266,18 @@ class Config:
                 what = (
                     f"not a squeezekit key, nor a parameter of allocator {allocator.name!r} or evictor {evictor.name!r}"
                 )
+                if not heads.cls.equal:
+                    what += f" or head split {heads.name!r}"
                 other_what, other_keys = others or ("", frozenset())
                 if other_what:
                     what += f", nor {other_what}"
+                unused = [info for info in reg.all() if key in info.params()]
+                if unused:  # a parameter of an installed plugin this config does not choose: say which to choose
+                    info = unused[0]
+                    raise ConfigError(
+                        key, value, f"is a parameter of {WORDS[info.kind]} {info.name!r}, which this config does not "
+                        f"use; add {info.kind}={info.name}", source,
+                    )  # fmt: skip
                 raise unknown_key(key, value, known, what, source, tuple(sorted(other_keys)))
             params[key] = _typed(key, value, owner.params()[key].type, text, source)
         config = cls(**core, params=tuple(sorted(params.items())))
@@ -270,6 +288,7 @@ class Config:
         """Build every plugin now (they validate their parameters), rather than mid-run; check the floor."""
         self.build_allocator(source)
         evictors = [(self.build_evictor(source), self.origin("evictor"))]
+        self._check_heads(source)
         if self.fallback_allocator is not None:
             self.build_allocator(source, fallback=True)
         if self.fallback_evictor is not None:
@@ -282,6 +301,26 @@ class Config:
                     self.budget,
                     f"below the floor of evictor {setter.name!r} ({floor} tokens per layer); use at least {floor}"
                     f"{floor_hint(setter)}",
+                    source,
+                )
+
+    def _check_heads(self, source: str | None) -> None:
+        """Build the head split; one that is not equal needs evictors that only score (it splits by their ranking,
+        and the engine keeps the top of each head's scores)."""
+        from .policies import TokenEvictor
+
+        split = self._build("heads", source)
+        if split.equal:
+            return
+        for fallback in (False, True):
+            info = self.info("evictor", fallback, source)
+            if info is not None and info.cls.select is not TokenEvictor.select:
+                key = "fallback_evictor" if fallback else "evictor"
+                raise ConfigError(
+                    key,
+                    info.name,
+                    f"chooses its own tokens (it overrides select()), so head split {split.name!r} cannot rank them; "
+                    "use heads=uniform with it, or an evictor that scores tokens",
                     source,
                 )
 
@@ -345,8 +384,11 @@ class Config:
 
     # ---- use ---------------------------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
-        """The explicitly set keys, flat (round-trips through `from_mapping`)."""
+        """The explicitly set keys, flat (round-trips through `from_mapping`); ``heads`` only when it is not the
+        default ``uniform`` (so labels and results of equal-split configs read as they always have)."""
         out = {k: getattr(self, k) for k in CORE_KEYS if getattr(self, k) is not None}
+        if self.heads == Config.heads:
+            del out["heads"]
         out.update(dict(self.params))
         return out
 
@@ -367,8 +409,8 @@ class Config:
         return self.budget > 1
 
     def info(self, kind: str, fallback: bool = False, source: str | None = None) -> PluginInfo | None:
-        """The registry entry of the allocator / evictor (or of its fallback: None when unset)."""
-        name = getattr(self, f"fallback_{kind}" if fallback else kind)
+        """The registry entry of the allocator / evictor / head split (or of a fallback: None when unset)."""
+        name = getattr(self, f"fallback_{kind}" if fallback else kind, None)
         return None if name is None else registry().get(kind, name, source)
 
     def origin(self, kind: str, fallback: bool = False) -> str:
@@ -398,6 +440,10 @@ class Config:
         """A new instance of the evictor (``fallback=True``: of the fallback evictor, None when unset)."""
         return self._build("evictor", source, fallback)
 
+    def build_heads(self, source: str | None = None) -> Any:
+        """A new instance of the head split."""
+        return self._build("heads", source)
+
     def describe(self) -> str:
         """A one-line human summary, e.g. ``squeeze(p=0.4) + streaming(sinks=4, window=8) @ budget 0.2``."""
 
@@ -409,7 +455,10 @@ class Config:
             budget = "full cache"
         else:
             budget = f"{int(self.budget)} tokens" if self.absolute else f"budget {self.budget:g}"
-        text = f"{fmt(self.build_allocator())} + {fmt(self.build_evictor())} @ {budget}"
+        text = f"{fmt(self.build_allocator())} + {fmt(self.build_evictor())}"
+        if self.heads != Config.heads:
+            text += f" / heads {fmt(self.build_heads())}"
+        text += f" @ {budget}"
         fallbacks = [
             f"{kind} {fmt(self._build(kind, None, True))}"
             for kind in ("allocator", "evictor")

@@ -1,4 +1,5 @@
-"""pluggy hook specifications of the ``squeezekit`` project: how a plugin adds policies and commands.
+"""pluggy hook specifications of the ``squeezekit`` project: how a plugin adds policies (allocators, evictors, head
+splits) and commands.
 
 A plugin is any module reachable through the ``squeezekit`` entry-point group (the bundled policies are declared
 in that same group) that implements one or more hooks with ``@squeezekit.hookimpl``. Every implementation is
@@ -36,6 +37,18 @@ def register_evictors(register: Callable[[type], None]) -> None:
         statistics the engine must collect for it).
 
     Called once per process when the registry loads. Names must be unique across installed plugins.
+    """
+
+
+@hookspec
+def register_head_splits(register: Callable[[type], None]) -> None:
+    """Register head splits: how a layer's budget is split over its KV heads.
+
+    :param register: call ``register(cls)`` once per class; ``cls`` subclasses `squeezekit.HeadBudgetSplitter`, is
+        a dataclass whose fields are its parameters, and sets ``name`` (e.g. ``heads=adaptive``).
+
+    Called once per process when the registry loads. Names must be unique among installed head splits (an
+    allocator or evictor may share one: the config key tells them apart).
     """
 
 

@@ -486,7 +486,7 @@ class BudgetedLayer(WindowLayer):
     def values(self, t: torch.Tensor) -> None:
         self._values = t
 
-    def _pack(self) -> None:
+    def pack(self) -> None:
         """After a settle: the heads' budgets differ, so their keys and values move into a pool of segments of
         exactly each head's budget (the buffers were compacted to the largest)."""
         hb = self.head_budget_host
@@ -504,7 +504,7 @@ class BudgetedLayer(WindowLayer):
         self._keys = self._values = None
         self.pool = pool
 
-    def _unpack(self) -> None:
+    def unpack(self) -> None:
         """Back to rectangular buffers (before growing, merging or reordering rows)."""
         if self.pool is None:
             return
@@ -526,16 +526,16 @@ class BudgetedLayer(WindowLayer):
         return self.pool.nbytes() if self.pool is not None else super().kv_nbytes()
 
     def pad_to(self, capacity: int) -> None:
-        self._unpack()
+        self.unpack()
         super().pad_to(capacity)
 
     def keep_slots(self, idx: torch.Tensor, compact: bool) -> None:
         if compact:
-            self._unpack()
+            self.unpack()
         super().keep_slots(idx, compact)
 
     def map_rows(self, fn: Any) -> None:
-        self._unpack()
+        self.unpack()
         super().map_rows(fn)
 
     def make_plain(self) -> None:
@@ -592,25 +592,12 @@ class BudgetedLayer(WindowLayer):
 
     def split_heads(self) -> None:
         """At the end of prefill, once the budget is set: the head split (``heads=...``) gives each KV head its own
-        budget, from the evictor's scores of the layer's tokens (`squeezekit.runner.PolicyRunner.split_heads`).
-        The default ``uniform`` split keeps the row's budget for every head and is not called."""
+        budget, from the evictor's ranking of the layer's tokens (`squeezekit.runner.PolicyRunner.split_heads`).
+        An equal split (the default ``uniform``) keeps the row's budget for every head and is not called."""
         runner = self.cache.runner
-        if self.budget is None or not getattr(runner, "splits_heads", False):
+        if self.budget is None or not runner.splits_heads:
             return
-        from .selection import rank_key
-
-        view = self.view("prefill")
-        key = rank_key(runner.head_scores(view), view, protect_newest=True).float()
-        cap = view.valid.sum(-1).cpu()
-        heads = runner.split_heads(  # type: ignore[attr-defined]  # (the head-split contract, issue 22)
-            key,
-            view.valid,
-            torch.as_tensor(self.budget_host),
-            runner.floor,
-            cap,
-            self.layer_idx,
-            len(self.cache.layers),
-        )
+        heads = runner.split_heads(self.view("prefill"))
         self.head_budget_host = heads.numpy().astype(np.int64)
         self.head_budget = heads.to(self.device)
 
@@ -709,7 +696,7 @@ class BudgetedLayer(WindowLayer):
         free = self.free_slots()
         room = int((self.pool.caps - self.held).min()) if self.held is not None else int(free.sum(-1).min())
         if room < q:
-            self._unpack()
+            self.unpack()
             return super()._append(k, v)
         slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
         self.pool.write(slots, k, v)
@@ -749,7 +736,7 @@ class BudgetedLayer(WindowLayer):
             self._enforce(compact=step.prefill)
         elif step.prefill and self.window is not None:
             self.shrink_to_fit()
-        self._pack()
+        self.pack()
         self.update_steady()
 
     def _enforce(self, compact: bool) -> None:

@@ -1,4 +1,5 @@
-"""The two policy contracts a plugin implements: `LayerBudgetAllocator` and `TokenEvictor`.
+"""The three policy contracts a plugin implements: `LayerBudgetAllocator` (how many tokens each layer keeps),
+`TokenEvictor` (which ones) and `HeadBudgetSplitter` (how a layer's budget splits over its KV heads).
 
 A plugin is a small dataclass: its fields are its parameters (config keys of the same name reach it, and each gets a
 CLI flag whose help is the field's ``#:`` comment), its ``__post_init__`` validates them with `check`, and one method
@@ -20,7 +21,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import ConfigError, PluginError
 from .statistics import Stat, Statistic, field_names
 
-__all__ = ["AllocationRequest", "LayerBudgetAllocator", "LayerView", "Stat", "Statistic", "TokenEvictor", "check"]
+__all__ = [
+    "AllocationRequest",
+    "HeadBudgetSplitter",
+    "HeadSplitRequest",
+    "LayerBudgetAllocator",
+    "LayerView",
+    "Stat",
+    "Statistic",
+    "TokenEvictor",
+    "check",
+]
 
 if TYPE_CHECKING:
     import torch
@@ -255,3 +266,43 @@ class LayerBudgetAllocator(ABC):
     @abstractmethod
     def allocate(self, request: AllocationRequest) -> torch.Tensor:
         """Return (B, L) long per-layer token budgets (see the class docstring for the invariants)."""
+
+
+@dataclass
+class HeadSplitRequest:
+    """What a head split sees, once per budgeted layer at the end of prefill, after the layer budgets are known and
+    before the layer's tokens are evicted. ``B`` sequences, ``H`` KV heads, ``S`` slots."""
+
+    #: (B, H, S) float64: the evictor's ranking of the layer's slots, higher kept first (its scores, ties broken
+    #: towards recent tokens); -inf for invalid slots, +inf for each head's newest token (always kept)
+    scores: torch.Tensor
+    #: (B,) long: the layer's budget per head; the heads of sequence ``b`` hold ``budget[b] * H`` tokens together
+    budget: torch.Tensor
+    #: (B, H) long: how many tokens each head holds now (none can keep more)
+    cap: torch.Tensor
+    #: every head keeps at least ``min(floor, budget[b])`` tokens (the evictor's floor)
+    floor: int
+    layer_idx: int = 0
+    n_layers: int = 1
+
+
+class HeadBudgetSplitter(ABC):
+    """Splits each layer's budget over its KV heads, per sequence (config key ``heads``).
+
+    `split` returns (B, H) integer budgets whose rows sum exactly to ``budget[b] * H`` with every entry in
+    ``[min(floor, budget[b]), cap[b, h]]`` (`squeezekit.budget.check_head_budgets`; the engine checks it and stops
+    the run naming the plugin otherwise). The layer then holds exactly what its heads' budgets add up to, and keeps
+    each head within its own budget at every decode step. A split reads the evictor's ranking, so it serves the
+    evictors that only score (the engine keeps the top of each head's scores); with an evictor that overrides
+    ``select`` the config refuses any split but an equal one.
+    """
+
+    #: the name users select it by (``heads=NAME``)
+    name: ClassVar[str] = ""
+    #: True when every head keeps its layer's budget (the bundled ``uniform``): the engine then skips the call and
+    #: its equal-budget path runs unchanged
+    equal: ClassVar[bool] = False
+
+    @abstractmethod
+    def split(self, request: HeadSplitRequest) -> torch.Tensor:
+        """Return (B, H) long per-head budgets (see the class docstring for the invariants)."""

@@ -3,8 +3,10 @@
 Bundled and third-party plugins load the same way. A plugin that fails to import, or registers something that
 breaks the contract, is recorded (by name and package) in `Registry.failures` and skipped; the others keep working.
 Set ``SQUEEZEKIT_PLUGINS=name1,name2`` to load only those entry points (reproducible runs, isolating a bad plugin);
-a name that matches no entry point is an error. squeezekit's own commands come from `squeezekit.commands`, a
-default plugin registered in code (like simonw/llm's default plugins), so the variable never hides them.
+a name that matches no entry point is an error. squeezekit's own commands come from `squeezekit.commands`, and the
+default head split (``uniform``, what a config without ``heads`` uses) from `squeezekit.plugins.uniform_heads`: both
+are default plugins registered in code through the same hooks (like simonw/llm's default plugins), so the variable
+never hides them.
 
 Nothing here imports torch: listing plugins and building ``--help`` stay fast.
 """
@@ -27,7 +29,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownPluginError
-from .policies import LayerBudgetAllocator, TokenEvictor
+from .policies import HeadBudgetSplitter, LayerBudgetAllocator, TokenEvictor
 from .statistics import needed
 
 GROUP = "squeezekit"
@@ -35,6 +37,10 @@ BUNDLED_PACKAGE = "squeezekit"  # its entry points load first
 ENV = "SQUEEZEKIT_PLUGINS"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _COMMAND = re.compile(r"^[a-z][a-z0-9-]*$")
+#: the policy kinds (each the config key that names one), their contracts, and how messages call them
+KINDS = ("allocator", "evictor", "heads")
+BASES: dict[str, type] = {"allocator": LayerBudgetAllocator, "evictor": TokenEvictor, "heads": HeadBudgetSplitter}
+WORDS = {"allocator": "allocator", "evictor": "evictor", "heads": "head split"}
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,8 @@ class PluginInfo:
     """One registered policy and where it came from."""
 
     name: str
-    kind: str  # "allocator" or "evictor"
-    cls: Any  #: the plugin's class (a LayerBudgetAllocator or TokenEvictor dataclass)
+    kind: str  #: "allocator", "evictor" or "heads" (a head split): `KINDS`
+    cls: Any  #: the plugin's class (a LayerBudgetAllocator, TokenEvictor or HeadBudgetSplitter dataclass)
     entry_point: str
     package: str
     version: str
@@ -97,10 +103,11 @@ class Command:
 
 @dataclass
 class Registry:
-    """Installed allocators, evictors and commands by name, plus the plugins that failed to load."""
+    """Installed allocators, evictors, head splits and commands by name, plus the plugins that failed to load."""
 
     allocators: dict[str, PluginInfo] = field(default_factory=dict)
     evictors: dict[str, PluginInfo] = field(default_factory=dict)
+    head_splits: dict[str, PluginInfo] = field(default_factory=dict)
     commands: dict[str, Command] = field(default_factory=dict)
     failures: list[PluginError] = field(default_factory=list)
     #: ``SQUEEZEKIT_PLUGINS`` named entry points that do not exist: raised by every policy lookup
@@ -111,16 +118,21 @@ class Registry:
         """The ``kind`` policy called ``name``; ``key`` is the config key that named it (default: ``kind``)."""
         if self.env_error is not None:
             raise self.env_error
-        table = self.allocators if kind == "allocator" else self.evictors
+        table = self.table(kind)
         if isinstance(name, str) and name in table:
             return table[name]
         for failure in self.failures:  # a broken plugin of that name: say why, not just "unknown"
-            if failure.plugin == name:
+            if failure.plugin == name and getattr(failure, "kind", kind) == kind:
                 raise failure
-        raise UnknownPluginError(kind, name, list(table), source, key)
+        raise UnknownPluginError(WORDS[kind], name, list(table), source, key or kind)
+
+    def table(self, kind: str) -> dict[str, PluginInfo]:
+        """The installed policies of one kind (`KINDS`), by name."""
+        return {"allocator": self.allocators, "evictor": self.evictors, "heads": self.head_splits}[kind]
 
     def all(self) -> list[PluginInfo]:
-        return sorted([*self.allocators.values(), *self.evictors.values()], key=lambda p: (p.kind, p.name))
+        every = [info for kind in KINDS for info in self.table(kind).values()]
+        return sorted(every, key=lambda p: (KINDS.index(p.kind), p.name))
 
 
 # ---- plugin parameters ---------------------------------------------------------------------------------------------
@@ -181,24 +193,28 @@ def _params(cls: type, plugin: str) -> dict[str, Param]:
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
 def _contract_problem(kind: str, cls: object) -> str | None:
-    base = LayerBudgetAllocator if kind == "allocator" else TokenEvictor
+    base = BASES[kind]
     if not isinstance(cls, type) or not issubclass(cls, base):
         return f"registered {cls!r}, which is not a subclass of squeezekit.{base.__name__}"
     if not dataclasses.is_dataclass(cls):
         return f"{cls.__name__} must be a dataclass (its fields are its parameters)"
-    if not isinstance(cls.name, str) or not _NAME.match(cls.name):
-        return f"{cls.__name__}.name must be a lowercase identifier, got {cls.name!r}"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        return f"{cls.__name__}.name must be a lowercase identifier, got {name!r}"
     if getattr(cls, "__abstractmethods__", None):
         return f"{cls.__name__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
+    needs: Any = getattr(cls, "needs", ())  # (a head split collects no statistic of its own)
+    if kind == "heads" and not isinstance(getattr(cls, "equal", None), bool):
+        return f"{cls.__name__}.equal must be True or False, got {getattr(cls, 'equal', None)!r}"
     try:
-        stats = needed(cls.needs)
+        stats = needed(needs)
     except TypeError:
         what = "a squeezekit.Stat, a Statistic class or a tuple of them"
-        return f"{cls.__name__}.needs must be {what}, got {cls.needs!r}"
+        return f"{cls.__name__}.needs must be {what}, got {needs!r}"
     if kind == "allocator" and any(s.per_slot for s in stats):
         return (
             f"{cls.__name__}.needs must be Stat.NONE or statistics of one step (Stat.WINDOW_QUERIES) for an "
-            f"allocator, got {cls.needs!r}"
+            f"allocator, got {needs!r}"
         )
     for stat in stats:
         try:
@@ -251,9 +267,13 @@ def load() -> Registry:
             "environment",
         )
 
-    from . import commands  # squeezekit's own commands: a default plugin, always loaded
+    import importlib
+
+    from . import commands  # squeezekit's own commands and the default head split: default plugins, always loaded
 
     _register_module(reg, pm, commands, "squeezekit-commands", BUNDLED_PACKAGE, _own_version())
+    default_heads = importlib.import_module("squeezekit.plugins.uniform_heads")
+    _register_module(reg, pm, default_heads, "uniform_heads", BUNDLED_PACKAGE, _own_version())
     # Bundled policies first, so that no third-party plugin can take one of their names; then by entry-point name.
     for ep in eps:
         if only and ep.name not in only:
@@ -301,16 +321,14 @@ def _register_module(
     elif not callers:
         reg.failures.append(PluginError(ep_name, origin, "registers nothing (it implements none of the hooks)"))
     found: list[tuple[str, Any]] = []
-    for kind in ("allocator", "evictor", "command"):
+    for kind in (*KINDS, "command"):
         # Call this plugin's implementation alone, so that one plugin raising cannot hide the others.
-        hook = getattr(pm.hook, f"register_{kind}s")
+        hook = getattr(pm.hook, _HOOKS[kind])
         for impl in [i for i in hook.get_hookimpls() if i.plugin is module]:
             try:
                 impl.function(register=lambda *a, k=kind, out=found: out.append((k, a)))
             except Exception as exc:
-                reg.failures.append(
-                    PluginError(ep_name, origin, f"register_{kind}s raised {type(exc).__name__}: {exc}")
-                )
+                reg.failures.append(PluginError(ep_name, origin, f"{_HOOKS[kind]} raised {type(exc).__name__}: {exc}"))
     for kind, args in found:
         if kind == "command":
             _add_command(reg, args, ep_name, origin)
@@ -319,14 +337,23 @@ def _register_module(
         problem = _contract_problem(kind, cls)
         name = getattr(cls, "name", ep_name)
         if problem is None:
-            table = reg.allocators if kind == "allocator" else reg.evictors
+            table = reg.table(kind)
             if name in table:
-                problem = f"{kind} name {name!r} is already registered by {table[name].origin}"
+                problem = f"{WORDS[kind]} name {name!r} is already registered by {table[name].origin}"
         if problem is not None:
-            reg.failures.append(PluginError(name if isinstance(name, str) else ep_name, origin, problem))
+            failure = PluginError(name if isinstance(name, str) else ep_name, origin, problem)
+            failure.kind = kind  # type: ignore[attr-defined]  # (a lookup of that kind names it: `Registry.get`)
+            reg.failures.append(failure)
             continue
-        info = PluginInfo(name, kind, cls, ep_name, package, version)
-        (reg.allocators if kind == "allocator" else reg.evictors)[name] = info
+        reg.table(kind)[name] = PluginInfo(name, kind, cls, ep_name, package, version)
+
+
+_HOOKS = {
+    "allocator": "register_allocators",
+    "evictor": "register_evictors",
+    "heads": "register_head_splits",
+    "command": "register_commands",
+}
 
 
 def _add_command(reg: Registry, args: tuple, ep_name: str, origin: str) -> None:

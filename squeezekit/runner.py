@@ -30,9 +30,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
-from .budget import check_budgets
+from .budget import check_budgets, check_head_budgets
 from .errors import PluginError, PluginFallbackWarning, SqueezekitError
-from .policies import LIVE_FIELDS, AllocationRequest, LayerBudgetAllocator, LayerView, TokenEvictor, evictor_floor
+from .policies import (
+    LIVE_FIELDS,
+    AllocationRequest,
+    HeadBudgetSplitter,
+    HeadSplitRequest,
+    LayerBudgetAllocator,
+    LayerView,
+    TokenEvictor,
+    evictor_floor,
+)
 from .selection import check_selection, top_slots, victim_slots
 from .statistics import OBSERVATION_TENSORS, Importance, Observation, Statistic, needed
 
@@ -40,7 +49,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 T = TypeVar("T")
-KINDS = ("allocator", "evictor")
+#: the policy kinds a config's ``fallback_*`` keys stand in for (a head split has none: its failure stops the run)
+FALLBACK_KINDS = ("allocator", "evictor")
 
 
 def _live_tensors(view: Any) -> list[tuple[str, Any]]:
@@ -108,9 +118,14 @@ class PolicyRunner:
 
     def __init__(self, config: Config):
         self.config = config
-        self._policies: dict[str, Any] = {"allocator": config.build_allocator(), "evictor": config.build_evictor()}
-        self._origins = {kind: config.origin(kind) for kind in KINDS}
-        self._fallbacks = {kind: config._build(kind, None, fallback=True) for kind in KINDS}
+        self._policies: dict[str, Any] = {
+            "allocator": config.build_allocator(),
+            "evictor": config.build_evictor(),
+            "heads": config.build_heads(),
+        }
+        self._origins = {kind: config.origin(kind) for kind in self._policies}
+        self._fallbacks: dict[str, Any] = {kind: config._build(kind, None, fallback=True) for kind in FALLBACK_KINDS}
+        self._fallbacks["heads"] = None
         #: the errors that made a fallback take over, by kind
         self.failures: dict[str, PluginError] = {}
         evictors = [(self.evictor, self._origins["evictor"])]
@@ -157,6 +172,15 @@ class PolicyRunner:
     @property
     def evictor(self) -> TokenEvictor:
         return self._policies["evictor"]
+
+    @property
+    def heads(self) -> HeadBudgetSplitter:
+        return self._policies["heads"]
+
+    @property
+    def splits_heads(self) -> bool:
+        """The head split gives heads budgets of their own (not the equal split, whose call the engine skips)."""
+        return not self.heads.equal and not self.config.full
 
     @property
     def batch_level(self) -> bool:
@@ -340,6 +364,27 @@ class PolicyRunner:
             return self._call("allocator", "allocate", request, watch=watch, check=check).long().cpu()
 
         return self.guarded("allocator", once)
+
+    # -- the head split -----------------------------------------------------------------------------------------------
+    def split_heads(self, view: LayerView) -> torch.Tensor:
+        """(B, H) long per-head budgets of a layer at the end of prefill, on the CPU (checked: rows sum to
+        ``budget * H``, each head in [min(floor, budget), what it holds]), from the evictor's checked scores of the
+        layer's slots."""
+        from .selection import rank_key
+
+        scores = rank_key(self.head_scores(view), view, protect_newest=True)
+        budget = view.budget.cpu().long()
+        cap = view.valid.sum(-1).cpu().long()
+        floor = self.floor
+
+        def check(out: Any) -> str | None:
+            return check_head_budgets(out, budget, floor, cap)
+
+        request = HeadSplitRequest(
+            scores=scores, budget=budget.clone(), cap=cap.clone(), floor=floor, layer_idx=view.layer_idx,
+            n_layers=view.n_layers,
+        )  # fmt: skip
+        return self._call("heads", "split", request, check=check).long().cpu()
 
     # -- the evictor --------------------------------------------------------------------------------------------------
     @property

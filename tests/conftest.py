@@ -89,7 +89,8 @@ def _no_plugin_restriction():
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("SQUEEZEKIT_PLUGINS", raising=False)
         reg = squeezekit.registry(reload=True)
-        for kind, table in (("allocator", reg.allocators), ("evictor", reg.evictors)):
+        for kind in plugin_factory.BUNDLED:
+            table = reg.table(kind)
             plugin_factory.AMBIENT[kind] = {name for name, info in table.items() if info.package != "squeezekit"}
         yield
     squeezekit.registry(reload=True)

@@ -26,10 +26,11 @@ GROUP = "squeezekit"
 BUNDLED = {
     "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention"},
     "evictor": {"streaming", "sliding_window", "h2o", "snapkv"},
+    "heads": {"uniform", "adaptive"},
 }
 #: the policies of other packages installed in the environment the suite runs in (a user's own plugins: the suite
 #: must pass beside them), by kind; set once per session by conftest.py before any test installs its own
-AMBIENT: dict[str, set[str]] = {"allocator": set(), "evictor": set()}
+AMBIENT: dict[str, set[str]] = {"allocator": set(), "evictor": set(), "heads": set()}
 
 
 def installed(kind: str) -> set[str]:
@@ -44,20 +45,24 @@ def installed_names(kind: str, *extra: str) -> str:
 
 @functools.cache
 def _shipped() -> tuple[tuple[str, type], ...]:
-    """``(kind, class)`` of every policy squeezekit's own distribution registers, as its entry points load."""
+    """``(kind, class)`` of every policy squeezekit's own distribution registers, as its entry points load (and the
+    default head split, registered in code)."""
+    import importlib
+
     import pluggy
 
     from squeezekit import hookspecs
-    from squeezekit.registry import BUNDLED_PACKAGE
+    from squeezekit.registry import _HOOKS, BUNDLED_PACKAGE, KINDS
 
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
+    pm.register(importlib.import_module("squeezekit.plugins.uniform_heads"), name="uniform_heads")
     for ep in metadata.distribution(BUNDLED_PACKAGE).entry_points:
         if ep.group == GROUP:
             pm.register(ep.load(), name=ep.name)
     found: list[tuple[str, type]] = []
-    for kind in ("allocator", "evictor"):
-        getattr(pm.hook, f"register_{kind}s")(register=lambda cls, kind=kind: found.append((kind, cls)))
+    for kind in KINDS:
+        getattr(pm.hook, _HOOKS[kind])(register=lambda cls, kind=kind: found.append((kind, cls)))
     return tuple(found)
 
 
@@ -85,7 +90,7 @@ def bundled(kind: str, plain: bool = False) -> list[str]:
     names = {
         cls.name
         for k, cls in _shipped()
-        if k == kind and (not plain or (not needed(cls.needs) and _builds_at_defaults(cls)))
+        if k == kind and (not plain or (not needed(getattr(cls, "needs", ())) and _builds_at_defaults(cls)))
     }
     return sorted(names)
 

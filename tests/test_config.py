@@ -177,9 +177,10 @@ def test_unknown_key_lists_the_chosen_plugins_keys():
         Config.from_string("evictor=snapkv,kernel_sise=5")
     message = one_line_error(excinfo, "kernel_sise", "'5'")
     assert "kernel_size" in message and "pooling" in message and message.endswith("did you mean 'kernel_size'?")
-    # a parameter of another plugin is unknown to the chosen ones
-    with pytest.raises(ConfigError, match=r"beta = 2.0: unknown key .*allocator 'squeeze'"):
+    # a parameter of an installed plugin the config does not choose: which plugin to choose
+    with pytest.raises(ConfigError, match=r"beta = 2.0: is a parameter of allocator 'pyramid', .*allocator=pyramid$"):
         Config.from_kwargs(beta=2.0)
+    assert Config.from_kwargs(beta=2.0, allocator="pyramid").build_allocator().beta == 2.0
 
 
 def test_unknown_evictor_lists_installed_names_and_suggests():

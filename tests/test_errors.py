@@ -33,7 +33,8 @@ GEN = dict(do_sample=False, pad_token_id=0)
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))
 #: every key of the default config (squeeze + streaming), as unknown-key messages list them
 DEFAULT_KEYS = (
-    "allocator, budget, evictor, fallback_allocator, fallback_evictor, n_init, p, per, random_state, sinks, window"
+    "allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, n_init, p, per, random_state, sinks, "
+    "window"
 )
 PLUGIN = "plugin {name} from {package} {version}: "
 #: a template value that matches any text (see `expect`)
@@ -168,7 +169,7 @@ CATALOGUE = [
     ),
     Row(
         "unknown-name-far",
-        "unknown allocator / evictor with no near name",
+        "unknown allocator / evictor / head split with no near name",
         "UnknownPluginError",
         "config error: {source}: {key} = {value}: unknown {kind}; installed: {installed}",
         "test_unknown_allocator_and_evictor",
@@ -188,6 +189,22 @@ CATALOGUE = [
         "config error: {source}: {key} = {value}: unknown key (not a squeezekit key, nor a parameter of allocator "
         "{allocator} or evictor {evictor}); keys: {keys}",
         "test_unknown_key_kwarg",
+    ),
+    Row(
+        "unused-plugin-param",
+        "a parameter of an installed plugin the config does not choose (safeguard without heads=adaptive)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: is a parameter of {kind} {name}, which this config does not use; "
+        "add {config_key}={plugin}",
+        "test_head_split_config_errors",
+    ),
+    Row(
+        "heads-with-select",
+        "a head split other than uniform with an evictor that overrides select() (it chooses its own tokens)",
+        "ConfigError",
+        "config error: {source}: {key} = {value}: chooses its own tokens (it overrides select()), so head split "
+        "{split} cannot rank them; use heads=uniform with it, or an evictor that scores tokens",
+        "test_head_split_config_errors",
     ),
     Row(
         "unknown-key-file",
@@ -875,6 +892,48 @@ CATALOGUE = [
         "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
     ),
     Row(
+        "plugin-split-raises",
+        "a head split that raises at call time",
+        "PluginError",
+        PLUGIN + "split() raised {exception}: {detail}",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "plugin-split-type",
+        "a head split returning something other than an integer tensor",
+        "PluginError",
+        PLUGIN + "split() must return an integer tensor, got {dtype}",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "plugin-split-shape",
+        "a head split returning budgets of the wrong shape",
+        "PluginError",
+        PLUGIN + "split() returned shape {shape}, expected {expected}",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "plugin-split-sum",
+        "head budgets that do not add up to the layer's budget times its KV heads",
+        "PluginError",
+        PLUGIN + "split() budgets sum to {got} tokens for sequence {seq}, expected exactly {total}",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "plugin-split-floor",
+        "a head budget below the evictor's floor",
+        "PluginError",
+        PLUGIN + "split() gave head {head} of sequence {seq} {got} tokens, below the floor {floor}",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
+        "plugin-split-cap",
+        "a head budget above the tokens the head holds",
+        "PluginError",
+        PLUGIN + "split() gave head {head} of sequence {seq} {got} tokens, more than the {cap} it holds",
+        "test_misbehaving_plugin_stops_the_run_and_restores_the_model",
+    ),
+    Row(
         "plugin-budget-meta",
         "allocator budgets on the meta device",
         "PluginError",
@@ -1366,6 +1425,61 @@ def test_unknown_allocator_and_evictor():
     )
 
 
+def test_head_split_config_errors(plugin_site):
+    raised(
+        "unknown-name-far",
+        lambda: Config.from_kwargs(heads="zzzzzz"),
+        source="kwargs",
+        key="heads",
+        value="'zzzzzz'",
+        kind="head split",
+        installed="adaptive, uniform",
+    )
+    raised(
+        "unused-plugin-param",
+        lambda: Config.from_string("evictor=snapkv,safeguard=0.5"),
+        source="model_args",
+        key="safeguard",
+        value="'0.5'",
+        kind="head split",
+        name="'adaptive'",
+        config_key="heads",
+        plugin="adaptive",
+    )
+    raised(
+        "unused-plugin-param",
+        lambda: Config.from_kwargs(kernel_size=5),
+        source="kwargs",
+        key="kernel_size",
+        value="5",
+        kind="evictor",
+        name="'snapkv'",
+        config_key="evictor",
+        plugin="snapkv",
+    )
+    origin = _install(plugin_site, "own_select", "evictor", RECENT + SELECTS)
+    plugin_site.reload()
+    for key in ("evictor", "fallback_evictor"):
+        extra = {key: "own_select"}
+        raised(
+            "heads-with-select",
+            lambda extra=extra: Config.from_kwargs(heads="adaptive", **extra),
+            source="kwargs",
+            key=key,
+            value="'own_select'",
+            split="'adaptive'",
+        )
+    assert Config.from_kwargs(heads="uniform", evictor="own_select").build_evictor().name == "own_select"
+    assert origin["name"] == "'own_select'"
+
+
+#: an evictor's own select (the top of its scores, chosen by the plugin)
+SELECTS = """
+def select(self, view, keep):
+    return super().select(view, keep)
+"""
+
+
 def test_unknown_key_kwarg(llama):
     raised(
         "unknown-key-kwargs",
@@ -1384,7 +1498,7 @@ def test_unknown_key_kwarg(llama):
         value="5",
         allocator="'squeeze'",
         evictor="'snapkv'",
-        keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, kernel_size, n_init, p, per, "
+        keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, n_init, p, per, "
         "pooling, random_state, window",
         nearest="'kernel_size'",
     )
@@ -1462,8 +1576,8 @@ def test_unknown_cli_flag_and_set_key(capsys):
                 value="'5'",
                 allocator="'squeeze'",
                 evictor="'snapkv'",
-                keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, kernel_size, n_init, p, per, "
-                "pooling, random_state, window",
+                keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, n_init, "
+                "p, per, pooling, random_state, window",
                 nearest="'kernel_size'",
             ),
         ),
@@ -1864,7 +1978,8 @@ def test_other_misuse(llama):
 
 
 def _plugin(kind: str, name: str, body: str, imports: str = "") -> str:
-    base = "LayerBudgetAllocator" if kind == "allocator" else "TokenEvictor"
+    base = {"allocator": "LayerBudgetAllocator", "evictor": "TokenEvictor", "heads": "HeadBudgetSplitter"}[kind]
+    hook = {"allocator": "register_allocators", "evictor": "register_evictors", "heads": "register_head_splits"}[kind]
     return f'''
 from dataclasses import dataclass
 
@@ -1883,7 +1998,7 @@ class Bad(squeezekit.{base}):
 
 
 @squeezekit.hookimpl
-def register_{kind}s(register):
+def {hook}(register):
     register(Bad)
 '''
 
@@ -2089,6 +2204,45 @@ def select(self, view, keep):
         "plugin-score-raises",
         dict(exception="SystemExit", detail="0"),
     ),
+    # head splits (run with snapkv, whose floor is 8, on a batch of two prompts: layer budgets 20 and 17, 2 KV heads)
+    "split_raises": (
+        "heads",
+        "def split(self, request):\n    raise IndexError('head 3')\n",
+        "plugin-split-raises",
+        dict(exception="IndexError", detail="head 3"),
+    ),
+    "split_float": (
+        "heads",
+        "def split(self, request):\n    return request.cap.float() / 2\n",
+        "plugin-split-type",
+        dict(dtype="torch.float32"),
+    ),
+    "split_shape": (
+        "heads",
+        "def split(self, request):\n    return request.budget\n",
+        "plugin-split-shape",
+        dict(shape=(2,), expected=(2, 2)),
+    ),
+    "split_sum": (
+        "heads",
+        "def split(self, request):\n    return request.budget.view(-1, 1).repeat(1, 2) + 1\n",
+        "plugin-split-sum",
+        dict(got=42, seq=0, total=40),
+    ),
+    "split_floor": (
+        "heads",
+        "def split(self, request):\n    b = request.budget.view(-1, 1)\n"
+        "    return torch.cat([2 * b - 1, b * 0 + 1], 1)\n",
+        "plugin-split-floor",
+        dict(head=1, seq=0, got=1, floor=8),
+    ),
+    # (run at budget 0.8: layer budgets 32 and 27 of 40 and 34 held tokens)
+    "split_over_cap": (
+        "heads",
+        "def split(self, request):\n    b = request.budget.view(-1, 1)\n    return torch.cat([b + 9, b - 9], 1)\n",
+        "plugin-split-cap",
+        dict(head=0, seq=0, got=41, cap=40),
+    ),
     # rewriting the total it was asked for: budgets are checked against squeezekit's own copy
     "rewrites_total": (
         "allocator",
@@ -2110,6 +2264,8 @@ def _install(plugin_site, name: str, kind: str, body: str) -> dict:
 def _run_config(kind: str, name: str) -> dict:
     # A batch of two prompts of different lengths (budgets 20 and 17 per layer), 6 new tokens: prefill eviction, then
     # steady decode. Misbehaving allocators run with a good evictor and the other way round.
+    if kind == "heads":
+        return dict(budget=0.8 if name == "split_over_cap" else 0.5, heads=name, evictor="snapkv", allocator="uniform")
     return dict(
         budget=0.5, **({"allocator": name} if kind == "allocator" else {"evictor": name, "allocator": "uniform"})
     )

@@ -277,6 +277,32 @@ def test_the_serving_path_gives_generates_tokens_for_every_bundled_policy(alloca
     assert torch.equal(torch.cat([first[:, None], rest], dim=1), ref)
 
 
+@pytest.mark.parametrize("evictor", bundled("evictor"))
+@pytest.mark.parametrize("allocator", ["uniform", "squeeze", "lost_attention"])
+def test_the_serving_path_gives_generates_tokens_with_the_adaptive_head_split(allocator, evictor):
+    """With ``heads=adaptive`` (heads of a layer holding different budgets, in a pool of per-head segments), the
+    micro-batched prefill + greedy decoder give ``model.generate``'s tokens."""
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=4)
+    model.generation_config.eos_token_id = None
+    ids, mask = batch(4, 160, pad=12)
+    config = dict(budget=0.1, heads="adaptive", **applicable(allocator, evictor, sinks=2, window=4))
+    with squeezekit.compress(model, **config) as c:
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 160:]
+        split = c.summary()["head_budgets"]
+        micro_batch = 4 if c.runner.batch_level else 2
+        cache, logits = prefill(model, c, ids, mask, micro_batch=micro_batch)
+        for layer in cache.layers:  # the assembled batch holds what its heads' budgets add up to
+            hb = getattr(layer, "head_budget_host", None)
+            if hb is not None and (hb != hb[:, :1]).any():
+                assert layer.pool is not None
+                assert layer.kv_nbytes() == int(hb.sum()) * 2 * layer.head_dim * layer.dtype.itemsize
+        first = logits.argmax(-1)
+        rest = GreedyDecoder(model, cache, first, cuda_graph=False).run(7)
+    assert torch.equal(torch.cat([first[:, None], rest], dim=1), ref)
+    if evictor == "snapkv":
+        assert bool((split.amin(-1) < split.amax(-1)).any())  # the heads did get budgets of their own
+
+
 def test_the_bench_correctness_check_agrees_for_every_bundled_allocator():
     """``squeezekit bench``'s own check (the serving path, one row per micro-batch, against model.generate on the
     whole batch) agrees token for token for every bundled allocator that needs no profile. It did not for

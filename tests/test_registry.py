@@ -16,21 +16,25 @@ from squeezekit import Config, PluginError
 
 
 def names(reg) -> dict[str, set[str]]:
-    return {"allocator": set(reg.allocators), "evictor": set(reg.evictors)}
+    """The policies of each kind but the default head split, which every registry holds (see `test_registry`)."""
+    out = {"allocator": set(reg.allocators), "evictor": set(reg.evictors), "heads": set(reg.head_splits) - {"uniform"}}
+    return {kind: names for kind, names in out.items() if names or kind != "heads"}
 
 
 def everything() -> dict[str, set[str]]:
     """What the registry holds with no test plugin installed: the bundled policies and any the environment has."""
-    return {"allocator": installed("allocator"), "evictor": installed("evictor")}
+    heads = installed("heads") - {"uniform"}
+    return {"allocator": installed("allocator"), "evictor": installed("evictor"), "heads": heads}
 
 
 def assert_bundled_intact(reg) -> None:
     for kind, shipped in BUNDLED.items():
-        table = reg.allocators if kind == "allocator" else reg.evictors
+        table = reg.table(kind)
         for name in shipped:
             info = table[name]
             assert (info.package, info.version, info.origin) == ("squeezekit", "0.1.0", "squeezekit 0.1.0"), name
-            assert info.cls.__module__ == f"squeezekit.plugins.{name}"
+            module = f"{name}_heads" if kind == "heads" else name  # (a head split's file: plugins/NAME_heads.py)
+            assert info.cls.__module__ == f"squeezekit.plugins.{module}"
     # ... and they still work end to end through the config schema
     config = Config.from_kwargs(allocator="squeeze", evictor="h2o", budget=0.2)
     assert config.build_evictor().name == "h2o" and config.build_allocator().name == "squeeze"
@@ -74,9 +78,12 @@ def test_bundled_plugins_load_through_the_entry_point_group():
         "sliding_window",
         "snapkv",
         "streaming",
+        "adaptive",
+        "uniform",
     ]
     for info in (p for p in reg.all() if p.package == "squeezekit"):
-        assert info.entry_point == info.name
+        # (the default head split is registered in code, as uniform_heads: the allocator's entry point is uniform)
+        assert info.entry_point == ("uniform_heads" if (info.kind, info.name) == ("heads", "uniform") else info.name)
         assert info.doc and "\n" not in info.doc
         assert squeezekit.registry().get(info.kind, info.name) is info
 
@@ -102,8 +109,9 @@ def test_the_readme_and_the_plugin_guide_name_every_bundled_policy():
     evictors, all of them and no other."""
     readme = (DOC.parents[1] / "README.md").read_text()
     intro = DOC.read_text().split("- a **layer-budget allocator**", 1)[1].split("\n\n", 1)[0]
-    guide = dict(zip(("allocator", "evictor"), intro.split("- a **token evictor**"), strict=True))
-    for kind in ("allocator", "evictor"):
+    guide = dict(zip(("allocator", "evictor", "heads"), re.split(r"- a \*\*(?:token evictor|head split)\*\*", intro),
+                     strict=True))  # fmt: skip
+    for kind in ("allocator", "evictor", "heads"):
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kind}` |")]
         assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(bundled(kind)), row
         assert set(re.findall(r"`(\w+)`", guide[kind])) == set(bundled(kind)), guide[kind]
@@ -689,7 +697,9 @@ def _doc_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("hook", ["register_allocators", "register_evictors", "register_commands"])
+@pytest.mark.parametrize(
+    "hook", ["register_allocators", "register_evictors", "register_head_splits", "register_commands"]
+)
 def test_doc_quotes_the_hook_specs(hook):
     import inspect
 
@@ -699,7 +709,7 @@ def test_doc_quotes_the_hook_specs(hook):
     assert any(source.strip() in block for block in _doc_blocks()), f"docs/plugins.md does not quote {hook} verbatim"
 
 
-@pytest.mark.parametrize("cls", ["LayerView", "AllocationRequest"])
+@pytest.mark.parametrize("cls", ["LayerView", "AllocationRequest", "HeadSplitRequest"])
 def test_doc_quotes_the_view_fields(cls):
     import dataclasses
     import inspect
