@@ -19,10 +19,10 @@ def add(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (
         "Evaluate quality offline through lm-eval. Without --sweep: the config given by the flags. With --sweep: every "
-        "allocator x evictor x budget (budget 1 = full cache, run once), resumable, written to --out (results.json, "
-        "results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, device, ...): "
-        "results of another are refused, never mixed. Without --out (one config only) the scores are printed and "
-        "nothing is written."
+        "allocator x evictor x head split x budget (budget 1 = full cache, run once), resumable, written to --out "
+        "(results.json, results.md, quality_vs_budget.png). An --out holds one setting (model, text, batch size, "
+        "device, ...): results of another are refused, never mixed. Without --out (one config only) the scores are "
+        "printed and nothing is written."
     )
     add_model_option(parser)
     parser.add_argument(
@@ -51,11 +51,18 @@ def add(parser: argparse.ArgumentParser) -> None:
         help="text for the pass key / perplexity tasks (default: bible-kjv, python3.11-doc, pydoc)",
     )
     parser.add_argument("--install-text", action="store_true", help="apt-get install bible-kjv first if missing")
-    parser.add_argument("--sweep", action="store_true", help="run the allocator x evictor x budget sweep")
+    parser.add_argument("--sweep", action="store_true", help="run the allocator x evictor x head split x budget sweep")
     # (default: squeezekit's own allocators and evictors, but those that need a parameter, see sweep.default_plugins)
     parser.add_argument("--allocators", default=",".join(default_plugins("allocator")), help="allocators of the sweep")
     parser.add_argument("--evictors", default=",".join(default_plugins("evictor")), help="evictors of the sweep")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SWEEP_BUDGETS), help="budgets of the sweep")
+    parser.add_argument(
+        "--heads",
+        default=None,
+        metavar="NAMES",
+        help="the head split (`squeezekit plugins`): one name for one config; with --sweep, a comma-separated list "
+        "whose every split is swept (e.g. uniform,adaptive) (default: uniform)",
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -141,11 +148,14 @@ def run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     device, dtype = resolve(args.device, args.dtype)  # before anything loads
     if args.sweep:
-        params = {k: v for k, v in config_values(args).items() if k not in LABEL_KEYS}
-        configs = sweep_configs(
-            _names(args.allocators, "--allocators"), _names(args.evictors, "--evictors"), _budgets(args.budgets), params
-        )
+        params = {k: v for k, v in config_values(args).items() if k not in (*LABEL_KEYS, "heads")}
+        heads = _names(args.heads, "--heads") if args.heads is not None else ["uniform"]
+        allocators, evictors = _names(args.allocators, "--allocators"), _names(args.evictors, "--evictors")
+        configs = sweep_configs(allocators, evictors, _budgets(args.budgets), params, heads)
     else:
+        if args.heads is not None and "," in args.heads:
+            raise ConfigError("--heads", args.heads, "takes one head split without --sweep", SOURCE)
+        setattr(args, "config:heads", args.heads)
         configs = [config_from_args(args)]
     if args.threads:
         import torch

@@ -1,5 +1,6 @@
 """Reports of an evaluation results store: the table of every cell, the paired comparisons of each allocator with
-the uniform split (at equal budgets, and at 0.7x a budget against uniform at it), and a PNG of quality vs budget."""
+the uniform split (at equal budgets, and at 0.7x a budget against uniform at it), of each head split with the
+uniform head split (same allocator, evictor and budget), and a PNG of quality vs budget."""
 
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def summarize(cell: dict, expected: list[str] | None = None) -> dict:
 
 def write_reports(data: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.md").write_text(markdown_table(data) + comparisons_markdown(data))
+    text = markdown_table(data) + comparisons_markdown(data)
+    if head_comparisons(data):
+        text += head_comparisons_markdown(data)
+    (out_dir / "results.md").write_text(text)
     try:
         plot(data, out_dir / "quality_vs_budget.png")
     except Exception as exc:  # a plot must never lose the numbers
@@ -204,6 +208,69 @@ def comparisons_markdown(data: dict) -> str:
             f"| {row['allocator']} | {row['evictor']} | {row['budget']:g} | {row['uniform_budget']:g} | "
             + " | ".join(cols)
             + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _head_params(split: str) -> set[str]:
+    """The parameter names of a head split (none when it is not installed here)."""
+    from squeezekit.registry import registry
+
+    try:
+        return set(registry().get("heads", split).params())
+    except Exception:  # results written where other plugins were installed
+        return set()
+
+
+def head_comparisons(data: dict) -> list[dict]:
+    """Every paired comparison of a cell with a head split (``heads`` set, not uniform) with the cell of the same
+    config under the uniform head split (``heads`` and the split's own parameters removed)."""
+    cells = data["cells"]
+    by_config = {
+        tuple(sorted((k, str(v)) for k, v in cell["config"].items())): key for key, cell in cells.items()
+    }  # fmt: skip
+    rows = []
+    for key, cell in cells.items():
+        config = cell["config"]
+        split = config.get("heads", "uniform")
+        if key == "full" or split == "uniform":
+            continue
+        own = _head_params(split)
+        base = {k: v for k, v in config.items() if k != "heads" and k not in own}
+        b_key = by_config.get(tuple(sorted((k, str(v)) for k, v in base.items())))
+        c = compare(data, key, b_key) if b_key else {}
+        if c:
+            alloc, evict, budget, _ = parts(key, cell)
+            params = ",".join(f"{k}={config[k]}" for k in sorted(own) if k in config)
+            rows.append({
+                "heads": f"{split} ({params})" if params else split, "allocator": alloc, "evictor": evict,
+                "budget": budget, **c,
+            })  # fmt: skip
+    rows.sort(key=lambda r: (r["heads"], r["evictor"], r["allocator"], r["budget"]))
+    return rows
+
+
+def head_comparisons_markdown(data: dict) -> str:
+    lines = [
+        "",
+        "### Each head split vs the uniform head split (paired over the same samples)",
+        "",
+        "Same allocator, evictor and budget; differences split - uniform ± standard error of the paired difference; "
+        "perplexity as the ratio split / uniform (< 1: the split is better) ± the standard error of its log. ✓: at "
+        "least as good.",
+        "",
+        "| head split | allocator | evictor | budget | RULER mean diff | pass key diff | perplexity ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in head_comparisons(data):
+        r, pk, pr = row.get("ruler"), row.get("passkey"), row.get("ppl_ratio")
+        cols = [
+            "" if r is None else f"{r[0]:+.3f} ± {r[1]:.3f} {'✓' if r[0] >= 0 else '✗'}",
+            "" if pk is None else f"{pk[0]:+.3f} ± {pk[1]:.3f} {'✓' if pk[0] >= 0 else '✗'}",
+            "" if pr is None else f"{pr[0]:.3f} ± {pr[1]:.3f} {'✓' if pr[0] <= 1 else '✗'}",
+        ]
+        lines.append(
+            f"| {row['heads']} | {row['allocator']} | {row['evictor']} | {row['budget']:g} | " + " | ".join(cols) + " |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""Offline quality evaluation: one config or a sweep of allocator x evictor x budget, through lm-eval.
+"""Offline quality evaluation: one config or a sweep of allocator x evictor x head split x budget, through lm-eval.
 
 The model and the task data are built once; each cell only swaps the compression config. Results go to
 ``OUT/results.json`` after every unit (a rerun skips what is there: resumable; see results.py for what a store
@@ -47,10 +47,11 @@ def default_plugins(kind: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None = None) -> list:
-    """Every allocator x evictor x budget config; budget 1 (the full cache, identical for all) appears once. Each
-    of ``params`` reaches the cells whose plugins take it (one no plugin of the sweep takes is an error); ``{evictor}``
-    and ``{allocator}`` in a value are the cell's (``profile=profiles/{evictor}.json``: one profile per evictor)."""
+def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None = None, heads=("uniform",)) -> list:
+    """Every allocator x evictor x head split x budget config; budget 1 (the full cache, identical for all) appears
+    once. Each of ``params`` reaches the cells whose plugins take it (one no plugin of the sweep takes is an error);
+    ``{evictor}`` and ``{allocator}`` in a value are the cell's (``profile=profiles/{evictor}.json``: one profile per
+    evictor)."""
     from squeezekit.config import CORE_KEYS, Config
     from squeezekit.registry import registry
 
@@ -62,24 +63,29 @@ def sweep_configs(allocators, evictors, budgets, params: dict[str, Any] | None =
     for budget in budgets:
         for evictor in evictors:
             for allocator in allocators:
-                mine = {
-                    **reg.get("allocator", allocator, "--sweep").params(),
-                    **reg.get("evictor", evictor, "--sweep").params(),
-                }
-                cell = {k: _fill(v, allocator, evictor) for k, v in params.items() if k in mine}
-                taken |= cell.keys()
-                c = Config.from_mapping(
-                    {**core, "allocator": allocator, "evictor": evictor, "budget": budget, **cell},
-                    source="--sweep",
-                    text=True,
-                )
-                if cell_key(c) not in seen:
-                    seen.add(cell_key(c))
-                    configs.append(c)
+                for split in heads:
+                    mine = {
+                        **reg.get("allocator", allocator, "--sweep").params(),
+                        **reg.get("evictor", evictor, "--sweep").params(),
+                        **reg.get("heads", split, "--sweep", key="--heads").params(),
+                    }
+                    cell = {k: _fill(v, allocator, evictor) for k, v in params.items() if k in mine}
+                    taken |= cell.keys()
+                    c = Config.from_mapping(
+                        {**core, "allocator": allocator, "evictor": evictor, "heads": split, "budget": budget, **cell},
+                        source="--sweep",
+                        text=True,
+                    )
+                    if cell_key(c) not in seen:
+                        seen.add(cell_key(c))
+                        configs.append(c)
     unused = sorted(set(params) - taken - set(core))
     if unused:
         raise ConfigError(
-            unused[0], params[unused[0]], "is a parameter of none of the sweep's allocators and evictors", "--sweep"
+            unused[0],
+            params[unused[0]],
+            "is a parameter of none of the sweep's allocators, evictors and head splits",
+            "--sweep",
         )
     order = {b: i for i, b in enumerate(PRIORITY)}
     configs.sort(key=lambda c: (not c.full, order.get(c.budget, len(order)), -c.budget))

@@ -235,3 +235,30 @@ def test_every_label_of_the_plot_lies_within_the_figure(evictors, model):
     extent, box = title.get_window_extent(renderer), fig.bbox  # (pixels)
     assert box.x0 <= extent.x0 < extent.x1 <= box.x1 and box.y0 <= extent.y0 < extent.y1 <= box.y1, extent.bounds
     pyplot().close(fig)
+
+
+def test_a_sweep_over_head_splits_pairs_each_split_with_the_uniform_one(fake_sweep):
+    """``--heads uniform,adaptive``: each cell runs under both splits (the split's own parameters reach only its
+    cells), and the report pairs every adaptive cell with its uniform twin."""
+    from squeezekit.evaluators.sweep import sweep_configs
+
+    configs = sweep_configs(["uniform", "squeeze"], ["snapkv"], [0.2, 1.0], {"safeguard": 0.3, "window": 4},
+                            heads=("uniform", "adaptive"))  # fmt: skip
+    keys = [cell_key(c) for c in configs]
+    assert keys == [
+        "full",
+        "uniform+snapkv@0.2/window=4",
+        "uniform+snapkv@0.2/heads=adaptive/safeguard=0.3/window=4",
+        "squeeze+snapkv@0.2/window=4",
+        "squeeze+snapkv@0.2/heads=adaptive/safeguard=0.3/window=4",
+    ]
+    ran, data = fake_sweep(configs, UNITS)
+    assert len(ran) == 2 * len(keys)
+    rows = reports.head_comparisons(data)
+    assert [(r["heads"], r["allocator"], r["evictor"], r["budget"]) for r in rows] == [
+        ("adaptive (safeguard=0.3)", "squeeze", "snapkv", 0.2),
+        ("adaptive (safeguard=0.3)", "uniform", "snapkv", 0.2),
+    ]
+    assert "| adaptive (safeguard=0.3) | uniform | snapkv | 0.2 |" in reports.head_comparisons_markdown(data)
+    with pytest.raises(SqueezekitError, match="heads = 'adaptve': unknown head split"):
+        sweep_configs(["uniform"], ["snapkv"], [0.2], heads=("adaptve",))
