@@ -61,6 +61,28 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def memory_table(runs: list[dict]) -> list[str]:
+    """The squeezekit runs' cache as squeezekit counts it (`SqueezeCache.nbytes`: keys, values and bookkeeping) next
+    to what CUDA held beyond the run's start once the prefill was done, and the KV heads' budget range."""
+    rows = [r for r in runs if not r.get("oom") and r.get("cache_nbytes") is not None]
+    if not rows:
+        return []
+    lines = [
+        "| method | B | cache MiB (squeezekit) | CUDA held after prefill, MiB | held / cache | head budgets |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        held = r.get("cuda_allocated_after_prefill")
+        lo, hi = r.get("head_budget_min"), r.get("head_budget_max")
+        heads = "" if lo is None or lo < 0 else (f"{lo}" if lo == hi else f"{lo} to {hi}")
+        cells = [
+            r["method"], r["B"], f"{r['cache_nbytes'] / 2**20:.1f}", NA if held is None else f"{held / 2**20:.1f}",
+            NA if held is None else f"{held / r['cache_nbytes']:.3f}", heads,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
 def check_line(c: dict) -> str:
     line = f"- {c['method']} vs {c['reference']}: {100 * c['token_agreement']:.1f}% of greedy tokens agree"
     if "logit_scale" in c:
@@ -77,6 +99,10 @@ def markdown(results: dict) -> str:
         + "\n".join(table(results["runs"]))
         + "\n"
     )
+    memory = memory_table(results["runs"])
+    if memory:
+        text += "\nMemory (what CUDA holds includes the first decode tokens and the allocator's rounding):\n\n"
+        text += "\n".join(memory) + "\n"
     if results.get("notes"):
         text += "\n" + "\n".join(f"- {note}" for note in results["notes"]) + "\n"
     if results["checks"]:

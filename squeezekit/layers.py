@@ -392,10 +392,12 @@ class WindowLayer(SlotLayer):
 class HeadPool:
     """The keys and values of a budgeted layer whose KV heads hold different budgets (see the module docstring):
     ``keys``/``values`` (N, D) with N the sum of the heads' capacities ``caps`` (B, H), and ``slot_map`` (B, H, C),
-    each logical slot's pool row, -1 past its head's segment."""
+    each logical slot's pool row, -1 past its head's segment; ``lengths`` (B, H) int32 on the device, the segments'
+    lengths (the decode kernel reads no slot past them)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_map: torch.Tensor, caps: np.ndarray):
         self.keys, self.values, self.slot_map, self.caps = keys, values, slot_map, caps
+        self.lengths = torch.as_tensor(caps, dtype=torch.int32).contiguous().to(keys.device)
 
     @classmethod
     def pack(cls, keys: torch.Tensor, values: torch.Tensor, caps: np.ndarray) -> HeadPool:
@@ -407,12 +409,13 @@ class HeadPool:
         offsets = (torch.cumsum(caps_t.view(-1), 0) - caps_t.view(-1)).view(B, H)
         C = int(caps.max())
         slot = torch.arange(C, device=device)
-        slot_map = torch.where(slot < caps_t[..., None], offsets[..., None] + slot, -1)
+        # int32: 4 bytes a slot of bookkeeping fewer than int64 (a pool of up to 2**31 rows)
+        slot_map = torch.where(slot < caps_t[..., None], offsets[..., None] + slot, -1).to(torch.int32)
         with _plain:
             pool_k = keys.new_zeros(int(caps.sum()), D)
             pool_v = values.new_zeros(int(caps.sum()), D)
             inside = slot[:C0] < caps_t[..., None]  # (B, H, C0)
-            rows = slot_map[..., :C0][inside]
+            rows = slot_map[..., :C0][inside].long()
             pool_k[rows] = keys[inside]
             pool_v[rows] = values[inside]
         return cls(pool_k, pool_v, slot_map, caps.copy())
@@ -428,7 +431,7 @@ class HeadPool:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` (B, H, q, D) into the logical ``slots`` (B, H, q), all inside their segments."""
-        rows = self.slot_map.gather(2, slots).reshape(-1)
+        rows = self.slot_map.gather(2, slots).reshape(-1).long()
         D = self.keys.shape[-1]
         self.keys.index_copy_(0, rows, k.reshape(-1, D).to(self.keys.dtype))
         self.values.index_copy_(0, rows, v.reshape(-1, D).to(self.values.dtype))
@@ -437,7 +440,7 @@ class HeadPool:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def map_nbytes(self) -> int:
-        return self.slot_map.numel() * self.slot_map.element_size()
+        return self.slot_map.numel() * self.slot_map.element_size() + self.lengths.numel() * self.lengths.element_size()
 
 
 class BudgetedLayer(WindowLayer):

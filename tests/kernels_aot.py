@@ -91,8 +91,9 @@ def main() -> int:
         "PartAcc": "*fp32",
         "PartM": "*fp32",
         "PartL": "*fp32",
-        "SlotMap": "*i64",
+        "SlotMap": "*i32",
         "Valid": "*i8",
+        "Lengths": "*i32",
         **{name: "*bf16" for name in ("Q", "K", "V", "Out")},
     }
     for one in (True, False):
