@@ -303,7 +303,9 @@ def _pooled(
     """One query per sequence over a pool of per-head segments: the fused kernel reads the valid slots' rows."""
     assert plan.pool is not None
     pool = plan.pool
-    out = decode_kernel.pooled_decode_attention(query, key, value, pool.slot_map, pool.lengths, plan.kv_valid, plan.scaling)
+    out = decode_kernel.pooled_decode_attention(
+        query, key, value, pool.slot_map, pool.lengths, plan.kv_valid, plan.scaling
+    )
     if out is None:  # the kernel failed on its first use: gather the buffers and mask them
         keys, values = plan.pool.rect()
         return _masked(dataclasses.replace(plan, path="masked", pool=None), runner, query, keys, values)

@@ -347,7 +347,8 @@ CATALOGUE = [
         "sweep-param",
         "a --sweep parameter that none of the sweep's plugins takes",
         "ConfigError",
-        "config error: --sweep: {key} = {value}: is a parameter of none of the sweep's allocators and evictors",
+        "config error: --sweep: {key} = {value}: is a parameter of none of the sweep's allocators, evictors and head "
+        "splits",
         "test_evaluation_command_arguments",
     ),
     Row(
