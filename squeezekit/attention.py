@@ -375,7 +375,8 @@ def squeezekit_attention(
     if step.prefill:
         _check_geometry(plan, layer_idx, scaling, kwargs)
     layer = plan.layer
-    if layer is not None and layer.new_slots is not None and runner.observers:  # (squeezekit.statistics)
+    observers = runner.observers if step.prefill else runner.step_observers  # (squeezekit.statistics)
+    if layer is not None and layer.new_slots is not None and observers:
         call = Observation(
             query=query, query_positions=plan.q_pos, query_valid=plan.q_valid, keys=key, values=value,
             new_slots=layer.new_slots, prefill=step.prefill,

@@ -560,11 +560,12 @@ class BudgetedLayer(WindowLayer):
     def reads_pool(self, q: int) -> bool:
         """This step's attention reads the pool itself (the fused ``pooled`` decode kernel): a pooled layer, a
         one-token step on a device the kernel serves, and no statistic that must see the attention's keys (an
-        observer) or its probabilities (the attention mass). Otherwise the attention gets gathered buffers."""
+        observer of later steps) or its probabilities (the attention mass). Otherwise the attention gets gathered
+        buffers."""
         runner = self.cache.runner
         return (
             self.pool is not None and q == 1 and kernels.use("pooled", self.device)
-            and not runner.observers and not runner.mass_statistics
+            and not runner.step_observers and not runner.mass_statistics
         )  # fmt: skip
 
     def attended(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:

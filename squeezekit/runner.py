@@ -150,6 +150,8 @@ class PolicyRunner:
         collected = (*self.statistics, Importance([self.allocator]))
         #: those the attention calls on every call (`Statistic.observe`), and those that take the attention mass
         self.observers = tuple(s for s in collected if type(s).observe is not Statistic.observe)
+        #: those it calls at the later steps too (not `Statistic.prefill_only`)
+        self.step_observers = tuple(s for s in self.observers if not s.prefill_only)
         self.mass_statistics = tuple(s for s in collected if s.attention_mass)
         #: those that measure the residual stream around each layer's attention at prefill (`observe_residual`)
         self.residual_observers = tuple(
@@ -280,7 +282,7 @@ class PolicyRunner:
         statistic tensors), each through the guard (see the module docstring)."""
         if not call.prefill:  # decode: the call's small inference tensors are handed as copies (they carry no
             call = _copied(call)  # version counter; the slots' keys and values do, and are watched)
-        for stat in self.observers:
+        for stat in self.observers if call.prefill else self.step_observers:
             self._statistic_call(stat, "observe", stats, call)
 
     def add_attention(self, stats: dict[str, torch.Tensor], mass: torch.Tensor) -> None:

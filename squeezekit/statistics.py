@@ -96,6 +96,10 @@ class Statistic:
     fill: ClassVar[float] = 0.0
     #: `add_attention` receives each attention call's per-slot attention mass
     attention_mass: ClassVar[bool] = False
+    #: `observe` is called at prefill only (``call.prefill``), never at a later step: decode steps then keep their
+    #: fastest attention path (a layer whose heads hold different budgets is read by its fused pooled kernel,
+    #: which hands no rectangular keys to observe)
+    prefill_only: ClassVar[bool] = False
 
     _named: ClassVar[dict[str, type[Statistic]]] = {}
 
@@ -189,6 +193,7 @@ class WindowQueries(Statistic):
 
     name = Stat.WINDOW_QUERIES.value
     fields = ("window_queries", "window_positions")
+    prefill_only = True
 
     def __init__(self, policies: Sequence[Any]):
         super().__init__(policies)

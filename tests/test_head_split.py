@@ -174,3 +174,27 @@ def test_a_third_party_head_split_runs_by_name(plugin_site):
     assert bool(((heads[..., 0] - 2 * budget).abs() <= 1).all())
     assert bool(((heads[..., 1:] - 2 * budget[..., None] / 3).abs() <= 1).all())
     assert c.config.label == "uniform+snapkv@0.25/heads=first_head/share=0.5"
+
+
+def test_decode_reads_the_pool_in_the_fused_kernel_with_snapkv(monkeypatch):
+    """With snapkv (whose window queries are a prefill-only statistic) every decode step of a pooled layer runs the
+    fused pooled kernel (under Triton's interpreter here), with generate's tokens and logits of the gathered path."""
+    pytest.importorskip("triton")
+    from squeezekit import kernels
+    from squeezekit.kernels import decode
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=4)
+    ids, mask = batch(2, 96, pad=9)
+    config = dict(allocator="uniform", evictor="snapkv", heads="adaptive", budget=0.2)
+    ref, summary, _ = _generate(model, ids, mask, new=4, **config)
+    assert summary["min_head_budget"] < summary["max_head_budget"]
+    launches = []
+    real = decode.pooled_decode_attention
+    monkeypatch.setattr(decode, "pooled_decode_attention", lambda *a: launches.append(1) or real(*a))
+    with kernels.configured("pooled", interpret=True):
+        out, _, _ = _generate(model, ids, mask, new=4, **config)
+        assert kernels.settings.failed == {}
+    assert launches  # the decode steps of the pooled layers read the pool in place
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
