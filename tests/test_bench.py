@@ -28,8 +28,15 @@ def bench_args(*argv: str):
 
 
 def table_rows(markdown: str) -> list[dict[str, str]]:
-    """The rows of the report's table, by column name."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    """The rows of the report's (first) table, by column name."""
+    text = markdown.splitlines()
+    first = next(i for i, line in enumerate(text) if line.startswith("| "))
+    lines = []
+    for line in text[first:]:
+        if not line.startswith("|"):
+            break
+        if line.startswith("| "):
+            lines.append(line)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
 

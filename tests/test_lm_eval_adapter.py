@@ -111,7 +111,7 @@ def test_generate_until_is_compressed(tiny_dir):
         ({"batch_sise": 2}, "did you mean 'batch_size'"),
         ({"evictor": "streeming"}, "did you mean 'streaming'"),
         ({"budget": 2.5}, "budget = 2.5"),
-        ({"kernel_size": 5}, "unknown key"),  # snapkv's parameter, but the evictor is streaming
+        ({"kernel_size": 5}, "add evictor=snapkv"),  # snapkv's parameter, but the evictor is streaming
     ],
 )
 def test_model_args_errors_are_config_errors(tiny_dir, kwargs, needle):
@@ -133,7 +133,7 @@ def test_fallback_plugin_keys_pass(tiny_dir):
         "per": "sequence",
         "kernel_size": 5,
     }
-    with pytest.raises(ConfigError, match="per = 'sequence': unknown key"):
+    with pytest.raises(ConfigError, match="per = 'sequence': is a parameter of allocator 'squeeze', which this config"):
         SqueezekitLM(pretrained=tiny_dir, device="cpu", allocator="pyramid", per="sequence")
 
 
