@@ -379,7 +379,7 @@ def squeezekit_attention(
     if layer is not None and layer.new_slots is not None and observers:
         call = Observation(
             query=query, query_positions=plan.q_pos, query_valid=plan.q_valid, keys=key, values=value,
-            new_slots=layer.new_slots, prefill=step.prefill,
+            keys_valid=plan.kv_valid, new_slots=layer.new_slots, prefill=step.prefill, scaling=plan.scaling,
         )  # fmt: skip
         runner.observe(layer.stats, call)
     return PATHS[plan.path](plan, runner, query, key, value)

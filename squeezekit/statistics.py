@@ -61,12 +61,16 @@ class Observation:
     query_valid: torch.Tensor  #: (B, q) bool, real (non-padding) tokens
     keys: torch.Tensor  #: (B, H, S, D) the layer's key slots, this step's keys written
     values: torch.Tensor  #: (B, H, S, D)
+    #: (B, H, S) bool, or (B, 1, S) while the KV heads hold the same tokens: the slots that hold a token (this
+    #: step's included; the others' keys are stale or zero)
+    keys_valid: torch.Tensor
     new_slots: torch.Tensor  #: (B, H, q) long, the slots this step's tokens were written to
     prefill: bool  #: the first step of the cache (the prompt, or its first chunk)
+    scaling: float = 1.0  #: the attention's softmax scale (for a statistic that recomputes attention)
 
 
 #: the tensors of an `Observation` (a statistic reads them; the guard checks it never writes to them)
-OBSERVATION_TENSORS = ("query", "query_positions", "query_valid", "keys", "values", "new_slots")
+OBSERVATION_TENSORS = ("query", "query_positions", "query_valid", "keys", "values", "keys_valid", "new_slots")
 
 
 #: every field of the statistics defined so far (kept up to date by `Statistic.__init_subclass__`)
