@@ -74,10 +74,12 @@ def test_bundled_plugins_load_through_the_entry_point_group():
         "pyramid",
         "squeeze",
         "uniform",
+        "chunkkv",
         "h2o",
         "sliding_window",
         "snapkv",
         "streaming",
+        "tova",
         "adaptive",
         "uniform",
     ]
