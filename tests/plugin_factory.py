@@ -25,7 +25,7 @@ GROUP = "squeezekit"
 #: the policies squeezekit itself ships, by kind
 BUNDLED = {
     "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention"},
-    "evictor": {"streaming", "sliding_window", "h2o", "snapkv", "tova", "chunkkv"},
+    "evictor": {"streaming", "sliding_window", "h2o", "snapkv", "tova", "chunkkv", "knorm", "keydiff", "random"},
     "heads": {"uniform", "adaptive"},
 }
 #: the policies of other packages installed in the environment the suite runs in (a user's own plugins: the suite

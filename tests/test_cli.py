@@ -228,11 +228,13 @@ def test_a_plugins_parameter_is_a_flag_with_help_and_default(plugin_site, capsys
     assert config_from_args(args) == Config.from_kwargs(evictor="oldest_first", skip=3, budget=0.5)
 
 
-def test_the_sweep_defaults_are_the_bundled_policies_that_build_at_their_defaults(plugin_site, capsys):
+def test_the_sweep_defaults_are_the_bundled_policies_that_build_at_their_defaults(plugin_site, capsys, monkeypatch):
     """``squeezekit eval --sweep`` without --allocators / --evictors sweeps every bundled allocator but calibrated
     (it needs a profile, made for one model and evictor) and every bundled evictor, as --help shows; an installed
     third-party plugin is swept only when named."""
     from squeezekit.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # (argparse breaks a comma-separated default wider than the column)
 
     plugin_site.add("squeezekit_testplugin", OLDEST_FIRST, package="squeezekit-testplugin", version="0.3.1")
     plugin_site.reload()

@@ -1412,7 +1412,7 @@ def test_unknown_allocator_and_evictor():
         lambda: Config.from_string("evictor=h20"),
         source="model_args",
         value="'h20'",
-        installed="chunkkv, h2o, sliding_window, snapkv, streaming, tova",
+        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
         nearest="'h2o'",
     )
     raised(
@@ -1422,7 +1422,7 @@ def test_unknown_allocator_and_evictor():
         key="evictor",
         value="'zzzzzz'",
         kind="evictor",
-        installed="chunkkv, h2o, sliding_window, snapkv, streaming, tova",
+        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
     )
 
 
@@ -1817,7 +1817,7 @@ def test_fallback_keys_are_validated():
         source="kwargs",
         kind="evictor",
         value="'streeming'",
-        installed="chunkkv, h2o, sliding_window, snapkv, streaming, tova",
+        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
         nearest="'streaming'",
     )
     raised(

@@ -195,7 +195,18 @@ def test_keeping_everything_keeps_every_valid_slot(name, case):
             assert kept_positions(view, idx, b, h) == set(valid_positions(view, b, h))
 
 
-@pytest.mark.parametrize(("name", "floor"), [("streaming", 4 + 8), ("sliding_window", 8), ("h2o", 8), ("snapkv", 8)])
+@pytest.mark.parametrize(
+    ("name", "floor"),
+    [
+        ("streaming", 4 + 8),
+        ("sliding_window", 8),
+        ("h2o", 8),
+        ("snapkv", 8),
+        ("knorm", 8),
+        ("keydiff", 8),
+        ("random", 8),
+    ],
+)
 def test_default_floors(name, floor):
     assert evictor(name).floor() == floor
 

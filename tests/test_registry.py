@@ -76,6 +76,9 @@ def test_bundled_plugins_load_through_the_entry_point_group():
         "uniform",
         "chunkkv",
         "h2o",
+        "keydiff",
+        "knorm",
+        "random",
         "sliding_window",
         "snapkv",
         "streaming",
@@ -99,7 +102,7 @@ def test_the_collection_time_list_of_bundled_policies_is_the_registrys(plugin_si
         assert bundled(kind) == sorted(n for n, info in table.items() if info.package == "squeezekit")
         assert set(bundled(kind)) == BUNDLED[kind]
     assert bundled("allocator", plain=True) == ["pyramid", "squeeze", "uniform"]
-    assert bundled("evictor", plain=True) == ["sliding_window", "streaming"]
+    assert bundled("evictor", plain=True) == ["keydiff", "knorm", "random", "sliding_window", "streaming"]
     plugin_site.add("sk_oldest", OLDEST_FIRST)
     plugin_site.setenv("SQUEEZEKIT_PLUGINS", "uniform,sk_oldest")
     assert set(plugin_site.reload().evictors) == {"oldest_first"}
