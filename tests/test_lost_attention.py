@@ -52,6 +52,7 @@ def views(lengths: list[int], L: int, seed: int, H: int = 2, G: int = 2, D: int 
                 window_queries=torch.randn(B, H, G, W, D, generator=g) * 2,
                 window_positions=n.view(-1, 1) - W + torch.arange(W).view(1, -1),
                 scaling=D**-0.5,
+                tova_attention=torch.rand(B, H, S, generator=g).masked_fill(~valid, 0.0),  # (tova's statistic)
             )
         )
     return out

@@ -89,7 +89,17 @@ def build_view(
         window_queries=window_queries if phase == "prefill" else None,
         window_positions=window_positions if phase == "prefill" else None,
         scaling=D**-0.5,
+        stats=other_slot_statistics(attention),
     )
+
+
+def other_slot_statistics(like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every per-slot field of the other statistics defined (a bundled plugin's own: tova's), filled like ``like``
+    (the engine collects them for the evictors that need them; a hand-built view has them all)."""
+    from squeezekit.statistics import Statistic
+
+    squeezekit.registry()  # (loads the plugins, which define their statistics)
+    return {f: like.clone() for s in Statistic._named.values() if s.per_slot for f in s.fields if f != "attention"}
 
 
 def held(view: LayerView) -> torch.Tensor:
@@ -159,9 +169,14 @@ def assert_honours_contract(idx: torch.Tensor, case: Case) -> None:
 
 
 def params_for(name: str, window: int = 4) -> dict:
-    return {"streaming": {"sinks": 2, "window": window}, "h2o": {"window": window, "heavy_ratio": 0.5}}.get(
+    """Small parameters for evictor ``name``: its window (when it has one), and streaming's sinks, h2o's ratio."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(squeezekit.registry().get("evictor", name).cls)}
+    params = {"streaming": {"sinks": 2, "window": window}, "h2o": {"window": window, "heavy_ratio": 0.5}}.get(
         name, {"window": window}
     )
+    return {k: v for k, v in params.items() if k in fields}
 
 
 # ---- every evictor ---------------------------------------------------------------------------------------------
@@ -447,7 +462,7 @@ def test_selection_with_nothing_to_keep():
     case = small_case()
     keep = torch.tensor([0, 0])
     for name in EVICTORS:
-        idx = evictor(name).select(case.view, keep)
+        idx = evictor(name).select(case.view, keep)  # (each at its defaults)
         assert tuple(idx.shape) == (2, 1, 0) and check_selection(idx, case.view, keep) is None
     idx = evictor("streaming", sinks=4).select(case.view, torch.tensor([2, 0]))
     assert idx[1].tolist() == [[-1, -1]]
