@@ -186,6 +186,16 @@ def comparisons(data: dict) -> list[dict]:
     return rows
 
 
+def _difference_cells(row: dict) -> list[str]:
+    """A paired comparison's RULER mean, pass key and perplexity-ratio cells, each with its error and ✓ / ✗."""
+    r, pk, pr = row.get("ruler"), row.get("passkey"), row.get("ppl_ratio")
+    return [
+        "" if r is None else f"{r[0]:+.3f} ± {r[1]:.3f} {'✓' if r[0] >= 0 else '✗'}",
+        "" if pk is None else f"{pk[0]:+.3f} ± {pk[1]:.3f} {'✓' if pk[0] >= 0 else '✗'}",
+        "" if pr is None else f"{pr[0]:.3f} ± {pr[1]:.3f} {'✓' if pr[0] <= 1 else '✗'}",
+    ]
+
+
 def comparisons_markdown(data: dict) -> str:
     lines = [
         "",
@@ -198,12 +208,7 @@ def comparisons_markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in comparisons(data):
-        r, pk, pr = row.get("ruler"), row.get("passkey"), row.get("ppl_ratio")
-        cols = [
-            "" if r is None else f"{r[0]:+.3f} ± {r[1]:.3f} {'✓' if r[0] >= 0 else '✗'}",
-            "" if pk is None else f"{pk[0]:+.3f} ± {pk[1]:.3f} {'✓' if pk[0] >= 0 else '✗'}",
-            "" if pr is None else f"{pr[0]:.3f} ± {pr[1]:.3f} {'✓' if pr[0] <= 1 else '✗'}",
-        ]
+        cols = _difference_cells(row)
         lines.append(
             f"| {row['allocator']} | {row['evictor']} | {row['budget']:g} | {row['uniform_budget']:g} | "
             + " | ".join(cols)
@@ -263,12 +268,7 @@ def head_comparisons_markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in head_comparisons(data):
-        r, pk, pr = row.get("ruler"), row.get("passkey"), row.get("ppl_ratio")
-        cols = [
-            "" if r is None else f"{r[0]:+.3f} ± {r[1]:.3f} {'✓' if r[0] >= 0 else '✗'}",
-            "" if pk is None else f"{pk[0]:+.3f} ± {pk[1]:.3f} {'✓' if pk[0] >= 0 else '✗'}",
-            "" if pr is None else f"{pr[0]:.3f} ± {pr[1]:.3f} {'✓' if pr[0] <= 1 else '✗'}",
-        ]
+        cols = _difference_cells(row)
         lines.append(
             f"| {row['heads']} | {row['allocator']} | {row['evictor']} | {row['budget']:g} | " + " | ".join(cols) + " |"
         )

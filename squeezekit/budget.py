@@ -70,6 +70,20 @@ def distribute(
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
 
 
+def _integer_tensor_problem(method: str, budgets: object, shape: tuple) -> str | None:
+    """What is wrong with the budgets a plugin's ``method`` returned before their values are read: not an integer
+    tensor, another shape, or on the meta device."""
+    import torch
+
+    if not isinstance(budgets, torch.Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
+        return f"{method}() must return an integer tensor, got {getattr(budgets, 'dtype', type(budgets).__name__)}"
+    if tuple(budgets.shape) != tuple(shape):
+        return f"{method}() returned shape {tuple(budgets.shape)}, expected {tuple(shape)}"
+    if budgets.device.type == "meta":
+        return f"{method}() returned a tensor on the meta device (it holds no values)"
+    return None
+
+
 def check_budgets(budgets: object, total: torch.Tensor, floor: int, cap: torch.Tensor, shape: tuple) -> str | None:
     """Return what is wrong with an allocator's budgets, or None when they honour the contract.
 
@@ -77,12 +91,10 @@ def check_budgets(budgets: object, total: torch.Tensor, floor: int, cap: torch.T
     """
     import torch
 
-    if not isinstance(budgets, torch.Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
-        return f"allocate() must return an integer tensor, got {getattr(budgets, 'dtype', type(budgets).__name__)}"
-    if tuple(budgets.shape) != tuple(shape):
-        return f"allocate() returned shape {tuple(budgets.shape)}, expected {tuple(shape)}"
-    if budgets.device.type == "meta":
-        return "allocate() returned a tensor on the meta device (it holds no values)"
+    problem = _integer_tensor_problem("allocate", budgets, shape)
+    if problem:
+        return problem
+    assert isinstance(budgets, torch.Tensor)
     b = budgets.long().cpu()
     sums = b.sum(-1)
     if not torch.equal(sums, total):
@@ -103,12 +115,10 @@ def check_head_budgets(budgets: object, budget: torch.Tensor, floor: int, cap: t
     it holds). ``budget`` (B,) and ``cap`` (B, H) are squeezekit's own copies, on the CPU."""
     import torch
 
-    if not isinstance(budgets, torch.Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
-        return f"split() must return an integer tensor, got {getattr(budgets, 'dtype', type(budgets).__name__)}"
-    if tuple(budgets.shape) != tuple(cap.shape):
-        return f"split() returned shape {tuple(budgets.shape)}, expected {tuple(cap.shape)}"
-    if budgets.device.type == "meta":
-        return "split() returned a tensor on the meta device (it holds no values)"
+    problem = _integer_tensor_problem("split", budgets, tuple(cap.shape))
+    if problem:
+        return problem
+    assert isinstance(budgets, torch.Tensor)
     b = budgets.long().cpu()
     H = cap.shape[1]
     want = budget.long() * H
