@@ -25,7 +25,7 @@ class H2O(squeezekit.TokenEvictor):
 
     def score(self, view):
         recent = (view.budget - (self.heavy_ratio * view.budget).round().long()).clamp(min=self.window)
-        protected = view.positions >= (view.seen - recent).view(-1, 1, 1)
+        protected = view.recent(recent)
         return view.attention.float().masked_fill(protected, float("inf"))
 
 

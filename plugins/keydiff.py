@@ -35,7 +35,7 @@ class KeyDiff(squeezekit.TokenEvictor):
         valid = view.valid.unsqueeze(-1)
         unit = F.normalize(keys, dim=-1).masked_fill(~valid, 0.0)  # (invalid slots may hold anything)
         anchor = unit.sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp(min=1)
-        protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
+        protected = view.recent(self.window)
         return (-F.cosine_similarity(keys, anchor, dim=-1)).masked_fill(protected, float("inf"))
 
 

@@ -27,7 +27,7 @@ class KNorm(squeezekit.TokenEvictor):
         return max(self.window, 1)
 
     def score(self, view):
-        protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
+        protected = view.recent(self.window)
         return (-view.keys.float().norm(dim=-1)).masked_fill(protected, float("inf"))
 
 

@@ -47,7 +47,7 @@ class RandomTokens(squeezekit.TokenEvictor):
         x = view.positions.long() & _MASK
         for salt in (self.seed & _MASK, view.layer_idx, heads):
             x = _mix(x ^ salt)
-        protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
+        protected = view.recent(self.window)
         return (x >> 8).float().masked_fill(protected, float("inf"))  # 24 bits: exact in float32
 
 

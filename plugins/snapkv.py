@@ -41,7 +41,7 @@ class SnapKV(squeezekit.TokenEvictor):
         import torch
         import torch.nn.functional as F
 
-        protected = view.positions >= (view.seen - self.window).view(-1, 1, 1)
+        protected = view.recent(self.window)
         if view.window_queries is None:  # decoding: oldest first
             return view.positions.float().masked_fill(protected, float("inf"))
         q = view.window_queries.float()  # (B, H, G, W, D)

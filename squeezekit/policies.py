@@ -143,6 +143,11 @@ class LayerView:
             self.__dict__.get("_lazy", {}).pop(name, None)
             object.__setattr__(self, name, value)
 
+    def recent(self, n: int | torch.Tensor) -> torch.Tensor:
+        """(B, H, S) bool: the slots holding one of each sequence's ``n`` most recent tokens (``n`` an int, or (B,)
+        one per sequence), the window an evictor protects by scoring it +inf."""
+        return self.positions >= (self.seen - n).view(-1, 1, 1)
+
     def live(self) -> list[tuple[str, Any]]:
         """The cache's own tensors it holds (not those it would gather on first use): the slot tensors and every
         statistic, which a plugin must not write to (squeezekit.runner watches them)."""
