@@ -227,9 +227,9 @@ class SqueezeCache(Cache):
             layer.compact()
         # The prefill saw the prompt one chunk at a time: account as if it had gone through at once.
         self.full_kv_bytes_prefill = sum(
-            2 * layer.keys[:, :, :1].numel() * self.length * layer.keys.element_size()
+            2 * layer.valid.shape[0] * layer.valid.shape[1] * layer.head_dim * self.length * layer.dtype.itemsize
             for layer in self.layers
-            if layer.keys is not None
+            if not layer.empty
         )
         self.kv_bytes_prefill = self.kv_nbytes()
 

@@ -184,6 +184,12 @@ class SlotLayer(CacheLayerMixin):
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
+    def empty(self) -> bool:
+        """No slot table yet (before the first write, after `reset`). Reads no keys: a pooled layer's would be
+        gathered."""
+        return self.valid is None
+
+    @property
     def capacity(self) -> int:
         return 0 if self.valid is None else self.valid.shape[2]
 
@@ -252,7 +258,7 @@ class SlotLayer(CacheLayerMixin):
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one step's new keys/values into free slots and return the whole buffers (a budgeted layer first
         makes room: `BudgetedLayer.write`)."""
-        if self.keys is None:
+        if self.empty:
             return self._first_write(k, v)
         return self._append(k, v)
 
@@ -379,7 +385,7 @@ class WindowLayer(SlotLayer):
 
     def drop_out_of_window(self, compact: bool) -> None:
         """Forget tokens no future query can attend to (after prefill, shrink to fit)."""
-        if self.keys is None or self.window is None:
+        if self.empty or self.window is None:
             return
         horizon = (self.cache.seen.to(self.positions.device) - self.window).view(-1, 1, 1)
         self.valid &= ~(self.positions <= horizon)
@@ -422,8 +428,11 @@ class HeadPool:
 
     def rect(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, C, D) keys and values gathered from the pool (past a segment: any row; those slots are invalid)."""
-        rows = self.slot_map.clamp_min(0)
-        return self.keys[rows], self.values[rows]
+        return self.gather(self.keys), self.gather(self.values)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, H, C, D): the pool's ``rows`` (its keys or its values) in the logical slot layout."""
+        return rows[self.slot_map.clamp_min(0)]
 
     def mapped(self) -> torch.Tensor:
         """(B, H, C) bool: the logical slots inside their head's segment."""
@@ -475,7 +484,7 @@ class BudgetedLayer(WindowLayer):
     @property
     def keys(self) -> torch.Tensor:
         """(B, H, C, D): the buffer, or (pooled) a copy gathered from the pool: write through `HeadPool.write`."""
-        return self.pool.rect()[0] if self.pool is not None else self._keys  # type: ignore[return-value]
+        return self.pool.gather(self.pool.keys) if self.pool is not None else self._keys  # type: ignore[return-value]
 
     @keys.setter
     def keys(self, t: torch.Tensor) -> None:
@@ -483,7 +492,7 @@ class BudgetedLayer(WindowLayer):
 
     @property
     def values(self) -> torch.Tensor:
-        return self.pool.rect()[1] if self.pool is not None else self._values  # type: ignore[return-value]
+        return self.pool.gather(self.pool.values) if self.pool is not None else self._values  # type: ignore[return-value]
 
     @values.setter
     def values(self, t: torch.Tensor) -> None:
@@ -551,7 +560,7 @@ class BudgetedLayer(WindowLayer):
         if self.pool is None:
             return super().view_kv(plain)
         pool = self.pool
-        return (lambda: pool.rect()[0]), (lambda: pool.rect()[1])
+        return (lambda: pool.gather(pool.keys)), (lambda: pool.gather(pool.values))
 
     def head_budget_tensor(self) -> torch.Tensor:
         assert self.head_budget is not None
@@ -629,7 +638,7 @@ class BudgetedLayer(WindowLayer):
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one step's tokens, after making room for a decode token in the heads at their budget; at steady
         state, in one step with no host sync (`_steady_write`)."""
-        if self.keys is None:
+        if self.empty:
             return self._first_write(k, v)
         step = self.cache.step
         q = k.shape[2]
@@ -760,7 +769,7 @@ class BudgetedLayer(WindowLayer):
             self.shrink_to_fit()
 
     def compact(self) -> None:
-        if self.keys is not None and self.budget is not None:
+        if not self.empty and self.budget is not None:
             self.shrink_to_fit()
             self.update_steady()
 
