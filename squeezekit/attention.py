@@ -304,7 +304,7 @@ def _pooled(
     assert plan.pool is not None
     pool = plan.pool
     out = decode_kernel.pooled_decode_attention(
-        query, key, value, pool.slot_map, pool.lengths, plan.kv_valid, plan.scaling
+        query, key, value, pool.offsets, pool.lengths, plan.kv_valid, plan.scaling
     )
     if out is None:  # the kernel failed on its first use: gather the buffers and mask them
         keys, values = plan.pool.rect()

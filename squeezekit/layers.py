@@ -399,11 +399,15 @@ class HeadPool:
     """The keys and values of a budgeted layer whose KV heads hold different budgets (see the module docstring):
     ``keys``/``values`` (N, D) with N the sum of the heads' capacities ``caps`` (B, H), and ``slot_map`` (B, H, C),
     each logical slot's pool row, -1 past its head's segment; ``lengths`` (B, H) int32 on the device, the segments'
-    lengths (the decode kernel reads no slot past them)."""
+    lengths (the decode kernel reads no slot past them), and ``offsets`` (B, H) int64, their first rows."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_map: torch.Tensor, caps: np.ndarray):
         self.keys, self.values, self.slot_map, self.caps = keys, values, slot_map, caps
         self.lengths = torch.as_tensor(caps, dtype=torch.int32).contiguous().to(keys.device)
+        #: (B, H) int64: each segment's first row; logical slot i of head (b, h) is row offsets[b, h] + i, so the decode
+        #: kernel loads a head's slots as consecutive rows instead of through `slot_map` (a dependent load per tile)
+        flat = torch.as_tensor(caps, dtype=torch.int64).reshape(-1)
+        self.offsets = (torch.cumsum(flat, 0) - flat).view(caps.shape).contiguous().to(keys.device)
 
     @classmethod
     def pack(cls, keys: torch.Tensor, values: torch.Tensor, caps: np.ndarray) -> HeadPool:
@@ -449,7 +453,7 @@ class HeadPool:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def map_nbytes(self) -> int:
-        return self.slot_map.numel() * self.slot_map.element_size() + self.lengths.numel() * self.lengths.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.slot_map, self.lengths, self.offsets))
 
 
 class BudgetedLayer(WindowLayer):

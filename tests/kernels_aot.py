@@ -91,7 +91,7 @@ def main() -> int:
         "PartAcc": "*fp32",
         "PartM": "*fp32",
         "PartL": "*fp32",
-        "SlotMap": "*i32",
+        "Offsets": "*i64",
         "Valid": "*i8",
         "Lengths": "*i32",
         **{name: "*bf16" for name in ("Q", "K", "V", "Out")},

@@ -291,10 +291,10 @@ def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, 
     mask = valid[:, :, None, :].expand(B, H, G, C0).reshape(B, H, G, C0)
     ref = _unfold(F_sdpa(_fold(query, H), k_rect, v_rect, mask), H * G, 1)
     assert (
-        decode.pooled_decode_attention(query, pool.keys, pool.values, pool.slot_map, pool.lengths, valid, 0.25) is None
+        decode.pooled_decode_attention(query, pool.keys, pool.values, pool.offsets, pool.lengths, valid, 0.25) is None
     )
     with kernels.configured("pooled", interpret=True):
-        out = decode.pooled_decode_attention(query, pool.keys, pool.values, pool.slot_map, pool.lengths, valid, 0.25)
+        out = decode.pooled_decode_attention(query, pool.keys, pool.values, pool.offsets, pool.lengths, valid, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

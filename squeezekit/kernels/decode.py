@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 
 
 def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
-    Q, K, V, Out, PartAcc, PartM, PartL, SlotMap, Valid, Lengths,
+    Q, K, V, Out, PartAcc, PartM, PartL, Offsets, Valid, Lengths,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -55,12 +55,13 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     hi = tl.minimum(S, lo + per_split)
     if POOLED:  # a head's segment ends at its length: the work follows the sum of the heads' budgets, not the largest
         hi = tl.minimum(hi, tl.load(Lengths + pid_bh))
+        base = tl.load(Offsets + pid_bh)  # the segment's first pool row: its slots are consecutive rows
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        if POOLED:  # logical slot -> pool row (-1 past the head's segment); only valid slots are read
-            rows = tl.load(SlotMap + b * smb + h * smh + offs_n * smn, mask=n_ok, other=-1).to(tl.int64)
-            n_ok = n_ok & (rows >= 0) & (tl.load(Valid + b * smb + h * smh + offs_n * smn, mask=n_ok, other=0) != 0)
+        if POOLED:  # logical slot i of a head is its segment's row base + i (contiguous loads); valid slots only
+            rows = base + offs_n
+            n_ok = n_ok & (tl.load(Valid + b * smb + h * smh + offs_n * smn, mask=n_ok, other=0) != 0)
             k_ptr = K + rows[:, None] * skn + offs_d[None, :] * skd
             v_ptr = V + rows[:, None] * svn + offs_d[None, :] * svd
         else:
@@ -158,19 +159,20 @@ def pooled_decode_attention(
     query: torch.Tensor,
     key_pool: torch.Tensor,
     value_pool: torch.Tensor,
-    slot_map: torch.Tensor,
+    offsets: torch.Tensor,
     lengths: torch.Tensor,
     valid: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor | None:
     """Decode attention over a pool of per-head segments (squeezekit.layers.HeadPool): query (B, Hq, 1, D);
-    key_pool/value_pool (N, D); slot_map (B, H, S) int32, each logical slot's pool row (-1 past its head's segment);
-    lengths (B, H) int32 contiguous, each head's segment length (its program reads no slot past it);
-    valid (B, H, S) bool: the slots attended to (every real token held: a decode query may see them all). Only the
-    valid slots' rows are read. Returns (B, 1, Hq, D), or None when the kernel is off for this device."""
+    key_pool/value_pool (N, D); offsets (B, H) int64 contiguous, each head's first pool row (logical slot i of the
+    head is row offsets + i); lengths (B, H) int32 contiguous, each head's segment length (its program reads no slot
+    past it); valid (B, H, S) bool: the slots attended to (every real token held: a decode query may see them all).
+    Only the valid slots' rows are read, as contiguous tiles. Returns (B, 1, Hq, D), or None when the kernel is off
+    for this device."""
     if not use("pooled", query) or query.shape[2] != 1:
         return None
-    return _launch("pooled", query, key_pool, value_pool, scaling, slot_map, valid, lengths)
+    return _launch("pooled", query, key_pool, value_pool, scaling, offsets, valid, lengths)
 
 
 def _launch(
@@ -179,23 +181,23 @@ def _launch(
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float,
-    slot_map: torch.Tensor | None,
+    offsets: torch.Tensor | None,
     valid: torch.Tensor | None,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     B, Hq, _, D = query.shape
-    pooled = slot_map is not None
-    if slot_map is not None and valid is not None:
-        H, S = slot_map.shape[1], slot_map.shape[2]
+    pooled = offsets is not None
+    if offsets is not None and valid is not None:
+        H, S = valid.shape[1], valid.shape[2]
         valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
         key_strides = (0, 0, *key.stride())  # (pool rows: the row stride stands for the slot stride)
         value_strides = (0, 0, *value.stride())
-        map_strides = tuple(slot_map.stride())
-        assert tuple(valid8.stride()) == map_strides, "slot_map and valid must be laid out alike"
+        map_strides = tuple(valid8.stride())
+        assert offsets.is_contiguous() and offsets.dtype == torch.int64 and offsets.shape == (B, H)
         assert lengths is not None and lengths.is_contiguous() and lengths.dtype == torch.int32
     else:
         H, S = key.shape[1], key.shape[2]
-        slot_map = valid8 = lengths = query  # never read without POOLED
+        offsets = valid8 = lengths = query  # never read without POOLED
         key_strides, value_strides, map_strides = tuple(key.stride()), tuple(value.stride()), (0, 0, 0)
     G = Hq // H
     interpret = interpreting()
@@ -217,7 +219,7 @@ def _launch(
         prec = "ieee" if query.dtype == torch.float32 else "tf32"
         extra = {} if interpret else {"num_warps": 4, "num_stages": 3}
         split[(B * H, nsplit)](
-            query, key, value, out, part_acc, part_m, part_l, slot_map, valid8, lengths,
+            query, key, value, out, part_acc, part_m, part_l, offsets, valid8, lengths,
             query.stride(0), query.stride(1), query.stride(3), *key_strides, *value_strides,
             out.stride(0), out.stride(2), out.stride(3), *map_strides,
             H, G, S, D, per_split, float(scaling) * LOG2E,
