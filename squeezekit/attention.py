@@ -16,9 +16,10 @@ only dispatches to one of six small paths:
 - ``fused``: a multi-token step through the fused Triton kernel (squeezekit.kernels.attention), which builds the
   slot mask on the fly and also sums the attention per slot for the statistics that take it; where the kernel is
   off or fails, the plan's fallback path runs;
-- ``pooled``: a one-token step over a layer whose KV heads hold different budgets, read from its pool of per-head
-  segments by a fused kernel (squeezekit.kernels.decode; on the CPU, and with statistics that must see the keys or
-  the probabilities, the layer hands over gathered buffers and the step is ``masked`` or ``explicit``);
+- ``pooled``: a one-token step over a layer whose KV heads hold different budgets (its pool of per-head segments)
+  or whose slots are quantized, read as rows by a fused kernel that dequantizes in its tiles
+  (squeezekit.kernels.decode; on the CPU, and with statistics that must see the keys or the probabilities, the
+  layer hands over gathered, dequantized buffers and the step is ``masked`` or ``explicit``);
 - ``explicit``: softmax in query blocks (the ``eager`` backend, logit soft-capping, or statistics that take the
   attention mass), summing the probabilities per slot as a by-product.
 
@@ -42,7 +43,7 @@ from .statistics import Observation
 
 if TYPE_CHECKING:
     from .cache import SqueezeCache
-    from .layers import HeadPool, SlotLayer
+    from .layers import SlotLayer, SlotRows
     from .runner import PolicyRunner
     from .step import Step
     from .transformers_api import Geometry
@@ -95,8 +96,8 @@ class LayerPlan:
     mass: bool  #: some statistic takes the attention each slot received
     layer: SlotLayer | None  #: the layer (its statistics), None without a cache
     shared: dict[Any, torch.Tensor] | None  #: the step's masks shared by fresh layers, None where not shared
-    #: ``pooled``: the layer's pool of per-head segments (the keys and values the attention gets are its rows)
-    pool: HeadPool | None = None
+    #: ``pooled``: the layer's keys and values as rows (a pool of per-head segments, or quantized slots)
+    rows: SlotRows | None = None
 
 
 def plan_layer(layer: SlotLayer, step: Step, runner: PolicyRunner, backend: str) -> LayerPlan:
@@ -112,9 +113,9 @@ def plan_layer(layer: SlotLayer, step: Step, runner: PolicyRunner, backend: str)
         step, device, kv_valid, kv_pos, layer.window, layer.scaling, layer.softcap, fresh, full,
         bool(runner.mass_statistics), backend, layer, step.shared_masks if fresh else None,
     )  # fmt: skip
-    pool = getattr(layer, "pool", None)
-    if pool is not None and layer.reads_pool(q):  # type: ignore[attr-defined]  # (a BudgetedLayer's)
-        return dataclasses.replace(plan, path="pooled", fallback="pooled", pool=pool)
+    rows = layer.decode_rows(q) if layer.budgeted else None  # type: ignore[attr-defined]  # (a BudgetedLayer's)
+    if rows is not None:
+        return dataclasses.replace(plan, path="pooled", fallback="pooled", rows=rows)
     return plan
 
 
@@ -300,15 +301,16 @@ def _pooled(
     key: torch.Tensor,
     value: torch.Tensor,
 ) -> tuple[torch.Tensor, None]:
-    """One query per sequence over a pool of per-head segments: the fused kernel reads the valid slots' rows."""
-    assert plan.pool is not None
-    pool = plan.pool
+    """One query per sequence over a layer's rows (per-head segments of a pool, quantized slots): the fused kernel
+    reads the valid slots' rows, dequantizing them in its tiles."""
+    rows, layer = plan.rows, plan.layer
+    assert rows is not None and layer is not None
     out = decode_kernel.pooled_decode_attention(
-        query, key, value, pool.offsets, pool.lengths, plan.kv_valid, plan.scaling
+        query, rows.keys, rows.values, rows.offsets, rows.lengths, rows.valid, plan.scaling, rows.codec
     )
-    if out is None:  # the kernel failed on its first use: gather the buffers and mask them
-        keys, values = plan.pool.rect()
-        return _masked(dataclasses.replace(plan, path="masked", pool=None), runner, query, keys, values)
+    if out is None:  # the kernel failed on its first use: gather (and dequantize) the buffers and mask them
+        plain = dataclasses.replace(plan, path="masked", rows=None)
+        return _masked(plain, runner, query, layer.keys, layer.values)
     return out, None
 
 

@@ -152,6 +152,7 @@ def _batch_cache(compressor: Compressor, first: SqueezeCache, batch: int) -> Squ
     for layer, like in zip(out.layers, first.layers, strict=True):
         if isinstance(like, BudgetedLayer):  # a micro-batch's pooled heads are copied as rectangular buffers
             like.unpack()
+        layer.initialize_like(like)
         with torch.inference_mode(False):  # slot tensors carry version counters (see squeezekit.layers)
             for name, t, fill in like.slot_items():
                 layer.set_slot(name, torch.full((batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device))
@@ -165,7 +166,6 @@ def _batch_cache(compressor: Compressor, first: SqueezeCache, batch: int) -> Squ
             layer.head_budget_host = np.zeros((batch, like.head_budget.shape[1]), dtype=np.int64)
         if like.budgeted:
             layer.steady, layer.holes = like.steady, like.holes
-        layer.lazy_initialization(layer.keys, layer.values)
     return out
 
 

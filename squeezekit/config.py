@@ -3,7 +3,8 @@ CLI flags, labels (``squeeze+h2o@0.2/window=4``: bench methods, sweep cells) and
 produce the same frozen `Config`.
 
 Core keys (`CORE`): ``allocator``, ``evictor``, ``heads`` (the head split, default ``uniform``), ``budget``,
-``fallback_allocator``, ``fallback_evictor``. Every other key is a parameter of a plugin: a dataclass field of the
+``kv_bits`` (the kept slots' precision, default 16: squeezekit.quantized), ``fallback_allocator``,
+``fallback_evictor``. Every other key is a parameter of a plugin: a dataclass field of the
 chosen allocator, evictor or head split (or of a fallback), which validates it; a key no chosen plugin has is an
 error naming the nearest valid one (or the installed plugin that takes it). `keys` lists every key of every
 installed plugin, with its type, help and default: the CLI's flags, lm-eval's model_args and the sweep's cells are
@@ -80,6 +81,11 @@ CORE: dict[str, tuple[type, Any, str, str]] = {
         f"must be {BUDGET_RANGE} (at most {MAX_TOKENS})",
         "mean tokens kept per layer: a fraction of the prompt in (0, 1], or a whole number of tokens > 1; "
         "1 = full cache",
+    ),
+    "kv_bits": (
+        int, lambda v: v in (16, 8, 4), "must be 16 (the model's dtype), 8 or 4",
+        "bits a kept key or value channel is stored in: 16 (the model's dtype), 8 (about half the memory) or 4 "
+        "(about a quarter); scales per token and KV head (squeezekit.quantized)",
     ),
     "fallback_allocator": (
         str, lambda v: True, "an installed allocator name", "allocator used, with a warning, if the allocator fails"
@@ -200,6 +206,8 @@ class Config:
     #: the head split (`squeezekit.HeadBudgetSplitter`); the default gives every KV head its layer's budget
     heads: str = "uniform"
     budget: float = 0.2
+    #: the bits each kept key / value channel is stored in (16: the model's dtype; 8 or 4: squeezekit.quantized)
+    kv_bits: int = 16
     #: used instead of the allocator / evictor if it fails during a run (None: the run stops with a PluginError)
     fallback_allocator: str | None = None
     fallback_evictor: str | None = None
@@ -289,6 +297,11 @@ class Config:
         self.build_allocator(source)
         evictors = [(self.build_evictor(source), self.origin("evictor"))]
         self._check_heads(source)
+        if self.kv_bits != Config.kv_bits and self.full:
+            raise ConfigError(
+                "kv_bits", self.kv_bits, "quantizes the slots a compressed cache keeps, and budget 1 keeps the full "
+                "cache in the model's dtype; use a budget below 1 with it, or kv_bits=16", source,
+            )  # fmt: skip
         if self.fallback_allocator is not None:
             self.build_allocator(source, fallback=True)
         if self.fallback_evictor is not None:
@@ -384,11 +397,12 @@ class Config:
 
     # ---- use ---------------------------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
-        """The explicitly set keys, flat (round-trips through `from_mapping`); ``heads`` only when it is not the
-        default ``uniform`` (so labels and results of equal-split configs read as they always have)."""
+        """The explicitly set keys, flat (round-trips through `from_mapping`); ``heads`` and ``kv_bits`` only when
+        they are not the defaults (``uniform``, 16), so labels and results of older configs read as they always have."""
         out = {k: getattr(self, k) for k in CORE_KEYS if getattr(self, k) is not None}
-        if self.heads == Config.heads:
-            del out["heads"]
+        for key in ("heads", "kv_bits"):  # (defaults left out: labels and results read as they always have)
+            if out[key] == getattr(Config, key):
+                del out[key]
         out.update(dict(self.params))
         return out
 
@@ -459,6 +473,8 @@ class Config:
         if self.heads != Config.heads:
             text += f" / heads {fmt(self.build_heads())}"
         text += f" @ {budget}"
+        if self.kv_bits != Config.kv_bits:
+            text += f" in {self.kv_bits}-bit slots"
         fallbacks = [
             f"{kind} {fmt(self._build(kind, None, True))}"
             for kind in ("allocator", "evictor")

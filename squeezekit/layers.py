@@ -42,14 +42,16 @@ runner's version counters can tell when a plugin writes into them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, quantized
 from .kernels import steady as steady_kernel
 from .policies import LIVE_FIELDS, LayerView
+from .quantized import SlotCodec
 from .selection import top_slots
 from .transformers_api import CacheLayerMixin, Geometry
 
@@ -113,6 +115,11 @@ class SlotLayer(CacheLayerMixin):
         self.head_dim = int(key_states.shape[-1])
         self.is_initialized = True
 
+    def initialize_like(self, other: SlotLayer) -> None:
+        """Take ``other``'s dtype, device and head size (a cache assembled from another's rows)."""
+        self.dtype, self.device, self.head_dim = other.dtype, other.device, other.head_dim
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.write(key_states, value_states)
 
@@ -167,11 +174,15 @@ class SlotLayer(CacheLayerMixin):
     def map_rows(self, fn: Any) -> None:
         """Replace every per-sequence tensor ``t`` of the layer (slots, statistics, budget) by ``fn(t)``."""
         with _plain:
-            for name in (*LIVE_FIELDS, *self.row_fields):
+            slots = self.slot_items()  # (a quantized layer's keys and values are its parts)
+            for name, t, _ in slots:
+                self.set_slot(name, fn(t))
+            for name in self.row_fields:
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, fn(t))
-            self.stats = {name: fn(t) for name, t in self.stats.items()}
+            mapped = {name for name, _, _ in slots}
+            self.stats = {name: t if name in mapped else fn(t) for name, t in self.stats.items()}
 
     def end_step(self) -> None:
         """Drop the statistics that live for one step (those not in the slot table), and any no longer collected
@@ -212,8 +223,11 @@ class SlotLayer(CacheLayerMixin):
         """Bytes of the keys and values of the tokens held (valid slots), without the free slots' room."""
         if self.valid is None:
             return 0
-        per_slot = 2 * self.head_dim * self.dtype.itemsize
-        return int(self.valid.sum()) * per_slot
+        return int(self.valid.sum()) * self.slot_kv_bytes()
+
+    def slot_kv_bytes(self) -> int:
+        """Bytes one slot's key and value take (in the model's dtype; `BudgetedLayer`: as stored)."""
+        return 2 * self.head_dim * self.dtype.itemsize
 
     #: (B,) long on the layer's device: the most tokens a row may hold; None: unbounded (see `BudgetedLayer`)
     budget: torch.Tensor | None = None
@@ -294,15 +308,23 @@ class SlotLayer(CacheLayerMixin):
             free = ~self.valid
         # The first q free slots of every row, in slot order.
         slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
-        idx = slots[..., None].expand(B, H, q, k.shape[-1])
-        self.keys.scatter_(2, idx, k)
-        self.values.scatter_(2, idx, v)
+        self.write_kv(slots, k, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
         self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
         self.reset_stats(slots)
         self.new_slots = slots
         if self.held is not None:
             self.held = self.held + np.asarray(step.real, dtype=np.int64)[:, None]
+        return self.attended(q)
+
+    def write_kv(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` (B, H, q, D) into the slots ``slots`` (B, H, q) of every head."""
+        idx = slots[..., None].expand(*slots.shape, k.shape[-1])
+        self.keys.scatter_(2, idx, k)
+        self.values.scatter_(2, idx, v)
+
+    def attended(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `write` returns for the attention of a ``q``-token step: the (B, H, C, D) keys and values."""
         return self.keys, self.values
 
     def reset_stats(self, slots: torch.Tensor, skip: int = 0) -> None:
@@ -332,14 +354,12 @@ class SlotLayer(CacheLayerMixin):
         used = idx >= 0
         safe = idx.clamp_min(0)
         if compact:  # gather into new, smaller tensors: the old buffers are freed
-            D = self.keys.shape[-1]
-            gi = safe[..., None].expand(*safe.shape, D)
             with _plain:
                 for name, t, fill in self.slot_items():
                     if name == "valid":
                         self.valid = used.clone()
-                    elif t.dim() == 4:  # keys, values
-                        self.set_slot(name, torch.gather(t, 2, gi))
+                    elif t.dim() == 4:  # keys, values (or their quantized parts)
+                        self.set_slot(name, torch.gather(t, 2, safe[..., None].expand(*safe.shape, t.shape[-1])))
                     else:
                         self.set_slot(name, torch.gather(t, 2, safe).masked_fill(~used, fill))
         else:
@@ -397,69 +417,88 @@ class WindowLayer(SlotLayer):
 
 class HeadPool:
     """The keys and values of a budgeted layer whose KV heads hold different budgets (see the module docstring):
-    ``keys``/``values`` (N, D) with N the sum of the heads' capacities ``caps`` (B, H), and ``slot_map`` (B, H, C),
-    each logical slot's pool row, -1 past its head's segment; ``lengths`` (B, H) int32 on the device, the segments'
+    ``parts``, each (N, n) with N the sum of the heads' capacities ``caps`` (B, H): ``keys``/``values`` (N, D), or
+    the quantized slots' parts (``k_codes``, ``k_scale``, ...: squeezekit.quantized); ``slot_map`` (B, H, C), each
+    logical slot's pool row, -1 past its head's segment; ``lengths`` (B, H) int32 on the device, the segments'
     lengths (the decode kernel reads no slot past them), and ``offsets`` (B, H) int64, their first rows."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_map: torch.Tensor, caps: np.ndarray):
-        self.keys, self.values, self.slot_map, self.caps = keys, values, slot_map, caps
-        self.lengths = torch.as_tensor(caps, dtype=torch.int32).contiguous().to(keys.device)
+    def __init__(self, parts: dict[str, torch.Tensor], slot_map: torch.Tensor, caps: np.ndarray):
+        self.parts, self.slot_map, self.caps = parts, slot_map, caps
+        device = slot_map.device
+        self.lengths = torch.as_tensor(caps, dtype=torch.int32).contiguous().to(device)
         #: (B, H) int64: each segment's first row; logical slot i of head (b, h) is row offsets[b, h] + i, so the decode
         #: kernel loads a head's slots as consecutive rows instead of through `slot_map` (a dependent load per tile)
         flat = torch.as_tensor(caps, dtype=torch.int64).reshape(-1)
-        self.offsets = (torch.cumsum(flat, 0) - flat).view(caps.shape).contiguous().to(keys.device)
+        self.offsets = (torch.cumsum(flat, 0) - flat).view(caps.shape).contiguous().to(device)
 
     @classmethod
-    def pack(cls, keys: torch.Tensor, values: torch.Tensor, caps: np.ndarray) -> HeadPool:
-        """Pool rectangular ``keys``/``values`` (B, H, C0, D) whose head (b, h) holds what it keeps in its first
-        slots (after a compaction), into segments of ``caps[b, h]`` slots (C0 <= caps.max())."""
-        B, H, C0, D = keys.shape
-        device = keys.device
+    def pack(cls, parts: dict[str, torch.Tensor], caps: np.ndarray) -> HeadPool:
+        """Pool rectangular ``parts`` (each (B, H, C0, n)) whose head (b, h) holds what it keeps in its first slots
+        (after a compaction), into segments of ``caps[b, h]`` slots (C0 <= caps.max())."""
+        first = next(iter(parts.values()))
+        B, H, C0, _ = first.shape
+        device = first.device
         caps_t = torch.as_tensor(caps, device=device)
         offsets = (torch.cumsum(caps_t.view(-1), 0) - caps_t.view(-1)).view(B, H)
         C = int(caps.max())
         slot = torch.arange(C, device=device)
         # int32: 4 bytes a slot of bookkeeping fewer than int64 (a pool of up to 2**31 rows)
         slot_map = torch.where(slot < caps_t[..., None], offsets[..., None] + slot, -1).to(torch.int32)
+        inside = slot[:C0] < caps_t[..., None]  # (B, H, C0)
+        rows = slot_map[..., :C0][inside].long()
+        pooled = {}
         with _plain:
-            pool_k = keys.new_zeros(int(caps.sum()), D)
-            pool_v = values.new_zeros(int(caps.sum()), D)
-            inside = slot[:C0] < caps_t[..., None]  # (B, H, C0)
-            rows = slot_map[..., :C0][inside].long()
-            pool_k[rows] = keys[inside]
-            pool_v[rows] = values[inside]
-        return cls(pool_k, pool_v, slot_map, caps.copy())
+            for name, t in parts.items():
+                pooled[name] = t.new_zeros(int(caps.sum()), t.shape[-1])
+                pooled[name][rows] = t[inside]
+        return cls(pooled, slot_map, caps.copy())
 
-    def rect(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, C, D) keys and values gathered from the pool (past a segment: any row; those slots are invalid)."""
-        return self.gather(self.keys), self.gather(self.values)
+    def gather(self, name: str) -> torch.Tensor:
+        """(B, H, C, n): part ``name`` in the logical slot layout (past a segment: any row; those slots are invalid)."""
+        return self.parts[name][self.slot_map.clamp_min(0)]
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, H, C, D): the pool's ``rows`` (its keys or its values) in the logical slot layout."""
-        return rows[self.slot_map.clamp_min(0)]
+    def rect(self) -> dict[str, torch.Tensor]:
+        """Every part gathered into the logical slot layout (back to rectangular buffers)."""
+        return {name: self.gather(name) for name in self.parts}
 
     def mapped(self) -> torch.Tensor:
         """(B, H, C) bool: the logical slots inside their head's segment."""
         return self.slot_map >= 0
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write ``k``/``v`` (B, H, q, D) into the logical ``slots`` (B, H, q), all inside their segments."""
+    def write(self, slots: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
+        """Write each part's ``new[name]`` (B, H, q, n) into the logical ``slots`` (B, H, q), all inside their
+        segments."""
         rows = self.slot_map.gather(2, slots).reshape(-1).long()
-        D = self.keys.shape[-1]
-        self.keys.index_copy_(0, rows, k.reshape(-1, D).to(self.keys.dtype))
-        self.values.index_copy_(0, rows, v.reshape(-1, D).to(self.values.dtype))
+        for name, t in new.items():
+            part = self.parts[name]
+            part.index_copy_(0, rows, t.reshape(-1, part.shape[-1]).to(part.dtype))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
     def map_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.slot_map, self.lengths, self.offsets))
 
 
+@dataclass(frozen=True)
+class SlotRows:
+    """What the fused decode kernel reads of a layer (squeezekit.kernels.decode.pooled_decode_attention): its keys'
+    and values' parts as rows (N, n), each head's slots the consecutive rows ``offsets + i`` for i < ``lengths``,
+    ``valid`` (B, H, S) the slots attended to, ``codec`` the slots' quantization (None: the model's dtype)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    valid: torch.Tensor
+    codec: SlotCodec | None
+
+
 class BudgetedLayer(WindowLayer):
     """A compressed layer: each row holds at most its budget, set at the end of prefill (`set_budget`), each KV head
     at most its head budget (`split_heads`), and this class alone decides what leaves (see the module docstring).
-    Windowed when the model's attention is."""
+    Windowed when the model's attention is. With ``kv_bits`` below 16 it stores the slots it keeps quantized
+    (squeezekit.quantized) from the end of prefill on."""
 
     budgeted = True
     row_fields = ("new_slots", "budget", "head_budget")
@@ -479,16 +518,47 @@ class BudgetedLayer(WindowLayer):
         #: writes where the general path would (the first free slot once the victim's is freed) and attention masks
         #: by slot: bitwise what the general path computes, without its host syncs.
         self.holes = False
+        #: how kept slots are stored below 16 bits (None: in the model's dtype), set with the head dimension
+        self.codec: SlotCodec | None = None
 
-    # -- where the keys and values live: the rectangular buffers, or a pool of per-head segments -----------------
+    # -- where the keys and values live -------------------------------------------------------------------------
+    # Three places, one at a time: rectangular buffers in the model's dtype (``_keys``/``_values``), their quantized
+    # parts (``quant``: name -> (B, H, C, n) slot tensors, e.g. ``k_codes``), or a pool of per-head segments of either
+    # (``pool``). `keys`/`values` read any of them as (B, H, C, D) in the model's dtype; every write of keys and
+    # values goes through `write_kv`.
     pool: HeadPool | None = None
+    quant: dict[str, torch.Tensor] | None = None
     _keys: torch.Tensor | None = None
     _values: torch.Tensor | None = None
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.codec = quantized.codec(self.cache.runner.config.kv_bits, self.head_dim)
+
+    def initialize_like(self, other: SlotLayer) -> None:
+        super().initialize_like(other)
+        self.codec = getattr(other, "codec", None)
+
+    @property
+    def quantized(self) -> bool:
+        """The kept slots are stored quantized now (from the end of prefill on, with ``kv_bits`` below 16)."""
+        return self.quant is not None or (self.pool is not None and "keys" not in self.pool.parts)
+
+    def _read(self, which: str) -> torch.Tensor:
+        """(B, H, C, D) keys (``"k"``) or values (``"v"``) in the model's dtype, from wherever they live."""
+        if self.pool is None and self.quant is None:
+            return self._keys if which == "k" else self._values  # type: ignore[return-value]
+        if not self.quantized:
+            return self.pool.gather("keys" if which == "k" else "values")  # type: ignore[union-attr]
+        assert self.codec is not None
+        pool, quant = self.pool, self.quant
+        get = pool.gather if pool is not None else (lambda name: quant[name])  # type: ignore[index]
+        return self.codec.decode(tuple(get(n) for n in self.codec.names(which)), self.dtype)
+
     @property
     def keys(self) -> torch.Tensor:
-        """(B, H, C, D): the buffer, or (pooled) a copy gathered from the pool: write through `HeadPool.write`."""
-        return self.pool.gather(self.pool.keys) if self.pool is not None else self._keys  # type: ignore[return-value]
+        """(B, H, C, D): the buffer, or a copy gathered from the pool or dequantized: write through `write_kv`."""
+        return self._read("k")
 
     @keys.setter
     def keys(self, t: torch.Tensor) -> None:
@@ -496,28 +566,70 @@ class BudgetedLayer(WindowLayer):
 
     @property
     def values(self) -> torch.Tensor:
-        return self.pool.gather(self.pool.values) if self.pool is not None else self._values  # type: ignore[return-value]
+        return self._read("v")
 
     @values.setter
     def values(self, t: torch.Tensor) -> None:
         self._values = t
 
+    def _rect_parts(self) -> dict[str, torch.Tensor]:
+        """The rectangular (B, H, C, n) tensors the keys and values are stored in now (not pooled)."""
+        if self.quant is not None:
+            return self.quant
+        return {"keys": self._keys, "values": self._values}  # type: ignore[dict-item]
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """New tokens' keys and values (B, H, q, D) as the parts they are stored in."""
+        if not self.quantized:
+            return {"keys": k, "values": v}
+        assert self.codec is not None
+        out = dict(zip(self.codec.names("k"), self.codec.encode(k), strict=True))
+        out.update(zip(self.codec.names("v"), self.codec.encode(v), strict=True))
+        return out
+
+    def write_kv(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.pool is None and self.quant is None:
+            return super().write_kv(slots, k, v)
+        new = self._encode(k, v)
+        if self.pool is not None:
+            self.pool.write(slots, new)
+            return
+        for name, t in new.items():
+            part = self.quant[name]  # type: ignore[index]
+            part.scatter_(2, slots[..., None].expand(*slots.shape, part.shape[-1]), t.to(part.dtype))
+
+    def quantize(self) -> None:
+        """At the end of prefill, with ``kv_bits`` below 16: the kept slots' keys and values into their quantized
+        parts (the model-dtype buffers are freed)."""
+        if self.codec is None or self.quantized or self.budget is None or self.empty:
+            return
+        with _plain:
+            keys, values = self.keys, self.values  # (gathered from a pool)
+            parts = dict(zip(self.codec.names("k"), self.codec.encode(keys), strict=True))
+            parts.update(zip(self.codec.names("v"), self.codec.encode(values), strict=True))
+            parts = {n: t.contiguous() for n, t in parts.items()}
+        self._keys = self._values = None
+        if self.pool is not None:
+            self.pool = HeadPool.pack(parts, self.pool.caps)
+        else:
+            self.quant = parts
+
     def pack(self) -> None:
         """After a settle: the heads' budgets differ, so their keys and values move into a pool of segments of
         exactly each head's budget (the buffers were compacted to the largest)."""
         hb = self.head_budget_host
-        if self.pool is not None or hb is None or self._keys is None or bool((hb == hb[:, :1]).all()):
+        if self.pool is not None or hb is None or self.empty or bool((hb == hb[:, :1]).all()):
             return
         caps = np.maximum(hb, self.held if self.held is not None else hb)
         if int(caps.max()) < self.capacity:
             return  # (a rare wider buffer, e.g. a merged micro-batch: stay rectangular)
-        pool = HeadPool.pack(self._keys, self._values, caps)  # type: ignore[arg-type]
+        pool = HeadPool.pack(self._rect_parts(), caps)
         C = pool.slot_map.shape[2]
         with _plain:
             for name, t, fill in self.slot_items():
                 if t.dim() == 3 and t.shape[2] < C:
                     self.set_slot(name, torch.nn.functional.pad(t, (0, C - t.shape[2]), value=fill))
-        self._keys = self._values = None
+        self._keys = self._values = self.quant = None
         self.pool = pool
 
     def unpack(self) -> None:
@@ -525,21 +637,47 @@ class BudgetedLayer(WindowLayer):
         if self.pool is None:
             return
         with _plain:
-            keys, values = self.pool.rect()
+            parts = self.pool.rect()
+        quantized = self.quantized
         self.pool = None
-        self._keys, self._values = keys, values
+        if quantized:
+            self.quant = parts
+        else:
+            self._keys, self._values = parts["keys"], parts["values"]
 
     def slot_items(self) -> list[tuple[str, torch.Tensor, Any]]:
-        if self.pool is not None:  # (the keys and values are the pool's: see nbytes)
-            return [item for item in super().slot_items() if item[0] not in ("keys", "values")]
-        return super().slot_items()
+        items = super().slot_items()
+        if self.pool is None and self.quant is None:
+            return items
+        # the keys and values are the pool's (see nbytes) or their quantized parts
+        items = [item for item in items if item[0] not in ("keys", "values")]
+        if self.quant is not None:
+            items += [(name, t, 0) for name, t in self.quant.items()]
+        return items
+
+    def set_slot(self, name: str, tensor: torch.Tensor) -> None:
+        if self.codec is not None and name in (*self.codec.names("k"), *self.codec.names("v")):
+            self._keys = self._values = None
+            self.quant = {**(self.quant or {}), name: tensor}
+        else:
+            super().set_slot(name, tensor)
 
     def nbytes(self) -> int:
         extra = 0 if self.pool is None else self.pool.nbytes() + self.pool.map_nbytes()
         return super().nbytes() + extra
 
     def kv_nbytes(self) -> int:
-        return self.pool.nbytes() if self.pool is not None else super().kv_nbytes()
+        if self.pool is not None:
+            return self.pool.nbytes()
+        if self.quant is not None:
+            return sum(t.numel() * t.element_size() for t in self.quant.values())
+        return super().kv_nbytes()
+
+    def slot_kv_bytes(self) -> int:
+        if self.quantized:
+            assert self.codec is not None
+            return 2 * self.codec.slot_bytes()
+        return super().slot_kv_bytes()
 
     def pad_to(self, capacity: int) -> None:
         self.unpack()
@@ -555,36 +693,51 @@ class BudgetedLayer(WindowLayer):
         super().map_rows(fn)
 
     def make_plain(self) -> None:
-        if self.pool is None:
+        if self.pool is None and self.quant is None:
             super().make_plain()
-        else:
-            self.pool.keys, self.pool.values = plain_copy(self.pool.keys), plain_copy(self.pool.values)
+        elif self.pool is not None:
+            self.pool.parts = {name: plain_copy(t) for name, t in self.pool.parts.items()}
 
     def view_kv(self, plain: Any) -> tuple[Any, Any]:
-        if self.pool is None:
+        if self.pool is None and self.quant is None:
             return super().view_kv(plain)
-        pool = self.pool
-        return (lambda: pool.gather(pool.keys)), (lambda: pool.gather(pool.values))
+        return (lambda: self._read("k")), (lambda: self._read("v"))
 
     def head_budget_tensor(self) -> torch.Tensor:
         assert self.head_budget is not None
         return self.head_budget.clone()
 
-    def reads_pool(self, q: int) -> bool:
-        """This step's attention reads the pool itself (the fused ``pooled`` decode kernel): a pooled layer, a
-        one-token step on a device the kernel serves, and no statistic that must see the attention's keys (an
-        observer of later steps) or its probabilities (the attention mass). Otherwise the attention gets gathered
-        buffers."""
+    def decode_rows(self, q: int) -> SlotRows | None:
+        """What this step's attention reads in the fused decode kernel (squeezekit.kernels.decode), or None: a
+        pooled or quantized layer, a one-token step on a device the kernel serves, and no statistic that must see
+        the attention's keys (an observer of later steps) or its probabilities (the attention mass). Otherwise the
+        attention gets (B, H, C, D) buffers, gathered or dequantized."""
         runner = self.cache.runner
-        return (
-            self.pool is not None and q == 1 and kernels.use("pooled", self.device)
-            and not runner.step_observers and not runner.mass_statistics
+        if (
+            (self.pool is None and self.quant is None) or q != 1 or not kernels.use("pooled", self.device)
+            or runner.step_observers or runner.mass_statistics
+        ):  # fmt: skip
+            return None
+        if self.pool is not None:
+            parts, offsets, lengths = self.pool.parts, self.pool.offsets, self.pool.lengths
+        else:
+            assert self.quant is not None
+            B, H, C = self.valid.shape
+            parts = {name: t.reshape(-1, t.shape[-1]) for name, t in self.quant.items()}
+            offsets = (torch.arange(B * H, device=self.device, dtype=torch.int64) * C).view(B, H)
+            lengths = torch.full((B, H), C, dtype=torch.int32, device=self.device)
+        codec = self.codec if self.quantized else None
+        names_k, names_v = (codec.names("k"), codec.names("v")) if codec is not None else (("keys",), ("values",))
+        return SlotRows(
+            tuple(parts[n] for n in names_k), tuple(parts[n] for n in names_v), offsets, lengths, self.valid, codec,
         )  # fmt: skip
 
     def attended(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `write` returns for the attention: the pool's rows (see `reads_pool`), or (B, H, C, D) buffers."""
-        if self.pool is not None and self.reads_pool(q):
-            return self.pool.keys, self.pool.values
+        """What `write` returns for the attention: for the fused decode kernel (`decode_rows`), the first parts of
+        the keys' and values' rows (the kernel reads the plan's `SlotRows`); else (B, H, C, D) buffers."""
+        rows = self.decode_rows(q)
+        if rows is not None:
+            return rows.keys[0], rows.values[0]
         return self.keys, self.values
 
     def free_slots(self) -> torch.Tensor:
@@ -594,6 +747,7 @@ class BudgetedLayer(WindowLayer):
     def reset(self) -> None:
         super().reset()
         self.pool = None
+        self.quant = None
         self._keys = self._values = None
         self.budget = self.head_budget = None
         self.budget_host = self.head_budget_host = None
@@ -658,10 +812,9 @@ class BudgetedLayer(WindowLayer):
         cache = self.cache
         runner, step = cache.runner, cache.step
         view_of = lambda: self.view("decode")  # noqa: E731
-        if self.pool is not None:
-            return self._steady_write_pooled(k, v)
         victim = None
-        if not self.holes and runner.scores_only:  # one fused kernel selects and writes (CUDA: kernels/steady)
+        stored_plain = self.pool is None and self.quant is None
+        if stored_plain and not self.holes and runner.scores_only:  # one fused kernel selects and writes
             score = runner.kernel_scores(view_of) if steady_kernel.available(k) else None
             if score is not None:
                 # the kernel resets the first per-slot statistic of the victim's slot, `reset_stats` any others
@@ -675,30 +828,16 @@ class BudgetedLayer(WindowLayer):
         if victim is None:
             # the new token will be the newest: every held token competes (protect_newest=False)
             victim = runner.victims(view_of, protect_newest=False, defer_nan=True)
-            if self.holes:  # as _make_room + _append: free the victim's slot, write into the first free one
+            # With free slots, as _make_room + _append: free the victim's slot, write into the first free one. (In a
+            # pool every head is at its budget, which is its segment: the victim's slot is the only free one.)
+            if self.holes and self.pool is None:
                 self.valid.scatter_(2, victim, False)
                 victim = (~self.valid).to(torch.int8).argmax(-1, keepdim=True)
                 self.valid.scatter_(2, victim, True)
-            B, H, _, D = self.keys.shape
-            self.keys.scatter_(2, victim[..., None].expand(B, H, 1, D), k)
-            self.values.scatter_(2, victim[..., None].expand(B, H, 1, D), v)
+            self.write_kv(victim, k, v)
+            B, H = victim.shape[:2]
             self.positions.scatter_(2, victim, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, 1))
             self.reset_stats(victim)
-        self.new_slots = victim
-        self.heads_differ = True
-        return self.keys, self.values
-
-    def _steady_write_pooled(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The steady write into a pool: every head is at its budget, which is its segment, so the new token takes
-        the victim's slot (where the general path, freeing it and writing into the first free slot inside the
-        segment, writes it too)."""
-        assert self.pool is not None
-        runner, step = self.cache.runner, self.cache.step
-        victim = runner.victims(lambda: self.view("decode"), protect_newest=False, defer_nan=True)
-        self.pool.write(victim, k, v)
-        B, H = victim.shape[:2]
-        self.positions.scatter_(2, victim, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, 1))
-        self.reset_stats(victim)
         self.new_slots = victim
         self.heads_differ = True
         return self.attended(1)
@@ -716,7 +855,7 @@ class BudgetedLayer(WindowLayer):
             self.unpack()
             return super()._append(k, v)
         slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
-        self.pool.write(slots, k, v)
+        self.write_kv(slots, k, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
         self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
         self.reset_stats(slots)
@@ -744,7 +883,8 @@ class BudgetedLayer(WindowLayer):
 
     def settle(self, step: Step) -> None:
         """After a step: drop what the model's window drops, then every head down to its budget (at prefill, first
-        split over the heads, then into buffers just large enough); update the steady flags."""
+        split over the heads, then into buffers just large enough); quantize what is kept (``kv_bits`` below 16, once),
+        pool unequal heads; update the steady flags."""
         if self.window is not None:
             self.drop_out_of_window(compact=False)
         if step.prefill:
@@ -753,6 +893,7 @@ class BudgetedLayer(WindowLayer):
             self._enforce(compact=step.prefill)
         elif step.prefill and self.window is not None:
             self.shrink_to_fit()
+        self.quantize()
         self.pack()
         self.update_steady()
 

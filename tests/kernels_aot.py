@@ -94,15 +94,24 @@ def main() -> int:
         "Offsets": "*i64",
         "Valid": "*i8",
         "Lengths": "*i32",
+        **{name: "*fp16" for name in ("KScale", "KLow", "VScale", "VLow")},
         **{name: "*bf16" for name in ("Q", "K", "V", "Out")},
     }
     for one in (True, False):
         for pooled in (False, True):
-            consts = dict(ONE_SPLIT=one, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128)
+            consts = dict(ONE_SPLIT=one, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
+                          QBITS=16, GROUP=1)  # fmt: skip
             check(kd._split, parts, consts, 4, 3)
     for pooled in (False, True):
-        consts = dict(ONE_SPLIT=True, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256)
+        consts = dict(ONE_SPLIT=True, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256,
+                      QBITS=16, GROUP=1)  # fmt: skip
         check(kd._split, parts, consts, 4, 3)
+    # quantized slots, read as rows: 8 bits; 4 bits in two groups (D = 128) and in one (D = 64)
+    for bits, code, group, d in ((8, "*i8", 1, 128), (4, "*u8", 64, 128), (4, "*u8", 1 << 30, 64)):
+        for one in (True, False):
+            consts = dict(ONE_SPLIT=one, POOLED=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=d,
+                          QBITS=bits, GROUP=group)  # fmt: skip
+            check(kd._split, {**parts, "K": code, "V": code}, consts, 4, 3)
     check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
     print(f"compiled {n} kernel configurations for sm_90")
     return 0

@@ -33,8 +33,8 @@ GEN = dict(do_sample=False, pad_token_id=0)
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))
 #: every key of the default config (squeeze + streaming), as unknown-key messages list them
 DEFAULT_KEYS = (
-    "allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, n_init, p, per, random_state, sinks, "
-    "window"
+    "allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kv_bits, n_init, p, per, random_state, "
+    "sinks, window"
 )
 PLUGIN = "plugin {name} from {package} {version}: "
 #: a template value that matches any text (see `expect`)
@@ -205,6 +205,21 @@ CATALOGUE = [
         "config error: {source}: {key} = {value}: chooses its own tokens (it overrides select()), so head split "
         "{split} cannot rank them; use heads=uniform with it, or an evictor that scores tokens",
         "test_head_split_config_errors",
+    ),
+    Row(
+        "kv-bits-range",
+        "kv_bits other than 16, 8 or 4",
+        "ConfigError",
+        "config error: {source}: kv_bits = {value}: must be 16 (the model's dtype), 8 or 4",
+        "test_kv_bits_config_errors",
+    ),
+    Row(
+        "kv-bits-full",
+        "kv_bits below 16 with budget 1 (the full cache, kept in the model's dtype)",
+        "ConfigError",
+        "config error: {source}: kv_bits = {value}: quantizes the slots a compressed cache keeps, and budget 1 keeps "
+        "the full cache in the model's dtype; use a budget below 1 with it, or kv_bits=16",
+        "test_kv_bits_config_errors",
     ),
     Row(
         "unknown-key-file",
@@ -1426,6 +1441,13 @@ def test_unknown_allocator_and_evictor():
     )
 
 
+def test_kv_bits_config_errors():
+    raised("kv-bits-range", lambda: Config.from_kwargs(kv_bits=5), source="kwargs", value="5")
+    raised("kv-bits-range", lambda: Config.from_string("kv_bits=32"), source="model_args", value="32")
+    raised("kv-bits-full", lambda: Config.from_kwargs(budget=1, kv_bits=8), source="kwargs", value="8")
+    raised("kv-bits-full", lambda: Config.from_label("uniform+h2o@1/kv_bits=4"), source="label", value="4")
+
+
 def test_head_split_config_errors(plugin_site):
     raised(
         "unknown-name-far",
@@ -1499,8 +1521,8 @@ def test_unknown_key_kwarg(llama):
         value="5",
         allocator="'squeeze'",
         evictor="'snapkv'",
-        keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, n_init, p, per, "
-        "pooling, random_state, window",
+        keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, kv_bits, n_init, "
+        "p, per, pooling, random_state, window",
         nearest="'kernel_size'",
     )
     raised(
@@ -1577,8 +1599,8 @@ def test_unknown_cli_flag_and_set_key(capsys):
                 value="'5'",
                 allocator="'squeeze'",
                 evictor="'snapkv'",
-                keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, n_init, "
-                "p, per, pooling, random_state, window",
+                keys="allocator, budget, evictor, fallback_allocator, fallback_evictor, heads, kernel_size, kv_bits, "
+                "n_init, p, per, pooling, random_state, window",
                 nearest="'kernel_size'",
             ),
         ),

@@ -118,3 +118,19 @@ def test_a_decode_kernel_that_falls_back_is_reported_and_the_stage_goes_on(tmp_p
     assert rows[4, "steady"]["kernels"] == {"steady": "did not run"} and rows[4, "plain"]["kernels"] == {}  # CPU
     report = (tmp_path / "gpu_perf.md").read_text()
     assert "| 4 | steady+decode (decode fell back; steady did not run) |" in report
+
+
+def test_the_kv_bits_script_runs_on_cpu_and_counts_the_quantized_bytes(tmp_path):
+    """benchmarks/kv_bits.py (the GPU run of quantized slots) at toy sizes: every method runs its ladder, the
+    served tokens equal generate's, and 8-bit slots hold about half of what 16-bit ones do (fp32 model: a quarter)."""
+    kv_bits = load("kv_bits")
+    methods = "uniform+streaming@0.2,uniform+streaming@0.2/kv_bits=8,uniform+snapkv@0.2/kv_bits=4/heads=adaptive"
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--prompt-len", "256", "--ladder", "2,4",
+            "--steps", "2", "--micro-batch", "2", "--check-tokens", "4", "--methods", methods]  # fmt: skip
+    assert kv_bits.main(argv) == 0
+    res = json.loads((tmp_path / "kv_bits.json").read_text())
+    assert all(v == 1.0 for v in res["checks"]["served_vs_generate"].values())
+    runs = {(r["method"], r["B"]): r for r in res["runs"]}
+    assert len(runs) == 6 and all("step_ms" in r for r in runs.values())
+    full, q8 = runs[("uniform+streaming@0.2", 4)], runs[("uniform+streaming@0.2/kv_bits=8", 4)]
+    assert 0.2 < q8["kv_bytes"] / full["kv_bytes"] < 0.3

@@ -283,18 +283,17 @@ def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, 
     caps = np.random.default_rng(B + H).integers(5, 60, size=(B, H))
     C0 = int(caps.max())
     keys, values = torch.randn(B, H, C0, D, generator=g), torch.randn(B, H, C0, D, generator=g)
-    pool = HeadPool.pack(keys, values, caps)
+    pool = HeadPool.pack({"keys": keys, "values": values}, caps)
     valid = pool.mapped() & (torch.rand(pool.slot_map.shape, generator=g) > 0.2)  # some free slots in each segment
     valid[..., 0] = True
     query = torch.randn(B, H * G, 1, D, generator=g)
-    k_rect, v_rect = pool.rect()
+    k_rect, v_rect = pool.gather("keys"), pool.gather("values")
+    rows = (pool.parts["keys"],), (pool.parts["values"],)
     mask = valid[:, :, None, :].expand(B, H, G, C0).reshape(B, H, G, C0)
     ref = _unfold(F_sdpa(_fold(query, H), k_rect, v_rect, mask), H * G, 1)
-    assert (
-        decode.pooled_decode_attention(query, pool.keys, pool.values, pool.offsets, pool.lengths, valid, 0.25) is None
-    )
+    assert decode.pooled_decode_attention(query, *rows, pool.offsets, pool.lengths, valid, 0.25) is None
     with kernels.configured("pooled", interpret=True):
-        out = decode.pooled_decode_attention(query, pool.keys, pool.values, pool.offsets, pool.lengths, valid, 0.25)
+        out = decode.pooled_decode_attention(query, *rows, pool.offsets, pool.lengths, valid, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -6,6 +6,13 @@ transformers' layout; this kernel writes (B, 1, Hq, D) directly. Stage 1: each p
 and a contiguous share of the slots, and keeps an online softmax for its G heads (padded to 16 rows for the tensor
 cores); stage 2 merges the shares by their log-sum-exp. With one share per row (large batches) stage 1 writes the
 output itself. No mask: every slot is valid and within any window (``full_buffer`` in squeezekit.attention).
+
+The same kernel reads a layer's keys and values as rows (``POOLED``: a pool of per-head segments, or a buffer's
+slots laid out as rows), with a slot mask applied to the scores (the K/V loads depend on the slot range alone, so
+that they pipeline); with quantized slots (``QBITS`` 8 or 4, squeezekit.quantized) it loads the codes and their
+scales, so a step reads about a half or a quarter of the bytes: 8-bit codes go into the dot products as they are
+(integers up to 127 are exact in bf16) and each slot's scale multiplies its score and its probability; 4-bit tiles
+are unpacked and dequantized in registers (fp32, then the query's dtype).
 """
 
 from __future__ import annotations
@@ -21,21 +28,25 @@ if TYPE_CHECKING:
     import triton
     import triton.language as tl
     from triton.runtime import KernelInterface
+
+    from ..quantized import SlotCodec
 else:
     triton = tl = None  # imported on first use (see squeezekit.kernels.attention)
 LOG2E = 1.4426950408889634
 
 
 def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
-    Q, K, V, Out, PartAcc, PartM, PartL, Offsets, Valid, Lengths,
+    Q, K, V, Out, PartAcc, PartM, PartL, Offsets, Valid, Lengths, KScale, KLow, VScale, VLow,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, sod,
     smb, smh, smn,
+    sks, svs,
     H, G, S, D, per_split, scale_log2,
     ONE_SPLIT: tl.constexpr, POOLED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    QBITS: tl.constexpr = 16, GROUP: tl.constexpr = 1,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -58,25 +69,46 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         base = tl.load(Offsets + pid_bh)  # the segment's first pool row: its slots are consecutive rows
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        if POOLED:  # logical slot i of a head is its segment's row base + i (contiguous loads); valid slots only
+        n_in = offs_n < hi
+        # K/V loads depend on the slot range alone, so that they pipeline; validity masks the scores (a free slot
+        # holds a finite stale or zero entry, whose probability is 0)
+        kv_ok = n_in[:, None] & d_ok[None, :]
+        if POOLED:  # logical slot i of a head is its segment's row base + i (contiguous loads)
             rows = base + offs_n
-            n_ok = n_ok & (tl.load(Valid + b * smb + h * smh + offs_n * smn, mask=n_ok, other=0) != 0)
+            n_ok = n_in & (tl.load(Valid + b * smb + h * smh + offs_n * smn, mask=n_in, other=0) != 0)
             k_ptr = K + rows[:, None] * skn + offs_d[None, :] * skd
             v_ptr = V + rows[:, None] * svn + offs_d[None, :] * svd
         else:
+            n_ok = n_in
             k_ptr = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
             v_ptr = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
-        k = tl.load(k_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if QBITS == 16:
+            k = tl.load(k_ptr, mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        elif QBITS == 8:  # int8 codes (exact in the query's dtype); the slot's scale multiplies its score
+            k = tl.load(k_ptr, mask=kv_ok, other=0).to(q.dtype)
+            k_s = tl.load(KScale + rows * sks, mask=n_in, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (k_s * scale_log2)[None, :]
+        else:  # 4 bits: a slot's bytes, two channels each (even channel low); code * scale + low per group
+            k = _unpack4(K, KScale, KLow, rows, n_in, skn, skd, sks, D, BLOCK_N, BLOCK_D, GROUP)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if QBITS == 16:
+            v = tl.load(v_ptr, mask=kv_ok, other=0.0)
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        elif QBITS == 8:  # the slot's scale multiplies its probability
+            v = tl.load(v_ptr, mask=kv_ok, other=0).to(q.dtype)
+            v_s = tl.load(VScale + rows * svs, mask=n_in, other=0.0).to(tl.float32)
+            pv = tl.dot((p * v_s[None, :]).to(q.dtype), v, input_precision=DOT_PREC)
+        else:
+            v = _unpack4(V, VScale, VLow, rows, n_in, svn, svd, svs, D, BLOCK_N, BLOCK_D, GROUP)
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     mask = g_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
@@ -87,6 +119,31 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         tl.store(PartAcc + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask)
         tl.store(PartM + row, m_i, mask=g_ok)
         tl.store(PartL + row, l_i, mask=g_ok)
+
+
+def _unpack4(  # type: ignore[no-untyped-def]  # (a Triton function, called by _split)
+    Codes, Scale, Low, rows, n_in, scn, scd, ss, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_N, BLOCK_D) fp32: the 4-bit slots ``rows`` dequantized (two channels a byte, the even one low; code *
+    scale + low per group of GROUP channels, one group a slot when GROUP >= BLOCK_D)."""
+    offs_h = tl.arange(0, BLOCK_D // 2)
+    h_ok = n_in[:, None] & (offs_h < (D + 1) // 2)[None, :]
+    byte = tl.load(Codes + rows[:, None] * scn + offs_h[None, :] * scd, mask=h_ok, other=0)
+    code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)
+    if GROUP >= BLOCK_D:
+        scale = tl.load(Scale + rows * ss, mask=n_in, other=0.0).to(tl.float32)
+        low = tl.load(Low + rows * ss, mask=n_in, other=0.0).to(tl.float32)
+        x = code * scale[:, None] + low[:, None]
+    else:
+        offs_gr = tl.arange(0, BLOCK_D // GROUP)
+        g_ptr = rows[:, None] * ss + offs_gr[None, :]
+        g_ok = n_in[:, None] & (offs_gr < (D + GROUP - 1) // GROUP)[None, :]
+        scale = tl.load(Scale + g_ptr, mask=g_ok, other=0.0).to(tl.float32)
+        low = tl.load(Low + g_ptr, mask=g_ok, other=0.0).to(tl.float32)
+        code3 = tl.reshape(code, [BLOCK_N, BLOCK_D // GROUP, GROUP])
+        x = tl.reshape(code3 * scale[:, :, None] + low[:, :, None], [BLOCK_N, BLOCK_D])
+    return x
 
 
 def _merge(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annotations as types)
@@ -119,10 +176,11 @@ def _merge(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> tuple[KernelInterface, KernelInterface]:
-    global triton, tl
+    global triton, tl, _unpack4
     import triton
     import triton.language as tl
 
+    _unpack4 = triton.jit(_unpack4)  # (the kernel finds it among its globals when it compiles)
     return triton.jit(_split), triton.jit(_merge)
 
 
@@ -141,6 +199,17 @@ def splits(B: int, H: int, S: int, sms: int, block_n: int) -> int:
     return max(1, min(want, S // (2 * block_n)))
 
 
+#: (slot bits, head_dim <= 128) -> (BLOCK_N, num_warps, num_stages) of the decode kernel on CUDA; others take
+#: (64 slots, or 32 past 128 channels; 4 warps; 3 stages). The fastest of 24 tiles each on an H200 (Mistral-7B
+#: shapes, B = 256 and 512, 820 slots a head: benchmarks/decode_tiles.py, docs/benchmarks/kv-bits/): 16 bits read at
+#: 4.2 TB/s (SDPA's speed), 8 bits at 2.0-2.2 TB/s, 4 bits at 0.6 TB/s (bound by the unpacking, not the bytes).
+TILES: dict[tuple[int, bool], tuple[int, int, int]] = {
+    (16, True): (64, 4, 2),
+    (8, True): (128, 4, 3),
+    (4, True): (32, 4, 2),
+}
+
+
 def _fall_back_on_error(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
@@ -152,40 +221,55 @@ def decode_attention(
     is off for this device (or failed before: the caller then runs its plain path)."""
     if not use("decode", query) or query.shape[2] != 1:
         return None
-    return _launch("decode", query, key, value, scaling, None, None)
+    return _launch("decode", query, (key,), (value,), scaling, None, None)
 
 
 def pooled_decode_attention(
     query: torch.Tensor,
-    key_pool: torch.Tensor,
-    value_pool: torch.Tensor,
+    key_parts: tuple[torch.Tensor, ...],
+    value_parts: tuple[torch.Tensor, ...],
     offsets: torch.Tensor,
     lengths: torch.Tensor,
     valid: torch.Tensor,
     scaling: float,
+    codec: SlotCodec | None = None,
+    tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor | None:
-    """Decode attention over a pool of per-head segments (squeezekit.layers.HeadPool): query (B, Hq, 1, D);
-    key_pool/value_pool (N, D); offsets (B, H) int64 contiguous, each head's first pool row (logical slot i of the
-    head is row offsets + i); lengths (B, H) int32 contiguous, each head's segment length (its program reads no slot
-    past it); valid (B, H, S) bool: the slots attended to (every real token held: a decode query may see them all).
-    Only the valid slots' rows are read, as contiguous tiles. Returns (B, 1, Hq, D), or None when the kernel is off
-    for this device."""
+    """Decode attention over a layer's keys and values as rows (squeezekit.layers.SlotRows: a pool of per-head
+    segments, or quantized slots): query (B, Hq, 1, D); key_parts/value_parts: (N, D) rows in the query's dtype, or
+    with ``codec`` the quantized parts (codes, scale[, low]: squeezekit.quantized), dequantized inside the tiles;
+    offsets (B, H) int64 contiguous, each head's first row (logical slot i of the head is row offsets + i); lengths
+    (B, H) int32 contiguous, each head's segment length (its program reads no slot past it); valid (B, H, S) bool:
+    the slots attended to (every real token held: a decode query may see them all). Only the valid slots' rows are
+    read, as contiguous tiles. Returns (B, 1, Hq, D), or None when the kernel is off for this device. ``tile``:
+    (BLOCK_N, num_warps, num_stages) instead of `TILES`' (benchmarks/decode_tiles.py)."""
     if not use("pooled", query) or query.shape[2] != 1:
         return None
-    return _launch("pooled", query, key_pool, value_pool, scaling, offsets, valid, lengths)
+    return _launch("pooled", query, key_parts, value_parts, scaling, offsets, valid, lengths, codec, tile)
 
 
 def _launch(
     name: str,
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key_parts: tuple[torch.Tensor, ...],
+    value_parts: tuple[torch.Tensor, ...],
     scaling: float,
     offsets: torch.Tensor | None,
     valid: torch.Tensor | None,
     lengths: torch.Tensor | None = None,
+    codec: SlotCodec | None = None,
+    tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor | None:
     B, Hq, _, D = query.shape
+    key, value = key_parts[0], value_parts[0]
+    bits = 16 if codec is None else codec.bits
+    # 4 bits: channels per scale group, or the whole tile when a slot is one group (GROUP >= BLOCK_D)
+    group = 1 if codec is None else (codec.group if codec.groups > 1 else 1 << 30)
+    # the scales (and 4-bit lows) of keys and values: (N, groups) contiguous rows; unused at 16 bits
+    k_scale, k_low = (key_parts[1], key_parts[-1]) if codec is not None else (key, key)
+    v_scale, v_low = (value_parts[1], value_parts[-1]) if codec is not None else (value, value)
+    for t in (k_scale, v_scale):
+        assert codec is None or (t.stride(-1) == 1 and t.dim() == 2), "scales must be (N, groups) rows"
     pooled = offsets is not None
     if offsets is not None and valid is not None:
         H, S = valid.shape[1], valid.shape[2]
@@ -203,7 +287,9 @@ def _launch(
     interpret = interpreting()
     try:
         split, merge = _kernels()
-        block_n = 16 if interpret else (64 if D <= 128 else 32)
+        block_n, warps, stages = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
+        if interpret:
+            block_n = 16
         block_g = max(16, triton.next_power_of_2(G))
         block_d = max(16, triton.next_power_of_2(D))
         nsplit = splits(B, H, S, _sm_count(query.device), block_n)
@@ -217,14 +303,14 @@ def _launch(
         else:
             part_acc = part_m = part_l = out
         prec = "ieee" if query.dtype == torch.float32 else "tf32"
-        extra = {} if interpret else {"num_warps": 4, "num_stages": 3}
+        extra = {} if interpret else {"num_warps": warps, "num_stages": stages}
         split[(B * H, nsplit)](
-            query, key, value, out, part_acc, part_m, part_l, offsets, valid8, lengths,
+            query, key, value, out, part_acc, part_m, part_l, offsets, valid8, lengths, k_scale, k_low, v_scale, v_low,
             query.stride(0), query.stride(1), query.stride(3), *key_strides, *value_strides,
-            out.stride(0), out.stride(2), out.stride(3), *map_strides,
+            out.stride(0), out.stride(2), out.stride(3), *map_strides, k_scale.stride(0), v_scale.stride(0),
             H, G, S, D, per_split, float(scaling) * LOG2E,
             ONE_SPLIT=nsplit == 1, POOLED=pooled, DOT_PREC=prec, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-            **extra,
+            QBITS=bits, GROUP=group, **extra,
         )  # fmt: skip
         if nsplit > 1:
             merge[(B * Hq,)](
