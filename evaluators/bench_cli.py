@@ -75,8 +75,10 @@ def add(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--methods", default="hf,squeeze+streaming@0.2",
-        help="comma-separated: hf (transformers' full cache) or a config label ALLOC+EVICT@BUDGET[/KEY=VALUE...], "
-        "optionally with its own chunked prefill (~1024) and batch sizes (:8/16/32)",
+        help="comma-separated: hf (transformers' full cache), hf@BACKEND[BITS] (transformers' QuantizedCache: "
+        "hf@fp8, hf@quanto4, hf@hqq4, ...; a backend that cannot run here is reported as not run) or a config label "
+        "ALLOC+EVICT@BUDGET[/KEY=VALUE...] (e.g. with /kv_bits=8), optionally with its own chunked prefill (~1024) "
+        "and batch sizes (:8/16/32)",
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=threads_option(), default=None, metavar="N",
@@ -357,6 +359,11 @@ def run_ladders(args: argparse.Namespace, model, methods, batches: list[int], re
             for i, B in enumerate(sizes):
                 bar.set_note(f"running {method.name} at batch {B}")
                 r, seconds = measure(args, model, method, B, g)
+                if r.get("not_run"):  # a QuantizedCache backend that cannot run here: said once, not timed
+                    results["notes"].append(f"{method.name} not run: {r['not_run']}")
+                    bar.set_note(results["notes"][-1])
+                    bar.update(len(sizes) - i)
+                    break
                 if not r.get("oom"):
                     r["floor_step_ms"] = floor_step_ms(results, r["kv_bytes"])
                 results["runs"].append(r)
@@ -401,7 +408,7 @@ def measure(args: argparse.Namespace, model, method, B: int, g) -> tuple[dict, f
 
     import torch
 
-    from .bench_models import is_oom, peak_reset, run_hf
+    from .bench_models import QuantizedBackendMissing, is_oom, peak_reset, run_hf
     from .bench_runs import run_squeezekit
 
     ids = random_prompts(model, B, args.prompt_len, g).to(args.device)
@@ -409,12 +416,14 @@ def measure(args: argparse.Namespace, model, method, B: int, g) -> tuple[dict, f
     r = None
     try:
         if method.is_hf:
-            r = run_hf(model, ids, args.new_tokens, args.device)
+            r = run_hf(model, ids, args.new_tokens, args.device, method.quantized)
         else:
             chunk = method.chunk or args.prefill_chunk or None
             r = run_squeezekit(
                 model, ids, args.new_tokens, args.device, method.config, args.micro_batch, args.cuda_graph, chunk
             )
+    except QuantizedBackendMissing as exc:
+        return {"method": method.name, "B": B, "not_run": str(exc)}, time.perf_counter() - start
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):
             raise

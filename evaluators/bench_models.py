@@ -231,11 +231,49 @@ def first_token(device: str):
 
 
 @torch.inference_mode()
-def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
-    """One greedy ``generate`` of ``new_tokens`` tokens with transformers' full cache, prefill and decode timed
-    within it (see the module docstring)."""
+def quantized_cache(model, backend: str, bits: int | None):
+    """transformers' own ``QuantizedCache`` for ``model`` (a `QuantizedBackendMissing` when the backend cannot run
+    here: its package is not installed, or this transformers does not have it)."""
+    from transformers import cache_utils
+
+    cls = getattr(cache_utils, "QuantizedCache", None)
+    if cls is None:
+        raise QuantizedBackendMissing(f"transformers {_tf_version()} has no QuantizedCache")
+    kwargs = {} if bits is None else {"nbits": bits}
+    try:
+        return cls(backend, model.config, **kwargs)
+    except (ImportError, ValueError, TypeError, NotImplementedError) as exc:
+        raise QuantizedBackendMissing(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+class QuantizedBackendMissing(RuntimeError):
+    """A QuantizedCache backend that cannot run here (the bench reports it as not run, with this message)."""
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor a transformers cache's layers hold (quantized tensors, scales and residuals), as far as
+    they are plain tensors or tuples of them."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str, quantized: tuple | None = None) -> dict:
+    """One greedy ``generate`` of ``new_tokens`` tokens with transformers' full cache (or, with ``quantized`` =
+    (backend, bits), its QuantizedCache), prefill and decode timed within it (see the module docstring)."""
     from transformers import StoppingCriteriaList
 
+    cache = None if quantized is None else quantized_cache(model, *quantized)
     peak_reset(device)
     before = allocated_gib(device)
     first = first_token(device)
@@ -247,6 +285,7 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
         min_new_tokens=new_tokens,
         do_sample=False,
         stopping_criteria=StoppingCriteriaList([first]),
+        **({} if cache is None else {"past_key_values": cache}),
     )
     sync(device)
     end = time.perf_counter()
@@ -255,6 +294,7 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     assert out.shape[1] == L + new_tokens
     prefill, decode, total = first.at - t, end - first.at, end - t
     full_kv = B * L * kv_bytes_per_token(model)
+    kv = full_kv if cache is None else cache_bytes(cache)
     return dict(
         prefill_s=round(prefill, 3),
         total_s=round(total, 3),
@@ -263,8 +303,8 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
         step_ms=round(1000 * decode / (new_tokens - 1), 2),
         peak_gib=peak_gib(device),
         prefill_mem_gib=gib_since(first.peak, before),
-        kv_bytes=full_kv,
-        kv_bytes_peak_prefill=full_kv,
+        kv_bytes=kv,
+        kv_bytes_peak_prefill=kv,
         tokens=out[:, L:],
     )
 

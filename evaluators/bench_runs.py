@@ -1,6 +1,8 @@
 """squeezekit's side of ``squeezekit bench``: the methods it compares and how one squeezekit run is timed.
 
-A method is ``hf`` (transformers' full cache, timed by `bench_models.run_hf`) or a config label
+A method is ``hf`` (transformers' full cache, timed by `bench_models.run_hf`), ``hf@BACKEND[BITS]`` (transformers'
+own ``QuantizedCache``, a full cache quantized by ``fp8``, ``quanto2``/``quanto4`` or ``hqq1``..``hqq8``: the
+field's quantized baseline; a backend that does not import is reported as not run, with why) or a config label
 (``squeeze+streaming@0.2``, any ``/KEY=VALUE`` after it, see `squeezekit.Config.from_label`), optionally followed by
 its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
 """
@@ -19,6 +21,8 @@ from squeezekit.errors import ConfigError
 from .bench_models import allocated_gib, gib_since, peak_gib, peak_reset, sync
 
 HF = "hf"
+#: transformers' QuantizedCache backends and the bits each takes (None: its own, fp8's per-tensor scale)
+QUANTIZED = {"fp8": (None,), "quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class Method:
     config: Config | None  #: None for transformers' full cache
     batches: tuple[int, ...] | None = None  #: this method's own batch sizes, else --batches
     chunk: int | None = None  #: this method's own chunked prefill, else --prefill-chunk
+    #: ``hf@BACKEND[BITS]``: transformers' QuantizedCache (backend, bits), else None
+    quantized: tuple[str, int | None] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -34,6 +40,8 @@ class Method:
         batches = _sizes(text, sizes) if sizes else None
         if spec == HF:
             return cls(HF, None, batches)
+        if spec.startswith(HF + "@"):
+            return cls(spec, None, batches, quantized=_backend(text, spec[len(HF) + 1 :]))
         label, _, chunk = spec.partition("~")
         config = Config.from_label(label, source="--methods")
         return cls(spec, config, batches, _sizes(text, chunk)[0] if chunk else None)
@@ -57,6 +65,16 @@ def _sizes(text: str, part: str) -> tuple[int, ...]:
             "command line",
         )
     return sizes
+
+
+def _backend(text: str, name: str) -> tuple[str, int | None]:
+    backend = next((b for b in QUANTIZED if name.startswith(b)), "")
+    rest = name[len(backend) :]
+    bits = int(rest) if rest.isdigit() else None if not rest else -1
+    if not backend or bits not in QUANTIZED[backend]:
+        choices = ", ".join(f"hf@{b}{'' if n is None else n}" for b, ns in QUANTIZED.items() for n in ns)
+        raise ConfigError("--methods", text, f"expected a QuantizedCache backend: {choices}", "command line")
+    return backend, bits
 
 
 def parse_methods(text: str) -> list[Method]:

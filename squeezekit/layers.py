@@ -35,6 +35,13 @@ layer and the next settle packs it again. The small per-slot tensors (validity, 
 slot, against 2 x head_dim x 2 for bf16 K/V) stay rectangular, so every policy still sees (B, H, C) tensors; the
 keys and values a view or the attention reads are gathered from the pool (the CPU path; on CUDA too, for now).
 
+**Quantized slots.** With ``kv_bits`` 8 or 4 (squeezekit.quantized) a budgeted layer stores what it keeps, from
+the end of prefill on, as quantized parts instead of ``keys``/``values`` (``quant``: ``k_codes``, ``k_scale``, ...,
+each (B, H, C, n)): they are slot tensors like the others, so growth, compaction, merging micro-batches, reordering
+rows and pooling move them without dequantizing; every write of keys and values quantizes (`write_kv`), and a read of
+`keys`/`values` dequantizes a copy (the CPU path, statistics that need the keys, the policies' views). On CUDA the
+decode attention reads the parts in place (`decode_rows`).
+
 The slot tensors are ordinary (not inference-mode) tensors, also under ``torch.inference_mode``, so that the
 runner's version counters can tell when a plugin writes into them.
 """

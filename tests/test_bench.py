@@ -119,3 +119,34 @@ def test_the_readme_command_is_a_valid_bench_command():
     args, batches = bench_args(*command[2:])
     assert args.device == "cpu" and args.model == "tiny" and args.out is None
     assert args.prompt_len == 3968 and batches == [1, 2, 4, 8] and args.threads == 1
+
+
+def test_transformers_quantized_cache_is_a_baseline_and_a_missing_backend_says_why(tmp_path):
+    """``hf@fp8`` times transformers' own QuantizedCache (its fp8 backend needs no package) and counts the bytes its
+    layers hold; a backend whose package is not installed is a note saying why, not a crash; 8-bit squeezekit
+    slots are counted in the KV column too."""
+    import importlib.util
+
+    import transformers
+
+    out = tmp_path / "reports"
+    methods = "hf,hf@fp8,hf@hqq4,squeeze+streaming@0.5,squeeze+streaming@0.5/kv_bits=8"
+    assert main([*QUICK, "--batches", "2", "--methods", methods, "--out", str(out)]) == 0
+    results = json.loads((out / "bench-tiny.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    notes = " ".join(results["notes"])
+    has_fp8 = hasattr(transformers.cache_utils, "Fp8QuantizedLayer")
+    if has_fp8:
+        assert runs["hf@fp8"]["kv_bytes"] == pytest.approx(runs["hf"]["kv_bytes"] / 4, rel=0.1)  # fp32 model
+    else:
+        assert "hf@fp8 not run: " in notes
+    if importlib.util.find_spec("hqq") is None:
+        assert "hf@hqq4" not in runs and "hf@hqq4 not run: ImportError" in notes
+    assert runs["squeeze+streaming@0.5/kv_bits=8"]["kv_bytes"] < 0.3 * runs["squeeze+streaming@0.5"]["kv_bytes"]
+
+
+@pytest.mark.parametrize("method", ["hf@zzz", "hf@quanto3", "hf@fp84"])
+def test_an_unknown_quantized_backend_is_a_one_line_error(method, capsys):
+    assert main([*QUICK, "--methods", method]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "expected a QuantizedCache backend: hf@fp8, hf@quanto2" in err

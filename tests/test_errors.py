@@ -413,6 +413,13 @@ CATALOGUE = [
         "test_labels_and_bench_arguments",
     ),
     Row(
+        "bench-quantized",
+        "squeezekit bench --methods hf@BACKEND naming no QuantizedCache backend of transformers (or bits it lacks)",
+        "ConfigError",
+        "config error: command line: --methods = {value}: expected a QuantizedCache backend: {choices}",
+        "test_labels_and_bench_arguments",
+    ),
+    Row(
         "bench-batches",
         "squeezekit bench --batches not a list of batch sizes >= 1",
         "ConfigError",
@@ -2623,6 +2630,9 @@ def test_environment_variables_of_the_data_path(llama, monkeypatch, capsys):
 
 def test_labels_and_bench_arguments(tmp_path):
     from squeezekit.evaluators.bench_models import CONFIGS
+    from squeezekit.evaluators.bench_runs import QUANTIZED
+
+    QUANTIZED_CHOICES = ", ".join(f"hf@{b}{'' if n is None else n}" for b, ns in QUANTIZED.items() for n in ns)
 
     from squeezekit.cli import main
 
@@ -2632,6 +2642,7 @@ def test_labels_and_bench_arguments(tmp_path):
         (["--methods", "squeeze+h2o"], "label", dict(source="--methods", value="'squeeze+h2o'")),
         (["--methods", "hf,squeeze+h2o@0.2~x"], "bench-methods", dict(value="'squeeze+h2o@0.2~x'")),
         (["--methods", "squeeze+h2o@0.2:0"], "bench-methods", dict(value="'squeeze+h2o@0.2:0'")),
+        (["--methods", "hf,hf@quanto8"], "bench-quantized", dict(value="'hf@quanto8'", choices=QUANTIZED_CHOICES)),
         (["--batches", "8,x"], "bench-batches", dict(value="'8,x'")),
         (
             ["--model", str(tmp_path / "nowhere")],
