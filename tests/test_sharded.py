@@ -41,3 +41,16 @@ def test_full_budget_exact_and_caches_live_on_their_layers_devices(arch):
         per_device[str(expected)] = per_device.get(str(expected), 0) + layer.kv_nbytes()
     assert set(per_device) == {"cuda:0", "cuda:1"}
     assert sum(per_device.values()) == cache.kv_nbytes() == c.summary()["kv_bytes_now"]
+
+
+def test_quantized_slots_live_on_their_layers_devices():
+    """kv_bits=8 on a sharded model: each layer's quantized parts are on its own device, and decode runs."""
+    model = _sharded("llama")
+    ids, mask = batch(2, 40, pad=5)
+    ids, mask = ids.to("cuda:0"), mask.to("cuda:0")
+    with squeezekit.compress(model, evictor="h2o", budget=0.3, window=2, kv_bits=8) as c:
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        cache = c.last_cache
+    for i, layer in enumerate(cache.layers):
+        expected = model.model.layers[i].self_attn.q_proj.weight.device
+        assert layer.quantized and all(t.device == expected for t in layer.quant.values())
