@@ -106,10 +106,13 @@ class Evaluator:
                 "stderr": value * _sd(scores) / math.sqrt(len(scores)),
             }
         else:
-            metric = "acc" if unit.kind == "passkey" else str(unit.length)
+            metric = "acc" if unit.kind in ("passkey", "multiquestion") else str(unit.length)
             scores = [float(s[metric]) for s in samples]
             mean = sum(scores) / len(scores)
             result = {"metric": "accuracy", "value": mean, "stderr": _sd(scores) / math.sqrt(len(scores))}
+            if unit.kind == "multiquestion":  # per sample: the first question's score and the later ones' mean
+                result["first"] = [float(s["acc_first"]) for s in samples]
+                result["later"] = [float(s["acc_later"]) for s in samples]
         kv = self.lm.kv_bytes
         result.update(
             n=len(scores),

@@ -294,7 +294,81 @@ class SqueezekitLM(HFLM):
         return torch.cat([context, replay.tokens[:, :end].to(context.device)], dim=1)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+        from squeezekit.evaluators.tasks.utils import COMPRESS_MARK
+
+        turns = [i for i, r in enumerate(requests) if COMPRESS_MARK in r.args[0]]
+        if not turns:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_bars)
+        out: list[str | None] = [None] * len(requests)
+        plain = [i for i in range(len(requests)) if i not in set(turns)]
+        if plain:
+            answers = super().generate_until([requests[i] for i in plain], disable_tqdm or not self.show_bars)
+            for i, answer in zip(plain, answers, strict=True):
+                out[i] = answer
+        for i in turns:
+            out[i] = self._conversation(*requests[i].args)
+            self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        return out
+
+    def _conversation(self, context: str, gen_kwargs: dict) -> str:
+        """A multi-question request (the turn markers of evaluators/tasks/utils.py): the text before COMPRESS_MARK is
+        prefilled and compressed once; then each segment ending at an ANSWER_MARK is fed to the same cache (kept
+        within its budget as it grows) and answered greedily, the answer's tokens staying in the cache as a
+        conversation's would. Returns the answers joined by ANSWER_MARK, each cut at its first stop sequence."""
+        from squeezekit.evaluators.tasks.utils import ANSWER_MARK, COMPRESS_MARK
+
+        from squeezekit.batching import prefill
+
+        head, _, rest = context.partition(COMPRESS_MARK)
+        segments = rest.split(ANSWER_MARK)[:-1]
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        eos = set(greedy_eos(self.model, {"do_sample": False}) or ())
+        ids = torch.tensor([self.tok_encode(head)], device=self.device)
+        answers = []
+        with torch.inference_mode(), self._compress() as compressor:
+            cache, logits = prefill(self.model, compressor, ids, torch.ones_like(ids), micro_batch=1)
+            self._record(compressor)
+            length = ids.shape[1]
+            for segment in segments:
+                new = self.tokenizer.encode(segment, add_special_tokens=False)
+                if new:
+                    logits, cache = self._feed(cache, new, length)
+                    length += len(new)
+                tokens: list[int] = []
+                while len(tokens) < max_gen:
+                    token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+                    if token in eos:
+                        break
+                    tokens.append(token)
+                    logits, cache = self._feed(cache, [token], length)
+                    length += 1
+                    if any(stop in self.tokenizer.decode(tokens) for stop in until):
+                        break
+                text = self.tokenizer.decode(tokens)
+                for stop in until:
+                    text = text.split(stop)[0]
+                answers.append(text)
+            del cache
+        return ANSWER_MARK.join(answers)
+
+    def _feed(self, cache, tokens: list[int], length: int):
+        """Extend the (compressed) cache of one sequence of ``length`` tokens with ``tokens``, ``extend_chunk`` at a
+        time: (the last token's logits, the cache)."""
+        for k in range(0, len(tokens), self.extend_chunk):
+            chunk = torch.tensor([tokens[k : k + self.extend_chunk]], device=self.device)
+            start = length + k
+            out = self.model(
+                input_ids=chunk,
+                attention_mask=torch.ones(1, start + chunk.shape[1], dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, start + chunk.shape[1], device=self.device).view(1, -1),
+                use_cache=True,
+                **{cache_argument(self.model): cache},
+            )
+            logits, cache = out.logits[:, -1], output_cache(out)
+            del out
+        return logits, cache
 
     # -- loglikelihood_rolling -----------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

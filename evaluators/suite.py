@@ -2,7 +2,9 @@
 
 Tasks are lm-eval's offline RULER tasks (``niah_single_1``, ``niah_multikey_2``, ``niah_multikey_3``, ``ruler_vt``,
 ``ruler_cwe``, ``ruler_fwe``) and squeezekit's own (``squeezekit_ppl``: perplexity, ``squeezekit_passkey``: pass key
-retrieval; YAMLs in ``squeezekit/evaluators/tasks``, data built at run time from a local public-domain text, see
+retrieval; ``squeezekit_multiquestion`` and ``squeezekit_multiquestion_blind``: four pass keys asked one after another
+against one compressed cache, the first question compressed with the context or the context compressed
+question-blind; YAMLs in ``squeezekit/evaluators/tasks``, data built at run time from a local public-domain text, see
 tasks/utils.py). A unit is N samples of a task at prompts of about LENGTH tokens.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from squeezekit.errors import ConfigError
 
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
-OWN_TASKS = ("squeezekit_ppl", "squeezekit_passkey")
+OWN_TASKS = ("squeezekit_ppl", "squeezekit_passkey", "squeezekit_multiquestion", "squeezekit_multiquestion_blind")
 TASKS_DIR = Path(__file__).parent / "tasks"
 #: generation length per task: enough for the answer (RULER's own defaults generate up to 128 tokens)
 MAX_GEN_TOKS = {
@@ -31,6 +33,8 @@ MAX_GEN_TOKS = {
     "ruler_cwe": 60,
     "ruler_fwe": 20,
     "squeezekit_passkey": 8,
+    "squeezekit_multiquestion": 8,
+    "squeezekit_multiquestion_blind": 8,
 }
 DEFAULT_SUITE = (
     "niah_single_1@1024:8,niah_single_1@2048:4,ruler_fwe@1024:4,squeezekit_passkey@1024:8,squeezekit_ppl@1024:4"
@@ -53,6 +57,8 @@ class Unit:
 
     @property
     def kind(self) -> str:
+        if self.task.startswith("squeezekit_multiquestion"):
+            return "multiquestion"
         return "ppl" if self.task == "squeezekit_ppl" else "passkey" if self.task == "squeezekit_passkey" else "ruler"
 
 

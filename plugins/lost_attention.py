@@ -59,11 +59,7 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         """(B, K): how far the window queries' attention output moves when the layer keeps only ``knots`` tokens."""
         import torch
 
-        q = view.window_queries.float()  # (B, H, G, W, D)
-        logits = torch.einsum("bhgwd,bhsd->bhgws", q, view.keys.float()) * view.scaling
-        qpos = view.window_positions.view(q.shape[0], 1, 1, -1, 1)
-        allowed = view.valid[:, :, None, None, :] & (view.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = view.window_attention()  # (B, H, G, W, S)
         ranked = dataclasses.replace(view, budget=budget.to(view.keys.device))
         score = evictor.score(ranked).float().masked_fill(~view.valid, float("-inf"))
         # the evictor's order, ties to the more recent token (as the engine breaks them)

@@ -1,4 +1,10 @@
-"""Pyramid allocator (PyramidKV): budgets fall linearly with depth; the total is conserved."""
+"""Pyramid allocator (PyramidKV, Cai et al., 2024, arXiv 2406.02069): budgets fall linearly with depth; the total is
+conserved.
+
+This is PyramidKV's schedule: with ``mean`` the mean budget, the last layer's is ``mean / beta``, the first layer's
+``2 x mean - mean / beta``, the layers between on the straight line (an arithmetic sequence), ``beta = 20`` as in the
+paper. What PyramidKV keeps inside each layer (SnapKV's selection) is the evictor's choice here: ``evictor=snapkv``.
+"""
 
 from dataclasses import dataclass
 

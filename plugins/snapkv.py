@@ -38,18 +38,12 @@ class SnapKV(squeezekit.TokenEvictor):
         return self.window
 
     def score(self, view):
-        import torch
         import torch.nn.functional as F
 
         protected = view.recent(self.window)
         if view.window_queries is None:  # decoding: oldest first
             return view.positions.float().masked_fill(protected, float("inf"))
-        q = view.window_queries.float()  # (B, H, G, W, D)
-        logits = torch.einsum("bhgwd,bhsd->bhgws", q, view.keys.float()) * view.scaling
-        qpos = view.window_positions.view(q.shape[0], 1, 1, -1, 1)
-        allowed = view.valid[:, :, None, None, :] & (view.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        votes = probs.sum(dim=(2, 3))  # (B, H, S); at prefill, slots are in token order
+        votes = view.window_attention().sum(dim=(2, 3))  # (B, H, S); at prefill, slots are in token order
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         B, H, S = votes.shape
         pad = self.kernel_size // 2

@@ -61,6 +61,7 @@ __all__ = [
     "UnknownPluginError",
     "UnsupportedModelError",
     "UntestedVersionWarning",
+    "attention_modules",
     "check",
     "compress",
     "hookimpl",
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "attention_modules": ".architectures",
     "compress": ".compressor",
     "Compressor": ".compressor",
     "load_default_model": ".models",

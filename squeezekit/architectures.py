@@ -86,3 +86,19 @@ def resolve(model: nn.Module) -> Resolved:
     full = [i for i, t in enumerate(types or []) if t == "full_attention"]
     compressible = full if full else list(range(len(layers)))
     return Resolved(arch, decoder, layers, attentions, compressible)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention module of each decoder layer of ``model``, indexed like ``LayerView.layer_idx`` (for an
+    evictor's ``prepare``, e.g. to read each layer's output projection)."""
+    return resolve(model).attentions
+
+
+def rope_frequencies(model: nn.Module) -> Any:
+    """RoPE's inverse frequencies of the full-attention layers (``inv_freq`` of the decoder's rotary embedding, a
+    float tensor of half the rotated dimensions; dimension ``i`` pairs with ``i + len``), or None without RoPE."""
+    rotary = getattr(resolve(model).decoder, "rotary_emb", None)
+    for name in ("inv_freq", "full_attention_inv_freq"):
+        if getattr(rotary, name, None) is not None:
+            return getattr(rotary, name)
+    return None

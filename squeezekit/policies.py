@@ -148,6 +148,18 @@ class LayerView:
         one per sequence), the window an evictor protects by scoring it +inf."""
         return self.positions >= (self.seen - n).view(-1, 1, 1)
 
+    def window_attention(self) -> torch.Tensor:
+        """(B, H, G, W, S) float32: the attention probabilities of the ``W`` window queries (``window_queries``,
+        ``G`` query heads per KV head) over this layer's slots, causal (a query sees the slots at or before its
+        position), invalid slots and padded queries 0. What snapkv votes with; needs `Stat.WINDOW_QUERIES`."""
+        import torch
+
+        q = self.window_queries.float()  # (B, H, G, W, D)
+        logits = torch.einsum("bhgwd,bhsd->bhgws", q, self.keys.float()) * self.scaling
+        qpos = self.window_positions.view(q.shape[0], 1, 1, -1, 1)
+        allowed = self.valid[:, :, None, None, :] & (self.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
+        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+
     def live(self) -> list[tuple[str, Any]]:
         """The cache's own tensors it holds (not those it would gather on first use): the slot tensors and every
         statistic, which a plugin must not write to (squeezekit.runner watches them)."""
@@ -199,6 +211,14 @@ class TokenEvictor(ABC):
     def floor(self) -> int:
         """The smallest per-layer budget this evictor can honour (e.g. sinks + window). Allocators respect it."""
         return 1
+
+    def prepare(self, model: Any) -> None:
+        """Called once when a ``compress`` block starts, with the model, before any token is seen: read what the
+        score needs from the weights (e.g. each layer's output projection) and keep it on ``self``; raise
+        `squeezekit.ConfigError` when this evictor cannot serve the model (the block then does not start). Each
+        layer's attention module is ``squeezekit.attention_modules(model)[view.layer_idx]``. Default: nothing.
+        """
+        return None
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:

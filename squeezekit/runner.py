@@ -233,18 +233,25 @@ class PolicyRunner:
                     raise
 
     def prepare(self, model: Any) -> None:
-        """Let the allocators check the model and evictor before any work (``LayerBudgetAllocator.prepare``): a
-        `ConfigError` they raise stops the block as it is; anything else they raise is a `PluginError`."""
-        for kind, allocator in (("allocator", self.allocator), ("fallback", self._fallbacks["allocator"])):
-            if allocator is None:
+        """Let the evictors, then the allocators, read and check the model before any work (`TokenEvictor.prepare`,
+        `LayerBudgetAllocator.prepare`; fallbacks included): a `ConfigError` they raise stops the block as it is;
+        anything else they raise is a `PluginError`."""
+        calls = [
+            ("evictor", False, self.evictor, lambda p: p.prepare(model)),
+            ("evictor", True, self._fallbacks["evictor"], lambda p: p.prepare(model)),
+            ("allocator", False, self.allocator, lambda p: p.prepare(model, self.evictor)),
+            ("allocator", True, self._fallbacks["allocator"], lambda p: p.prepare(model, self.evictor)),
+        ]
+        for kind, fallback, policy, call in calls:
+            if policy is None:
                 continue
             try:
-                allocator.prepare(model, self.evictor)
+                call(policy)
             except SqueezekitError:
                 raise
             except Exception as exc:
-                origin = self.config.origin("allocator", fallback=kind == "fallback")
-                raise PluginError(allocator.name, origin, f"prepare() raised {type(exc).__name__}: {exc}") from exc
+                origin = self.config.origin(kind, fallback=fallback)
+                raise PluginError(policy.name, origin, f"prepare() raised {type(exc).__name__}: {exc}") from exc
 
     def _call(
         self, kind: str, method: str, *args: Any, watch: Any = None, check: Callable[[Any], str | None] | None = None

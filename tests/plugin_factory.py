@@ -24,8 +24,21 @@ GROUP = "squeezekit"
 
 #: the policies squeezekit itself ships, by kind
 BUNDLED = {
-    "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention"},
-    "evictor": {"streaming", "sliding_window", "h2o", "snapkv", "tova", "chunkkv", "knorm", "keydiff", "random"},
+    "allocator": {"uniform", "squeeze", "pyramid", "calibrated", "lost_attention", "dynamickv", "cake", "simlayerkv"},
+    "evictor": {
+        "streaming",
+        "sliding_window",
+        "h2o",
+        "snapkv",
+        "tova",
+        "chunkkv",
+        "knorm",
+        "keydiff",
+        "random",
+        "criticalkv",
+        "expected_attention",
+        "lagkv",
+    },
     "heads": {"uniform", "adaptive"},
 }
 #: the policies of other packages installed in the environment the suite runs in (a user's own plugins: the suite

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from plugin_factory import installed_names
 from tiny_models import assert_restored, batch, snapshot, tiny_model
 
 import squeezekit
@@ -205,6 +206,21 @@ CATALOGUE = [
         "config error: {source}: {key} = {value}: chooses its own tokens (it overrides select()), so head split "
         "{split} cannot rank them; use heads=uniform with it, or an evictor that scores tokens",
         "test_head_split_config_errors",
+    ),
+    Row(
+        "evictor-needs-rope",
+        "an evictor that models RoPE (expected_attention) on a model without rotary position embeddings",
+        "ConfigError",
+        "config error: evictor = {value}: needs a model with rotary position embeddings (RoPE)",
+        "test_evictor_prepare_errors",
+    ),
+    Row(
+        "evictor-needs-output-projection",
+        "criticalkv on a model whose attention modules lack an output projection",
+        "ConfigError",
+        "config error: evictor = {value}: needs an output projection (o_proj, out_proj, dense) in every attention "
+        "module",
+        "test_evictor_prepare_errors",
     ),
     Row(
         "kv-bits-range",
@@ -1426,7 +1442,7 @@ def test_unknown_allocator_and_evictor():
         lambda: Config.from_kwargs(allocator="sqeeze"),
         source="kwargs",
         value="'sqeeze'",
-        installed="calibrated, lost_attention, pyramid, squeeze, uniform",
+        installed="cake, calibrated, dynamickv, lost_attention, pyramid, simlayerkv, squeeze, uniform",
         nearest="'squeeze'",
     )
     raised(
@@ -1434,7 +1450,7 @@ def test_unknown_allocator_and_evictor():
         lambda: Config.from_string("evictor=h20"),
         source="model_args",
         value="'h20'",
-        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
+        installed=installed_names("evictor"),
         nearest="'h2o'",
     )
     raised(
@@ -1444,7 +1460,7 @@ def test_unknown_allocator_and_evictor():
         key="evictor",
         value="'zzzzzz'",
         kind="evictor",
-        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
+        installed=installed_names("evictor"),
     )
 
 
@@ -1453,6 +1469,20 @@ def test_kv_bits_config_errors():
     raised("kv-bits-range", lambda: Config.from_string("kv_bits=32"), source="model_args", value="32")
     raised("kv-bits-full", lambda: Config.from_kwargs(budget=1, kv_bits=8), source="kwargs", value="8")
     raised("kv-bits-full", lambda: Config.from_label("uniform+h2o@1/kv_bits=4"), source="label", value="4")
+
+
+def test_evictor_prepare_errors():
+    from tiny_models import tiny_model
+
+    def open_block(model, evictor):
+        with squeezekit.compress(model, evictor=evictor, budget=0.5):
+            pass
+
+    raised("evictor-needs-rope", lambda: open_block(tiny_model("opt"), "expected_attention"),
+           value="'expected_attention'")  # fmt: skip
+    model = tiny_model("llama")
+    model.model.layers[1].self_attn.o_proj = None
+    raised("evictor-needs-output-projection", lambda: open_block(model, "criticalkv"), value="'criticalkv'")
 
 
 def test_head_split_config_errors(plugin_site):
@@ -1846,7 +1876,7 @@ def test_fallback_keys_are_validated():
         source="kwargs",
         kind="evictor",
         value="'streeming'",
-        installed="chunkkv, h2o, keydiff, knorm, random, sliding_window, snapkv, streaming, tova",
+        installed=installed_names("evictor"),
         nearest="'streaming'",
     )
     raised(
@@ -1855,7 +1885,7 @@ def test_fallback_keys_are_validated():
         source="model_args",
         kind="allocator",
         value="'unifrom'",
-        installed="calibrated, lost_attention, pyramid, squeeze, uniform",
+        installed="cake, calibrated, dynamickv, lost_attention, pyramid, simlayerkv, squeeze, uniform",
         nearest="'uniform'",
     )
     raised(

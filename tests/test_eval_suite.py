@@ -169,3 +169,76 @@ def test_ruler_units_build_only_their_samples(tiny_dir):
         (task,) = loaded["tasks"].values()
         assert len(task.dataset["test"]) == n
     assert suite._CAP is None
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_multiquestion_tasks_ask_every_question_after_one_compression(tiny_dir, text_file, blind):
+    utils = _task_utils()
+    meta = {"pretrained": tiny_dir, "text_file": text_file, "max_seq_lengths": [256], "num_samples": 3}
+    rows = (utils.multiquestion_blind_dataset if blind else utils.multiquestion_dataset)(**meta)["test"]
+    assert len(rows) == 3
+    for row in rows:
+        text = row["input"]
+        head, rest = text.split(utils.COMPRESS_MARK)
+        assert text.count(utils.COMPRESS_MARK) == 1 and text.count(utils.ANSWER_MARK) == 4
+        assert ("Question:" in head) is not blind  # the first question is compressed with the context, or not
+        assert all(f"door is {key}." in head for key in row["answers"])  # every key is in the compressed part
+        assert len(set(row["answers"])) == 4 and all(0.05 <= d <= 0.95 for d in row["depths"])
+        right = utils.ANSWER_MARK.join([f" {row['answers'][0]}.", " 1", f" {row['answers'][2]}", ""])
+        assert utils.multiquestion_score(row, [right]) == {"acc": 0.5, "acc_first": 1.0, "acc_later": 1 / 3}
+
+
+def _plain_conversation(model, tok, text: str, utils, max_gen: int) -> str:
+    """The multi-question protocol on plain transformers (full cache): the reference of budget 1."""
+    import torch
+    from transformers import DynamicCache
+
+    head, rest = text.split(utils.COMPRESS_MARK)
+    cache, answers = DynamicCache(), []
+    with torch.no_grad():
+        logits = model(torch.tensor([tok(head)["input_ids"]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        for segment in rest.split(utils.ANSWER_MARK)[:-1]:
+            new = tok.encode(segment, add_special_tokens=False)
+            if new:
+                logits = model(torch.tensor([new]), past_key_values=cache, use_cache=True).logits[0, -1]
+            tokens = []
+            while len(tokens) < max_gen and int(logits.argmax()) != tok.eos_token_id:
+                tokens.append(int(logits.argmax()))
+                logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+                if "\n" in tok.decode(tokens):
+                    break
+            answers.append(tok.decode(tokens).split("\n")[0])
+    return utils.ANSWER_MARK.join(answers)
+
+
+def test_multiquestion_conversation_is_plain_transformers_at_full_budget_and_compresses_once(tiny_dir, text_file):
+    from squeezekit.evaluators.lm_eval_adapter import SqueezekitLM
+
+    from squeezekit.config import Config
+
+    utils = _task_utils()
+    meta = {"pretrained": tiny_dir, "text_file": text_file, "max_seq_lengths": [256], "num_samples": 2}
+    rows = utils.multiquestion_blind_dataset(**meta)["test"]
+    lm = SqueezekitLM(pretrained=tiny_dir, budget=1.0, device="cpu", extend_chunk=3)
+    kwargs = {"until": ["\n"], "max_gen_toks": 5}
+    for row in rows:
+        expected = _plain_conversation(lm.model, lm.tokenizer, row["input"], utils, 5)
+        got = lm._conversation(row["input"], kwargs)
+        assert got == expected and got.count(utils.ANSWER_MARK) == 3
+    lm.squeeze_config = Config.from_kwargs(allocator="uniform", evictor="snapkv", budget=0.3)
+    lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
+    answers = lm._conversation(rows[0]["input"], kwargs).split(utils.ANSWER_MARK)
+    assert len(answers) == 4 and lm.kv_bytes["prefills"] == 1  # one compression for all four questions
+    assert 0.2 < lm.kv_bytes["kept"] / lm.kv_bytes["full"] < 0.4
+
+
+def test_multiquestion_units_score_first_and_later_questions(tiny_dir, text_file):
+    from squeezekit.config import Config
+
+    unit = suite.parse_suite("squeezekit_multiquestion@256:2")[0]
+    assert unit.kind == "multiquestion"
+    ev = Evaluator(tiny_dir, batch_size=2, text_file=text_file)
+    result = ev.run(Config.from_kwargs(allocator="uniform", evictor="snapkv", budget=0.3), unit)
+    assert result["n"] == 2 and len(result["first"]) == len(result["later"]) == 2
+    for s, f, later in zip(result["scores"], result["first"], result["later"], strict=True):
+        assert s == pytest.approx((f + 3 * later) / 4)

@@ -32,6 +32,17 @@ PASSKEY_QUESTION = "\nWhat is the pass key?"
 PASSKEY_PREFIX = "The pass key is"
 #: the largest text `read_text_file` reads
 MAX_TEXT_BYTES = 256 << 20
+#: the multi-question tasks' turn markers (read by the squeezekit lm-eval model, `SqueezekitLM.generate_until`):
+#: the prompt is prefilled and compressed up to COMPRESS_MARK; an answer is generated at each ANSWER_MARK, and the
+#: answers come back joined by ANSWER_MARK
+COMPRESS_MARK = "<|squeezekit:compress|>"
+ANSWER_MARK = "<|squeezekit:answer|>"
+#: the doors whose pass keys the multi-question tasks hide (one per question)
+DOORS = ("red", "blue", "green", "yellow", "white")
+MULTI_INTRO = (
+    "There are several pass keys hidden in the following text, one for each door. Find them and memorize them. "
+    "I will quiz you about them.\n"
+)
 
 
 def text_cache_dir() -> Path:
@@ -187,3 +198,67 @@ def ppl_process_results(doc: dict, results: list[float]) -> dict:
         "byte_perplexity": (loglikelihood, n_bytes),
         "bits_per_byte": (loglikelihood, n_bytes),
     }
+
+
+def _multiquestion(blind: bool, questions: int, **kwargs) -> dict:
+    """One long context hiding ``questions`` pass keys (one per door) at depths spread over it, and that many
+    questions asked one after another against the same compressed cache (in a shuffled order per document). The
+    first question is part of the prompt that is compressed (``blind`` False: a query-aware evictor sees it) or
+    comes after compression like the later ones (``blind`` True: the context is compressed question-blind)."""
+    import datasets
+
+    tok, text, lengths, n = _setup(kwargs)
+    rng = random.Random(11)
+    rows = []
+    for length in lengths:
+        doors = DOORS[:questions]
+        ask = [f"\nQuestion: What is the pass key of the {d} door?\nAnswer: The pass key of the {d} door is"
+               for d in doors]  # fmt: skip
+        overhead = len(tok.encode(MULTI_INTRO + "".join(ask), add_special_tokens=False)) + 24 * questions
+        for i, window in enumerate(_slices(tok, text, max(length - overhead, 32), n, seed=3)):
+            keys = [str(rng.randrange(10000, 100000)) for _ in doors]
+            # depths spread evenly over (5%, 95%), shifted per document, in order of the doors
+            base = (i * 0.618034) % 1.0 / questions
+            depths = [0.05 + 0.9 * (base + q / questions) for q in range(questions)]
+            pieces, last = [], 0
+            for d, key, depth in zip(doors, keys, depths, strict=True):
+                cut = int(depth * len(window))
+                pieces.append(tok.decode(window[last:cut]))
+                pieces.append(f" The pass key of the {d} door is {key}. Remember it. ")
+                last = cut
+            pieces.append(tok.decode(window[last:]))
+            order = list(range(questions))
+            rng.shuffle(order)
+            turns = [ask[q] + ANSWER_MARK for q in order]
+            prompt = MULTI_INTRO + "".join(pieces)
+            if blind:
+                text_in = prompt + COMPRESS_MARK + "".join(turns)
+            else:
+                text_in = prompt + turns[0].replace(ANSWER_MARK, COMPRESS_MARK + ANSWER_MARK) + "".join(turns[1:])
+            rows.append({
+                "input": text_in,
+                "answers": [keys[q] for q in order],
+                "depths": [round(depths[q], 3) for q in order],
+                "max_length": length,
+            })  # fmt: skip
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def multiquestion_dataset(**kwargs) -> dict:
+    """Four questions about one context; the first is compressed with the context (`_multiquestion`)."""
+    return _multiquestion(False, int(kwargs.pop("questions", 4)), **kwargs)
+
+
+def multiquestion_blind_dataset(**kwargs) -> dict:
+    """Four questions about one context compressed question-blind (`_multiquestion`)."""
+    return _multiquestion(True, int(kwargs.pop("questions", 4)), **kwargs)
+
+
+def multiquestion_score(doc: dict, results: list[str]) -> dict:
+    """Accuracy over all questions, on the first one and on the later ones (the answers split at ANSWER_MARK)."""
+    answers = results[0].split(ANSWER_MARK)
+    right = []
+    for i, key in enumerate(doc["answers"]):
+        found = re.findall(r"\d+", answers[i]) if i < len(answers) else []
+        right.append(1.0 if found and found[0] == key else 0.0)
+    return {"acc": sum(right) / len(right), "acc_first": right[0], "acc_later": sum(right[1:]) / len(right[1:])}
