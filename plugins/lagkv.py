@@ -11,7 +11,8 @@ and added, so every chunk's scores sum to 2 and the chunks compete evenly:
     score(s) = softmax_chunk(std(k_hat_s)) + softmax_chunk(std(v_hat_s))
 
 The chunks with no complete chunk after them (the last full chunk and the partial tail) have no reference and are
-always kept, as the paper keeps them until the next chunk arrives; so are the sinks. The paper keeps a fixed share
+kept, as the paper keeps them until the next chunk arrives (scored above every share; when the budget cannot hold
+them all, the most recent), after the sinks (always kept). The paper keeps a fixed share
 of each chunk; squeezekit keeps the layer's top scores overall (the per-chunk softmax keeps the shares near equal),
 and while decoding it scores the tokens still held the same way (a reference chunk's statistics from its tokens that
 are left). No attention is computed, so it works with any attention implementation and costs no statistics.
@@ -20,6 +21,9 @@ are left). No attention is computed, so it works with any attention implementati
 from dataclasses import dataclass
 
 import squeezekit
+
+#: the score of a token whose chunk has no complete successor yet: kept after the sinks, before any scored token
+UNREFERENCED = 4.0
 
 
 @dataclass
@@ -64,7 +68,10 @@ class LagKV(squeezekit.TokenEvictor):
         ref = torch.where(scored & follows, dense + 1, EMPTY)
         score = spread_share(view.keys, view.valid, member, ref, group, scored, C)
         score = score + spread_share(view.values, view.valid, member, ref, group, scored, C)
-        return score.masked_fill(view.valid & ~scored, float("inf"))
+        # the sinks first, then the chunks with no reference (above any share: shares sum to at most 2), most recent
+        # first when the budget cannot hold them all
+        score = score.masked_fill(view.valid & ~scored & (chunk >= 0), UNREFERENCED)
+        return score.masked_fill(view.valid & (chunk < 0), float("inf"))
 
 
 def spread_share(x, valid, member, ref, group, scored, C):

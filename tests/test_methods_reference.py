@@ -226,10 +226,11 @@ def test_lagkv_scores_each_chunk_against_the_next(sinks, lag):
     scored = ~ref.isnan()
     assert int(scored.sum()) > 0
     torch.testing.assert_close(score[scored].double(), ref[scored], rtol=1e-4, atol=1e-6)
-    unscored = view.valid & ~scored
-    assert bool(torch.isinf(score[unscored]).all())  # the sinks and the chunks with no complete successor
     pos = view.positions
-    assert bool(unscored[(pos >= 0) & (pos < sinks)].all())
+    sink = view.valid & (pos < sinks)
+    tail = view.valid & ~scored & ~sink  # the chunks with no complete successor
+    assert bool(torch.isinf(score[sink]).all()) and int(tail.sum()) > 0
+    assert bool((score[tail] == 4.0).all()) and float(score[scored].max()) <= 2.0  # sinks > tail > every share
 
 
 # ---- the allocators ------------------------------------------------------------------------------------------------
@@ -363,3 +364,20 @@ def test_doc_evictor_with_prepare_example(plugin_site):
     assert sorted(evictor.out) == list(range(len(model.model.layers)))
     for layer in cache.layers:
         assert bool((layer.valid.sum(-1) <= layer.budget.view(-1, 1)).all())
+
+
+def test_lagkv_keeps_its_sinks_when_the_unreferenced_tail_outgrows_the_budget():
+    """Found by the SmolLM2 sweep: at budget 0.1 the chunks with no reference (up to 2 x lag - 1 tokens) filled the
+    budget, ties went to the recent tokens and the sinks were dropped (perplexity worse than random)."""
+    model = tiny_model("llama")
+    ids, mask = batch(2, 48)
+    with (
+        torch.no_grad(),
+        squeezekit.compress(model, allocator="uniform", evictor="lagkv", sinks=2, lag=8, budget=10) as c,
+    ):
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cache = c.last_cache
+    for layer in cache.layers:
+        held = layer.positions.masked_fill(~layer.valid, -1)
+        assert bool(((held == 0).any(-1) & (held == 1).any(-1)).all())  # every head keeps both sinks
+        assert bool((layer.valid.sum(-1) <= layer.budget.view(-1, 1)).all()) and int(layer.budget.max()) == 10
