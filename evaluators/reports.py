@@ -44,7 +44,8 @@ def parts(cell_key: str, cell: dict) -> tuple[str, str, float, str]:
 
 
 def summarize(cell: dict, expected: list[str] | None = None) -> dict:
-    """RULER mean (over RULER units), pass key accuracy, perplexity, mean KV fraction of one cell.
+    """RULER mean (over RULER units), pass key accuracy, perplexity, multi-question accuracy (mean over those units),
+    mean KV fraction of one cell.
 
     With ``expected`` unit keys, the RULER mean is given only when every expected RULER unit is there.
     """
@@ -54,8 +55,9 @@ def summarize(cell: dict, expected: list[str] | None = None) -> dict:
         ruler = []
     passkey = [u["value"] for k, u in units.items() if _task(k) == "squeezekit_passkey"]
     ppl = [u["value"] for k, u in units.items() if _task(k) == "squeezekit_ppl"]
+    multi = [u["value"] for k, u in units.items() if _task(k).startswith("squeezekit_multiquestion")]
     kv = [u["kv_fraction"] for u in units.values() if u.get("kv_fraction") is not None]
-    return {"ruler": _mean(ruler), "passkey": _mean(passkey), "ppl": _mean(ppl), "kv": _mean(kv)}
+    return {"ruler": _mean(ruler), "passkey": _mean(passkey), "ppl": _mean(ppl), "multi": _mean(multi), "kv": _mean(kv)}
 
 
 def write_reports(data: dict, out_dir: Path) -> None:
@@ -310,6 +312,7 @@ def figure(data: dict):
         ("ruler", "RULER mean (accuracy)"),
         ("passkey", "pass key accuracy"),
         ("ppl", "word perplexity (lower is better)"),
+        ("multi", "multi-question accuracy"),
     ]
     rows = [r for r in rows if any(s[r[0]] is not None for (_, s) in points.values())]
     size = (4.2 * len(evictors), 3.2 * len(rows))

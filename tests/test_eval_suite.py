@@ -184,8 +184,10 @@ def test_multiquestion_tasks_ask_every_question_after_one_compression(tiny_dir, 
         assert ("Question:" in head) is not blind  # the first question is compressed with the context, or not
         assert all(f"door is {key}." in head for key in row["answers"])  # every key is in the compressed part
         assert len(set(row["answers"])) == 4 and all(0.05 <= d <= 0.95 for d in row["depths"])
-        right = utils.ANSWER_MARK.join([f" {row['answers'][0]}.", " 1", f" {row['answers'][2]}", ""])
+        right = utils.ANSWER_MARK.join([f" {row['answers'][0]}.", " 1", f" {row['answers'][2]}33", ""])
         assert utils.multiquestion_score(row, [right]) == {"acc": 0.5, "acc_first": 1.0, "acc_later": 1 / 3}
+        wrong = utils.ANSWER_MARK.join([f" {row['answers'][0][:-1]}"] * 4)  # a key cut short is wrong
+        assert utils.multiquestion_score(row, [wrong])["acc"] == 0.0
 
 
 def _plain_conversation(model, tok, text: str, utils, max_gen: int) -> str:
