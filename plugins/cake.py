@@ -14,6 +14,7 @@ eviction indicator is not part of this allocator.)
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import squeezekit
 from squeezekit.budget import distribute
@@ -31,8 +32,16 @@ class Cake(squeezekit.LayerBudgetAllocator):
     tau1: float = 1.0
     #: temperature of the temporal shift (variance): smaller sharpens its effect
     tau2: float = 1.0
+    #: allocate each sequence on its own ("sequence", the paper's) or share the batch's mean shares ("batch": equal
+    #: prompts get equal budgets, so the decode takes the CUDA-graph path of equal buffers)
+    per: Literal["batch", "sequence"] = "sequence"
+
+    @property
+    def batch_level(self) -> bool:  # micro-batches of one batch share its allocation (see LayerBudgetAllocator)
+        return self.per == "batch"
 
     def __post_init__(self):
+        squeezekit.check("per", self.per, self.per in ("batch", "sequence"), "must be 'batch' or 'sequence'")
         squeezekit.check("window", self.window, self.window >= 1, "must be an integer >= 1")
         squeezekit.check("tau1", self.tau1, self.tau1 > 0, "must be > 0")
         squeezekit.check("tau2", self.tau2, self.tau2 > 0, "must be > 0")
@@ -43,6 +52,10 @@ class Cake(squeezekit.LayerBudgetAllocator):
         prefs = torch.stack([self.preference(view) for view in request.layers], dim=1)  # (B, L)
         prefs = torch.where(prefs.sum(-1, keepdim=True) > 0, prefs, torch.ones_like(prefs))  # (none: uniform)
         targets = prefs / prefs.sum(-1, keepdim=True) * request.total.double().view(-1, 1)
+        if self.per == "batch":  # every row: the batch's mean share of each layer
+            targets = (targets / request.total.double().view(-1, 1)).mean(
+                0, keepdim=True
+            ) * request.total.double().view(-1, 1)
         return distribute(targets, request.total, request.floor, request.cap)
 
     def preference(self, view):

@@ -11,6 +11,7 @@ while the prompt is processed; squeezekit allocates once, after the whole prompt
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import squeezekit
 from squeezekit.budget import distribute
@@ -29,8 +30,16 @@ class DynamicKV(squeezekit.LayerBudgetAllocator):
     window: int = 8
     #: no layer offers more than r_max x the mean budget
     r_max: float = 2.0
+    #: allocate each sequence on its own ("sequence", the paper's) or share the batch's mean shares ("batch": equal
+    #: prompts get equal budgets, so the decode takes the CUDA-graph path of equal buffers)
+    per: Literal["batch", "sequence"] = "sequence"
+
+    @property
+    def batch_level(self) -> bool:  # micro-batches of one batch share its allocation (see LayerBudgetAllocator)
+        return self.per == "batch"
 
     def __post_init__(self):
+        squeezekit.check("per", self.per, self.per in ("batch", "sequence"), "must be 'batch' or 'sequence'")
         squeezekit.check("window", self.window, self.window >= 1, "must be an integer >= 1")
         squeezekit.check("r_max", self.r_max, self.r_max >= 1, "must be >= 1")
 
@@ -61,6 +70,10 @@ class DynamicKV(squeezekit.LayerBudgetAllocator):
             winners = pool[b].reshape(-1).topk(n).indices // pool.shape[2]
             counts[b] = torch.bincount(winners, minlength=L).double()
         targets = counts / counts.sum(-1, keepdim=True).clamp_min(1) * request.total.double().view(-1, 1)
+        if self.per == "batch":  # every row: the batch's mean share of each layer
+            targets = (targets / request.total.double().view(-1, 1)).mean(
+                0, keepdim=True
+            ) * request.total.double().view(-1, 1)
         return distribute(targets, request.total, request.floor, request.cap)
 
 

@@ -91,8 +91,28 @@ def spread_share(x, valid, member, ref, group, scored, C):
     spread = spread.masked_fill(~scored, float("-inf"))
     top = spread.new_full((B, H, C), float("-inf")).scatter_reduce(2, group, spread, "amax")
     e = (spread - top.gather(2, group)).exp().masked_fill(~scored, 0.0)
-    total = e.new_zeros(B, H, C).scatter_add(2, group, e)
-    return (e / total.gather(2, group).clamp_min(1e-30)).masked_fill(~scored, 0.0)
+    return (e / group_total(e, group).clamp_min(1e-30)).masked_fill(~scored, 0.0)
+
+
+def group_total(e, group):
+    """Per slot, the sum of ``e`` over the slots of its ``group`` (same shape as ``e``), in float64 and in a fixed
+    order (sorted by group, then a prefix sum): CUDA's scatter_add adds in no fixed order, and a decode step
+    replayed in a CUDA graph could then keep other tokens than ``model.generate``'s eager step."""
+    import torch
+
+    ids, order = group.sort(dim=-1, stable=True)
+    prefix = e.double().gather(-1, order).cumsum(-1)
+    S = ids.shape[-1]
+    pos = torch.arange(S, device=ids.device).expand_as(ids)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    last = torch.ones_like(ids, dtype=torch.bool)
+    last[..., :-1] = ids[..., :-1] != ids[..., 1:]
+    start = torch.where(first, pos, 0).cummax(-1).values  # each slot's group: where it starts, where it ends
+    end = torch.where(last, pos, S).flip(-1).cummin(-1).values.flip(-1)
+    before = torch.where(start > 0, prefix.gather(-1, (start - 1).clamp_min(0)), 0.0)
+    sums = prefix.gather(-1, end) - before
+    return torch.empty_like(sums).scatter_(-1, order, sums).to(e.dtype)
 
 
 @squeezekit.hookimpl

@@ -381,3 +381,30 @@ def test_lagkv_keeps_its_sinks_when_the_unreferenced_tail_outgrows_the_budget():
         held = layer.positions.masked_fill(~layer.valid, -1)
         assert bool(((held == 0).any(-1) & (held == 1).any(-1)).all())  # every head keeps both sinks
         assert bool((layer.valid.sum(-1) <= layer.budget.view(-1, 1)).all()) and int(layer.budget.max()) == 10
+
+
+@pytest.mark.parametrize("name", ["dynamickv", "cake"])
+def test_batch_level_allocation_gives_every_row_the_batch_mean_share(name):
+    """``per="batch"``: every sequence of equal length gets the same budgets (equal buffers: the CUDA-graph decode),
+    the batch's mean share of each layer; ``per="sequence"`` (the default) allocates each row alone."""
+    model = tiny_model("llama")
+    ids, _ = batch(3, 48)
+    budgets = {}
+    for per in ("sequence", "batch"):
+        with torch.no_grad(), squeezekit.compress(model, allocator=name, evictor="snapkv", budget=0.25, per=per) as c:
+            model(input_ids=ids, use_cache=True)
+            budgets[per] = c.summary()["budgets"]
+    assert bool((budgets["batch"] == budgets["batch"][0]).all())
+    shares = (budgets["sequence"].double() / budgets["sequence"].sum(-1, keepdim=True)).mean(0)
+    assert (budgets["batch"][0].double() - shares * budgets["batch"][0].sum()).abs().max() <= 1.0
+
+
+def test_lagkvs_group_total_is_the_sum_over_each_slots_group():
+    from squeezekit.plugins.lagkv import group_total
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(2, 3, 17, generator=g)
+    group = torch.randint(0, 5, (2, 3, 17), generator=g)
+    expected = torch.stack([torch.stack([torch.stack([e[b, h][group[b, h] == group[b, h, s]].sum() for s in range(17)])
+                                         for h in range(3)]) for b in range(2)])  # fmt: skip
+    torch.testing.assert_close(group_total(e, group), expected)
