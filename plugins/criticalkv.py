@@ -54,7 +54,8 @@ class CriticalKV(squeezekit.TokenEvictor):
             if proj is None or getattr(proj, "weight", None) is None:
                 accepted = f"needs an output projection ({', '.join(_OUTPUT_PROJECTIONS)}) in every attention module"
                 raise squeezekit.ConfigError("evictor", self.name, accepted)
-            w = proj.weight.detach().float()  # (hidden, Hq * D)
+            w = proj.weight
+            w = (w.to_local() if hasattr(w, "to_local") else w).detach().float()  # (hidden, Hq * D): a rank's heads
             D = getattr(attention, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
             per_head = w.view(w.shape[0], -1, D).transpose(0, 1)  # (Hq, hidden, D)
             self.grams[idx] = per_head.transpose(1, 2) @ per_head

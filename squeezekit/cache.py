@@ -40,9 +40,10 @@ class PrefillViews(Sequence[LayerView]):
     is built when it is read, so the copies a view makes (the prefill's inference tensors, the request's rows) exist
     for one layer at a time. ``sources``: the layers themselves, whose tensors the `PolicyRunner` watches."""
 
-    def __init__(self, layers: list[SlotLayer], rows: torch.Tensor | None = None):
+    def __init__(self, layers: list[SlotLayer], rows: torch.Tensor | None = None, heads: Any = None):
         self.sources = layers
         self._rows = rows  # only these sequences (None: all)
+        self._heads = heads  # tensor parallel: the group whose ranks hold the other heads (squeezekit.parallel)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -51,6 +52,10 @@ class PrefillViews(Sequence[LayerView]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         view = self.sources[i].view("prefill")
+        if self._heads is not None:
+            from .parallel import gathered_view
+
+            view = gathered_view(view, self._heads)
         if self._rows is None or self._rows.numel() == view.keys.shape[0]:
             return view
         return view.rows(self._rows)
@@ -186,7 +191,7 @@ class SqueezeCache(Cache):
         layers = [self.layers[li] for li in self.budget_layers]
         self.budgets = plan_budgets(
             self.prompt_len, self.importance, self.budget_layers, len(self.layers), self.runner.config.budget,
-            self.runner, self.shared, views=lambda rows: PrefillViews(layers, rows),
+            self.runner, self.shared, views=lambda rows: PrefillViews(layers, rows, self.runner.head_group),
         )  # fmt: skip
         self.timings["allocation"] += self.clock() - t0
         for li in self.budget_layers:

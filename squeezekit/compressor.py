@@ -32,6 +32,7 @@ from .attention import Forward
 from .cache import SqueezeCache
 from .config import Config
 from .errors import InputError, PluginError, UnsupportedModelError
+from .parallel import head_group
 from .policies import LayerBudgetAllocator, TokenEvictor
 from .runner import PolicyRunner
 from .step import open_step
@@ -57,6 +58,8 @@ class Compressor:
         ]
         #: the policies and every call into them
         self.runner = PolicyRunner(config)
+        #: tensor parallel: the ranks holding the other heads, whose views allocators see too (squeezekit.parallel)
+        self.runner.head_group = head_group(model)
         self.runner.prepare(model)  # e.g. a calibration profile made for another model: stop before any work
         #: the decoder stack's keyword for the cache (``cache`` or, before transformers 5.24, ``past_key_values``)
         self.cache_argument = hf.cache_argument(self.resolved.decoder)

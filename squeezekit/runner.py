@@ -118,6 +118,8 @@ class PolicyRunner:
 
     def __init__(self, config: Config):
         self.config = config
+        #: tensor parallel: the process group of the ranks holding the layers' other heads (set by the Compressor)
+        self.head_group: Any = None
         self._policies: dict[str, Any] = {
             "allocator": config.build_allocator(),
             "evictor": config.build_evictor(),
@@ -383,7 +385,16 @@ class PolicyRunner:
 
         scores = rank_key(self.head_scores(view), view, protect_newest=True)
         budget = view.budget.cpu().long()
-        cap = view.valid.sum(-1).cpu().long()
+        cap = view.valid.sum(-1).long()
+        mine = None
+        if self.head_group is not None:  # tensor parallel: split every head of the layer, keep this rank's share
+            from .parallel import gather_heads
+
+            H = cap.shape[1]
+            start = torch.distributed.get_rank(self.head_group) * H
+            mine = slice(start, start + H)
+            scores, cap = gather_heads(scores, self.head_group), gather_heads(cap, self.head_group)
+        cap = cap.cpu()
         floor = self.floor
 
         def check(out: Any) -> str | None:
@@ -393,7 +404,8 @@ class PolicyRunner:
             scores=scores, budget=budget.clone(), cap=cap.clone(), floor=floor, layer_idx=view.layer_idx,
             n_layers=view.n_layers,
         )  # fmt: skip
-        return self._call("heads", "split", request, check=check).long().cpu()
+        out = self._call("heads", "split", request, check=check).long().cpu()
+        return out if mine is None else out[:, mine]
 
     # -- the evictor --------------------------------------------------------------------------------------------------
     @property
