@@ -279,9 +279,14 @@ class Config:
                 other_what, other_keys = others or ("", frozenset())
                 if other_what:
                     what += f", nor {other_what}"
-                # (an evictor first: window-like keys are evictors' before an allocator that borrows them)
+                # (the default of its kind first, then an evictor: window-like keys are evictors' before an
+                # allocator that borrows them)
                 order = {"evictor": 0, "allocator": 1}
-                unused = sorted((i for i in reg.all() if key in i.params()), key=lambda i: order.get(i.kind, 2))
+                defaults = {"allocator": cls.allocator, "evictor": cls.evictor, "heads": cls.heads}
+                unused = sorted(
+                    (i for i in reg.all() if key in i.params()),
+                    key=lambda i: (defaults.get(i.kind) != i.name, order.get(i.kind, 2)),
+                )
                 if unused:  # a parameter of an installed plugin this config does not choose: say which to choose
                     info = unused[0]
                     raise ConfigError(
