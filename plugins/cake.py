@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import squeezekit
-from squeezekit.budget import distribute
+from squeezekit.budget import proportional_split
 
 
 @dataclass
@@ -50,13 +50,7 @@ class Cake(squeezekit.LayerBudgetAllocator):
         import torch
 
         prefs = torch.stack([self.preference(view) for view in request.layers], dim=1)  # (B, L)
-        prefs = torch.where(prefs.sum(-1, keepdim=True) > 0, prefs, torch.ones_like(prefs))  # (none: uniform)
-        targets = prefs / prefs.sum(-1, keepdim=True) * request.total.double().view(-1, 1)
-        if self.per == "batch":  # every row: the batch's mean share of each layer
-            targets = (targets / request.total.double().view(-1, 1)).mean(
-                0, keepdim=True
-            ) * request.total.double().view(-1, 1)
-        return distribute(targets, request.total, request.floor, request.cap)
+        return proportional_split(prefs, request.total, request.floor, request.cap, batch=self.per == "batch")
 
     def preference(self, view):
         """(B,) float64: this layer's ``H^(1/tau1) * V^(1/tau2)``."""

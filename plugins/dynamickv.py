@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import squeezekit
-from squeezekit.budget import distribute
+from squeezekit.budget import proportional_split
 
 #: neighbouring tokens max-pooled together (SnapKV's default kernel)
 POOL = 7
@@ -60,7 +60,7 @@ class DynamicKV(squeezekit.LayerBudgetAllocator):
             votes = F.max_pool1d(votes.reshape(-1, 1, S), POOL, stride=1, padding=POOL // 2).view(votes.shape)
             votes = votes.masked_fill(~view.valid | view.recent(self.window), float("-inf")).mean(dim=1)  # (B, S)
             best = votes.topk(min(offer, S), dim=-1).values.cpu()
-            offers.append(torch.nn.functional.pad(best, (0, offer - best.shape[-1]), value=float("-inf")))
+            offers.append(F.pad(best, (0, offer - best.shape[-1]), value=float("-inf")))
         pool = torch.stack(offers, dim=1)  # (B, L, offer)
         beyond = torch.arange(offer).view(1, 1, -1) >= torch.tensor(per_row).view(-1, 1, 1)
         pool = pool.masked_fill(beyond, float("-inf"))
@@ -69,12 +69,7 @@ class DynamicKV(squeezekit.LayerBudgetAllocator):
             n = min(int(request.total[b]), L * per_row[b])
             winners = pool[b].reshape(-1).topk(n).indices // pool.shape[2]
             counts[b] = torch.bincount(winners, minlength=L).double()
-        targets = counts / counts.sum(-1, keepdim=True).clamp_min(1) * request.total.double().view(-1, 1)
-        if self.per == "batch":  # every row: the batch's mean share of each layer
-            targets = (targets / request.total.double().view(-1, 1)).mean(
-                0, keepdim=True
-            ) * request.total.double().view(-1, 1)
-        return distribute(targets, request.total, request.floor, request.cap)
+        return proportional_split(counts, request.total, request.floor, request.cap, batch=self.per == "batch")
 
 
 @squeezekit.hookimpl

@@ -242,9 +242,21 @@ def sqrt_split(cost: torch.Tensor, total: torch.Tensor, floor: int, cap: torch.T
     that, unlike `waterfill` on measured curves, never starves a layer whose cost is small but not nil. A layer with
     no cost gets the floor; a row without any cost is split evenly. Exact totals, floor and caps (`distribute`).
     """
+
+    return proportional_split(cost.detach().double().cpu().clamp_min(0).sqrt(), total, floor, cap)
+
+
+def proportional_split(
+    weight: torch.Tensor, total: torch.Tensor, floor: int, cap: torch.Tensor, batch: bool = False
+) -> torch.Tensor:
+    """(B, L) budgets proportional to each layer's ``weight`` (B, L), >= 0; a row without any weight is split
+    evenly. ``batch``: every row takes the batch's mean share of each layer (equal prompts, equal budgets: what an
+    allocator with ``per="batch"`` wants). Exact totals, floor and caps (`distribute`)."""
     import torch
 
-    w = cost.detach().double().cpu().clamp_min(0).sqrt()
+    w = weight.detach().double().cpu()
     s = w.sum(-1, keepdim=True)
     share = torch.where(s > 0, w / s.clamp_min(1e-300), torch.full_like(w, 1.0 / w.shape[-1]))
+    if batch:
+        share = share.mean(0, keepdim=True).expand_as(share)
     return distribute(share * total.double().view(-1, 1), total, floor, cap)

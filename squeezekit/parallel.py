@@ -48,15 +48,22 @@ def gather_heads(t: torch.Tensor, group: Any) -> torch.Tensor:
 def gathered_view(view: Any, group: Any) -> Any:
     """A `LayerView` with every head of the layer: its slot tensors and its statistics with a head dimension (dim 1
     of size H, 3 dimensions or more: per-slot statistics, window queries) all-gathered; the rest as it is."""
+    import dataclasses
+
     from .policies import LIVE_FIELDS, LayerView
 
     H = view.valid.shape[1]
-    stats = {
-        name: gather_heads(value, group)
-        if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[1] == H else value
-        for name, value in view.stats.items()
-    }  # fmt: skip
-    fields = {name: gather_heads(getattr(view, name), group) for name in LIVE_FIELDS}
-    keep = ("seen", "budget", "layer_idx", "n_layers", "phase", "scaling")
-    head_budget = None if view.head_budget is None else gather_heads(view.head_budget, group)
-    return LayerView(**fields, **{k: getattr(view, k) for k in keep}, head_budget=head_budget, stats=stats)
+
+    def heads(name: str, value: Any) -> Any:  # (head_budget: (B, H), the only per-sequence field with heads)
+        if name in LIVE_FIELDS or (name == "head_budget" and value is not None):
+            return gather_heads(value, group)
+        return value
+
+    def stat(value: Any) -> Any:
+        has_heads = isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[1] == H
+        return gather_heads(value, group) if has_heads else value
+
+    return LayerView(
+        **{f.name: heads(f.name, getattr(view, f.name)) for f in dataclasses.fields(view) if f.name != "stats"},
+        stats={name: stat(value) for name, value in view.stats.items()},
+    )
