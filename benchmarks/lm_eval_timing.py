@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("auto", "true", "false"),
         help="squeezekit's serving path for greedy generation (auto: on CUDA; true: also on the CPU)",
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model folder whose tokenizer drives mistral-7b (its config and tokenizer files suffice; default: "
+        "SmolLM2's, converted from the GGUF)",
+    )
     p.add_argument("--check", type=int, default=8, help="samples per unit run again through model.generate (0: none)")
     p.add_argument("--warmup", type=int, default=2, help="untimed samples per method before timing (0: none)")
     p.add_argument(
@@ -86,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- models ------------------------------------------------------------------------------------------------------------
-def tokenizer_dir(name: str, scratch: Path) -> str:
+def tokenizer_dir(name: str, scratch: Path, given: str | None = None) -> str:
     if name == "tiny":
         from squeezekit.evaluators.testing import make_tiny_model
 
@@ -94,6 +100,8 @@ def tokenizer_dir(name: str, scratch: Path) -> str:
         if not (target / "config.json").exists():
             make_tiny_model(target)
         return str(target)
+    if given is not None and name == "mistral-7b":
+        return given  # the random 7B needs only the tokenizer and the vocabulary's config, no weights
     from squeezekit.models import default_model_dir
 
     return str(default_model_dir())  # SmolLM2's: also the random 7B's tokenizer
@@ -240,7 +248,7 @@ def _run_models(args, data, models, tasks, lengths, meta, scratch, device, dtype
 
     task_sets: dict[str, Tasks] = {}
     for name in models:
-        tok_dir = tokenizer_dir(name, scratch)
+        tok_dir = tokenizer_dir(name, scratch, args.tokenizer)
         if tok_dir not in task_sets:
             task_sets[tok_dir] = Tasks(tok_dir, max(args.limit, args.ppl_limit), args.text_file, args.max_gen_toks)
         loader = task_sets[tok_dir]

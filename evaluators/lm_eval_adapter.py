@@ -24,7 +24,10 @@ Where ``model.generate`` would have stopped is replayed on the host with
   end of that forward, exactly as a prompt before generation) and the continuation is then scored in *extend*
   forwards of ``extend_chunk`` tokens against the compressed cache, which is evicted back to its budget after each
   one. The first continuation token is predicted by the prefill itself, as the first generated token would be: a
-  one-token continuation therefore scores exactly as with the full cache, just as generation would.
+  one-token continuation therefore scores exactly as with the full cache, just as generation would. The chunks in
+  which every row of the batch has ``extend_chunk`` tokens go through `squeezekit.decoding.ChunkExtender`: on CUDA
+  their step is captured once as a CUDA graph and replayed (``cuda_graph``), the same computation without Python
+  per layer; the last, padded chunks run as plain forwards.
 * ``loglikelihood_rolling`` (perplexity): lm-eval hands each window over with a 1-token context, so the first
   ``rolling_prompt`` share of each window (at least its context) is the prompt: it is prefilled and compressed, and
   the rest of the window is scored against the compressed cache. The budget is a fraction of that prompt.
@@ -48,7 +51,8 @@ uncompressed prompt at once, so the batch (``batch_size``)
   batch's, which can change the budgets and so the scores; per-sequence allocators give the same scores.
 * ``check_every`` (int, default 8): tokens decoded between two host-side stop checks in the serving path (it
   decodes at most ``check_every - 1`` tokens past the last stop, which are dropped).
-* ``cuda_graph`` (bool, default true): let the serving path's decoder replay its step as a CUDA graph.
+* ``cuda_graph`` (bool, default true): let the serving path's decoder and the scoring's extend chunks replay their
+  step as a CUDA graph.
 
 They are declared once, in `ADAPTER_ARGS` (one row each: name, type, default, rule, accepted text), and read by
 `adapter_args`: typed by the config schema's own rules (`squeezekit.config`: text parsed; for a number no bool, no
@@ -442,6 +446,7 @@ class SqueezekitLM(HFLM):
     def _score_batch(self, rows: list[dict]) -> None:
         """Prefill the prompts (compressed), then extend with the rest; store each row's scores in place."""
         from squeezekit.batching import prefill
+        from squeezekit.decoding import ChunkExtender
 
         device = self.device
         pad = self.tokenizer.pad_token_id
@@ -489,7 +494,12 @@ class SqueezekitLM(HFLM):
             )
             self._record(compressor)
             C = self.extend_chunk
-            for k in range(0, rest, C):
+            whole = min(len(row["inp"]) - row["P"] for row in rows) // C * C  # chunks with no row's padding
+            extend = ChunkExtender(self.model, cache, C, cuda_graph=self.cuda_graph)
+            for k in range(0, whole, C):
+                scores.add(extend(new[:, k : k + C], new_pos[:, k : k + C]), prompt + k, slice(0, B))
+            del extend
+            for k in range(whole, rest, C):  # the last chunks, where shorter rows are padded
                 w = min(C, rest - k)
                 out = self.model(
                     input_ids=new[:, k : k + w],

@@ -215,10 +215,26 @@ class SqueezeCache(Cache):
         for layer in self.layers:
             layer.batch_repeat_interleave(n)
 
-    def advance(self) -> None:
-        """Account for one decode step whose work ran without Python (a CUDA-graph replay of a steady step)."""
-        self.length += 1
-        self.host_seen_max += 1
+    def advance(self, tokens: int = 1) -> None:
+        """Account for a step of ``tokens`` tokens per row whose work ran without Python (a CUDA-graph replay:
+        `squeezekit.replay`)."""
+        self.length += tokens
+        self.host_seen_max += tokens
+
+    def replayable(self) -> bool:
+        """A step of this cache may be captured as a CUDA graph: every layer bounded, unwindowed, its counts known
+        on the host, on one CUDA device (a full or windowed layer changes shape or syncs every step)."""
+        layers = self.layers
+        return (
+            all(layer.budgeted and layer.budget is not None and layer.window is None and layer.held is not None
+                for layer in layers)
+            and len({layer.device for layer in layers}) == 1 and layers[0].device.type == "cuda"
+        )  # fmt: skip
+
+    def host_state(self) -> tuple:
+        """What the host knows of every layer (`squeezekit.layers.SlotLayer.host_state`): a step that leaves it
+        unchanged can be replayed (`squeezekit.replay`)."""
+        return tuple(layer.host_state() for layer in self.layers)
 
     def clock(self) -> float:
         """perf_counter, after a device sync when timings must be exact (benchmarks)."""

@@ -1,8 +1,10 @@
-"""A lean greedy decode loop over a compressed cache, optionally captured once in a CUDA graph.
+"""Loops over a compressed cache whose steady steps replay as CUDA graphs (`squeezekit.replay`).
 
 transformers' ``generate`` spends most of a small-batch decode step launching kernels from Python. Once every layer
-is *steady* (each row at its budget, all slots valid), a decode step has fixed shapes and no host syncs, so it can
-be captured in a CUDA graph and replayed: one launch per step instead of thousands.
+is *steady* (each row at its budget), a step has fixed shapes and no host syncs, so it is captured once and
+replayed: one launch per step instead of thousands. `GreedyDecoder` decodes one token per step; `ChunkExtender`
+feeds whole chunks of known tokens (scoring a continuation against the compressed cache, as the lm-eval adapter
+does): each chunk is written, attended and evicted back to the budget exactly as an eager forward would.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import torch
 
 from . import compiled
 from .cache import SqueezeCache
+from .replay import StepGraph
 from .transformers_api import cache_argument
+
+
+def _one_device(model: torch.nn.Module) -> bool:
+    return len({p.device for p in model.parameters()}) == 1
 
 
 class GreedyDecoder:
@@ -30,14 +37,17 @@ class GreedyDecoder:
         self.cache_kwargs = {cache_argument(model): cache}
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
-        devices = {p.device for p in model.parameters()}
         bounded = [layer for layer in cache.layers if layer.budget is not None]
         self.use_graph = (
-            cuda_graph and self.ids.is_cuda and len(devices) == 1 and len(bounded) == len(cache.layers)
+            cuda_graph and self.ids.is_cuda and _one_device(model) and len(bounded) == len(cache.layers)
             and all(layer.steady for layer in bounded)
         )  # fmt: skip
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._next: torch.Tensor | None = None
+        self.steps = StepGraph(cache, self._step, 1, self.use_graph)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured step, once there is one."""
+        return self.steps.graph
 
     def _step(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **self.cache_kwargs)
@@ -50,33 +60,36 @@ class GreedyDecoder:
     def run(self, steps: int) -> torch.Tensor:
         """Decode ``steps`` tokens; returns them (B, steps). The first input is ``first_tokens``."""
         with compiled.compiled_layers(self.model, self.compile and self.graph is None):
-            return self._run(steps)
-
-    def _run(self, steps: int) -> torch.Tensor:
-        tokens: list[torch.Tensor] = []
-        if not self.use_graph:
-            tokens = [self._step().clone() for _ in range(steps)]
-        else:
-            if self.graph is None:
-                side = torch.cuda.Stream()  # warm up (real steps) off the default stream, as graph capture requires
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(min(2, steps)):
-                        tokens.append(self._step().clone())
-                torch.cuda.current_stream().wait_stream(side)
-            replays = steps - len(tokens)
-            if replays > 0 and self.graph is None:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._next = self._step()  # its host bookkeeping happens now, its GPU work at the first replay
-                self.graph.replay()
-                tokens.append(self._next.clone())
-                replays -= 1
-            graph, nxt = self.graph, self._next
-            assert graph is not None and nxt is not None
-            for _ in range(replays):
-                self.cache.advance()
-                graph.replay()
-                tokens.append(nxt.clone())
+            tokens = [self.steps().clone() for _ in range(steps)]
         self.cache.check_nan()
         return torch.stack(tokens, dim=1)
+
+
+class ChunkExtender:
+    """Extends a prefilled `SqueezeCache` (inside its ``compress`` block) by chunks of ``chunk`` known tokens of
+    every row, no padding: each call is one forward, the chunk attends to the compressed cache and itself, and the
+    cache is evicted back to its budget after it, exactly as ``model(ids, position_ids=..., cache=...)`` would do."""
+
+    def __init__(self, model: torch.nn.Module, cache: SqueezeCache, chunk: int, cuda_graph: bool = True) -> None:
+        self.model, self.cache = model, cache
+        self.cache_kwargs = {cache_argument(model): cache}
+        B = cache.seen.shape[0]
+        device = cache.seen.device
+        self.ids = torch.zeros(B, chunk, dtype=torch.long, device=device)
+        self.pos = torch.zeros(B, chunk, dtype=torch.long, device=device)
+        self.steps = StepGraph(cache, self._step, chunk, cuda_graph and device.type == "cuda" and _one_device(model))
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.steps.graph
+
+    def _step(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **self.cache_kwargs).logits
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits (B, chunk, vocab) of ``ids`` (B, chunk) at ``positions`` (B, chunk); valid until the next
+        call (a replayed graph's output)."""
+        self.ids.copy_(ids)
+        self.pos.copy_(positions)
+        return self.steps()

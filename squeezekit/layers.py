@@ -215,6 +215,15 @@ class SlotLayer(CacheLayerMixin):
         """(B, H) number of valid slots (on the device; `held` is the host's copy where it is known)."""
         return self.valid.sum(-1)
 
+    def host_state(self) -> tuple:
+        """The host's bookkeeping of this layer that shapes a step: buffer size, held counts, steady flags, where
+        the keys and values live. Equal before and after a step: the step is a fixed point (`squeezekit.replay`)."""
+        held = None if self.held is None else self.held.tobytes()
+        return (type(self).__name__, self.capacity, held, self.steady, self.holes, self._storage())
+
+    def _storage(self) -> Any:
+        return None
+
     def full_after_write(self) -> bool:
         """Host-side: every slot holds a real token now (this step's written): attention needs no mask."""
         return self.held is not None and bool((self.held == self.capacity).all())
@@ -551,6 +560,11 @@ class BudgetedLayer(WindowLayer):
         """The kept slots are stored quantized now (from the end of prefill on, with ``kv_bits`` below 16)."""
         return self.quant is not None or (self.pool is not None and "keys" not in self.pool.parts)
 
+    def _storage(self) -> Any:
+        caps = None if self.pool is None else self.pool.caps.tobytes()
+        budget = None if self.head_budget_host is None else self.head_budget_host.tobytes()
+        return budget, caps, self.quant is not None, self.quantized
+
     def _read(self, which: str) -> torch.Tensor:
         """(B, H, C, D) keys (``"k"``) or values (``"v"``) in the model's dtype, from wherever they live."""
         if self.pool is None and self.quant is None:
@@ -879,7 +893,7 @@ class BudgetedLayer(WindowLayer):
             full = (self.held >= self.head_budget_host) & real
             if not full.any():
                 return
-            keep = torch.from_numpy(self.held - full)
+            keep: np.ndarray | torch.Tensor = self.held - full
         else:
             counts = self.counts()
             at = (counts >= self.head_budget.to(counts.device)) & step.new_valid.to(counts.device)[:, :1]
@@ -906,10 +920,10 @@ class BudgetedLayer(WindowLayer):
 
     def _enforce(self, compact: bool) -> None:
         assert self.head_budget is not None and self.head_budget_host is not None
-        keep: torch.Tensor | None = None
+        keep: torch.Tensor | np.ndarray | None = None
         if self.held is not None:
             if (self.held > self.head_budget_host).any():
-                keep = torch.from_numpy(np.minimum(self.held, self.head_budget_host))
+                keep = np.minimum(self.held, self.head_budget_host)
         else:
             counts = self.counts()
             budget = self.head_budget.to(counts.device)
@@ -925,9 +939,11 @@ class BudgetedLayer(WindowLayer):
             self.shrink_to_fit()
             self.update_steady()
 
-    def evict(self, keep: torch.Tensor, phase: str, compact: bool = False, making_room: bool = False) -> None:
-        """Keep ``keep[b, h]`` slots of each head of each row ((B, H), or (B,) for every head alike), as chosen by the
-        evictor. ``compact`` also shrinks the buffers.
+    def evict(
+        self, keep: torch.Tensor | np.ndarray, phase: str, compact: bool = False, making_room: bool = False
+    ) -> None:
+        """Keep ``keep[b, h]`` slots of each head of each row ((B, H), or (B,) for every head alike; an array when
+        the host knows the counts), as chosen by the evictor. ``compact`` also shrinks the buffers.
 
         ``making_room``: before a decode step writes its token, which will be the most recent one; the engine then
         does not also protect the newest held token (that would take a slot of the evictor's, e.g. a sink).
@@ -935,20 +951,22 @@ class BudgetedLayer(WindowLayer):
         runner = self.cache.runner
         protect = not making_room
         B, H = self.valid.shape[:2]
-        if keep.dim() == 1:
-            keep = keep.view(-1, 1).expand(B, H)
         held = self.held
+        most = None
         if held is not None:  # the host knows every head's count: no sync
-            keep = torch.minimum(keep.cpu(), torch.from_numpy(held))
-            keep_np = keep.numpy()
+            counts = keep.cpu().numpy() if isinstance(keep, torch.Tensor) else keep
+            keep_np = np.minimum(np.broadcast_to(counts.reshape(B, -1), (B, H)), held)
+            keep, most = self._counts_tensor(keep_np), int(keep_np.max())
             over_host = held > keep_np
             one_each = bool((held - keep_np <= 1).all())
         else:
-            keep = torch.minimum(keep.to(self.valid.device), self.counts())
+            keep = torch.as_tensor(keep, device=self.valid.device)
+            keep = torch.minimum(keep.view(B, -1).expand(B, H), self.counts())
             one_each = bool((self.counts() - keep <= 1).all())
+        defer = phase == "decode"  # NaN scores are reported later, without a host sync (on CUDA)
         if not compact and one_each:
             # The hot decode path: drop the lowest-ranked slot of each head that is over.
-            victim = runner.victims(lambda: self.view(phase), protect_newest=protect)
+            victim = runner.victims(lambda: self.view(phase), protect_newest=protect, defer_nan=defer)
             if held is not None:
                 over = torch.from_numpy(over_host).to(self.valid.device)[..., None]
             else:
@@ -956,11 +974,24 @@ class BudgetedLayer(WindowLayer):
             self.valid.scatter_(2, victim, ~over & torch.gather(self.valid, 2, victim))
             self.heads_differ = True
         else:
-            per_row = bool((keep == keep[:, :1]).all())  # the same count in every head: an evictor's own select
+            # the same count in every head: an evictor's own select (known on the host when `held` is)
+            per_row = bool((keep_np == keep_np[:, :1]).all()) if held is not None else bool((keep == keep[:, :1]).all())
             wanted = keep[:, 0] if per_row else keep
-            self.keep_slots(runner.keep_slots(lambda: self.view(phase), wanted, protect_newest=protect), compact)
+            idx = runner.keep_slots(lambda: self.view(phase), wanted, protect, defer_nan=defer, most=most)
+            self.keep_slots(idx, compact)
         if held is not None:
-            self.held = keep.numpy().astype(np.int64).copy()
+            self.held = keep_np.astype(np.int64)
+
+    def _counts_tensor(self, counts: np.ndarray) -> torch.Tensor:
+        """(B, H) ``counts`` as a tensor: the layer's own head budgets (on its device) when they are, so that a step
+        which ends at the budget copies nothing from the host (it replays as a CUDA graph); else on the host."""
+        if (
+            self.head_budget is not None
+            and self.head_budget_host is not None
+            and np.array_equal(counts, self.head_budget_host)
+        ):
+            return self.head_budget.clone()
+        return torch.from_numpy(np.ascontiguousarray(counts))
 
     def update_steady(self) -> None:
         """Recompute `steady` (every head at its budget) and `holes` (some slot free) from the host's counts.

@@ -449,14 +449,24 @@ class PolicyRunner:
         """The evictor's checked scores of a layer's slots, for the head split (`PolicyRunner.split_heads`)."""
         return self.guarded("evictor", lambda: self._scores(view))
 
-    def keep_slots(self, view_of: Callable[[], LayerView], keep: torch.Tensor, protect_newest: bool) -> torch.Tensor:
+    def keep_slots(
+        self,
+        view_of: Callable[[], LayerView],
+        keep: torch.Tensor,
+        protect_newest: bool,
+        defer_nan: bool = False,
+        most: int | None = None,
+    ) -> torch.Tensor:
         """(B, H, K) slot indices to keep, ``keep[b]`` per row (or ``keep[b, h]`` per head: then the top of the
-        evictor's scores, a head split being for evictors that only score), padded with -1 (checked)."""
+        evictor's scores, a head split being for evictors that only score), padded with -1 (checked). With
+        ``defer_nan``, NaN scores are reported later on CUDA; ``most``: ``keep.max()`` when the host knows it (no
+        host sync either way: `check_nan`)."""
 
         def once() -> torch.Tensor:
             view = view_of()
             if type(self.evictor).select is TokenEvictor.select or keep.dim() == 2:
-                return top_slots(self._scores(view), view, keep, protect_newest=protect_newest)
+                score = self._scores(view, defer_nan)
+                return top_slots(score, view, keep, protect_newest=protect_newest, most=most)
             check = lambda idx: check_selection(idx, view, keep)  # noqa: E731
             return self._call("evictor", "select", view, keep, watch=view, check=check).long()
 

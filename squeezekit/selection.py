@@ -27,11 +27,13 @@ def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) 
     return key.masked_fill(~view.valid, float("-inf"))
 
 
-def top_slots(score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_newest: bool = True) -> torch.Tensor:
+def top_slots(
+    score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_newest: bool = True, most: int | None = None
+) -> torch.Tensor:
     """Indices (B, H, K) of the ``keep[b]`` best slots of each row (``keep`` (B,)), or ``keep[b, h]`` of each head
-    (``keep`` (B, H)), padded with -1, ``K = keep.max()``."""
+    (``keep`` (B, H)), padded with -1, ``K = keep.max()`` (``most``, when the caller knows it: no host sync)."""
     key = rank_key(score, view, protect_newest)
-    k = int(keep.max())
+    k = int(keep.max()) if most is None else most
     # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
     # sort by recency first, then stably by key.
     recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
