@@ -37,11 +37,8 @@ class GreedyDecoder:
         self.cache_kwargs = {cache_argument(model): cache}
         self.ids = first_tokens.view(-1, 1).clone()
         self.pos = cache.seen.view(-1, 1).clone().long()  # the next token's position in each sequence
-        bounded = [layer for layer in cache.layers if layer.budget is not None]
-        self.use_graph = (
-            cuda_graph and self.ids.is_cuda and _one_device(model) and len(bounded) == len(cache.layers)
-            and all(layer.steady for layer in bounded)
-        )  # fmt: skip
+        # only a cache whose every layer is at its budget already (the rest, CUDA included: `SqueezeCache.replayable`)
+        self.use_graph = cuda_graph and _one_device(model) and all(layer.steady for layer in cache.layers)
         self.steps = StepGraph(cache, self._step, 1, self.use_graph)
 
     @property
@@ -77,11 +74,7 @@ class ChunkExtender:
         device = cache.seen.device
         self.ids = torch.zeros(B, chunk, dtype=torch.long, device=device)
         self.pos = torch.zeros(B, chunk, dtype=torch.long, device=device)
-        self.steps = StepGraph(cache, self._step, chunk, cuda_graph and device.type == "cuda" and _one_device(model))
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        return self.steps.graph
+        self.steps = StepGraph(cache, self._step, chunk, cuda_graph and _one_device(model))
 
     def _step(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **self.cache_kwargs).logits

@@ -219,7 +219,7 @@ class SlotLayer(CacheLayerMixin):
         """The host's bookkeeping of this layer that shapes a step: buffer size, held counts, steady flags, where
         the keys and values live. Equal before and after a step: the step is a fixed point (`squeezekit.replay`)."""
         held = None if self.held is None else self.held.tobytes()
-        return (type(self).__name__, self.capacity, held, self.steady, self.holes, self._storage())
+        return (self.capacity, held, self.steady, self.holes, self._storage())
 
     def _storage(self) -> Any:
         return None
