@@ -14,7 +14,9 @@ per token and KV head, as extra slot tensors of the layer's table ((B, H, C, ...
 move with the other slot tensors, and into a pool of per-head segments):
 
 - 8 bits, symmetric: ``codes`` (..., D) int8 in [-127, 127], one ``scale`` = absmax / 127 per slot (fp16);
-  x = code * scale. D + 2 bytes a slot (0.52 of bf16's 2 D at D = 64).
+  x = code * scale. D + 2 bytes a slot (0.52 of bf16's 2 D at D = 64). The scale is rounded up to fp16 (no code
+  clamps), 2^-10 relative; a slot whose absmax is under 127 * 2^-14 (7.8e-3) has a subnormal scale, whose fixed
+  spacing 2^-24 bounds its error at 127 * 2^-24 (7.6e-6) instead: too small to move an attention score.
 - 4 bits, asymmetric per group of ``GROUP4`` channels (the whole head when D <= 64): ``codes`` (..., D / 2) uint8,
   two channels a byte (the even channel in the low nibble), ``scale`` = (max - min) / 15 and ``low`` = min per
   group (fp16); x = code * scale + low. D / 2 + 4 D / GROUP4 bytes a slot (0.28 of bf16's at D = 64 and 128).

@@ -37,7 +37,7 @@ def _generate(model, ids, mask, new=6, **config):
 )
 def test_a_slot_decodes_within_half_a_step_of_what_was_written(bits, dim, scale, constant, seed):
     """Every channel comes back within half a quantization step (plus the fp16 rounding of the scales); constant
-    slots (a zero key, say) come back exactly; the bytes are what the layout says."""
+    slots come back to the fp16 precision of their scale (a zero key exactly); the bytes are what the layout says."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 4, dim, generator=g) * scale
     if constant:
@@ -48,7 +48,10 @@ def test_a_slot_decodes_within_half_a_step_of_what_was_written(bits, dim, scale,
     assert y.shape == x.shape
     assert sum(p[0, 0, 0].numel() * p.element_size() for p in parts) == c.slot_bytes()
     if constant:
-        torch.testing.assert_close(y, x, rtol=1e-3, atol=0.0)
+        # the scale is rounded up to fp16: 2^-10 relative while it is a normal fp16 number, and below 2^-14 (absmax
+        # under 127 * 2^-14 at 8 bits) a subnormal one, whose spacing 2^-24 bounds the error of 127 codes instead
+        assert bool(((y - x).abs() <= x.abs() * 2**-10 + 127 * 2**-24).all())
+        assert bool((y[x == 0] == 0).all())
         return
     if bits == 8:
         exact = x.abs().amax(-1, keepdim=True) / 127
