@@ -30,6 +30,7 @@ from .errors import InputError
 from .layers import SlotLayer, layer_kinds
 from .policies import LayerView
 from .runner import PolicyRunner
+from .selection import Ranking, kept_together
 from .statistics import IMPORTANCE
 from .step import Step, open_step
 from .transformers_api import Cache, Geometry
@@ -156,8 +157,8 @@ class SqueezeCache(Cache):
             self.peak_kv_bytes_prefill = max(self.peak_kv_bytes_prefill, self.full_kv_bytes_prefill)
             self._plan_prefill()
         t0 = self.clock() if step.prefill else 0.0
-        for layer in self.layers:
-            layer.settle(step)
+        for layer, kept in zip(self.layers, self._kept_together(step), strict=True):
+            layer.settle(step, kept)
         if step.prefill:
             for layer in self.layers:
                 if layer.budgeted:
@@ -167,6 +168,23 @@ class SqueezeCache(Cache):
         for layer in self.layers:
             layer.end_step()
         self.step = None  # type: ignore[assignment]
+
+    def _kept_together(self, step: Step) -> list[torch.Tensor | None]:
+        """The slots each layer keeps at a step whose layers rank their slots together (`SlotLayer.ranking`: an
+        extend chunk), one ranking for the layers of each device and shape; None for a layer that settles alone."""
+        kept: list[torch.Tensor | None] = [None] * len(self.layers)
+        if step.prefill:
+            return kept
+        groups: dict[tuple, list[tuple[int, Ranking]]] = {}
+        for i, layer in enumerate(self.layers):
+            ranking = layer.ranking(step)
+            if ranking is not None:
+                groups.setdefault((ranking.score.device, *ranking.keep.shape), []).append((i, ranking))
+        for (device, *_), group in groups.items():
+            flag = self.runner.nan_flag(device) if device.type == "cuda" else None
+            for (i, _), mask in zip(group, kept_together([r for _, r in group], flag), strict=True):
+                kept[i] = mask
+        return kept
 
     def layer_importance(self) -> torch.Tensor:
         """(B, L) on the CPU: each layer's importance, measured at prefill (squeezekit.statistics.Importance).

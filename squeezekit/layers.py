@@ -59,7 +59,7 @@ from . import kernels, quantized
 from .kernels import steady as steady_kernel
 from .policies import LIVE_FIELDS, LayerView
 from .quantized import SlotCodec
-from .selection import top_slots
+from .selection import Ranking, top_slots
 from .transformers_api import CacheLayerMixin, Geometry
 
 if TYPE_CHECKING:
@@ -401,8 +401,15 @@ class SlotLayer(CacheLayerMixin):
             )
 
     # -- after a step ----------------------------------------------------------------------------------------------
-    def settle(self, step: Step) -> None:
-        """After every layer wrote the step's tokens: what this kind does then (nothing, for a full layer)."""
+    def ranking(self, step: Step) -> Ranking | None:
+        """After every layer wrote the step's tokens, before any settles: the evictor's scores of the slots this
+        layer will choose from, for the cache to rank with the other layers' (`BudgetedLayer.ranking`); None when
+        this layer settles alone."""
+        return None
+
+    def settle(self, step: Step, kept: torch.Tensor | None = None) -> None:
+        """After every layer wrote the step's tokens: what this kind does then (nothing, for a full layer).
+        ``kept``: the (B, H, C) mask of the slots to keep that this layer's `ranking` asked for."""
 
     def compact(self) -> None:
         """Shrink the buffers to the slots held (after a chunked prefill, which left room for a chunk)."""
@@ -416,7 +423,7 @@ class WindowLayer(SlotLayer):
     """The model's own sliding window (e.g. Gemma3's sliding layers, which take no part in budget allocation): a
     token leaves once no future query can attend to it. Otherwise nothing is evicted."""
 
-    def settle(self, step: Step) -> None:
+    def settle(self, step: Step, kept: torch.Tensor | None = None) -> None:
         self.drop_out_of_window(compact=step.prefill)
 
     def drop_out_of_window(self, compact: bool) -> None:
@@ -902,23 +909,42 @@ class BudgetedLayer(WindowLayer):
             keep = torch.where(at, counts - 1, counts)
         self.evict(keep, "decode", making_room=True)
 
-    def settle(self, step: Step) -> None:
+    def ranking(self, step: Step) -> Ranking | None:
+        """At a step after prefill that leaves a head more than one token over its budget (an extend chunk), with
+        the host's counts: the evictor's scores, which the cache ranks together with the other layers' (one set of
+        kernels for all: `squeezekit.selection.kept_together`), and the counts `_enforce` will keep."""
+        hb, held = self.head_budget_host, self.held
+        if step.prefill or self.window is not None or self.steady or hb is None or held is None:
+            return None
+        keep = np.minimum(held, hb)
+        if bool((held - keep <= 1).all()):  # within the budget, or one token over: `evict`'s victim path
+            return None
+        per_row = bool((keep == keep[:, :1]).all())
+        score = self.cache.runner.ranking_scores(lambda: self.view("decode"), per_row)
+        if score is None:
+            return None
+        at_budget = self.head_budget is not None and np.array_equal(keep, hb)  # (the steady case: nothing to copy)
+        counts = self.head_budget if at_budget else torch.from_numpy(keep).to(self.device)
+        return Ranking(score, self.positions, self.valid, counts, int((held - keep).max()))  # type: ignore[arg-type]
+
+    def settle(self, step: Step, kept: torch.Tensor | None = None) -> None:
         """After a step: drop what the model's window drops, then every head down to its budget (at prefill, first
-        split over the heads, then into buffers just large enough); quantize what is kept (``kv_bits`` below 16, once),
-        pool unequal heads; update the steady flags."""
+        split over the heads, then into buffers just large enough; ``kept``: the slots the cache ranked for this
+        layer, see `ranking`); quantize what is kept (``kv_bits`` below 16, once), pool unequal heads; update the
+        steady flags."""
         if self.window is not None:
             self.drop_out_of_window(compact=False)
         if step.prefill:
             self.split_heads()
         if self.budget is not None and not self.steady:
-            self._enforce(compact=step.prefill)
+            self._enforce(compact=step.prefill, kept=kept)
         elif step.prefill and self.window is not None:
             self.shrink_to_fit()
         self.quantize()
         self.pack()
         self.update_steady()
 
-    def _enforce(self, compact: bool) -> None:
+    def _enforce(self, compact: bool, kept: torch.Tensor | None = None) -> None:
         assert self.head_budget is not None and self.head_budget_host is not None
         keep: torch.Tensor | np.ndarray | None = None
         if self.held is not None:
@@ -930,7 +956,7 @@ class BudgetedLayer(WindowLayer):
             if bool((counts > budget).any()):
                 keep = torch.minimum(counts, budget)
         if keep is not None:
-            self.evict(keep, "prefill" if compact else "decode", compact=compact)
+            self.evict(keep, "prefill" if compact else "decode", compact=compact, kept=kept)
         elif compact:
             self.shrink_to_fit()
 
@@ -940,10 +966,16 @@ class BudgetedLayer(WindowLayer):
             self.update_steady()
 
     def evict(
-        self, keep: torch.Tensor | np.ndarray, phase: str, compact: bool = False, making_room: bool = False
+        self,
+        keep: torch.Tensor | np.ndarray,
+        phase: str,
+        compact: bool = False,
+        making_room: bool = False,
+        kept: torch.Tensor | None = None,
     ) -> None:
         """Keep ``keep[b, h]`` slots of each head of each row ((B, H), or (B,) for every head alike; an array when
-        the host knows the counts), as chosen by the evictor. ``compact`` also shrinks the buffers.
+        the host knows the counts), as chosen by the evictor. ``compact`` also shrinks the buffers. ``kept``: the
+        mask of those slots, ranked already (`ranking`).
 
         ``making_room``: before a decode step writes its token, which will be the most recent one; the engine then
         does not also protect the newest held token (that would take a slot of the evictor's, e.g. a sink).
@@ -972,6 +1004,9 @@ class BudgetedLayer(WindowLayer):
             else:
                 over = (self.counts() > keep)[..., None]
             self.valid.scatter_(2, victim, ~over & torch.gather(self.valid, 2, victim))
+            self.heads_differ = True
+        elif kept is not None:
+            self.valid &= kept
             self.heads_differ = True
         else:
             # the same count in every head: an evictor's own select (known on the host when `held` is)

@@ -472,6 +472,20 @@ class PolicyRunner:
 
         return self.guarded("evictor", once)
 
+    def ranking_scores(self, view_of: Callable[[], LayerView], per_row: bool) -> torch.Tensor | None:
+        """The evictor's checked scores of a layer's slots at a decode-phase step, for the engine to rank with the
+        other layers' (`squeezekit.selection.kept_together`; NaN reported later on CUDA), or None when the evictor's
+        own `select` chooses (the same count in every head: ``per_row``), as in `keep_slots`. On CUDA the ranking
+        records NaN scores in `nan_flag` (for all layers at once); the CPU checks them here."""
+
+        def once() -> torch.Tensor | None:
+            if per_row and type(self.evictor).select is not TokenEvictor.select:
+                return None
+            view = view_of()
+            return self._scores(view, defer_nan="kernel" if view.valid.is_cuda else True)
+
+        return self.guarded("evictor", once)
+
     def victims(self, view_of: Callable[[], LayerView], protect_newest: bool, defer_nan: bool = False) -> torch.Tensor:
         """(B, H, 1): the slot each row gives up (the decode hot path: no host sync when ``defer_nan`` on CUDA)."""
 

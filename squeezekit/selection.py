@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,16 +17,29 @@ def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) 
 
     ``protect_newest=False`` when making room for a new token: that one will be the newest, the held ones compete.
     """
+    return _key(score, view.positions, view.valid, protect_newest)
+
+
+def _key(score: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, protect_newest: bool) -> torch.Tensor:
     score = torch.nan_to_num(score.to(torch.float64), nan=float("-inf"))
-    pos = view.positions.to(torch.float64)
+    pos = positions.to(torch.float64)
     # Recency breaks ties: scale positions into (0, 1) so they never reorder distinct finite scores by much.
     # Distinct scores that differ by less than this are exceedingly rare and then recency decides, by design.
     tie = pos / (pos.amax(dim=-1, keepdim=True).clamp_min(1.0) + 1.0) * 1e-9
     key = score + tie
     if protect_newest:
-        newest = view.positions == view.positions.amax(dim=-1, keepdim=True)
-        key = key.masked_fill(newest & view.valid, float("inf"))
-    return key.masked_fill(~view.valid, float("-inf"))
+        newest = positions == positions.amax(dim=-1, keepdim=True)
+        key = key.masked_fill(newest & valid, float("inf"))
+    return key.masked_fill(~valid, float("-inf"))
+
+
+def _ranked(key: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k): the indices of each row's ``k`` best slots by ``key``, best first."""
+    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
+    # sort by recency first, then stably by key.
+    recent_first = torch.sort(positions, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
+    return recent_first.gather(-1, order)[..., :k]
 
 
 def top_slots(
@@ -34,15 +49,65 @@ def top_slots(
     (``keep`` (B, H)), padded with -1, ``K = keep.max()`` (``most``, when the caller knows it: no host sync)."""
     key = rank_key(score, view, protect_newest)
     k = int(keep.max()) if most is None else most
-    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
-    # sort by recency first, then stably by key.
-    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
-    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
-    order = recent_first.gather(-1, order)[..., :k]
+    order = _ranked(key, view.positions, k)
     rank = torch.arange(k, device=key.device)
     per = keep.to(key.device)
     pad = rank.view(1, 1, k) >= (per.view(-1, 1, 1) if per.dim() == 1 else per[..., None])
     return order.masked_fill(pad, -1)
+
+
+@dataclass
+class Ranking:
+    """One layer's request to keep the ``keep[b, h]`` best of its valid slots by ``score`` (`kept_together`), with
+    the slot tensors of its view. ``drop``: the most slots a head gives up (``valid.sum(-1) - keep``), known on the
+    host."""
+
+    score: torch.Tensor  #: (B, H, C) the evictor's scores
+    positions: torch.Tensor  #: (B, H, C) int32
+    valid: torch.Tensor  #: (B, H, C) bool
+    keep: torch.Tensor  #: (B, H) long, on the device
+    drop: int
+
+
+def kept_together(rankings: Sequence[Ranking], nan_flag: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """What `top_slots` (the newest token protected) keeps of each layer, as a (B, H, C) bool mask, for many layers
+    at once and by what they give up: an extend chunk of ``q`` tokens leaves each head ``q`` over its budget, so the
+    ``d = valid - keep`` lowest-ranked valid slots of each head leave (key ascending, exact ties the older first:
+    `top_slots`' order read from its end), found with two top-``d`` selections instead of two sorts of every slot.
+
+    The layers are stacked into one (L, B, H, max C) problem, each padded with invalid slots; every step is per row,
+    so each layer's kept set is the one `top_slots` gives it alone, at a fixed number of kernels for all layers.
+    ``nan_flag``: set where a score is NaN (checked later, without a host sync)."""
+    C = max(r.score.shape[-1] for r in rankings)
+    L, (B, H) = len(rankings), rankings[0].keep.shape
+    device = rankings[0].score.device
+    score = torch.zeros((L, B, H, C), dtype=torch.float64, device=device)
+    positions = torch.full((L, B, H, C), -1, dtype=torch.int32, device=device)
+    valid = torch.zeros((L, B, H, C), dtype=torch.bool, device=device)
+    keep = torch.empty((L, B, H), dtype=torch.long, device=device)
+    for i, r in enumerate(rankings):
+        c = r.score.shape[-1]
+        score[i, ..., :c] = r.score
+        positions[i, ..., :c] = r.positions
+        valid[i, ..., :c] = r.valid
+        keep[i] = r.keep
+    if nan_flag is not None:
+        nan_flag.logical_or_(torch.isnan(score).any())
+    m = max(1, *(r.drop for r in rankings))
+    key = _key(score, positions, valid, protect_newest=True).masked_fill(~valid, float("inf"))  # (never dropped)
+    d = valid.sum(-1) - keep  # (L, B, H): slots each head gives up
+    lowest = torch.topk(key, m, dim=-1, largest=False).values  # ascending
+    edge = lowest.gather(-1, (d - 1).clamp_min(0)[..., None])  # the d-th lowest key (d = 0: below every key)
+    edge = edge.masked_fill(d[..., None] == 0, float("-inf"))
+    dropped = valid & (key < edge)
+    need = d - dropped.sum(-1)  # of the slots whose key is the edge's, the oldest
+    tied = torch.where(valid & (key == edge), positions, torch.iinfo(torch.int32).max)
+    oldest = torch.topk(tied, m, dim=-1, largest=False).indices
+    take = torch.arange(m, device=device) < need[..., None]
+    gone = torch.zeros((L, B, H, C + 1), dtype=torch.bool, device=device)
+    gone.scatter_(3, torch.where(take, oldest, C), True)
+    kept = valid & ~(dropped | gone[..., :C])
+    return [kept[i, ..., : r.score.shape[-1]] for i, r in enumerate(rankings)]
 
 
 def victim_slots(score: torch.Tensor, view: LayerView, protect_newest: bool = True) -> torch.Tensor:

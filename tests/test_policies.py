@@ -499,3 +499,35 @@ def test_ties_go_to_the_more_recent_token_even_between_infinite_scores(case, see
             newest = max(pos)
             ranked = sorted(zip(pos, sc, strict=True), key=lambda ps: (ps[0] == newest, ps[1], ps[0]), reverse=True)
             assert kept_positions(view, idx, b, h) == {p for p, _ in ranked[: int(keep[b])]}
+
+
+@SETTINGS
+@given(
+    layers=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_layers_ranked_together_keep_what_each_would_keep_alone(layers, B, H, seed):
+    """`kept_together` (an extend chunk's eviction for all layers at once, each padded to the widest) keeps exactly
+    the slots `top_slots` keeps for each layer alone: with tied and infinite scores, invalid slots that still carry
+    the position of the token they held, and any count per head."""
+    from squeezekit.selection import Ranking, kept_together
+
+    g = torch.Generator().manual_seed(seed)
+    rankings, alone = [], []
+    for C in layers:
+        positions = torch.stack([torch.randperm(3 * C, generator=g)[:C] for _ in range(B * H)]).view(B, H, C).int()
+        valid = torch.rand(B, H, C, generator=g) < 0.7
+        positions = torch.where(valid | (torch.rand(B, H, C, generator=g) < 0.5), positions, -1)  # stale or -1
+        pick = torch.randint(0, 5, (B, H, C), generator=g).float()  # ties, and +-inf
+        score = torch.where(pick == 0, float("inf"), torch.where(pick == 1, float("-inf"), pick))
+        keep = (torch.rand(B, H, generator=g) * (valid.sum(-1) + 1)).long().clamp_max(valid.sum(-1))
+        view = LayerView(keys=torch.zeros(B, H, C, 1), values=torch.zeros(B, H, C, 1), valid=valid,
+                         positions=positions, seen=torch.zeros(B, dtype=torch.long), budget=keep[:, 0])  # fmt: skip
+        rankings.append(Ranking(score, positions, valid, keep, int((valid.sum(-1) - keep).max())))
+        idx = top_slots(score, view, keep)
+        mask = torch.zeros(B, H, C + 1, dtype=torch.bool).scatter_(2, torch.where(idx >= 0, idx, C), True)
+        alone.append(mask[..., :C])
+    for got, want in zip(kept_together(rankings), alone, strict=True):
+        assert torch.equal(got, want)
