@@ -82,6 +82,14 @@ def plain_copy(t: Any) -> Any:
 _SLOTS = tuple(zip(LIVE_FIELDS, (0.0, 0.0, False, -1), strict=True))
 
 
+def first_free(free: torch.Tensor, q: int) -> torch.Tensor:
+    """(..., q): the first ``q`` free slots of each row of ``free`` (..., C), in slot order (then the taken ones, in
+    slot order, where a row has fewer): one top-``q`` selection of distinct values, not a sort of every slot."""
+    C = free.shape[-1]
+    order = torch.arange(2 * C, C, -1, device=free.device, dtype=torch.int32)  # 2C - i: earlier slots rank higher
+    return torch.topk(torch.where(free, order, order - C), q, dim=-1).indices
+
+
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's slot table (see the module docstring); the base of every kind."""
 
@@ -323,7 +331,7 @@ class SlotLayer(CacheLayerMixin):
             self._grow(need)
             free = ~self.valid
         # The first q free slots of every row, in slot order.
-        slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
+        slots = first_free(free, q)
         self.write_kv(slots, k, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
         self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))
@@ -882,7 +890,7 @@ class BudgetedLayer(WindowLayer):
         if room < q:
             self.unpack()
             return super()._append(k, v)
-        slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :q]
+        slots = first_free(free, q)
         self.write_kv(slots, k, v)
         self.valid.scatter_(2, slots, step.new_valid.to(k.device)[:, None, :].expand(B, H, q))
         self.positions.scatter_(2, slots, step.new_pos.to(k.device, torch.int32)[:, None, :].expand(B, H, q))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +21,9 @@ def rank_key(score: torch.Tensor, view: LayerView, protect_newest: bool = True) 
     return _key(score, view.positions, view.valid, protect_newest)
 
 
-def _key(score: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, protect_newest: bool) -> torch.Tensor:
+def _key(
+    score: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, protect_newest: bool, invalid: float = -math.inf
+) -> torch.Tensor:
     score = torch.nan_to_num(score.to(torch.float64), nan=float("-inf"))
     pos = positions.to(torch.float64)
     # Recency breaks ties: scale positions into (0, 1) so they never reorder distinct finite scores by much.
@@ -30,7 +33,7 @@ def _key(score: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prot
     if protect_newest:
         newest = positions == positions.amax(dim=-1, keepdim=True)
         key = key.masked_fill(newest & valid, float("inf"))
-    return key.masked_fill(~valid, float("-inf"))
+    return key.masked_fill(~valid, invalid)
 
 
 def _ranked(key: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ def kept_together(rankings: Sequence[Ranking], nan_flag: torch.Tensor | None = N
     if nan_flag is not None:
         nan_flag.logical_or_(torch.isnan(score).any())
     m = max(1, *(r.drop for r in rankings))
-    key = _key(score, positions, valid, protect_newest=True).masked_fill(~valid, float("inf"))  # (never dropped)
+    key = _key(score, positions, valid, protect_newest=True, invalid=math.inf)  # (never dropped)
     d = valid.sum(-1) - keep  # (L, B, H): slots each head gives up
     lowest = torch.topk(key, m, dim=-1, largest=False).values  # ascending
     edge = lowest.gather(-1, (d - 1).clamp_min(0)[..., None])  # the d-th lowest key (d = 0: below every key)

@@ -531,3 +531,17 @@ def test_layers_ranked_together_keep_what_each_would_keep_alone(layers, B, H, se
         alone.append(mask[..., :C])
     for got, want in zip(kept_together(rankings), alone, strict=True):
         assert torch.equal(got, want)
+
+
+@SETTINGS
+@given(C=st.integers(1, 40), q=st.integers(1, 40), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_new_tokens_take_the_first_free_slots_in_slot_order(C, q, density, seed):
+    """`first_free`: where a step writes its ``q`` tokens (then the taken slots, in order, should a row be short)."""
+    from squeezekit.layers import first_free
+
+    q = min(q, C)
+    free = torch.rand(2, 3, C, generator=torch.Generator().manual_seed(seed)) < density
+    got = first_free(free, q)
+    for row, slots in zip(free.view(-1, C).tolist(), got.view(-1, q).tolist(), strict=True):
+        want = [i for i in range(C) if row[i]] + [i for i in range(C) if not row[i]]
+        assert slots == want[:q]
