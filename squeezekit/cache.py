@@ -173,7 +173,7 @@ class SqueezeCache(Cache):
         """The slots each layer keeps at a step whose layers rank their slots together (`SlotLayer.ranking`: an
         extend chunk), one ranking for the layers of each device and shape; None for a layer that settles alone."""
         kept: list[torch.Tensor | None] = [None] * len(self.layers)
-        if step.prefill:
+        if step.prefill or step.q == 1:  # (one token leaves a head one over at most: each layer's victim path)
             return kept
         groups: dict[tuple, list[tuple[int, Ranking]]] = {}
         for i, layer in enumerate(self.layers):

@@ -921,19 +921,17 @@ class BudgetedLayer(WindowLayer):
         """At a step after prefill that leaves a head more than one token over its budget (an extend chunk), with
         the host's counts: the evictor's scores, which the cache ranks together with the other layers' (one set of
         kernels for all: `squeezekit.selection.kept_together`), and the counts `_enforce` will keep."""
-        hb, held = self.head_budget_host, self.held
-        if step.prefill or self.window is not None or self.steady or hb is None or held is None:
+        if step.prefill or self.window is not None or self.steady or self.budget is None:
             return None
-        keep = np.minimum(held, hb)
-        if bool((held - keep <= 1).all()):  # within the budget, or one token over: `evict`'s victim path
+        keep = self._host_keep()
+        if keep is None or bool((self.held - keep <= 1).all()):  # `evict`'s victim path, one token over at most
             return None
         per_row = bool((keep == keep[:, :1]).all())
         score = self.cache.runner.ranking_scores(lambda: self.view("decode"), per_row)
         if score is None:
             return None
-        at_budget = self.head_budget is not None and np.array_equal(keep, hb)  # (the steady case: nothing to copy)
-        counts = self.head_budget if at_budget else torch.from_numpy(keep).to(self.device)
-        return Ranking(score, self.positions, self.valid, counts, int((held - keep).max()))  # type: ignore[arg-type]
+        counts = self._counts_tensor(keep, copy=False).to(self.device)
+        return Ranking(score, self.positions, self.valid, counts, int((self.held - keep).max()))
 
     def settle(self, step: Step, kept: torch.Tensor | None = None) -> None:
         """After a step: drop what the model's window drops, then every head down to its budget (at prefill, first
@@ -956,8 +954,7 @@ class BudgetedLayer(WindowLayer):
         assert self.head_budget is not None and self.head_budget_host is not None
         keep: torch.Tensor | np.ndarray | None = None
         if self.held is not None:
-            if (self.held > self.head_budget_host).any():
-                keep = np.minimum(self.held, self.head_budget_host)
+            keep = self._host_keep()
         else:
             counts = self.counts()
             budget = self.head_budget.to(counts.device)
@@ -967,6 +964,13 @@ class BudgetedLayer(WindowLayer):
             self.evict(keep, "prefill" if compact else "decode", compact=compact, kept=kept)
         elif compact:
             self.shrink_to_fit()
+
+    def _host_keep(self) -> np.ndarray | None:
+        """(B, H): what each head keeps when some head holds more than its budget (the host's counts), else None."""
+        hb, held = self.head_budget_host, self.held
+        if hb is None or held is None or not (held > hb).any():
+            return None
+        return np.minimum(held, hb)
 
     def compact(self) -> None:
         if not self.empty and self.budget is not None:
@@ -1025,15 +1029,16 @@ class BudgetedLayer(WindowLayer):
         if held is not None:
             self.held = keep_np.astype(np.int64)
 
-    def _counts_tensor(self, counts: np.ndarray) -> torch.Tensor:
-        """(B, H) ``counts`` as a tensor: the layer's own head budgets (on its device) when they are, so that a step
-        which ends at the budget copies nothing from the host (it replays as a CUDA graph); else on the host."""
+    def _counts_tensor(self, counts: np.ndarray, copy: bool = True) -> torch.Tensor:
+        """(B, H) ``counts`` as a tensor: the layer's own head budgets (on its device; ``copy=False``: themselves,
+        for a reader) when they are, so that a step which ends at the budget copies nothing from the host (it
+        replays as a CUDA graph); else on the host."""
         if (
             self.head_budget is not None
             and self.head_budget_host is not None
             and np.array_equal(counts, self.head_budget_host)
         ):
-            return self.head_budget.clone()
+            return self.head_budget.clone() if copy else self.head_budget
         return torch.from_numpy(np.ascontiguousarray(counts))
 
     def update_steady(self) -> None:

@@ -36,15 +36,6 @@ def _key(
     return key.masked_fill(~valid, invalid)
 
 
-def _ranked(key: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., k): the indices of each row's ``k`` best slots by ``key``, best first."""
-    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
-    # sort by recency first, then stably by key.
-    recent_first = torch.sort(positions, dim=-1, descending=True, stable=True).indices
-    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
-    return recent_first.gather(-1, order)[..., :k]
-
-
 def top_slots(
     score: torch.Tensor, view: LayerView, keep: torch.Tensor, protect_newest: bool = True, most: int | None = None
 ) -> torch.Tensor:
@@ -52,7 +43,11 @@ def top_slots(
     (``keep`` (B, H)), padded with -1, ``K = keep.max()`` (``most``, when the caller knows it: no host sync)."""
     key = rank_key(score, view, protect_newest)
     k = int(keep.max()) if most is None else most
-    order = _ranked(key, view.positions, k)
+    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
+    # sort by recency first, then stably by key.
+    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
+    order = recent_first.gather(-1, order)[..., :k]
     rank = torch.arange(k, device=key.device)
     per = keep.to(key.device)
     pad = rank.view(1, 1, k) >= (per.view(-1, 1, 1) if per.dim() == 1 else per[..., None])
