@@ -57,7 +57,8 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-len", type=positive_int, default=None, metavar="N",
         help=f"tokens per random prompt (default: {PROMPT_LEN}, or the model's maximum positions minus --new-tokens "
-        f"when that is less: {CONFIGS['tiny']['max_position_embeddings'] - NEW_TOKENS} for tiny)",
+        f"(or --check-tokens, when more) when that is less: "
+        f"{CONFIGS['tiny']['max_position_embeddings'] - NEW_TOKENS} for tiny)",
     )  # fmt: skip
     parser.add_argument(
         "--new-tokens", type=positive_int, default=NEW_TOKENS, metavar="N", help="tokens generated per prompt (>= 2)"
@@ -153,28 +154,30 @@ def max_positions(model: str) -> int | None:
 
 def check_lengths(args: argparse.Namespace) -> None:
     """Fill in ``--prompt-len``'s default, or refuse a prompt plus new tokens past the model's positions (the run
-    would stop with an error at its first decode step, after the model was built)."""
+    would stop with an error at its first decode step, after the model was built). The new tokens are the more of
+    ``--new-tokens`` and, when the correctness checks run, ``--check-tokens``: both generate after the same prompts."""
     from .bench_models import model_name
 
     limit = max_positions(args.model)
     name = model_name(args.model)
-    if limit is not None and args.new_tokens >= limit:
+    checks = args.check_tokens if args.check_batch > 0 else 0
+    key, new = ("--check-tokens", checks) if checks > args.new_tokens else ("--new-tokens", args.new_tokens)
+    if limit is not None and new >= limit:
         raise ConfigError(
-            "--new-tokens",
-            args.new_tokens,
+            key,
+            new,
             f"leaves no room for a prompt in the model's maximum of {limit} positions (max_position_embeddings of "
             f"{name}); use at most {limit - 1}",
             SOURCE,
         )
     if args.prompt_len is None:
-        args.prompt_len = PROMPT_LEN if limit is None else min(PROMPT_LEN, limit - args.new_tokens)
-    elif limit is not None and args.prompt_len + args.new_tokens > limit:
+        args.prompt_len = PROMPT_LEN if limit is None else min(PROMPT_LEN, limit - new)
+    elif limit is not None and args.prompt_len + new > limit:
         raise ConfigError(
             "--prompt-len",
             args.prompt_len,
-            f"with --new-tokens {args.new_tokens} the sequences reach {args.prompt_len + args.new_tokens} positions, "
-            f"past the model's maximum of {limit} (max_position_embeddings of {name}); use --prompt-len "
-            f"{limit - args.new_tokens} or less",
+            f"with {key} {new} the sequences reach {args.prompt_len + new} positions, past the model's maximum of "
+            f"{limit} (max_position_embeddings of {name}); use --prompt-len {limit - new} or less",
             SOURCE,
         )
 

@@ -47,6 +47,10 @@ def test_the_defaults_fit_the_model_and_the_device(tmp_path):
     assert batches == [1, 2, 4, 8]  # auto on the CPU: a short ladder
     assert args.max_seconds_per_run == 20 and args.out is None and args.threads == 1  # tiny: one thread
     assert bench_args("--device", "cpu", "--model", "tiny", "--new-tokens", "1000")[0].prompt_len == 3096
+    # the correctness checks generate after the same prompts: the longer of the two leaves the room
+    checks = ("--device", "cpu", "--model", "tiny", "--new-tokens", "4", "--check-tokens", "200")
+    assert bench_args(*checks)[0].prompt_len == 3896
+    assert bench_args(*checks, "--check-batch", "0")[0].prompt_len == 4092  # no checks: only the new tokens
     args = bench_args("--device", "cpu", "--model", "mistral-7b")[0]
     assert args.prompt_len == 4096 and args.threads is None  # 32768 positions; torch's own threads
     short = tmp_path / "short"

@@ -452,18 +452,19 @@ CATALOGUE = [
     ),
     Row(
         "bench-prompt-len",
-        "squeezekit bench --prompt-len plus --new-tokens past the model's maximum positions",
+        "squeezekit bench --prompt-len plus --new-tokens (or --check-tokens, when more) past the model's maximum "
+        "positions",
         "ConfigError",
-        "config error: command line: --prompt-len = {value}: with --new-tokens {new} the sequences reach {reach} "
+        "config error: command line: --prompt-len = {value}: with {key} {new} the sequences reach {reach} "
         "positions, past the model's maximum of {max} (max_position_embeddings of {model}); use --prompt-len {fit} or "
         "less",
         "test_labels_and_bench_arguments",
     ),
     Row(
         "bench-new-tokens-len",
-        "squeezekit bench --new-tokens as many as the model's maximum positions, or more",
+        "squeezekit bench --new-tokens (or --check-tokens) as many as the model's maximum positions, or more",
         "ConfigError",
-        "config error: command line: --new-tokens = {value}: leaves no room for a prompt in the model's maximum of "
+        "config error: command line: {key} = {value}: leaves no room for a prompt in the model's maximum of "
         "{max} positions (max_position_embeddings of {model}); use at most {most}",
         "test_labels_and_bench_arguments",
     ),
@@ -2690,14 +2691,19 @@ def test_labels_and_bench_arguments(tmp_path):
     out_file.write_text("")
     for argv, key, values in (
         (["--prompt-len", "4096"], "bench-prompt-len",
-         dict(value=4096, new=128, reach=4224, max=4096, model="tiny", fit=3968)),
+         dict(key="--new-tokens", value=4096, new=128, reach=4224, max=4096, model="tiny", fit=3968)),
         (["--prompt-len", "4000", "--new-tokens", "97"], "bench-prompt-len",
-         dict(value=4000, new=97, reach=4097, max=4096, model="tiny", fit=3999)),
+         dict(key="--new-tokens", value=4000, new=97, reach=4097, max=4096, model="tiny", fit=3999)),
         (["--model", str(model_dir), "--prompt-len", "500", "--new-tokens", "16"], "bench-prompt-len",
-         dict(value=500, new=16, reach=516, max=512, model="short-model", fit=496)),
-        (["--new-tokens", "4096"], "bench-new-tokens-len", dict(value=4096, max=4096, model="tiny", most=4095)),
+         dict(key="--new-tokens", value=500, new=16, reach=516, max=512, model="short-model", fit=496)),
+        (["--prompt-len", "4000", "--new-tokens", "4", "--check-tokens", "100"], "bench-prompt-len",  # the checks
+         dict(key="--check-tokens", value=4000, new=100, reach=4100, max=4096, model="tiny", fit=3996)),
+        (["--new-tokens", "4096"], "bench-new-tokens-len",
+         dict(key="--new-tokens", value=4096, max=4096, model="tiny", most=4095)),
         (["--model", str(model_dir), "--new-tokens", "600"], "bench-new-tokens-len",
-         dict(value=600, max=512, model="short-model", most=511)),
+         dict(key="--new-tokens", value=600, max=512, model="short-model", most=511)),
+        (["--check-tokens", "5000"], "bench-new-tokens-len",
+         dict(key="--check-tokens", value=5000, max=4096, model="tiny", most=4095)),
         (["--out", str(out_file)], "out-dir-file", dict(source="command line", key="--out", value=repr(str(out_file)))),
         (["--device", "gpu"], "device", dict(source="command line", key="--device", value="'gpu'")),
         (["--device", "CPU"], "device", dict(source="command line", key="--device", value="'CPU'")),
