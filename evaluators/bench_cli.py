@@ -77,7 +77,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", default="hf,squeeze+streaming@0.2",
         help="comma-separated: hf (transformers' full cache), hf@BACKEND[BITS] (transformers' QuantizedCache: "
-        "hf@fp8, hf@quanto4, hf@hqq4, ...; a backend that cannot run here is reported as not run) or a config label "
+        "hf@fp8, hf@quanto4, hf@hqq4, ...; a backend that cannot run here is reported as not run), hf-static "
+        "(transformers' static cache, its decode compiled on CUDA), hf-cb (transformers' continuous batching, "
+        "generate_batch with its paged cache) or a config label "
         "ALLOC+EVICT@BUDGET[/KEY=VALUE...] (e.g. with /kv_bits=8), optionally with its own chunked prefill (~1024) "
         "and batch sizes (:8/16/32)",
     )  # fmt: skip
@@ -411,21 +413,24 @@ def measure(args: argparse.Namespace, model, method, B: int, g) -> tuple[dict, f
 
     import torch
 
-    from .bench_models import QuantizedBackendMissing, is_oom, peak_reset, run_hf
+    from .bench_models import BaselineMissing, is_oom, peak_reset, run_hf
     from .bench_runs import run_squeezekit
+    from .bench_serving import serve
 
     ids = random_prompts(model, B, args.prompt_len, g).to(args.device)
     start = time.perf_counter()
     r = None
     try:
-        if method.is_hf:
+        if method.serving is not None:
+            r = serve(method.serving, model, ids, args.new_tokens, args.device)
+        elif method.is_hf:
             r = run_hf(model, ids, args.new_tokens, args.device, method.quantized)
         else:
             chunk = method.chunk or args.prefill_chunk or None
             r = run_squeezekit(
                 model, ids, args.new_tokens, args.device, method.config, args.micro_batch, args.cuda_graph, chunk
             )
-    except QuantizedBackendMissing as exc:
+    except BaselineMissing as exc:
         return {"method": method.name, "B": B, "not_run": str(exc)}, time.perf_counter() - start
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):

@@ -232,25 +232,26 @@ def first_token(device: str):
 
 @torch.inference_mode()
 def quantized_cache(model, backend: str, bits: int | None):
-    """transformers' own ``QuantizedCache`` for ``model`` (a `QuantizedBackendMissing` when the backend cannot run
+    """transformers' own ``QuantizedCache`` for ``model`` (a `BaselineMissing` when the backend cannot run
     here: its package is not installed, or this transformers does not have it)."""
     from transformers import cache_utils
 
     cls = getattr(cache_utils, "QuantizedCache", None)
     if cls is None:
-        raise QuantizedBackendMissing(f"transformers {_tf_version()} has no QuantizedCache")
+        raise BaselineMissing(f"transformers {transformers_version()} has no QuantizedCache")
     kwargs = {} if bits is None else {"nbits": bits}
     try:
         return cls(backend, model.config, **kwargs)
     except (ImportError, ValueError, TypeError, NotImplementedError) as exc:
-        raise QuantizedBackendMissing(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise BaselineMissing(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
 
 
-class QuantizedBackendMissing(RuntimeError):
-    """A QuantizedCache backend that cannot run here (the bench reports it as not run, with this message)."""
+class BaselineMissing(RuntimeError):
+    """A baseline that cannot run here: a QuantizedCache backend whose package is missing, a serving path this
+    transformers does not have (the bench reports it as not run, with this message)."""
 
 
-def _tf_version() -> str:
+def transformers_version() -> str:
     import transformers
 
     return transformers.__version__

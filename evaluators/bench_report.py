@@ -84,6 +84,8 @@ def memory_table(runs: list[dict]) -> list[str]:
 
 
 def check_line(c: dict) -> str:
+    if "not_run" in c:
+        return f"- {c['method']} vs {c['reference']}: not run: {c['not_run']}"
     line = f"- {c['method']} vs {c['reference']}: {100 * c['token_agreement']:.1f}% of greedy tokens agree"
     if "logit_scale" in c:
         line += f"; prefill logits max abs diff {c['prefill_logits_max_abs_diff']} (logits up to {c['logit_scale']})"

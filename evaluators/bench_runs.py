@@ -2,7 +2,9 @@
 
 A method is ``hf`` (transformers' full cache, timed by `bench_models.run_hf`), ``hf@BACKEND[BITS]`` (transformers'
 own ``QuantizedCache``, a full cache quantized by ``fp8``, ``quanto2``/``quanto4`` or ``hqq1``..``hqq8``: the
-field's quantized baseline; a backend that does not import is reported as not run, with why) or a config label
+field's quantized baseline; a backend that does not import is reported as not run, with why), ``hf-static`` and
+``hf-cb`` (transformers' static cache with its compiled decode, and its continuous batching: `bench_serving`) or a
+config label
 (``squeeze+streaming@0.2``, any ``/KEY=VALUE`` after it, see `squeezekit.Config.from_label`), optionally followed by
 its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
 """
@@ -19,6 +21,7 @@ from squeezekit.config import Config
 from squeezekit.errors import ConfigError
 
 from .bench_models import allocated_gib, gib_since, peak_gib, peak_reset, sync
+from .bench_serving import SERVING
 
 HF = "hf"
 #: transformers' QuantizedCache backends and the bits each takes (None: its own, fp8's per-tensor scale)
@@ -33,6 +36,8 @@ class Method:
     chunk: int | None = None  #: this method's own chunked prefill, else --prefill-chunk
     #: ``hf@BACKEND[BITS]``: transformers' QuantizedCache (backend, bits), else None
     quantized: tuple[str, int | None] | None = None
+    #: ``hf-static`` or ``hf-cb``: one of transformers' serving paths (bench_serving.SERVING), else None
+    serving: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -40,6 +45,8 @@ class Method:
         batches = _sizes(text, sizes) if sizes else None
         if spec == HF:
             return cls(HF, None, batches)
+        if spec in SERVING:
+            return cls(spec, None, batches, serving=spec)
         if spec.startswith(HF + "@"):
             return cls(spec, None, batches, quantized=_backend(text, spec[len(HF) + 1 :]))
         label, _, chunk = spec.partition("~")
@@ -60,7 +67,7 @@ def _sizes(text: str, part: str) -> tuple[int, ...]:
         raise ConfigError(
             "--methods",
             text,
-            "expected hf or LABEL[~CHUNK][:B1/B2...], e.g. squeeze+h2o@0.2~1024:8/16 "
+            "expected hf, hf-static, hf-cb or LABEL[~CHUNK][:B1/B2...], e.g. squeeze+h2o@0.2~1024:8/16 "
             "(chunk and batch sizes whole numbers >= 1)",
             "command line",
         )
@@ -147,15 +154,17 @@ def cache_allocated(device: str, before_gib: float | None) -> int:
 
 @torch.inference_mode()
 def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[Method], cuda_graph: bool) -> list[dict]:
-    """On the same inputs: the full budget against transformers (prefill logits, greedy tokens), and each compressed
-    fast path (micro-batches + decoder / CUDA graph) against squeezekit through ``model.generate``. The fast path
-    prefills one row per micro-batch; a batch-level allocator (``squeeze`` with ``per="batch"``) allocates a served
+    """On the same inputs: the full budget against transformers (prefill logits, greedy tokens), transformers' own
+    serving paths (``hf-static``, ``hf-cb``) against its ``generate``, and each compressed fast path (micro-batches
+    + decoder / CUDA graph) against squeezekit through ``model.generate``. The fast path prefills one row per
+    micro-batch; a batch-level allocator (``squeeze`` with ``per="batch"``) allocates a served
     batch from its first micro-batch (squeezekit.batching.prefill), so for it the whole check batch is one
     micro-batch, as ``generate`` sees it. A chunked prefill measures importance on its first chunk, so it has no
     unchunked reference (its exactness at budget 1 is tested on CPU: tests/test_fast_path.py)."""
     import squeezekit
 
-    from .bench_models import run_hf
+    from .bench_models import BaselineMissing, run_hf
+    from .bench_serving import serve
 
     checks = []
     ref = run_hf(model, ids, new_tokens, device)["tokens"]
@@ -170,6 +179,14 @@ def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[M
         "prefill_logits_max_abs_diff": round(float((sk_logits - hf_logits).abs().max()), 5),
         "logit_scale": round(float(hf_logits.abs().max()), 3),
     })  # fmt: skip
+    for method in [m for m in methods if m.serving is not None]:
+        check = {"method": method.name, "reference": "transformers' generate with its full cache"}
+        try:
+            served = serve(method.serving, model, ids, new_tokens, device)["tokens"]
+            check["token_agreement"] = round(float((served == ref).float().mean()), 4)
+        except BaselineMissing as exc:
+            check["not_run"] = str(exc)
+        checks.append(check)
     for method in [m for m in methods if not m.is_hf and not m.chunk]:
         batch_level = bool(getattr(method.config.build_allocator(), "batch_level", False))
         micro_batch = ids.shape[0] if batch_level else 1

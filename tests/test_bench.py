@@ -154,3 +154,33 @@ def test_an_unknown_quantized_backend_is_a_one_line_error(method, capsys):
     assert main([*QUICK, "--methods", method]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "expected a QuantizedCache backend: hf@fp8, hf@quanto2" in err
+
+
+def test_transformers_serving_paths_are_baselines_with_the_same_tokens(tmp_path):
+    """``hf-static`` (a StaticCache, warmed up on the same cache first) and ``hf-cb`` (continuous batching through
+    ``generate_batch``, timed from its per-token timestamps) run at their own batch sizes, report what they hold,
+    and give transformers' greedy tokens (the correctness checks)."""
+    out = tmp_path / "reports"
+    argv = [*QUICK[:-1], "2", "--check-tokens", "4", "--batches", "1,3", "--methods", "hf,hf-static,hf-cb:2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads((out / "bench-tiny.json").read_text())
+    runs = {(r["method"], r["B"]): r for r in results["runs"]}
+    assert set(runs) == {("hf", 1), ("hf", 3), ("hf-static", 1), ("hf-static", 3), ("hf-cb", 2)}
+    for r in runs.values():
+        assert r["decode_tok_s"] > 0 and r["e2e_tok_s"] > 0 and r["step_ms"] > 0 and r["prefill_s"] > 0
+    per_token = runs["hf", 3]["kv_bytes"] / (3 * 32)
+    assert runs["hf-static", 3]["kv_bytes"] == 3 * (32 + 4) * per_token  # every slot, from the start
+    assert runs["hf-static", 3]["warmup_s"] > 0
+    assert runs["hf-cb", 2]["kv_bytes"] == 2 * 256 * per_token  # a 256-token page per request
+    assert runs["hf-cb", 2]["setup_s"] >= 0
+    checks = {c["method"]: c for c in results["checks"]}
+    assert checks["hf-static"]["token_agreement"] == 1.0 and checks["hf-cb"]["token_agreement"] == 1.0
+
+
+def test_the_decoding_time_of_continuous_batching_counts_overlaps_once():
+    from squeezekit.evaluators.bench_serving import busy_time
+
+    assert busy_time([]) == 0
+    assert busy_time([(0.0, 2.0), (1.0, 3.0)]) == 3.0  # overlapping
+    assert busy_time([(0.0, 4.0), (1.0, 2.0)]) == 4.0  # nested
+    assert busy_time([(5.0, 6.0), (0.0, 1.0), (0.5, 1.5)]) == 2.5  # disjoint, unsorted

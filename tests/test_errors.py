@@ -424,8 +424,8 @@ CATALOGUE = [
         "bench-methods",
         "squeezekit bench --methods item with a bad chunk or batch sizes",
         "ConfigError",
-        "config error: command line: --methods = {value}: expected hf or LABEL[~CHUNK][:B1/B2...], e.g. "
-        "squeeze+h2o@0.2~1024:8/16 (chunk and batch sizes whole numbers >= 1)",
+        "config error: command line: --methods = {value}: expected hf, hf-static, hf-cb or LABEL[~CHUNK][:B1/B2...], "
+        "e.g. squeeze+h2o@0.2~1024:8/16 (chunk and batch sizes whole numbers >= 1)",
         "test_labels_and_bench_arguments",
     ),
     Row(
