@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .allocation import BatchAllocation, plan_budgets
 from .attention import plan_layer
 from .errors import InputError
+from .kernels import evict
 from .layers import SlotLayer, layer_kinds
 from .policies import LayerView
 from .runner import PolicyRunner
@@ -182,8 +184,13 @@ class SqueezeCache(Cache):
                 groups.setdefault((ranking.score.device, *ranking.keep.shape), []).append((i, ranking))
         for (device, *_), group in groups.items():
             flag = self.runner.nan_flag(device) if device.type == "cuda" else None
-            for (i, _), mask in zip(group, kept_together([r for _, r in group], flag), strict=True):
-                kept[i] = mask
+            if kernels.use("evict", device):  # one fused kernel a layer
+                for i, r in group:
+                    kept[i] = evict.kept(r, self.runner.nan_flag(device))
+                group = [(i, r) for i, r in group if kept[i] is None]  # (a row too long for it, or it failed)
+            if group:
+                for (i, _), mask in zip(group, kept_together([r for _, r in group], flag), strict=True):
+                    kept[i] = mask
         return kept
 
     def layer_importance(self) -> torch.Tensor:

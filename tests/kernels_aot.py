@@ -35,11 +35,13 @@ def main() -> int:
         return 3
     from squeezekit.kernels import attention as ka
     from squeezekit.kernels import decode as kd
+    from squeezekit.kernels import evict as ke
     from squeezekit.kernels import steady as ks
 
     ka._import_triton()
     kd._kernels()
     ks._kernel()
+    ke._kernel()
     limit = 227 * 1024
     n = 0
 
@@ -87,6 +89,9 @@ def main() -> int:
     }
     kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
     check(ks._steady_write, kv, dict(HAS_STAT=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
+    ranked = {"Score": "*fp32", "Pos": "*i32", "Valid": "*i8", "Keep": "*i64", "Kept": "*i8", "NanFlag": "*u8"}
+    for block in (16, 2048, ke.MAX_SLOTS):
+        check(ke._drop_lowest, ranked, dict(BLOCK=block), 4 if block <= 1024 else 8, 3)
     parts = {
         "PartAcc": "*fp32",
         "PartM": "*fp32",

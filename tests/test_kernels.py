@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny_models import batch, tiny_model
 
 import squeezekit
@@ -226,6 +228,75 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     with kernels.configured(interpret=True):
         steady_write(score, valid, positions, keys, values, None, 0.0, k, v, new_pos, flag)
     assert not bool(flag)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    C=st.integers(1, 70), B=st.integers(1, 3), H=st.integers(1, 3), strided=st.booleans(), seed=st.integers(0, 2**16)
+)
+def test_the_eviction_kernel_keeps_what_the_layers_ranked_together_keep(C, B, H, strided, seed):
+    """`kernels.evict.kept` (one kernel a layer) keeps exactly `kept_together`'s slots: tied, infinite and NaN
+    scores (recorded in the flag, not raised), invalid slots that still carry a stale position, any count per head
+    (one per row, or one per head), and slot tensors that are views of wider buffers."""
+    from squeezekit.kernels import evict
+    from squeezekit.selection import Ranking, kept_together
+
+    g = torch.Generator().manual_seed(seed)
+    S = C + 5 if strided else C  # the layer's buffers may be wider than the ranked slots
+    positions = torch.stack([torch.randperm(3 * S, generator=g)[:S] for _ in range(B * H)]).view(B, H, S).int()
+    valid = torch.rand(B, H, S, generator=g) < 0.7
+    positions = torch.where(valid | (torch.rand(B, H, S, generator=g) < 0.5), positions, -1)  # stale or -1
+    pick = torch.randint(0, 6, (B, H, C), generator=g).float()  # ties, +-inf, NaN
+    score = torch.where(pick == 0, float("inf"), torch.where(pick == 1, float("-inf"), pick))
+    score = torch.where(pick == 5, float("nan"), score)
+    held = valid[..., :C].sum(-1)
+    keep = (torch.rand(B, H, generator=g) * (held + 1)).long().clamp_max(held)
+    if seed % 2:  # one count per row, broadcast over the heads
+        keep = held.min(-1, keepdim=True).values.clamp_max(keep[:, :1]).expand(B, H)
+    ranking = Ranking(score, positions[..., :C], valid[..., :C], keep, int((held - keep).max()))
+    want_flag = torch.zeros((), dtype=torch.bool)
+    (want,) = kept_together([ranking], want_flag)
+    flag = torch.zeros((), dtype=torch.bool)
+    with kernels.configured("evict", interpret=True):
+        got = evict.kept(ranking, flag)
+    assert got is not None and torch.equal(got, want)
+    assert bool(flag) == bool(want_flag) == bool(torch.isnan(score).any())
+
+
+EXTEND_CONFIGS = [dict(evictor="h2o"), dict(evictor="snapkv", heads="adaptive"), dict(evictor="tova", kv_bits=8)]
+
+
+@pytest.mark.parametrize("config", EXTEND_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_extend_chunks_through_the_eviction_kernel_give_the_same_logits_and_cache(config):
+    """Extend chunks after a prefill (lm-eval's scoring path: every head ends a chunk over its budget) evicted by
+    the kernel: the same logits and the same kept slots as the plain path, with one count per row or per head."""
+    from squeezekit.decoding import ChunkExtender
+    from squeezekit.transformers_api import output_cache
+
+    model = tiny_model("llama")
+    ids, mask = batch(3, 48, pad=5)
+    chunks = torch.randint(2, 128, (4, 3, 8), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        logits = []
+        with torch.inference_mode(), squeezekit.compress(model, allocator="squeeze", budget=0.3, **config):
+            cache = output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
+            extend = ChunkExtender(model, cache, 8, cuda_graph=False)
+            for new in chunks:
+                logits.append(extend(new, cache.seen.view(-1, 1) + torch.arange(8)).clone())
+            held = [(layer.positions.clone(), layer.valid.clone()) for layer in cache.layers]
+        return logits, held
+
+    with kernels.configured("off"):
+        ref_logits, ref_held = run()
+    before = _spy()["evict"]
+    with kernels.configured("evict", interpret=True):
+        got_logits, got_held = run()
+    assert _spy()["evict"] == before + 4 * 4  # 4 chunks x 4 layers
+    for a, b in zip(got_logits, ref_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (pos, valid), (pos_ref, valid_ref) in zip(got_held, ref_held, strict=True):
+        assert torch.equal(valid, valid_ref) and torch.equal(pos[valid], pos_ref[valid_ref])
 
 
 def test_steady_decode_through_the_kernel_gives_the_same_tokens_and_cache():

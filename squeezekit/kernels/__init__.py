@@ -6,6 +6,8 @@
   second kernel sums the softmax probabilities per slot from that log-sum-exp. Replaces the explicit softmax in
   fp32 query blocks (H2O's prefill) and the materialised boolean masks of chunked or padded prefill.
 - ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``).
+- ``evict``: an extend chunk's eviction, one kernel a layer (``evict.kept``): the slots each head gives up, exactly
+  `squeezekit.selection.kept_together`'s.
 - ``pooled``: the decode step's attention over a layer whose KV heads hold different budgets, read from its pool
   of per-head segments (``decode.pooled_decode_attention``; squeezekit.layers.HeadPool), so no rectangular copy is
   gathered. On by default: it is the only path that reads such a layer without a gather.
@@ -15,11 +17,11 @@
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
-Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady`` and ``pooled``, on CUDA tensors,
-when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the kernels to
-use (``steady,compile``). CPU tensors always take the plain torch paths, except under `configured(interpret=True)` in
-a process that set ``TRITON_INTERPRET=1`` before Triton was imported (tests: Triton's interpreter then runs the
-kernels on CPU tensors).
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict`` and ``pooled``, on CUDA
+tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the
+kernels to use (``steady,compile``). CPU tensors always take the plain torch paths, except under
+`configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was imported (tests:
+Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
 and the plain path runs instead.
 """
@@ -36,8 +38,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-KERNELS = ("attention", "steady", "pooled", "decode", "compile")
-DEFAULT = ("attention", "steady", "pooled")
+KERNELS = ("attention", "steady", "evict", "pooled", "decode", "compile")
+DEFAULT = ("attention", "steady", "evict", "pooled")
 ENV = "SQUEEZEKIT_KERNELS"
 
 
