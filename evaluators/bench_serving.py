@@ -134,10 +134,11 @@ def batching_config(B: int, prompt_len: int, new_tokens: int, block_size: int = 
     )  # fmt: skip
 
 
-@torch.inference_mode()
+@torch.inference_mode(False)
 def run_batching(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     """``generate_batch`` of the B prompts of ``ids``, greedy, ``new_tokens`` tokens each, timed from its per-token
-    timestamps (see the module docstring)."""
+    timestamps (see the module docstring). Outside inference mode, also when called inside it: the manager's
+    generation thread updates in place the tensors this thread creates, which inference mode would forbid."""
     from transformers import GenerationConfig
 
     B, L = ids.shape
