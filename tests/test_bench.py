@@ -184,3 +184,33 @@ def test_the_decoding_time_of_continuous_batching_counts_overlaps_once():
     assert busy_time([(0.0, 2.0), (1.0, 3.0)]) == 3.0  # overlapping
     assert busy_time([(0.0, 4.0), (1.0, 2.0)]) == 4.0  # nested
     assert busy_time([(5.0, 6.0), (0.0, 1.0), (0.5, 1.5)]) == 2.5  # disjoint, unsorted
+
+
+def test_continuous_batching_runs_outside_inference_mode_also_from_inside_it(monkeypatch):
+    """transformers 5.17's manager builds its batch processor's tensors in the calling thread (its warm-up) and its
+    generation thread updates them in place: under inference mode (the bench's correctness checks) every request
+    failed. `run_batching` calls ``generate_batch`` outside inference mode wherever it is called from."""
+    import types
+
+    import torch
+    from squeezekit.evaluators.bench_models import build_model
+    from squeezekit.evaluators.bench_serving import run_batching
+
+    model = build_model("tiny", "cpu", torch.float32)
+    seen = []
+
+    def generate_batch(inputs, generation_config, continuous_batching_config, record_timestamps, progress_bar):
+        seen.append(torch.is_inference_mode_enabled())
+        n = generation_config.max_new_tokens
+        return {
+            f"req_{i}": types.SimpleNamespace(error=None, generated_tokens=[1] * n, created_time=0.0,
+                                              timestamps=[1.0 + 0.5 * t for t in range(n)])
+            for i in range(len(inputs))
+        }  # fmt: skip
+
+    monkeypatch.setattr(model, "generate_batch", generate_batch)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    with torch.inference_mode():
+        r = run_batching(model, ids, 4, "cpu")
+    assert seen == [False]
+    assert r["decode_tok_s"] == 2 * 3 / 1.5 and r["prefill_s"] == 1.0 and r["step_ms"] == 500.0
