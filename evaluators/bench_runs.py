@@ -4,9 +4,8 @@ A method is ``hf`` (transformers' full cache, timed by `bench_models.run_hf`), `
 own ``QuantizedCache``, a full cache quantized by ``fp8``, ``quanto2``/``quanto4`` or ``hqq1``..``hqq8``: the
 field's quantized baseline; a backend that does not import is reported as not run, with why), ``hf-static`` and
 ``hf-cb`` (transformers' static cache with its compiled decode, and its continuous batching: `bench_serving`) or a
-config label
-(``squeeze+streaming@0.2``, any ``/KEY=VALUE`` after it, see `squeezekit.Config.from_label`), optionally followed by
-its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
+config label (``squeeze+streaming@0.2``, any ``/KEY=VALUE`` after it, see `squeezekit.Config.from_label`),
+optionally followed by its own chunked prefill (``~1024``) and its own batch sizes (``:8/16/32``).
 """
 
 from __future__ import annotations
@@ -157,9 +156,9 @@ def correctness_checks(model, ids, new_tokens: int, device: str, methods: list[M
     """On the same inputs: the full budget against transformers (prefill logits, greedy tokens), transformers' own
     serving paths (``hf-static``, ``hf-cb``) against its ``generate``, and each compressed fast path (micro-batches
     + decoder / CUDA graph) against squeezekit through ``model.generate``. The fast path prefills one row per
-    micro-batch; a batch-level allocator (``squeeze`` with ``per="batch"``) allocates a served
-    batch from its first micro-batch (squeezekit.batching.prefill), so for it the whole check batch is one
-    micro-batch, as ``generate`` sees it. A chunked prefill measures importance on its first chunk, so it has no
+    micro-batch; a batch-level allocator (``squeeze`` with ``per="batch"``) allocates a served batch from its first
+    micro-batch (squeezekit.batching.prefill), so for it the whole check batch is one micro-batch, as ``generate``
+    sees it. A chunked prefill measures importance on its first chunk, so it has no
     unchunked reference (its exactness at budget 1 is tested on CPU: tests/test_fast_path.py)."""
     import squeezekit
 
