@@ -272,11 +272,21 @@ def cache_bytes(cache) -> int:
 def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str, quantized: tuple | None = None) -> dict:
     """One greedy ``generate`` of ``new_tokens`` tokens with transformers' full cache (or, with ``quantized`` =
     (backend, bits), its QuantizedCache), prefill and decode timed within it (see the module docstring)."""
-    from transformers import StoppingCriteriaList
-
     cache = None if quantized is None else quantized_cache(model, *quantized)
     peak_reset(device)
     before = allocated_gib(device)
+    r = timed_generate(model, ids, new_tokens, device, before, **({} if cache is None else {"past_key_values": cache}))
+    B, L = ids.shape
+    kv = B * L * kv_bytes_per_token(model) if cache is None else cache_bytes(cache)
+    return {**r, "kv_bytes": kv, "kv_bytes_peak_prefill": kv}
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: str, before: float | None, **kwargs) -> dict:
+    """One greedy ``model.generate(ids, **kwargs)`` of exactly ``new_tokens`` tokens, prefill and decode timed within
+    it (see the module docstring): a run's figures but its KV bytes, and its new ``tokens``. ``before``: the GiB
+    allocated when the run began (`allocated_gib`), which the prefill's memory is counted from."""
+    from transformers import StoppingCriteriaList
+
     first = first_token(device)
     sync(device)
     t = time.perf_counter()
@@ -286,7 +296,7 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str, quantized: tu
         min_new_tokens=new_tokens,
         do_sample=False,
         stopping_criteria=StoppingCriteriaList([first]),
-        **({} if cache is None else {"past_key_values": cache}),
+        **kwargs,
     )
     sync(device)
     end = time.perf_counter()
@@ -294,8 +304,6 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str, quantized: tu
     B, L = ids.shape
     assert out.shape[1] == L + new_tokens
     prefill, decode, total = first.at - t, end - first.at, end - t
-    full_kv = B * L * kv_bytes_per_token(model)
-    kv = full_kv if cache is None else cache_bytes(cache)
     return dict(
         prefill_s=round(prefill, 3),
         total_s=round(total, 3),
@@ -304,8 +312,6 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, device: str, quantized: tu
         step_ms=round(1000 * decode / (new_tokens - 1), 2),
         peak_gib=peak_gib(device),
         prefill_mem_gib=gib_since(first.peak, before),
-        kv_bytes=kv,
-        kv_bytes_peak_prefill=kv,
         tokens=out[:, L:],
     )
 

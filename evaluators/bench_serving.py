@@ -75,11 +75,11 @@ def serve(name: str, model, ids: torch.Tensor, new_tokens: int, device: str) -> 
 @torch.inference_mode()
 def run_static(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     """One greedy ``generate`` of ``new_tokens`` tokens with a ``StaticCache``, after a warm-up on the same cache."""
-    from transformers import StaticCache, StoppingCriteriaList
+    from transformers import StaticCache
 
     from squeezekit.transformers_api import cache_argument
 
-    from .bench_models import first_token
+    from .bench_models import timed_generate
 
     B, L = ids.shape
     compiled = device.startswith("cuda")
@@ -96,25 +96,13 @@ def run_static(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
         sync(device)
         warmup = time.perf_counter() - t
         cache.reset()
-        first = first_token(device)
-        t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([first]), **given)  # fmt: skip
-        sync(device)
-        end = time.perf_counter()
+        r = timed_generate(model, ids, new_tokens, device, before, **given)
     finally:
         if compiled:
             torch._dynamo.reset()  # the compiled step's CUDA graphs hold memory the next method needs
         del cache, given
-    assert first.at is not None and out.shape[1] == L + new_tokens
-    prefill, decode, total = first.at - t, end - first.at, end - t
     kv = B * (L + new_tokens) * kv_bytes_per_token(model)  # the static cache holds every slot from the start
-    return dict(
-        prefill_s=round(prefill, 3), total_s=round(total, 3), decode_tok_s=round(B * (new_tokens - 1) / decode, 1),
-        e2e_tok_s=round(B * new_tokens / total, 1), step_ms=round(1000 * decode / (new_tokens - 1), 2),
-        peak_gib=peak_gib(device), prefill_mem_gib=gib_since(first.peak, before), kv_bytes=kv,
-        kv_bytes_peak_prefill=kv, warmup_s=round(warmup, 3), tokens=out[:, L:],
-    )  # fmt: skip
+    return {**r, "kv_bytes": kv, "kv_bytes_peak_prefill": kv, "warmup_s": round(warmup, 3)}
 
 
 def batching_config(B: int, prompt_len: int, new_tokens: int, block_size: int = 256):
@@ -168,13 +156,13 @@ def run_batching(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict
     decoding = busy_time([(s[0], s[-1]) for s in stamps])
     step = sum(s[-1] - s[0] for s in stamps) / (B * (new_tokens - 1))
     tokens = torch.tensor([r.generated_tokens for r in done], device=ids.device)
+    peak = peak_gib(device)
+    kv = config.num_blocks * config.block_size * kv_bytes_per_token(model)  # the page pool, held from the start
     return dict(
         prefill_s=round(max(s[0] for s in stamps) - start, 3), total_s=round(end - start, 3),
         decode_tok_s=round(B * (new_tokens - 1) / decoding, 1), e2e_tok_s=round(B * new_tokens / (end - start), 1),
-        step_ms=round(1000 * step, 2), peak_gib=peak_gib(device), prefill_mem_gib=gib_since(peak_gib(device), before),
-        kv_bytes=config.num_blocks * config.block_size * kv_bytes_per_token(model),
-        kv_bytes_peak_prefill=config.num_blocks * config.block_size * kv_bytes_per_token(model),
-        setup_s=round(start - t, 3), tokens=tokens,
+        step_ms=round(1000 * step, 2), peak_gib=peak, prefill_mem_gib=gib_since(peak, before), kv_bytes=kv,
+        kv_bytes_peak_prefill=kv, setup_s=round(start - t, 3), tokens=tokens,
     )  # fmt: skip
 
 
