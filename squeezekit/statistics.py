@@ -170,12 +170,16 @@ class Importance(Statistic):
     ) -> None:
         import torch
 
-        # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
-        # x.h = (|x|^2 + |h|^2 - |out|^2) / 2
-        nx = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
-        nh = torch.linalg.vector_norm(hidden + attended, dim=-1, dtype=torch.float32)
-        no = torch.linalg.vector_norm(attended, dim=-1, dtype=torch.float32)
-        cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
+        from .kernels import importance as fused
+
+        cos = fused.cosines(hidden, attended)  # one pass over both, on CUDA (None: the plain path)
+        if cos is None:
+            # cos(x, h) with h = x + out, from three fp32-accumulated norms (no fp32 copies of the activations):
+            # x.h = (|x|^2 + |h|^2 - |out|^2) / 2
+            nx = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
+            nh = torch.linalg.vector_norm(hidden + attended, dim=-1, dtype=torch.float32)
+            no = torch.linalg.vector_norm(attended, dim=-1, dtype=torch.float32)
+            cos = (nx.square() + nh.square() - no.square()) / (2 * nx * nh).clamp_min(1e-12)
         weight = valid.to(cos.device).float()
         stats[IMPORTANCE] = (cos * weight).sum(-1) / weight.sum(-1).clamp_min(1)
 

@@ -36,12 +36,14 @@ def main() -> int:
     from squeezekit.kernels import attention as ka
     from squeezekit.kernels import decode as kd
     from squeezekit.kernels import evict as ke
+    from squeezekit.kernels import importance as ki
     from squeezekit.kernels import steady as ks
 
     ka._import_triton()
     kd._kernels()
     ks._kernel()
     ke._kernel()
+    ki._kernel()
     limit = 227 * 1024
     n = 0
 
@@ -92,6 +94,9 @@ def main() -> int:
     ranked = {"Score": "*fp32", "Pos": "*i32", "Valid": "*i8", "Keep": "*i64", "Kept": "*i8", "NanFlag": "*u8"}
     for block in (16, 2048, ke.MAX_SLOTS):
         check(ke._drop_lowest, ranked, dict(BLOCK=block), 4 if block <= 1024 else 8, 3)
+    for dt in ("bf16", "fp16", "fp32"):
+        consts = dict(BF16=dt == "bf16", BLOCK=ki.BLOCK)
+        check(ki._cosine_rows, {"X": f"*{dt}", "Out": f"*{dt}", "Cos": "*fp32"}, consts, 4, 3)
     parts = {
         "PartAcc": "*fp32",
         "PartM": "*fp32",

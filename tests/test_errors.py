@@ -2638,7 +2638,10 @@ def test_environment_variables_of_the_data_path(llama, monkeypatch, capsys):
     from squeezekit.kernels import settings
 
     ids, mask = batch(1, 40)
-    accepted = "expected auto, all, off or a comma-separated list of attention, steady, evict, pooled, decode, compile"
+    accepted = (
+        "expected auto, all, off or a comma-separated list of attention, steady, evict, importance, pooled, decode, "
+        "compile"
+    )
     for value in ("bogus", "attention;steady", "attention,bogus", ","):
         monkeypatch.setattr(settings, "_enabled", None)  # (the variable is read once per process, when first needed)
         monkeypatch.setenv("SQUEEZEKIT_KERNELS", value)

@@ -134,3 +134,23 @@ def test_the_kv_bits_script_runs_on_cpu_and_counts_the_quantized_bytes(tmp_path)
     assert len(runs) == 6 and all("step_ms" in r for r in runs.values())
     full, q8 = runs[("uniform+streaming@0.2", 4)], runs[("uniform+streaming@0.2/kv_bits=8", 4)]
     assert 0.2 < q8["kv_bytes"] / full["kv_bytes"] < 0.3
+
+
+def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_path):
+    """benchmarks/policy_share.py (issue 24 part 4 on the GPU) at toy sizes: every kernel setting and method is
+    timed, the three policy pieces and their share of the prefill are reported, and the importance micro-benchmark
+    compares the two paths (on the CPU both are the plain one: no difference)."""
+    policy_share = load("policy_share")
+    methods = "uniform+streaming@0.2,squeeze+h2o@0.3"
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--batch", "4", "--prompt-len", "128",
+            "--micro-batch", "2", "--repeats", "1", "--reps", "1", "--methods", methods]  # fmt: skip
+    assert policy_share.main(argv) == 0
+    res = json.loads((tmp_path / "policy_share.json").read_text())
+    runs = {(r["kernels"], r["method"]) for r in res["runs"]}
+    assert len(runs) == 4 and len(res["runs"]) == 4
+    for r in res["runs"]:
+        assert set(r["policy_s"]) == {"importance", "allocation", "eviction"} and r["prefill_s"] > 0
+        assert 0 < r["policy_share"] < 1
+    micro = res["importance_micro"]
+    assert micro["fused_ran"] is False and micro["max_abs_diff_importance"] == 0.0
+    assert "| policy % of prefill |" in (tmp_path / "policy_share.md").read_text()

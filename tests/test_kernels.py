@@ -263,6 +263,62 @@ def test_the_eviction_kernel_keeps_what_the_layers_ranked_together_keep(C, B, H,
     assert bool(flag) == bool(want_flag) == bool(torch.isnan(score).any())
 
 
+@pytest.mark.parametrize(
+    "dtype,E,strided", [(torch.float32, 24, False), (torch.float16, 1030, True), (torch.bfloat16, 64, True)]
+)
+def test_the_importance_kernel_gives_the_plain_cosines(dtype, E, strided):
+    """`kernels.importance.cosines`: each token's cos(x, x + out) as the plain path's three norms give it, with
+    the residual sum rounded to the activations' dtype, for rows wider than one block and strided views (fp32
+    sums in another order: a few ulps)."""
+    from squeezekit.kernels import importance
+    from squeezekit.statistics import IMPORTANCE, Importance
+
+    g = torch.Generator().manual_seed(E)
+    wide = E + 3 if strided else E
+    hidden = (torch.randn(2, 5, wide, generator=g) * 3).to(dtype)[..., :E]
+    attended = torch.randn(2, 5, wide, generator=g).to(dtype)[..., :E]
+    attended[1, 2] = -hidden[1, 2]  # h = 0: the clamp's case
+    valid = torch.rand(2, 5, generator=g) < 0.7
+    valid[:, 0] = True
+    plain: dict = {}
+    with kernels.configured("off"):
+        Importance([]).observe_residual(plain, hidden, attended, valid)
+        assert importance.cosines(hidden, attended) is None
+    fused: dict = {}
+    before = _spy()["importance"]
+    with kernels.configured("importance", interpret=True):
+        Importance([]).observe_residual(fused, hidden, attended, valid)
+        cos = importance.cosines(hidden, attended)
+    assert _spy()["importance"] == before + 2
+    x, h, o = hidden.double(), (hidden + attended).double(), attended.double()  # h rounded as the model adds it
+    nx, nh = x.norm(dim=-1), h.norm(dim=-1)
+    want = (nx.square() + nh.square() - o.norm(dim=-1).square()) / (2 * nx * nh).clamp_min(1e-12)
+    assert cos is not None and float(cos[1, 2]) == 0.0
+    torch.testing.assert_close(cos.double(), want, rtol=0, atol=1e-5)
+    if dtype == torch.float32:  # (in fp32 the identity is the cosine itself)
+        torch.testing.assert_close(cos.double(), (x * h).sum(-1) / (nx * nh).clamp_min(1e-12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused[IMPORTANCE], plain[IMPORTANCE], rtol=0, atol=1e-6)
+
+
+def test_squeeze_budgets_with_the_importance_kernel_are_the_plain_ones():
+    """Through a prefill: the importance the kernel measures plans the same budgets as the plain path's."""
+    model = tiny_model("llama")
+    ids, mask = batch(3, 40, pad=6)
+
+    def run():
+        with torch.inference_mode(), squeezekit.compress(model, allocator="squeeze", budget=0.3) as c:
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+            s = c.summary()
+        return s["importance"], s["budgets"]
+
+    with kernels.configured("off"):
+        ref_importance, ref_budgets = run()
+    with kernels.configured("importance", interpret=True):
+        importance, budgets = run()
+    torch.testing.assert_close(importance, ref_importance, rtol=0, atol=1e-6)
+    assert torch.equal(torch.as_tensor(budgets), torch.as_tensor(ref_budgets))
+
+
 EXTEND_CONFIGS = [dict(evictor="h2o"), dict(evictor="snapkv", heads="adaptive"), dict(evictor="tova", kv_bits=8)]
 
 

@@ -8,6 +8,8 @@
 - ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``).
 - ``evict``: an extend chunk's eviction, one kernel a layer (``evict.kept``): the slots each head gives up, exactly
   `squeezekit.selection.kept_together`'s.
+- ``importance``: a layer's importance at prefill (``importance.cosines``): each token's cos(x, x + attention(x))
+  from one read of the layer's input and attention output, instead of three norms over them and their sum.
 - ``pooled``: the decode step's attention over a layer whose KV heads hold different budgets, read from its pool
   of per-head segments (``decode.pooled_decode_attention``; squeezekit.layers.HeadPool), so no rectangular copy is
   gathered. On by default: it is the only path that reads such a layer without a gather.
@@ -17,11 +19,11 @@
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
-Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict`` and ``pooled``, on CUDA
-tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a comma-separated list of the
-kernels to use (``steady,compile``). CPU tensors always take the plain torch paths, except under
-`configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was imported (tests:
-Triton's interpreter then runs the kernels on CPU tensors).
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict``, ``importance`` and
+``pooled``, on CUDA tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a
+comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch paths,
+except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was imported
+(tests: Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
 and the plain path runs instead.
 """
@@ -32,14 +34,14 @@ import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-KERNELS = ("attention", "steady", "evict", "pooled", "decode", "compile")
-DEFAULT = ("attention", "steady", "evict", "pooled")
+KERNELS = ("attention", "steady", "evict", "importance", "pooled", "decode", "compile")
+DEFAULT = ("attention", "steady", "evict", "importance", "pooled")
 ENV = "SQUEEZEKIT_KERNELS"
 
 
@@ -122,6 +124,25 @@ def failed(name: str, exc: BaseException) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def launch(name: str, where: torch.Tensor, fn: Callable[[], object]) -> bool:
+    """Run ``fn``, a launch of kernel ``name``, on ``where``'s device (a layer of a sharded model: Triton launches on
+    the current device) and count it. On the GPU an error other than running out of memory switches the kernel off
+    (`failed`) and returns False: the caller then takes the plain path. Under the interpreter (tests) it is raised."""
+    import torch
+
+    cuda = where.device.type == "cuda"
+    try:
+        with torch.cuda.device(where.device) if cuda else contextlib.nullcontext():
+            fn()
+    except Exception as exc:
+        if is_oom(exc) or not cuda:
+            raise
+        failed(name, exc)
+        return False
+    settings.calls[name] += 1
+    return True
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -14,13 +14,12 @@ the plain path. It also records, without a host sync, whether any score is NaN.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import TYPE_CHECKING
 
 import torch
 
-from . import failed, is_oom, settings, use
+from . import launch, use
 
 if TYPE_CHECKING:
     import triton
@@ -92,24 +91,17 @@ def kept(ranking: Ranking, nan_flag: torch.Tensor) -> torch.Tensor | None:
     if C > MAX_SLOTS or not use("evict", score):
         return None
     out = torch.empty((B, H, C), dtype=torch.bool, device=score.device)
-    try:
-        kernel = _kernel()
-        positions, valid = ranking.positions[..., :C], ranking.valid[..., :C]
-        valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
-        flag8 = nan_flag.view(torch.uint8) if nan_flag.dtype == torch.bool else nan_flag
-        keep = ranking.keep.expand(B, H)
-        block = max(16, triton.next_power_of_2(C))
-        place = torch.cuda.device(score.device) if score.device.type == "cuda" else contextlib.nullcontext()
-        with place:  # (a layer of a sharded model: Triton launches on the current device)
-            kernel[(B * H,)](
-                score, positions, valid8, keep, out.view(torch.int8), flag8,
-                *score.stride(), *positions.stride(), *valid8.stride(), *keep.stride(),
-                H, C, max(1, ranking.drop), BLOCK=block, num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
-            )  # fmt: skip
-    except Exception as exc:
-        if is_oom(exc) or score.device.type != "cuda":
-            raise
-        failed("evict", exc)
-        return None
-    settings.calls["evict"] += 1
-    return out
+    positions, valid = ranking.positions[..., :C], ranking.valid[..., :C]
+    valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
+    flag8 = nan_flag.view(torch.uint8) if nan_flag.dtype == torch.bool else nan_flag
+    keep = ranking.keep.expand(B, H)
+    block = max(16, 1 << (C - 1).bit_length())  # (the next power of two)
+    launched = launch(
+        "evict", score,
+        lambda: _kernel()[(B * H,)](
+            score, positions, valid8, keep, out.view(torch.int8), flag8,
+            *score.stride(), *positions.stride(), *valid8.stride(), *keep.stride(),
+            H, C, max(1, ranking.drop), BLOCK=block, num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
+        ),
+    )  # fmt: skip
+    return out if launched else None
