@@ -8,7 +8,8 @@ sum ``x + out`` in the activations' dtype. This kernel reads ``x`` and ``out`` o
 registers rounded to the activations' dtype as the model's residual add rounds it, and accumulates the three sums
 of squares in fp32; the torch side then averages the (B, T) cosines over the real tokens. Same formula, same
 roundings of ``h``; the fp32 sums are accumulated in another order, so a cosine differs from the plain path's by a
-few fp32 ulps (tests/test_kernels.py bounds it).
+few fp32 ulps (tests/test_kernels.py bounds it). On an H100, (16, 4096, 4096) bf16: 0.38 ms against the plain path's
+1.14 ms (docs/benchmarks/policy-share-2026-12).
 """
 
 from __future__ import annotations
