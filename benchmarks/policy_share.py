@@ -24,8 +24,8 @@ import torch
 from squeezekit.evaluators import bench_models as bench
 
 DEFAULT_METHODS = "uniform+streaming@0.2,squeeze+streaming@0.2,lost_attention+streaming@0.2"
-#: the default kernels, and the same without the fused importance
-DEFAULT_KERNELS = "auto;attention,steady,evict,pooled"
+#: the default kernels, and the same without the fused window outputs (lost_attention's allocation)
+DEFAULT_KERNELS = "auto;attention,steady,evict,importance,pooled"
 
 
 def _timed(fn, device: str, reps: int) -> float:
@@ -70,8 +70,10 @@ def importance_micro(model, micro_batch: int, prompt_len: int, device: str, reps
 @torch.inference_mode()
 def prefill_once(model, config, ids: torch.Tensor, micro_batch: int, device: str) -> dict:
     import squeezekit
+    from squeezekit import kernels
     from squeezekit.batching import prefill
 
+    before = dict(kernels.settings.calls)
     with squeezekit.compress(model, config) as comp:
         comp.sync_timings = device.startswith("cuda")
         bench.sync(device)
@@ -85,6 +87,7 @@ def prefill_once(model, config, ids: torch.Tensor, micro_batch: int, device: str
     return dict(
         prefill_s=round(seconds, 3), policy_s={k: round(v, 4) for k, v in timings.items()},
         policy_share=round(policy / seconds, 4),
+        fused=sorted(k for k, n in kernels.settings.calls.items() if n > before.get(k, 0)),  # the kernels that ran
     )  # fmt: skip
 
 
@@ -113,14 +116,16 @@ def table(result: dict) -> str:
         f"({m['speedup']}x; fused kernel ran: {m['fused_ran']}); largest difference of the importance "
         f"{m['max_abs_diff_importance']:.2e}.",
         "",
-        "| kernels | method | repeat | prefill s | importance s | allocation s | eviction s | policy % of prefill |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernels | method | repeat | prefill s | importance s | allocation s | eviction s | policy % of prefill "
+        "| fused kernels that ran |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         p = r["policy_s"]
         lines.append(
             f"| {r['kernels']} | {r['method']} | {r['repeat']} | {r['prefill_s']} | {p.get('importance', 0):.4f} | "
-            f"{p.get('allocation', 0):.4f} | {p.get('eviction', 0):.4f} | {100 * r['policy_share']:.2f} |"
+            f"{p.get('allocation', 0):.4f} | {p.get('eviction', 0):.4f} | {100 * r['policy_share']:.2f} | "
+            f"{', '.join(r.get('fused', [])) or '-'} |"
         )
     if result.get("profile"):
         lines += ["", "One micro-batch's prefill under torch.profiler:", "", "```", result["profile"], "```"]

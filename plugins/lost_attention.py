@@ -49,34 +49,32 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         else:
             levels = torch.logspace(-torch.log10(torch.tensor(float(self.points))), 0, self.points, dtype=torch.float64)
             knots = torch.round(levels.view(1, -1) * request.cap.double().view(-1, 1)).long().clamp(1, None)  # (B, K)
-        costs = torch.stack([self.lost(view, request.evictor, uniform, knots) for view in request.layers], dim=1)
+        costs = [self.lost(view, request.evictor, uniform, knots) for view in request.layers]
+        costs = torch.stack([c.to(costs[0].device) for c in costs], dim=1).cpu()  # (one copy: no sync per layer)
         if self.rule == "sqrt":
             return sqrt_split(costs[..., 0], request.total, request.floor, request.cap)
         return waterfill(costs, knots, request.total, request.floor, request.cap)
 
     @staticmethod
     def lost(view, evictor, budget, knots):
-        """(B, K): how far the window queries' attention output moves when the layer keeps only ``knots`` tokens."""
+        """(B, K): how far the window queries' attention output moves when the layer keeps only ``knots`` tokens
+        (the L2 distance, averaged over the heads and the real window queries)."""
         import torch
 
-        probs = view.window_attention()  # (B, H, G, W, S)
         ranked = dataclasses.replace(view, budget=budget.to(view.keys.device))
         score = evictor.score(ranked).float().masked_fill(~view.valid, float("-inf"))
-        # the evictor's order, ties to the more recent token (as the engine breaks them)
+        # each slot's place in the evictor's order, ties to the more recent token (as the engine breaks them)
         by_recency = torch.argsort(view.positions, dim=-1, descending=True, stable=True)
         order = by_recency.gather(-1, torch.argsort(score.gather(-1, by_recency), dim=-1, descending=True, stable=True))
-        p = probs.gather(-1, order[:, :, None, None, :].expand_as(probs))
-        v = view.values.float().gather(2, order[..., None].expand_as(view.values))
-        B, H, G, W, S = p.shape
-        p, rank = p.reshape(B, H, G * W, S), torch.arange(S, device=p.device)
-        full = torch.matmul(p, v)  # (B, H, GW, D)
-        real = (view.window_positions >= 0).float().view(B, 1, 1, W).expand(B, 1, G, W).reshape(B, 1, G * W)
-        change = []
-        for k in range(knots.shape[1]):  # one budget at a time: memory stays that of the probabilities
-            w = p * (rank < knots[:, k].to(p.device).view(B, 1, 1, 1))  # the kept tokens only
-            out = torch.matmul(w, v) / w.sum(-1, keepdim=True).clamp_min(1e-9)
-            change.append(((out - full).norm(dim=-1) * real).sum(dim=(1, 2)) / (real.sum(dim=(1, 2)) * H).clamp_min(1))
-        return torch.stack(change, dim=1).cpu()  # (B, K)
+        place = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, place)  # (B, H, S)
+        B, K = knots.shape
+        kept = rank[None] < knots.to(rank.device).t().reshape(K, B, 1, 1)  # (K, B, H, S)
+        full = view.window_output()  # (B, H, G, W, D)
+        moved = (view.window_output(kept) - full).norm(dim=-1)  # (K, B, H, G, W)
+        real = (view.window_positions >= 0).to(moved.dtype)  # (B, W)
+        H, G = moved.shape[2], moved.shape[3]
+        return ((moved * real.view(1, B, 1, 1, -1)).sum(dim=(2, 3, 4)) / (real.sum(1) * H * G).clamp_min(1)).t()
 
 
 @squeezekit.hookimpl

@@ -152,12 +152,43 @@ class LayerView:
         """(B, H, G, W, S) float32: the attention probabilities of the ``W`` window queries (``window_queries``,
         ``G`` query heads per KV head) over this layer's slots, causal (a query sees the slots at or before its
         position), invalid slots and padded queries 0. What snapkv votes with; needs `Stat.WINDOW_QUERIES`."""
+        return self._window_probs(self._window_logits(), self._window_allowed())
+
+    def window_output(self, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, G, W, D) float32: the attention output of the window queries over this layer's slots (masked as
+        `window_attention`), or over the ``kept`` slots alone ((B, H, S) bool; (K, B, H, S) for K subsets at once,
+        giving (K, B, H, G, W, D)), as if the layer held those only. 0 for a padded query or one that sees no slot.
+        On CUDA one Triton kernel (`squeezekit.kernels.window`) reads the keys and values once per subset and writes
+        no probabilities."""
+        import torch
+
+        from .kernels import window as fused
+
+        masks = self.valid[None] if kept is None else (kept if kept.dim() == 4 else kept[None]) & self.valid
+        out = fused.window_output(
+            self.window_queries, self.keys, self.values, masks, self.positions, self.window_positions, self.scaling
+        )
+        if out is None:  # the plain path: the logits once, one subset's probabilities at a time
+            logits, allowed, v = self._window_logits(), self._window_allowed(), self.values.float()[:, :, None]
+            subsets = (allowed & m[:, :, None, None, :] for m in masks)
+            out = torch.stack([torch.matmul(self._window_probs(logits, a), v) for a in subsets])
+        return out if kept is not None and kept.dim() == 4 else out[0]
+
+    def _window_logits(self) -> torch.Tensor:
         import torch
 
         q = self.window_queries.float()  # (B, H, G, W, D)
-        logits = torch.einsum("bhgwd,bhsd->bhgws", q, self.keys.float()) * self.scaling
-        qpos = self.window_positions.view(q.shape[0], 1, 1, -1, 1)
-        allowed = self.valid[:, :, None, None, :] & (self.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
+        return torch.einsum("bhgwd,bhsd->bhgws", q, self.keys.float()) * self.scaling
+
+    def _window_allowed(self) -> torch.Tensor:
+        """(B, H, 1, W, S) bool: which slots each window query sees (valid, at or before its position)."""
+        qpos = self.window_positions.view(self.valid.shape[0], 1, 1, -1, 1)
+        return self.valid[:, :, None, None, :] & (self.positions[:, :, None, None, :] <= qpos) & (qpos >= 0)
+
+    @staticmethod
+    def _window_probs(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
 
     def live(self) -> list[tuple[str, Any]]:

@@ -15,8 +15,9 @@ def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_st
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    floats = ("scale_log2", "Fill", "scale")
     sig = {
-        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("scale_log2", "Fill") else "i32")
+        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
         for n in inspect.signature(fn).parameters
     }
     compiled = triton.compile(
@@ -38,12 +39,14 @@ def main() -> int:
     from squeezekit.kernels import evict as ke
     from squeezekit.kernels import importance as ki
     from squeezekit.kernels import steady as ks
+    from squeezekit.kernels import window as kw
 
     ka._import_triton()
     kd._kernels()
     ks._kernel()
     ke._kernel()
     ki._kernel()
+    kw._kernel()
     limit = 227 * 1024
     n = 0
 
@@ -97,6 +100,10 @@ def main() -> int:
     for dt in ("bf16", "fp16", "fp32"):
         consts = dict(BF16=dt == "bf16", BLOCK=ki.BLOCK)
         check(ki._cosine_rows, {"X": f"*{dt}", "Out": f"*{dt}", "Cos": "*fp32"}, consts, 4, 3)
+    for dt, rows, d in (("bf16", 32, 128), ("bf16", 128, 128), ("fp16", 32, 64), ("fp32", 32, 256), ("bf16", 128, 256)):
+        window = {"Allow": "*u8", "Pos": "*i32", "QPos": "*i64", "Out": "*fp32"}
+        window.update({name: f"*{dt}" for name in ("Q", "K", "V")})
+        check(kw._window_rows, window, dict(BLOCK_R=rows, BLOCK_S=kw.block_s(d), BLOCK_D=d), 4, 3)
     parts = {
         "PartAcc": "*fp32",
         "PartM": "*fp32",

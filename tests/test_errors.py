@@ -2639,8 +2639,8 @@ def test_environment_variables_of_the_data_path(llama, monkeypatch, capsys):
 
     ids, mask = batch(1, 40)
     accepted = (
-        "expected auto, all, off or a comma-separated list of attention, steady, evict, importance, pooled, decode, "
-        "compile"
+        "expected auto, all, off or a comma-separated list of attention, steady, evict, importance, window, pooled, "
+        "decode, compile"
     )
     for value in ("bogus", "attention;steady", "attention,bogus", ","):
         monkeypatch.setattr(settings, "_enabled", None)  # (the variable is read once per process, when first needed)

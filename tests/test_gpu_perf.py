@@ -151,6 +151,7 @@ def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_pat
     for r in res["runs"]:
         assert set(r["policy_s"]) == {"importance", "allocation", "eviction"} and r["prefill_s"] > 0
         assert 0 < r["policy_share"] < 1
+        assert r["fused"] == []  # (no kernel runs on the CPU)
     micro = res["importance_micro"]
     assert micro["fused_ran"] is False and micro["max_abs_diff_importance"] == 0.0
-    assert "| policy % of prefill |" in (tmp_path / "policy_share.md").read_text()
+    assert "| policy % of prefill | fused kernels that ran |" in (tmp_path / "policy_share.md").read_text()

@@ -319,6 +319,78 @@ def test_squeeze_budgets_with_the_importance_kernel_are_the_plain_ones():
     assert torch.equal(torch.as_tensor(budgets), torch.as_tensor(ref_budgets))
 
 
+def _window_view(B, H, G, W, S, D, dtype, seed, strided=False):
+    """A prefill view with window queries: row 1 padded on the left, its first window query padded too."""
+    from squeezekit import LayerView
+
+    g = torch.Generator().manual_seed(seed)
+    wide = S + 7 if strided else S  # slot tensors that are views of wider buffers
+    keys = (torch.randn(B, H, wide, D, generator=g) * 2).to(dtype)[:, :, :S]
+    values = torch.randn(B, H, wide, D, generator=g).to(dtype)[:, :, :S]
+    n = torch.tensor([S] + [S - 5] * (B - 1))
+    positions = (torch.arange(S).view(1, 1, S) - (S - n).view(-1, 1, 1)).expand(B, H, S).int()
+    valid = positions >= 0
+    qpos = n.view(-1, 1) - W + torch.arange(W).view(1, -1)
+    qpos[1:, 0] = -1
+    return LayerView(
+        keys=keys, values=values, valid=valid, positions=positions.masked_fill(~valid, -1), seen=n, budget=n,
+        window_queries=(torch.randn(B, H, G, W, D, generator=g) * 2).to(dtype), window_positions=qpos,
+        scaling=D**-0.5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype,G,W,S,D,strided",
+    [(torch.float32, 2, 4, 70, 16, False), (torch.bfloat16, 3, 8, 150, 64, True), (torch.float16, 4, 8, 64, 32, True)],
+)
+def test_the_window_kernel_gives_the_plain_window_outputs(dtype, G, W, S, D, strided):
+    """`LayerView.window_output` through the kernel: the plain path's outputs over all slots and over subsets (one
+    that keeps a single slot, one that keeps none of a head's), for GQA groups that do not fill a block, slots over
+    several blocks, a padded window query (0) and strided views; fp32 sums in another order."""
+    B, H = 2, 2
+    view = _window_view(B, H, G, W, S, D, dtype, seed=S)
+    g = torch.Generator().manual_seed(1)
+    kept = torch.rand(3, B, H, S, generator=g) < torch.tensor([0.5, 0.1, 0.9]).view(3, 1, 1, 1)
+    kept[1] = False
+    kept[1, 0, 0, S - 3] = True  # one slot for head 0 of row 0, none for the others
+    with kernels.configured("off"):
+        want_full, want = view.window_output(), view.window_output(kept)
+    before = _spy()["window"]
+    with kernels.configured("window", interpret=True):
+        full, got = view.window_output(), view.window_output(kept)
+    assert _spy()["window"] == before + 2
+    assert got.shape == (3, B, H, G, W, D) and full.shape == (B, H, G, W, D)
+    torch.testing.assert_close(full, want_full, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert float(got[:, 1, :, :, 0].abs().max()) == 0.0  # the padded window query
+    assert float(got[1, 1].abs().max()) == 0.0 and float(got[1, 0, 1].abs().max()) == 0.0  # nothing kept
+
+
+def test_lost_attention_budgets_with_the_window_kernel_are_the_plain_ones():
+    """Through a prefill: lost_attention's budgets (both rules) are the same with the window kernel."""
+    model = tiny_model("llama")
+    ids, mask = batch(3, 40, pad=6)
+
+    def run(rule):
+        with (
+            torch.inference_mode(),
+            squeezekit.compress(
+                model, allocator="lost_attention", evictor="snapkv", budget=0.3, window=4, rule=rule
+            ) as c,
+        ):
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+            return torch.as_tensor(c.summary()["budgets"])
+
+    for rule in ("sqrt", "greedy"):
+        with kernels.configured("off"):
+            want = run(rule)
+        before = _spy()["window"]
+        with kernels.configured("window", interpret=True):
+            got = run(rule)
+        assert _spy()["window"] > before
+        assert torch.equal(got, want)
+
+
 EXTEND_CONFIGS = [dict(evictor="h2o"), dict(evictor="snapkv", heads="adaptive"), dict(evictor="tova", kv_bits=8)]
 
 

@@ -106,6 +106,52 @@ def test_budgets_follow_each_prompt_alone(L, n, rows, seed):
         assert torch.equal(plugin("allocator", "lost_attention").allocate(one)[0], budgets[b])
 
 
+def _attend(query, keys, values, over, scaling):
+    """One query's softmax attention over the slots ``over`` alone (a list), in float64: 0 over none."""
+    if not over:
+        return torch.zeros(keys.shape[-1], dtype=torch.float64)
+    logits = torch.stack([query @ keys[s] * scaling for s in over])
+    return torch.softmax(logits, 0) @ values[over]
+
+
+@pytest.mark.parametrize("evictor", ["h2o", "streaming"])
+def test_the_cost_is_the_literal_change_of_the_window_output(evictor):
+    """`LostAttention.lost` against a literal float64 computation on a tiny batch: rank each head's slots by the
+    evictor's score (ties to the more recent token), keep the first ``b``; each real window query attends over the
+    kept slots it sees alone; the cost is the L2 distance to its output over every slot it sees, averaged over the
+    KV heads, the query heads and the real window queries (one row padded, so its first window query is padding)."""
+    import math
+
+    view = views([30, 24], 1, seed=5, H=2, G=2, D=4, W=4)[0]
+    ev = plugin("evictor", evictor)
+    knots = torch.tensor([[5, 12, 30], [1, 9, 24]])
+    budget = torch.tensor([6, 6])
+    cost = squeezekit.registry().get("allocator", "lost_attention").cls.lost(view, ev, budget, knots)
+    score = ev.score(dataclasses.replace(view, budget=budget)).double()
+    B, H, G, W, _ = view.window_queries.shape
+    q, k, v = view.window_queries.double(), view.keys.double(), view.values.double()
+    for b in range(B):
+        for j, b_keep in enumerate(knots[b].tolist()):
+            total, count = 0.0, 0
+            for h in range(H):
+                slots = [s for s in range(view.valid.shape[-1]) if view.valid[b, h, s]]
+                order = sorted(slots, key=lambda s: (-float(score[b, h, s]), -int(view.positions[b, h, s])))
+                keep = set(order[:b_keep])
+                for g in range(G):
+                    for w in range(W):
+                        qp = int(view.window_positions[b, w])
+                        if qp < 0:
+                            continue
+                        seen = [s for s in slots if int(view.positions[b, h, s]) <= qp]
+                        query, kv = q[b, h, g, w], (k[b, h], v[b, h])
+                        moved = _attend(query, *kv, [s for s in seen if s in keep], view.scaling)
+                        total += float((moved - _attend(query, *kv, seen, view.scaling)).norm())
+                        count += 1
+            want = total / count
+            assert math.isclose(float(cost[b, j]), want, rel_tol=1e-5, abs_tol=1e-6), (b, j, float(cost[b, j]), want)
+    assert float(cost[0, 2]) < 1e-6  # keeping every slot moves nothing
+
+
 @pytest.mark.parametrize("rule", ["sqrt", "greedy"])
 def test_identical_layers_split_like_uniform(rule):
     layers = views([120], 1, seed=3) * 6

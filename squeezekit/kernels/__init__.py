@@ -10,6 +10,9 @@
   `squeezekit.selection.kept_together`'s.
 - ``importance``: a layer's importance at prefill (``importance.cosines``): each token's cos(x, x + attention(x))
   from one read of the layer's input and attention output, instead of three norms over them and their sum.
+- ``window``: the window queries' attention output over a layer's slots or subsets of them
+  (``window.window_output``, `squeezekit.policies.LayerView.window_output`: what ``lost_attention`` measures),
+  flash-style, reading the keys and values once per subset and writing no probabilities.
 - ``pooled``: the decode step's attention over a layer whose KV heads hold different budgets, read from its pool
   of per-head segments (``decode.pooled_decode_attention``; squeezekit.layers.HeadPool), so no rectangular copy is
   gathered. On by default: it is the only path that reads such a layer without a gather.
@@ -19,9 +22,9 @@
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
-Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict``, ``importance`` and
-``pooled``, on CUDA tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``, or a
-comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch paths,
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict``, ``importance``,
+``window`` and ``pooled``, on CUDA tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``,
+or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch paths,
 except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was imported
 (tests: Triton's interpreter then runs the kernels on CPU tensors).
 A kernel that fails on its first use (an incompatible Triton, say) is switched off for the process with one warning
@@ -40,8 +43,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-KERNELS = ("attention", "steady", "evict", "importance", "pooled", "decode", "compile")
-DEFAULT = ("attention", "steady", "evict", "importance", "pooled")
+KERNELS = ("attention", "steady", "evict", "importance", "window", "pooled", "decode", "compile")
+DEFAULT = ("attention", "steady", "evict", "importance", "window", "pooled")
 ENV = "SQUEEZEKIT_KERNELS"
 
 
