@@ -105,7 +105,7 @@ def test_a_decode_kernel_that_falls_back_is_reported_and_the_stage_goes_on(tmp_p
     for module in (kernels, decode):
         monkeypatch.setattr(module, "use", use)
     monkeypatch.setattr(decode, "_kernels", broken)
-    monkeypatch.setattr(decode, "_fall_back_on_error", lambda tensor: True)  # as on the GPU
+    monkeypatch.setattr(kernels, "falls_back", lambda where: True)  # as on the GPU
     with pytest.warns(RuntimeWarning, match="fused 'decode' kernel failed"):
         code = gpu_perf.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--stages", "decode"])
     res = json.loads((tmp_path / "gpu_perf.json").read_text())

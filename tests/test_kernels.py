@@ -166,7 +166,7 @@ def test_kernels_off_and_failure_fall_back_to_the_plain_path(monkeypatch):
         raise RuntimeError("no kernel today")
 
     monkeypatch.setattr(ka, "attention_lse", broken)
-    monkeypatch.setattr(ka, "_fall_back_on_error", lambda query: True)  # as on the GPU
+    monkeypatch.setattr(kernels, "falls_back", lambda where: True)  # as on the GPU
     with kernels.configured(interpret=True):
         with pytest.warns(RuntimeWarning, match="fused 'attention' kernel failed"):
             got = _h2o_run(model, ids, mask, steps=3)

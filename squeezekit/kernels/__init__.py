@@ -38,7 +38,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 KERNELS = ("attention", "steady", "evict", "importance", "window", "pooled", "decode", "compile")
 DEFAULT = ("attention", "steady", "evict", "importance", "window", "pooled")
 ENV = "SQUEEZEKIT_KERNELS"
+T = TypeVar("T")
 
 
 def _parse(text: str | None) -> set[str]:
@@ -129,23 +130,30 @@ def failed(name: str, exc: BaseException) -> None:
     )
 
 
-def launch(name: str, where: torch.Tensor, fn: Callable[[], object]) -> bool:
-    """Run ``fn``, a launch of kernel ``name``, on ``where``'s device (a layer of a sharded model: Triton launches on
-    the current device) and count it. On the GPU an error other than running out of memory switches the kernel off
-    (`failed`) and returns False: the caller then takes the plain path. Under the interpreter (tests) it is raised."""
+def launch(name: str, where: torch.Tensor, fn: Callable[[], T]) -> T | None:
+    """Run ``fn``, the launch of kernel ``name`` (it returns what the kernel wrote, never None), on ``where``'s device
+    (a layer of a sharded model: Triton launches on the current device, also inside a CUDA graph's capture) and count
+    it. On the GPU an error other than running out of memory switches the kernel off (`failed`) and returns None: the
+    caller then takes the plain path. Under the interpreter (tests) it is raised."""
     import torch
 
     cuda = where.device.type == "cuda"
     try:
         with torch.cuda.device(where.device) if cuda else contextlib.nullcontext():
-            fn()
+            result = fn()
     except Exception as exc:
-        if is_oom(exc) or not cuda:
+        if is_oom(exc) or not falls_back(where):
             raise
         failed(name, exc)
-        return False
+        return None
     settings.calls[name] += 1
-    return True
+    return result
+
+
+def falls_back(where: torch.Tensor) -> bool:
+    """Whether a kernel that fails on ``where`` is switched off (on the GPU) rather than its error raised (under the
+    interpreter, in tests)."""
+    return where.device.type == "cuda"
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import failed, interpreting, is_oom, settings, use
+from . import interpreting, is_oom, launch, use
 
 #: Triton is imported on first use (squeezekit.kernels.use checks that it imports); the kernels' annotations are
 #: strings (postponed evaluation), so these names need no value before then. The kernels' parameters carry no type
@@ -340,7 +340,7 @@ def _flash_or_none(
     try:
         return flash_lse(query, key, value, scaling)
     except RuntimeError as exc:
-        if is_oom(exc) or not _fall_back_on_error(query):
+        if is_oom(exc) or query.device.type != "cuda":  # (under the interpreter, in tests: raised)
             raise
         LSE_SOURCE = "triton"
         warnings.warn(
@@ -349,12 +349,6 @@ def _flash_or_none(
             stacklevel=3,
         )
         return None, None
-
-
-def _fall_back_on_error(query: torch.Tensor) -> bool:
-    """On the GPU a failing kernel (an incompatible Triton, say) is switched off; under the interpreter (tests) the
-    error is raised."""
-    return query.device.type == "cuda"
 
 
 def masked_attention(
@@ -377,7 +371,8 @@ def masked_attention(
     padding, no window inside the step), where `LSE_SOURCE` may be torch's flash attention."""
     if not use("attention", query):
         return None
-    try:
+
+    def run() -> tuple[torch.Tensor, torch.Tensor | None]:
         flash_ok = query.shape[-1] <= 256 and (query.dtype != torch.float32 or query.device.type == "cpu")
         out = None
         if dense and LSE_SOURCE == "flash" and flash_ok:
@@ -390,10 +385,6 @@ def masked_attention(
             if colsum
             else None
         )
-    except Exception as exc:
-        if is_oom(exc) or not _fall_back_on_error(query):
-            raise
-        failed("attention", exc)
-        return None
-    settings.calls["attention"] += 1
-    return out, sums
+        return out, sums
+
+    return launch("attention", query, run)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import failed, interpreting, is_oom, settings, use
+from . import interpreting, launch, use
 
 if TYPE_CHECKING:
     import triton
@@ -210,10 +210,6 @@ TILES: dict[tuple[int, bool], tuple[int, int, int]] = {
 }
 
 
-def _fall_back_on_error(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cuda"
-
-
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
@@ -285,7 +281,8 @@ def _launch(
         key_strides, value_strides, map_strides = tuple(key.stride()), tuple(value.stride()), (0, 0, 0)
     G = Hq // H
     interpret = interpreting()
-    try:
+
+    def run() -> torch.Tensor:
         split, merge = _kernels()
         block_n, warps, stages = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
         if interpret:
@@ -317,10 +314,6 @@ def _launch(
                 out, part_acc, part_m, part_l, out.stride(0), out.stride(2), out.stride(3), H, G, D, nsplit,
                 BLOCK_D=block_d, BLOCK_G=block_g, **({} if interpret else {"num_warps": 4}),
             )  # fmt: skip
-    except Exception as exc:
-        if is_oom(exc) or not _fall_back_on_error(query):
-            raise
-        failed(name, exc)
-        return None
-    settings.calls[name] += 1
-    return out
+        return out
+
+    return launch(name, query, run)

@@ -96,12 +96,13 @@ def kept(ranking: Ranking, nan_flag: torch.Tensor) -> torch.Tensor | None:
     flag8 = nan_flag.view(torch.uint8) if nan_flag.dtype == torch.bool else nan_flag
     keep = ranking.keep.expand(B, H)
     block = max(16, 1 << (C - 1).bit_length())  # (the next power of two)
-    launched = launch(
-        "evict", score,
-        lambda: _kernel()[(B * H,)](
+
+    def run() -> torch.Tensor:
+        _kernel()[(B * H,)](
             score, positions, valid8, keep, out.view(torch.int8), flag8,
             *score.stride(), *positions.stride(), *valid8.stride(), *keep.stride(),
             H, C, max(1, ranking.drop), BLOCK=block, num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
-        ),
-    )  # fmt: skip
-    return out if launched else None
+        )  # fmt: skip
+        return out
+
+    return launch("evict", score, run)

@@ -92,11 +92,12 @@ def cosines(hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor | None
     if B * T == 0:
         return out
     block = min(BLOCK, max(16, 1 << (E - 1).bit_length()))  # (the next power of two)
-    launched = launch(
-        "importance", hidden,
-        lambda: _kernel()[(B * T,)](
+
+    def run() -> torch.Tensor:
+        _kernel()[(B * T,)](
             hidden, attended, out, *hidden.stride(), *attended.stride(), T, E,
             BF16=hidden.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
-        ),
-    )  # fmt: skip
-    return out if launched else None
+        )  # fmt: skip
+        return out
+
+    return launch("importance", hidden, run)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import failed, interpreting, is_oom, settings, use
+from . import interpreting, launch, use
 
 if TYPE_CHECKING:
     import triton
@@ -88,10 +88,6 @@ def _kernel() -> KernelInterface:
     return triton.jit(_steady_write)
 
 
-def _fall_back_on_error(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cuda"
-
-
 def available(tensor: torch.Tensor) -> bool:
     """Whether the kernel serves tensors on ``tensor``'s device now (on, not failed before)."""
     return use("steady", tensor)
@@ -121,24 +117,21 @@ def steady_write(
         return None
     B, H, S, D = keys.shape
     victim = torch.empty(B, H, 1, dtype=torch.long, device=keys.device)
-    try:
+
+    def run() -> torch.Tensor:
         kernel = _kernel()
         valid8 = valid.view(torch.int8) if valid.dtype == torch.bool else valid
         flag8 = nan_flag.view(torch.uint8) if nan_flag.dtype == torch.bool else nan_flag
-        new_pos = new_pos.reshape(B).contiguous()
+        pos = new_pos.reshape(B).contiguous()
         stat_ = stat if stat is not None else score  # never written without HAS_STAT
         block_s = min(1024, max(16, triton.next_power_of_2(S)))
         kernel[(B * H,)](
-            score, valid8, positions, keys, values, stat_, float(fill), k, v, new_pos, victim, flag8,
+            score, valid8, positions, keys, values, stat_, float(fill), k, v, pos, victim, flag8,
             *score.stride(), *valid8.stride(), *positions.stride(), *keys.stride(), *values.stride(), *stat_.stride(),
             k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
             H, S, D, HAS_STAT=stat is not None, BLOCK_S=16 if interpreting() else block_s,
             BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4,
         )  # fmt: skip
-    except Exception as exc:
-        if is_oom(exc) or not _fall_back_on_error(keys):
-            raise
-        failed("steady", exc)
-        return None
-    settings.calls["steady"] += 1
-    return victim
+        return victim
+
+    return launch("steady", keys, run)

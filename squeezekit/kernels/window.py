@@ -132,13 +132,14 @@ def window_output(
     allow = allowed.view(torch.uint8)  # (same strides: bool is one byte)
     qpos = query_positions.to(torch.int64)
     pos = positions.to(torch.int32)
-    launched = launch(
-        "window", keys,
-        lambda: _kernel()[(B * H, Kn)](
+
+    def run() -> torch.Tensor:
+        _kernel()[(B * H, Kn)](
             queries, keys, values, allow, pos, qpos, out,
             *queries.stride(), *keys.stride(), *values.stride(), *allow.stride(), *pos.stride(), *qpos.stride(),
             *out.stride(), H, G, W, S, D, float(scaling),
             BLOCK_R=_pow2(G * W), BLOCK_S=block_s(D), BLOCK_D=_pow2(D), num_warps=4,
-        ),
-    )  # fmt: skip
-    return out if launched else None
+        )  # fmt: skip
+        return out
+
+    return launch("window", keys, run)
