@@ -6,8 +6,10 @@ values separated by ``;``) and method (config labels), ``--repeats`` prefills wi
 the policy work (the bench's ``policy % of prefill``): the seconds of ``importance``, ``allocation`` and
 ``eviction``, and their share of the prefill's wall time (after one untimed micro-batch of every method). First,
 one layer's importance on a micro-batch of activations, the plain torch path against the fused kernel (time per
-call, largest difference of the importance). ``--profile``: one micro-batch's prefill of the first method under
-torch.profiler, the kernels that took the most device time.
+call, largest difference of the importance), and lost_attention's allocation over all layers from random keys,
+values and window queries of the model's shapes, the plain window outputs against the fused ``window`` kernel,
+with each rule (time per call, whether the budgets are the same). ``--profile``: one micro-batch's prefill of the
+first method under torch.profiler, the kernels that took the most device time.
 
     python benchmarks/policy_share.py --out DIR
     python benchmarks/policy_share.py --out DIR --device cpu --config tiny --batch 4 --prompt-len 256 --micro-batch 2
@@ -68,6 +70,56 @@ def importance_micro(model, micro_batch: int, prompt_len: int, device: str, reps
 
 
 @torch.inference_mode()
+def window_micro(model, micro_batch: int, prompt_len: int, device: str, reps: int) -> dict:
+    """lost_attention's allocation over every layer of (micro_batch, prompt_len) random slots and window queries in
+    the model's shapes (streaming at a fifth of the prompt), each rule: the plain window outputs vs the kernel."""
+    import squeezekit
+    from squeezekit import AllocationRequest, LayerView, kernels
+
+    cfg = model.config
+    L, H, Hq = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    B, S, W, dtype = micro_batch, prompt_len, 8, model.dtype
+    n = torch.full((B,), S, device=device)
+    positions = torch.arange(S, device=device).view(1, 1, S).expand(B, H, S).int()
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, device=device)).to(dtype)
+
+    views = [
+        LayerView(
+            keys=rand(B, H, S, D, scale=2.0), values=rand(B, H, S, D), valid=positions >= 0, positions=positions,
+            seen=n, budget=n, layer_idx=i, n_layers=L, window_queries=rand(B, H, Hq // H, W, D, scale=2.0),
+            window_positions=S - W + torch.arange(W, device=device).view(1, -1).expand(B, W), scaling=D**-0.5,
+        )
+        for i in range(L)
+    ]  # fmt: skip
+    registry = squeezekit.registry()
+    evictor = registry.get("evictor", "streaming").cls()
+    request = AllocationRequest(
+        importance=torch.zeros(B, L), total=n.cpu() * L // 5, floor=evictor.floor(), cap=n.cpu(), layers=views,
+        evictor=evictor,
+    )  # fmt: skip
+    out: dict = dict(shape=[L, B, H, S, D], dtype=str(dtype).removeprefix("torch."), window=W)
+    for rule in ("sqrt", "greedy"):
+        allocator = registry.get("allocator", "lost_attention").cls(rule=rule)
+        row: dict = {}
+        budgets = {}
+        for name, setting in (("plain", "off"), ("fused", "window")):
+            calls = kernels.settings.calls["window"]
+            with kernels.configured(setting):
+                row[f"{name}_ms"] = round(1000 * _timed(lambda a=allocator: a.allocate(request), device, reps), 2)
+                budgets[name] = allocator.allocate(request)
+            if name == "fused":
+                row["fused_ran"] = kernels.settings.calls["window"] > calls
+        row["same_budgets"] = bool(torch.equal(budgets["plain"], budgets["fused"]))
+        row["speedup"] = round(row["plain_ms"] / max(row["fused_ms"], 1e-9), 2)
+        out[rule] = row
+    return out
+
+
+@torch.inference_mode()
 def prefill_once(model, config, ids: torch.Tensor, micro_batch: int, device: str) -> dict:
     import squeezekit
     from squeezekit import kernels
@@ -116,6 +168,24 @@ def table(result: dict) -> str:
         f"({m['speedup']}x; fused kernel ran: {m['fused_ran']}); largest difference of the importance "
         f"{m['max_abs_diff_importance']:.2e}.",
         "",
+    ]
+    w = result.get("window_micro")
+    if w:
+        shape = "x".join(map(str, w["shape"]))
+        lines += [
+            f"lost_attention's allocation over (layers, B, KV heads, slots, head dim) = {shape} {w['dtype']}, "
+            f"window {w['window']}:",
+            "",
+            "| rule | plain ms | fused window kernel ms | speed-up | kernel ran | same budgets |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {rule} | {w[rule]['plain_ms']} | {w[rule]['fused_ms']} | {w[rule]['speedup']}x | "
+                f"{w[rule]['fused_ran']} | {w[rule]['same_budgets']} |"
+                for rule in ("sqrt", "greedy")
+            ),
+            "",
+        ]
+    lines += [
         "| kernels | method | repeat | prefill s | importance s | allocation s | eviction s | policy % of prefill "
         "| fused kernels that ran |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -144,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=DEFAULT_KERNELS, help="SQUEEZEKIT_KERNELS settings, separated by ';'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20, help="calls timed in the importance micro-benchmark")
+    parser.add_argument(
+        "--window-reps", type=int, default=3, help="calls timed in the window micro-benchmark (0: skip it)"
+    )
     parser.add_argument("--profile", action="store_true", help="also profile one micro-batch's prefill")
     args = parser.parse_args(argv)
     import transformers
@@ -163,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch=args.micro_batch, runs=[],
     )  # fmt: skip
     result["importance_micro"] = importance_micro(model, args.micro_batch, args.prompt_len, args.device, args.reps)
+    if args.window_reps:
+        result["window_micro"] = window_micro(model, args.micro_batch, args.prompt_len, args.device, args.window_reps)
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     for label in labels:  # warm-up (first uses: CUDA kernels, Triton compiles, imports), not timed
         prefill_once(model, Config.from_label(label, source="--methods"), ids[: args.micro_batch], args.micro_batch,

@@ -101,9 +101,10 @@ def main() -> int:
         consts = dict(BF16=dt == "bf16", BLOCK=ki.BLOCK)
         check(ki._cosine_rows, {"X": f"*{dt}", "Out": f"*{dt}", "Cos": "*fp32"}, consts, 4, 3)
     for dt, rows, d in (("bf16", 32, 128), ("bf16", 128, 128), ("fp16", 32, 64), ("fp32", 32, 256), ("bf16", 128, 256)):
-        window = {"Allow": "*u8", "Pos": "*i32", "QPos": "*i64", "Out": "*fp32"}
+        window = {"Allow": "*u8", "Pos": "*i32", "QPos": "*i64", "Out": "*fp32", "M": "*fp32", "L": "*fp32"}
         window.update({name: f"*{dt}" for name in ("Q", "K", "V")})
-        check(kw._window_rows, window, dict(BLOCK_R=rows, BLOCK_S=kw.block_s(d), BLOCK_D=d), 4, 3)
+        consts = dict(BLOCK_R=rows, BLOCK_S=kw.block_s(d), BLOCK_D=d, NATIVE_QK=dt != "fp32")
+        check(kw._window_rows, window, consts, 4, 3)
     parts = {
         "PartAcc": "*fp32",
         "PartM": "*fp32",

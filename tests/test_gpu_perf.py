@@ -139,7 +139,8 @@ def test_the_kv_bits_script_runs_on_cpu_and_counts_the_quantized_bytes(tmp_path)
 def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_path):
     """benchmarks/policy_share.py (issue 24 part 4 on the GPU) at toy sizes: every kernel setting and method is
     timed, the three policy pieces and their share of the prefill are reported, and the importance micro-benchmark
-    compares the two paths (on the CPU both are the plain one: no difference)."""
+    compares the two paths (on the CPU both are the plain one: no difference), as does the window one with
+    lost_attention's allocation."""
     policy_share = load("policy_share")
     methods = "uniform+streaming@0.2,squeeze+h2o@0.3"
     argv = ["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--batch", "4", "--prompt-len", "128",
@@ -154,4 +155,7 @@ def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_pat
         assert r["fused"] == []  # (no kernel runs on the CPU)
     micro = res["importance_micro"]
     assert micro["fused_ran"] is False and micro["max_abs_diff_importance"] == 0.0
+    window = res["window_micro"]  # lost_attention's allocation, both rules (the plain path twice on the CPU)
+    assert window["shape"][1:4] == [2, 2, 128] and all(window[r]["same_budgets"] for r in ("sqrt", "greedy"))
+    assert all(window[r]["plain_ms"] > 0 and window[r]["fused_ran"] is False for r in ("sqrt", "greedy"))
     assert "| policy % of prefill | fused kernels that ran |" in (tmp_path / "policy_share.md").read_text()

@@ -346,7 +346,7 @@ def _window_view(B, H, G, W, S, D, dtype, seed, strided=False):
 def test_the_window_kernel_gives_the_plain_window_outputs(dtype, G, W, S, D, strided):
     """`LayerView.window_output` through the kernel: the plain path's outputs over all slots and over subsets (one
     that keeps a single slot, one that keeps none of a head's), for GQA groups that do not fill a block, slots over
-    several blocks, a padded window query (0) and strided views; fp32 sums in another order."""
+    several blocks and spans (merged), a padded window query (0) and strided views; fp32 sums in another order."""
     B, H = 2, 2
     view = _window_view(B, H, G, W, S, D, dtype, seed=S)
     g = torch.Generator().manual_seed(1)
