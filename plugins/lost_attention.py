@@ -70,8 +70,8 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         rank = torch.empty_like(order).scatter_(-1, order, place)  # (B, H, S)
         B, K = knots.shape
         kept = rank[None] < knots.to(rank.device).t().reshape(K, B, 1, 1)  # (K, B, H, S)
-        full = view.window_output()  # (B, H, G, W, D)
-        moved = (view.window_output(kept) - full).norm(dim=-1)  # (K, B, H, G, W)
+        outputs = view.window_output(torch.cat([view.valid[None], kept]))  # (1 + K, B, H, G, W, D): all slots, kept
+        moved = (outputs[1:] - outputs[0]).norm(dim=-1)  # (K, B, H, G, W)
         real = (view.window_positions >= 0).to(moved.dtype)  # (B, W)
         H, G = moved.shape[2], moved.shape[3]
         return ((moved * real.view(1, B, 1, 1, -1)).sum(dim=(2, 3, 4)) / (real.sum(1) * H * G).clamp_min(1)).t()

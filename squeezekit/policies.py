@@ -160,7 +160,6 @@ class LayerView:
         giving (K, B, H, G, W, D)), as if the layer held those only. 0 for a padded query or one that sees no slot.
         On CUDA one Triton kernel (`squeezekit.kernels.window`) reads the keys and values once per subset and writes
         no probabilities."""
-        import torch
 
         from .kernels import window as fused
 
@@ -168,11 +167,34 @@ class LayerView:
         out = fused.window_output(
             self.window_queries, self.keys, self.values, masks, self.positions, self.window_positions, self.scaling
         )
-        if out is None:  # the plain path: the logits once, one subset's probabilities at a time
-            logits, allowed, v = self._window_logits(), self._window_allowed(), self.values.float()[:, :, None]
-            subsets = (allowed & m[:, :, None, None, :] for m in masks)
-            out = torch.stack([torch.matmul(self._window_probs(logits, a), v) for a in subsets])
+        if out is None:
+            out = self._plain_window_output(masks)
         return out if kept is not None and kept.dim() == 4 else out[0]
+
+    def _plain_window_output(self, masks: torch.Tensor) -> torch.Tensor:
+        """`window_output` in torch: the probabilities over all slots once; a subset's output is the kept
+        probabilities renormalized (the softmax over the subset, to fp32 rounding). Where a query's kept mass is
+        under 1e-30 although it sees a kept slot, the kept probabilities have underflowed (a dropped slot drew some
+        70 nats more attention than any kept one): that subset takes its own softmax."""
+        import torch
+
+        logits, allowed, values = self._window_logits(), self._window_allowed(), self.values.float()
+        probs = self._window_probs(logits, allowed)  # (B, H, G, W, S)
+        B, H, G, W, S = probs.shape
+
+        def attend(p: torch.Tensor) -> torch.Tensor:  # (the G query heads of a KV head as rows: no copies of V)
+            return torch.matmul(p.reshape(B, H, G * W, S), values).view(B, H, G, W, -1)
+
+        outs = []
+        for m in masks:
+            kept = m[:, :, None, None, :]
+            w = probs * kept
+            mass = w.sum(-1, keepdim=True)
+            if bool(((mass < 1e-30) & (allowed & kept).any(-1, keepdim=True)).any()):
+                outs.append(attend(self._window_probs(logits, allowed & kept)))
+            else:
+                outs.append(attend(w) / mass.clamp_min(1e-30))
+        return torch.stack(outs)
 
     def _window_logits(self) -> torch.Tensor:
         import torch

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from plugin_factory import bundled
 
 import squeezekit
-from squeezekit import AllocationRequest, LayerView, Stat
+from squeezekit import AllocationRequest, LayerView, Stat, kernels
 from squeezekit.budget import check_budgets
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -150,6 +150,26 @@ def test_the_cost_is_the_literal_change_of_the_window_output(evictor):
             want = total / count
             assert math.isclose(float(cost[b, j]), want, rel_tol=1e-5, abs_tol=1e-6), (b, j, float(cost[b, j]), want)
     assert float(cost[0, 2]) < 1e-6  # keeping every slot moves nothing
+
+
+def test_a_subset_with_a_tiny_share_of_the_attention_still_gets_its_own_softmax():
+    """The plain `window_output` renormalizes the kept probabilities; where the kept slots hold almost none of a
+    query's attention (a slot it attends to 120 nats more strongly is dropped: the kept probabilities underflow in
+    fp32), the output must still be the softmax over the kept slots alone (float64, literally)."""
+    view = views([20], 1, seed=2, H=1, G=1, D=4, W=2)[0]
+    view.keys[0, 0, 3] = view.window_queries[0, 0, 0, 0] * (120 / float(view.window_queries[0, 0, 0, 0].square().sum()
+                                                                  * view.scaling))  # fmt: skip
+    kept = view.valid.clone()
+    kept[0, 0, 3] = False  # the strong slot dropped
+    kept[0, 0, 10:] = False
+    with kernels.configured("off"):
+        got = view.window_output(kept)
+    q, k, v = view.window_queries.double(), view.keys.double(), view.values.double()
+    for w in range(2):
+        qp = int(view.window_positions[0, w])
+        over = [s for s in range(20) if bool(kept[0, 0, s]) and int(view.positions[0, 0, s]) <= qp]
+        want = _attend(q[0, 0, 0, w], k[0, 0], v[0, 0], over, view.scaling)
+        torch.testing.assert_close(got[0, 0, 0, w].double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rule", ["sqrt", "greedy"])
