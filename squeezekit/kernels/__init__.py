@@ -150,6 +150,17 @@ def launch(name: str, where: torch.Tensor, fn: Callable[[], T]) -> T | None:
     return result
 
 
+@functools.lru_cache(maxsize=8)
+def processors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA ``device`` (what split kernels size their grids by); 8 elsewhere
+    (under the interpreter, in tests: a few splits, so that the merges are exercised)."""
+    import torch
+
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def falls_back(where: torch.Tensor) -> bool:
     """Whether a kernel that fails on ``where`` is switched off (on the GPU) rather than its error raised (under the
     interpreter, in tests)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import interpreting, launch, use
+from . import interpreting, launch, processors, use
 
 if TYPE_CHECKING:
     import triton
@@ -184,13 +184,6 @@ def _kernels() -> tuple[KernelInterface, KernelInterface]:
     return triton.jit(_split), triton.jit(_merge)
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def splits(B: int, H: int, S: int, sms: int, block_n: int) -> int:
     """Shares of the slots per (sequence, KV head): enough programs for ~4 per SM, each at least 2 tiles long."""
     if B * H >= 2 * sms:
@@ -289,7 +282,7 @@ def _launch(
             block_n = 16
         block_g = max(16, triton.next_power_of_2(G))
         block_d = max(16, triton.next_power_of_2(D))
-        nsplit = splits(B, H, S, _sm_count(query.device), block_n)
+        nsplit = splits(B, H, S, processors(query.device), block_n)
         per_split = triton.cdiv(triton.cdiv(S, nsplit), block_n) * block_n
         nsplit = triton.cdiv(S, per_split)
         out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import interpreting, launch, use
-from .decode import _sm_count
+from . import interpreting, launch, processors, use
 
 if TYPE_CHECKING:
     import triton
@@ -145,7 +144,7 @@ def window_output(
     if Kn * B * H * G * W == 0:
         return torch.zeros((Kn, B, H, G, W, D), dtype=torch.float32, device=keys.device)
     S_block = 16 if interpreting() else block_s(D)  # (tests: small blocks, several spans a row)
-    parts = spans(B * H * Kn, S, S_block, _sm_count(keys.device))  # (8 processors under the interpreter)
+    parts = spans(B * H * Kn, S, S_block, processors(keys.device))  # (8 processors under the interpreter)
     span = max(1, _cdiv(_cdiv(S, parts), S_block)) * S_block  # (whole blocks)
     parts = max(1, _cdiv(S, span))
     acc = torch.empty((parts, Kn, B, H, G, W, D), dtype=torch.float32, device=keys.device)
