@@ -61,11 +61,11 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         (the L2 distance, averaged over the heads and the real window queries)."""
         import torch
 
+        from squeezekit.selection import slot_order  # (it imports torch)
+
         ranked = dataclasses.replace(view, budget=budget.to(view.keys.device))
-        score = evictor.score(ranked).float().masked_fill(~view.valid, float("-inf"))
-        # each slot's place in the evictor's order, ties to the more recent token (as the engine breaks them)
-        by_recency = torch.argsort(view.positions, dim=-1, descending=True, stable=True)
-        order = by_recency.gather(-1, torch.argsort(score.gather(-1, by_recency), dim=-1, descending=True, stable=True))
+        # each slot's place in the order the engine keeps the evictor's best in at prefill (the newest token first)
+        order = slot_order(evictor.score(ranked), view)
         place = torch.arange(order.shape[-1], device=order.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(-1, order, place)  # (B, H, S)
         B, K = knots.shape

@@ -41,17 +41,22 @@ def top_slots(
 ) -> torch.Tensor:
     """Indices (B, H, K) of the ``keep[b]`` best slots of each row (``keep`` (B,)), or ``keep[b, h]`` of each head
     (``keep`` (B, H)), padded with -1, ``K = keep.max()`` (``most``, when the caller knows it: no host sync)."""
-    key = rank_key(score, view, protect_newest)
     k = int(keep.max()) if most is None else most
-    # Exact ties (infinite scores, which the tiny recency term cannot split) go to the more recent token too:
-    # sort by recency first, then stably by key.
-    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
-    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
-    order = recent_first.gather(-1, order)[..., :k]
-    rank = torch.arange(k, device=key.device)
-    per = keep.to(key.device)
+    order = slot_order(score, view, protect_newest)[..., :k]
+    rank = torch.arange(k, device=order.device)
+    per = keep.to(order.device)
     pad = rank.view(1, 1, k) >= (per.view(-1, 1, 1) if per.dim() == 1 else per[..., None])
     return order.masked_fill(pad, -1)
+
+
+def slot_order(score: torch.Tensor, view: LayerView, protect_newest: bool = True) -> torch.Tensor:
+    """(B, H, S) long: each head's slots, best first, as the engine keeps them: by `rank_key` (the newest token
+    first when protected, invalid slots last); exact ties (infinite scores, which the tiny recency term cannot
+    split) to the more recent token too: sorted by recency first, then stably by key."""
+    key = rank_key(score, view, protect_newest)
+    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
+    return recent_first.gather(-1, order)
 
 
 @dataclass

@@ -116,10 +116,11 @@ def _attend(query, keys, values, over, scaling):
 
 @pytest.mark.parametrize("evictor", ["h2o", "streaming"])
 def test_the_cost_is_the_literal_change_of_the_window_output(evictor):
-    """`LostAttention.lost` against a literal float64 computation on a tiny batch: rank each head's slots by the
-    evictor's score (ties to the more recent token), keep the first ``b``; each real window query attends over the
-    kept slots it sees alone; the cost is the L2 distance to its output over every slot it sees, averaged over the
-    KV heads, the query heads and the real window queries (one row padded, so its first window query is padding)."""
+    """`LostAttention.lost` against a literal float64 computation on a tiny batch: rank each head's slots as the
+    engine keeps them at prefill (the newest token first, then by the evictor's score, ties to the more recent
+    token), keep the first ``b``; each real window query attends over the kept slots it sees alone; the cost is the
+    L2 distance to its output over every slot it sees, averaged over the KV heads, the query heads and the real
+    window queries (one row padded, so its first window query is padding)."""
     import math
 
     view = views([30, 24], 1, seed=5, H=2, G=2, D=4, W=4)[0]
@@ -135,7 +136,12 @@ def test_the_cost_is_the_literal_change_of_the_window_output(evictor):
             total, count = 0.0, 0
             for h in range(H):
                 slots = [s for s in range(view.valid.shape[-1]) if view.valid[b, h, s]]
-                order = sorted(slots, key=lambda s: (-float(score[b, h, s]), -int(view.positions[b, h, s])))
+                newest = max(int(view.positions[b, h, s]) for s in slots)
+                order = sorted(
+                    slots,
+                    key=lambda s: (int(view.positions[b, h, s]) != newest, -float(score[b, h, s]),
+                                   -int(view.positions[b, h, s])),
+                )  # fmt: skip
                 keep = set(order[:b_keep])
                 for g in range(G):
                     for w in range(W):
