@@ -46,7 +46,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--slots", type=int, default=820)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--bits", default="16,8,4", help="slot precisions to time (comma-separated)")
+    p.add_argument("--block-n", default="32,64,128,256", help="slots per tile to try")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", default="2,3,4")
+    p.add_argument(
+        "--orientations",
+        default="0,1",
+        help="0: query heads on the dots' M axis (the key/value tiles as their second operand); 1: the slots "
+        "(``SLOTS_M``: the converted key/value tiles as the first operand, from registers)",
+    )
     a = p.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     B, H, G, D, S = a.batch, 8, 4, 128, a.slots
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -58,7 +69,7 @@ def main(argv=None) -> int:
     qf = q.view(B, H, G, D)
     res: dict = {"shape": dict(B=B, H=H, G=G, D=D, S=S), "sdpa_bf16_us": timed(lambda: sdpa(qf, k, v), a.reps)}
     res["rows"] = []
-    for bits in (16, 8, 4):
+    for bits in ints(a.bits):
         codec = None if bits == 16 else SlotCodec(bits, D)
         if codec is None:
             parts = {"keys": k, "values": v}
@@ -71,24 +82,35 @@ def main(argv=None) -> int:
         valid = pool.mapped()
         keys, values = tuple(pool.parts[n] for n in kn), tuple(pool.parts[n] for n in vn)
         nbytes = sum(t.numel() * t.element_size() for t in pool.parts.values())
-        for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
-            args = (q, keys, values, pool.offsets, pool.lengths, valid, 0.1, codec, (block_n, warps, stages))
+        # every tile's output against dequantize-then-attend in fp32 (bf16 rounding of the query and the output)
+        rect = pool.rect()
+        k32 = codec.decode(tuple(rect[n] for n in kn), torch.float32) if codec else k.float()
+        v32 = codec.decode(tuple(rect[n] for n in vn), torch.float32) if codec else v.float()
+        ref = sdpa(qf.float(), k32, v32, scale=0.1).reshape(B, 1, H * G, D)
+        del rect, k32, v32
+        grid = itertools.product(ints(a.block_n), ints(a.warps), ints(a.stages), ints(a.orientations))
+        for block_n, warps, stages, slots_m in grid:
+            tile = (block_n, warps, stages, slots_m)
+            args = (q, keys, values, pool.offsets, pool.lengths, valid, 0.1, codec, tile)
             call = functools.partial(decode.pooled_decode_attention, *args)
             with kernels.configured(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (a tile that does not fit in shared memory switches the kernel off)
-                ok = call() is not None
+                out = call()
+                ok = out is not None
+                err = float((out.float() - ref).abs().max()) if ok else float("nan")
                 us = timed(call, a.reps) if ok else float("nan")
                 why = kernels.settings.failed.get("pooled", "")
             if not ok:
-                res["rows"].append(dict(bits=bits, tile=[block_n, warps, stages], error=why[:200]))
+                res["rows"].append(dict(bits=bits, tile=list(tile), error=why[:200]))
                 continue
-            row = dict(bits=bits, tile=[block_n, warps, stages], us=round(us, 1), tb_s=round(nbytes / us / 1e6, 2))
+            row = dict(bits=bits, tile=list(tile), us=round(us, 1), tb_s=round(nbytes / us / 1e6, 2), max_abs_err=err)
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
         done = [r for r in res["rows"] if r["bits"] == bits and "us" in r]
-        best = min(done, key=lambda r: r["us"])
-        res[f"best_{bits}"] = best
-        print("best", json.dumps(best), "sdpa", round(res["sdpa_bf16_us"], 1), flush=True)
+        for slots_m in ints(a.orientations):
+            best = min((r for r in done if r["tile"][3] == slots_m), key=lambda r: r["us"])
+            res[f"best_{bits}_slots_m{slots_m}"] = best
+            print("best", json.dumps(best), "sdpa", round(res["sdpa_bf16_us"], 1), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "decode_tiles.json").write_text(json.dumps(res, indent=1))
     return 0

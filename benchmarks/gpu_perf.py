@@ -244,10 +244,60 @@ def check_steady_kernel(r: Runner) -> None:
     want[2].scatter_(2, ref, new_pos.to(torch.int32)[:, None, :].expand(B, H, 1))
     want[3].scatter_(2, ref, torch.zeros(B, H, 1, device=dev))
     flag = torch.zeros((), dtype=torch.bool, device=dev)
-    victim = steady_write(score, valid, positions, keys, values, attention, 0.0, k, v, new_pos, flag)
+    victim = steady_write(score, valid, positions, (keys,), (values,), attention, 0.0, k, v, new_pos, flag)
     same = victim is not None and torch.equal(victim, ref)
     same = same and all(torch.equal(a, b) for a, b in zip((keys, values, positions, attention), want, strict=True))
     r.check("steady write kernel vs victim_slots + scatters (exact)", same and not bool(flag))
+    check_quantized_steady_write(r, score, valid, positions, k, v, new_pos)
+
+
+def check_quantized_steady_write(r: Runner, score, valid, positions, k, v, new_pos) -> None:
+    """The steady kernel's quantized write (8 and 4 bits, rectangular buffers and a pool's rows) against
+    `SlotCodec.encode` of the new token at the victim's slot: bit for bit (the GPU's division, conversions and no
+    fused multiply-adds)."""
+    import numpy as np
+
+    from squeezekit.kernels.steady import steady_write
+    from squeezekit.layers import HeadPool
+    from squeezekit.quantized import SlotCodec
+
+    B, H, S = score.shape
+    D = k.shape[-1]
+    g = torch.Generator().manual_seed(2)
+    old = (torch.randn(B, H, S, D, generator=g) * torch.logspace(-6, 2, S)[:, None]).to(r.device, torch.bfloat16)
+    new = torch.randn(2, B, H, 1, D, generator=g) * torch.logspace(-8, 3, B * H).view(1, B, H, 1, 1)
+    nk, nv = (t.to(r.device, torch.bfloat16) for t in new)
+    for bits in (8, 4):
+        codec = SlotCodec(bits, D)
+        for pooled in (False, True):
+            parts = dict(zip(codec.names("k"), codec.encode(old), strict=True))
+            parts.update(zip(codec.names("v"), codec.encode(old), strict=True))
+            caps = np.full((B, H), S)
+            if pooled:
+                caps = np.random.default_rng(bits).integers(S // 2, S + 1, size=(B, H))
+                caps[0, 0] = S
+            pool = HeadPool.pack(parts, caps) if pooled else None
+            store = pool.parts if pool is not None else parts
+            ok = pool.mapped() if pool is not None else valid
+            before = {name: t.clone() for name, t in store.items()}
+            flag = torch.zeros((), dtype=torch.bool, device=r.device)
+            victim = steady_write(
+                score, ok, positions.clone(), tuple(store[n] for n in codec.names("k")),
+                tuple(store[n] for n in codec.names("v")), None, 0.0, nk, nv, new_pos, flag, codec,
+                None if pool is None else pool.offsets,
+            )  # fmt: skip
+            same = victim is not None
+            if same:
+                want = dict(zip(codec.names("k"), codec.encode(nk), strict=True))
+                want.update(zip(codec.names("v"), codec.encode(nv), strict=True))
+                for name, t in store.items():
+                    expect = before[name]
+                    if pool is not None:
+                        expect[(pool.offsets[..., None] + victim).reshape(-1)] = want[name].reshape(-1, t.shape[-1])
+                    else:
+                        expect.scatter_(2, victim[..., None].expand(B, H, 1, t.shape[-1]), want[name])
+                    same = same and torch.equal(t, expect)
+            r.check(f"steady write kernel, {bits}-bit {'pool' if pooled else 'buffers'}: the codec's bytes", same)
 
 
 def _serve(model, ids, method: str, steps: int, micro_batch: int, compile: bool | None = False, mask=None):

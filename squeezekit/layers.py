@@ -849,15 +849,20 @@ class BudgetedLayer(WindowLayer):
         runner, step = cache.runner, cache.step
         view_of = lambda: self.view("decode")  # noqa: E731
         victim = None
-        stored_plain = self.pool is None and self.quant is None
-        if stored_plain and not self.holes and runner.scores_only:  # one fused kernel selects and writes
+        # one fused kernel selects, quantizes and writes (rectangular buffers with free slots take the plain path:
+        # it writes into the first free slot, not the victim's)
+        if (self.pool is not None or not self.holes) and runner.scores_only:
             score = runner.kernel_scores(view_of) if steady_kernel.available(k) else None
             if score is not None:
                 # the kernel resets the first per-slot statistic of the victim's slot, `reset_stats` any others
                 stat, fill = next(((self.stats[name], fill) for name, fill in runner.slot_fields), (None, 0.0))
+                codec = self.codec if self.quantized else None
+                names_k, names_v = (codec.names("k"), codec.names("v")) if codec else (("keys",), ("values",))
+                parts = self.pool.parts if self.pool is not None else self._rect_parts()
                 victim = steady_kernel.steady_write(
-                    score, self.valid, self.positions, self.keys, self.values, stat, fill, k, v,
-                    step.new_pos.to(k.device), runner.nan_flag(score.device),
+                    score, self.valid, self.positions, tuple(parts[n] for n in names_k),
+                    tuple(parts[n] for n in names_v), stat, fill, k, v, step.new_pos.to(k.device),
+                    runner.nan_flag(score.device), codec, None if self.pool is None else self.pool.offsets,
                 )  # fmt: skip
                 if victim is not None:
                     self.reset_stats(victim, skip=1)

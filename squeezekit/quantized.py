@@ -27,7 +27,9 @@ keys per channel for that reason); 8 bits absorb them, 4 bits pay for them, whic
 The torch path (CPU; statistics that need the keys; the policies' views) dequantizes in fp32 and rounds
 once to the model's dtype. The CUDA decode kernel (squeezekit.kernels.decode) reads the codes: at 8 bits the codes
 enter the dot products as they are (exact in bf16) and each slot's scale multiplies its score and its probability,
-at 4 bits each tile is dequantized in registers; both equal dequantize-then-attend in fp32 (tests).
+at 4 bits each tile is dequantized in registers; both equal dequantize-then-attend in fp32 (tests). At steady
+state the fused steady write (squeezekit.kernels.steady) quantizes each decode token in the kernel that picks
+its slot, bit for bit as `SlotCodec.encode` does.
 """
 
 from __future__ import annotations

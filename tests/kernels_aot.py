@@ -9,7 +9,7 @@ import inspect
 import sys
 
 
-def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
+def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, **options) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -22,7 +22,7 @@ def _hopper_compile(fn, pointers: dict, constexprs: dict, num_warps: int, num_st
     }
     compiled = triton.compile(
         ASTSource(JITFunction(fn), sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **options},
     )  # fmt: skip
     return compiled.metadata.shared
 
@@ -50,9 +50,9 @@ def main() -> int:
     limit = 227 * 1024
     n = 0
 
-    def check(fn, ptrs, consts, warps, stages):
+    def check(fn, ptrs, consts, warps, stages, **options):
         nonlocal n
-        smem = _hopper_compile(fn, ptrs, consts, warps, stages)
+        smem = _hopper_compile(fn, ptrs, consts, warps, stages, **options)
         assert smem <= limit, (fn.__name__, consts, smem)
         n += 1
 
@@ -91,9 +91,17 @@ def main() -> int:
         "NewPos": "*i64",
         "Victim": "*i64",
         "NanFlag": "*u8",
+        "Offsets": "*i64",
     }
-    kv.update({name: "*bf16" for name in ("Keys", "Values", "KNew", "VNew")})
-    check(ks._steady_write, kv, dict(HAS_STAT=True, BLOCK_S=1024, BLOCK_D=128), 4, 3)
+    kv.update({name: "*bf16" for name in ("KNew", "VNew")})
+    kv.update({name: "*fp16" for name in ("KScale", "KLow", "VScale", "VLow")})
+    # the steady write into buffers or a pool's rows, in the model's dtype, 8 bits, 4 bits in two groups and in one
+    writes = ((16, "*bf16", 128, 128), (8, "*i8", 128, 128), (4, "*u8", 64, 128), (4, "*u8", 64, 64))
+    for bits, code, group, d in writes:
+        for pooled in (False, True):
+            consts = dict(HAS_STAT=True, POOLED=pooled, QBITS=bits, GROUP=group, BLOCK_S=1024, BLOCK_D=d,
+                          BLOCK_GR=max(2, d // group))  # fmt: skip
+            check(ks._steady_write, {**kv, "KCodes": code, "VCodes": code}, consts, 4, 3, enable_fp_fusion=False)
     ranked = {"Score": "*fp32", "Pos": "*i32", "Valid": "*i8", "Keep": "*i64", "Kept": "*i8", "NanFlag": "*u8"}
     for block in (16, 2048, ke.MAX_SLOTS):
         check(ke._drop_lowest, ranked, dict(BLOCK=block), 4 if block <= 1024 else 8, 3)
@@ -118,17 +126,19 @@ def main() -> int:
     for one in (True, False):
         for pooled in (False, True):
             consts = dict(ONE_SPLIT=one, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
-                          QBITS=16, GROUP=1)  # fmt: skip
+                          QBITS=16, GROUP=1, SLOTS_M=False)  # fmt: skip
             check(kd._split, parts, consts, 4, 3)
     for pooled in (False, True):
         consts = dict(ONE_SPLIT=True, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256,
-                      QBITS=16, GROUP=1)  # fmt: skip
+                      QBITS=16, GROUP=1, SLOTS_M=False)  # fmt: skip
         check(kd._split, parts, consts, 4, 3)
     # quantized slots, read as rows: 8 bits; 4 bits in two groups (D = 128) and in one (D = 64)
-    for bits, code, group, d in ((8, "*i8", 1, 128), (4, "*u8", 64, 128), (4, "*u8", 1 << 30, 64)):
-        for one in (True, False):
+    # in both orientations of the dots (SLOTS_M: the slots on their M axis)
+    reads = ((8, "*i8", 1, 128), (4, "*u8", 64, 128), (4, "*u8", 1 << 30, 64), (16, "*bf16", 1, 128))
+    for bits, code, group, d in reads:
+        for one, slots_m in ((True, False), (False, False), (True, True), (False, True)):
             consts = dict(ONE_SPLIT=one, POOLED=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=d,
-                          QBITS=bits, GROUP=group)  # fmt: skip
+                          QBITS=bits, GROUP=group, SLOTS_M=slots_m)  # fmt: skip
             check(kd._split, {**parts, "K": code, "V": code}, consts, 4, 3)
     check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
     print(f"compiled {n} kernel configurations for sm_90")

@@ -218,7 +218,7 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     want[3].scatter_(2, ref, torch.zeros(B, H, 1))
     flag = torch.zeros((), dtype=torch.bool)
     with kernels.configured(interpret=True):
-        victim = steady_write(score, valid, positions, keys, values, attention, 0.0, k, v, new_pos, flag)
+        victim = steady_write(score, valid, positions, (keys,), (values,), attention, 0.0, k, v, new_pos, flag)
     assert torch.equal(victim, ref)
     for got, exp in zip((keys, values, positions, attention), want, strict=True):
         assert torch.equal(got, exp)
@@ -226,7 +226,7 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     score[0, 0, 5] = 0.0
     flag.zero_()
     with kernels.configured(interpret=True):
-        steady_write(score, valid, positions, keys, values, None, 0.0, k, v, new_pos, flag)
+        steady_write(score, valid, positions, (keys,), (values,), None, 0.0, k, v, new_pos, flag)
     assert not bool(flag)
 
 
@@ -468,8 +468,9 @@ def test_decode_attention_matches_sdpa_over_the_folded_query(B, H, G, S, D):
     assert decode.splits(B, H, S, 8, 16) == (1 if B * H >= 16 else max(1, min(-(-32 // (B * H)), S // 32)))
 
 
+@pytest.mark.parametrize("slots_m", [False, True], ids=["heads-on-M", "slots-on-M"])
 @pytest.mark.parametrize("B,H,G,D", [(1, 2, 4, 16), (3, 2, 2, 24), (2, 4, 1, 16)])
-def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, D):
+def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, D, slots_m):
     """The pooled kernel reads only the valid slots of each head's segment (of its own length) and equals masked
     attention over the gathered rectangular buffers."""
     import numpy as np
@@ -492,7 +493,8 @@ def test_pooled_decode_attention_matches_the_gathered_masked_reference(B, H, G, 
     ref = _unfold(F_sdpa(_fold(query, H), k_rect, v_rect, mask), H * G, 1)
     assert decode.pooled_decode_attention(query, *rows, pool.offsets, pool.lengths, valid, 0.25) is None
     with kernels.configured("pooled", interpret=True):
-        out = decode.pooled_decode_attention(query, *rows, pool.offsets, pool.lengths, valid, 0.25)
+        out = decode.pooled_decode_attention(query, *rows, pool.offsets, pool.lengths, valid, 0.25, None,
+                                             (64, 4, 2, slots_m))  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -190,9 +190,11 @@ def test_scoring_extends_a_quantized_cache():
 
 
 # ---- the fused decode kernel (Triton's interpreter on the CPU) ------------------------------------------------------
+@pytest.mark.parametrize("slots_m", [False, True], ids=["heads-on-M", "slots-on-M"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("B,H,G,D", [(2, 2, 2, 16), (1, 3, 1, 24), (2, 1, 4, 130)])
-def test_the_decode_kernel_on_quantized_rows_equals_dequantize_then_attend_in_fp32(bits, B, H, G, D):
+def test_the_decode_kernel_on_quantized_rows_equals_dequantize_then_attend_in_fp32(bits, B, H, G, D, slots_m):
+    """In either orientation of the kernel's dots (the query heads or the slots on their M axis)."""
     pytest.importorskip("triton")
     import numpy as np
 
@@ -222,7 +224,8 @@ def test_the_decode_kernel_on_quantized_rows_equals_dequantize_then_attend_in_fp
     keys = tuple(pool.parts[n] for n in codec.names("k"))
     values = tuple(pool.parts[n] for n in codec.names("v"))
     with kernels.configured("pooled", interpret=True):
-        out = decode.pooled_decode_attention(query, keys, values, pool.offsets, pool.lengths, valid, 0.3, codec)
+        tile = (64, 4, 2, slots_m)  # (under the interpreter the kernel takes 16 slots a tile)
+        out = decode.pooled_decode_attention(query, keys, values, pool.offsets, pool.lengths, valid, 0.3, codec, tile)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -250,6 +253,113 @@ def test_decode_reads_quantized_slots_in_the_fused_kernel_with_generate_s_tokens
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.scores, out.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _hard_slots(g: torch.Generator, n: int, D: int) -> torch.Tensor:
+    """(n, D) slots that probe the encoding's edges: every magnitude from subnormal scales to large ones, zero and
+    constant slots, one-signed slots, and channels that sit on a rounding tie of their code."""
+    x = torch.randn(n, D, generator=g) * torch.logspace(-7, 3, n)[:, None]
+    x[0] = 0.0
+    x[1] = 0.37
+    x[2] = -x[2].abs()
+    x[3] = x[3].abs() + 5
+    x[4] = torch.arange(D) - 0.5 * (D - 1)  # channels at code + 1/2 for some scales
+    x[5, ::2] = 127 * 2.0**-20  # a subnormal fp16 scale
+    x[6] = torch.linspace(-1, 1, D) * 1e-5
+    # per 4-bit group: a range whose low + 15 scale falls short of its high once both are in fp16 (scale rounded up
+    # once more), and a low that rounds to -0 in fp16 (rounded down to -2**-24)
+    low, high = -0.0008531321072950959, 17.914186477661133
+    x[7] = low + (high - low) * torch.rand(D, generator=g)
+    x[8] = torch.rand(D, generator=g)
+    for start in range(0, D, 64):
+        x[7, start : start + 2] = torch.tensor([low, high])[: D - start]
+        x[8, start] = -1e-9
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("D", [16, 24, 64, 80, 128])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_steady_kernel_writes_the_codecs_bytes_into_the_victims_slot(bits, D, pooled):
+    """The fused steady write quantizes the new token itself: its codes, scales (and lows) at the victim's slot are
+    bit for bit what `SlotCodec.encode` gives, into rectangular buffers or a pool's rows; nothing else moves."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from squeezekit import kernels
+    from squeezekit.kernels.steady import steady_write
+    from squeezekit.layers import HeadPool
+
+    g = torch.Generator().manual_seed(D + bits)
+    codec = SlotCodec(bits, D)
+    B, H, S = 4, 3, 23
+    caps = np.random.default_rng(D).integers(8, S + 1, size=(B, H)) if pooled else np.full((B, H), S)
+    caps[0, 0] = S
+    old = _hard_slots(g, B * H * S, D).view(B, H, S, D)
+    parts = dict(zip(codec.names("k"), codec.encode(old), strict=True))
+    parts.update(zip(codec.names("v"), codec.encode(old.flip(-1)), strict=True))
+    pool = HeadPool.pack(parts, caps) if pooled else None
+    store = pool.parts if pool is not None else parts
+    valid = pool.mapped() if pool is not None else torch.ones(B, H, S, dtype=torch.bool)
+    score = torch.rand(B, H, valid.shape[-1], generator=g)
+    positions = torch.arange(valid.shape[-1], dtype=torch.int32).expand(B, H, -1).contiguous()
+    k, v = (_hard_slots(g, B * H, D)[torch.randperm(B * H, generator=g)].view(B, H, 1, D) for _ in range(2))
+    before = {name: t.clone() for name, t in store.items()}
+    with kernels.configured("steady", interpret=True):
+        victim = steady_write(
+            score, valid, positions, tuple(store[n] for n in codec.names("k")),
+            tuple(store[n] for n in codec.names("v")), None, 0.0, k, v, torch.full((B, 1), 99),
+            torch.zeros((), dtype=torch.bool), codec, None if pool is None else pool.offsets,
+        )  # fmt: skip
+    assert victim is not None
+    assert torch.equal(victim[..., 0], torch.where(valid, score, float("inf")).argmin(-1))
+    want = dict(zip(codec.names("k"), codec.encode(k), strict=True))
+    want.update(zip(codec.names("v"), codec.encode(v), strict=True))
+    rows = pool.offsets[..., None] + victim if pool is not None else None
+    for name, t in store.items():
+        expect = before[name].clone()
+        if pool is not None:
+            expect[rows.reshape(-1)] = want[name].reshape(-1, t.shape[-1])
+        else:
+            expect.scatter_(2, victim[..., None].expand(B, H, 1, t.shape[-1]), want[name])
+        assert torch.equal(t, expect), (name, int((t != expect).sum()))
+
+
+@pytest.mark.parametrize("config", [dict(kv_bits=8), dict(kv_bits=4), dict(kv_bits=8, heads="adaptive"),
+                                    dict(heads="adaptive")], ids=lambda c: "-".join(map(str, c.values())))  # fmt: skip
+def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens_and_cache(config):
+    """Quantized and pooled layers take the fused steady write too (one kernel a layer and step): the tokens, the
+    logits and every part of the cache as the torch path keeps them."""
+    pytest.importorskip("triton")
+    from squeezekit import kernels
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    ids, _ = batch(2, 64)
+
+    def run():
+        with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4, **config) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=1)
+            assert all(layer.steady for layer in cache.layers)
+            tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
+            held = [
+                (dict(layer.pool.parts if layer.pool is not None else layer._rect_parts()), layer.positions.clone(),
+                 layer.stats.get("attention"))
+                for layer in cache.layers
+            ]  # fmt: skip
+            return tokens, held
+
+    with kernels.configured("off"):
+        ref = run()
+    before = kernels.settings.calls["steady"]
+    with kernels.configured("steady", interpret=True):
+        got = run()
+        assert kernels.settings.failed == {}
+    assert kernels.settings.calls["steady"] == before + len(got[1]) * 6  # every layer, every decode step
+    assert torch.equal(got[0], ref[0])
+    for (parts, pos, att), (parts_ref, pos_ref, att_ref) in zip(got[1], ref[1], strict=True):
+        assert parts.keys() == parts_ref.keys()
+        assert all(torch.equal(parts[n], parts_ref[n]) for n in parts), config
+        assert torch.equal(pos, pos_ref) and torch.equal(att, att_ref)
 
 
 def test_reordering_or_repeating_rows_keeps_a_quantized_layer_quantized():

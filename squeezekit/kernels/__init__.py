@@ -5,7 +5,8 @@
   repeating K/V) and returns each query row's log-sum-exp; for evictors that need accumulated attention (H2O) a
   second kernel sums the softmax probabilities per slot from that log-sum-exp. Replaces the explicit softmax in
   fp32 query blocks (H2O's prefill) and the materialised boolean masks of chunked or padded prefill.
-- ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``).
+- ``steady``: the steady decode step's victim selection and slot write in one kernel (``steady.steady_write``),
+  quantizing the new token for 8- and 4-bit slots, into buffers or a pool of per-head segments.
 - ``evict``: an extend chunk's eviction, one kernel a layer (``evict.kept``): the slots each head gives up, exactly
   `squeezekit.selection.kept_together`'s.
 - ``importance``: a layer's importance at prefill (``importance.cosines``): each token's cos(x, x + attention(x))

@@ -13,6 +13,11 @@ that they pipeline); with quantized slots (``QBITS`` 8 or 4, squeezekit.quantize
 scales, so a step reads about a half or a quarter of the bytes: 8-bit codes go into the dot products as they are
 (integers up to 127 are exact in bf16) and each slot's scale multiplies its score and its probability; 4-bit tiles
 are unpacked and dequantized in registers (fp32, then the query's dtype).
+
+The dots run with the G query heads on their M axis, or (``SLOTS_M``) with the tile's slots on it: scores as
+``K @ Q^T`` and the output as ``V^T @ P^T``, so that the key and value tiles are the dots' first operand, which
+Hopper's tensor cores take from registers (where a quantized tile is converted) rather than from shared memory.
+The same products in either orientation; `TILES` picks the orientation with the tile (benchmarks/decode_tiles.py).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     H, G, S, D, per_split, scale_log2,
     ONE_SPLIT: tl.constexpr, POOLED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    QBITS: tl.constexpr = 16, GROUP: tl.constexpr = 1,
+    QBITS: tl.constexpr = 16, GROUP: tl.constexpr = 1, SLOTS_M: tl.constexpr = False,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -61,7 +66,11 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     q = tl.load(Q + b * sqb + hq[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if SLOTS_M:  # the slots on the dots' M axis: the key and value tiles are their first operand, in registers
+        q_t = tl.trans(q)
+        acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)  # transposed
+    else:
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     lo = split * per_split
     hi = tl.minimum(S, lo + per_split)
     if POOLED:  # a head's segment ends at its length: the work follows the sum of the heads' budgets, not the largest
@@ -84,14 +93,19 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
             v_ptr = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
         if QBITS == 16:
             k = tl.load(k_ptr, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         elif QBITS == 8:  # int8 codes (exact in the query's dtype); the slot's scale multiplies its score
             k = tl.load(k_ptr, mask=kv_ok, other=0).to(q.dtype)
-            k_s = tl.load(KScale + rows * sks, mask=n_in, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (k_s * scale_log2)[None, :]
         else:  # 4 bits: a slot's bytes, two channels each (even channel low); code * scale + low per group
-            k = _unpack4(K, KScale, KLow, rows, n_in, skn, skd, sks, D, BLOCK_N, BLOCK_D, GROUP)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
+            k = _unpack4(K, KScale, KLow, rows, n_in, skn, skd, sks, D, BLOCK_N, BLOCK_D, GROUP).to(q.dtype)
+        if SLOTS_M:
+            s = tl.trans(tl.dot(k, q_t, input_precision=DOT_PREC))
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if QBITS == 8:
+            k_s = tl.load(KScale + rows * sks, mask=n_in, other=0.0).to(tl.float32)
+            s = s * (k_s * scale_log2)[None, :]
+        else:
+            s = s * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -100,16 +114,21 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         l_i = l_i * alpha + tl.sum(p, 1)
         if QBITS == 16:
             v = tl.load(v_ptr, mask=kv_ok, other=0.0)
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            pw = p.to(q.dtype)
         elif QBITS == 8:  # the slot's scale multiplies its probability
             v = tl.load(v_ptr, mask=kv_ok, other=0).to(q.dtype)
             v_s = tl.load(VScale + rows * svs, mask=n_in, other=0.0).to(tl.float32)
-            pv = tl.dot((p * v_s[None, :]).to(q.dtype), v, input_precision=DOT_PREC)
+            pw = (p * v_s[None, :]).to(q.dtype)
         else:
-            v = _unpack4(V, VScale, VLow, rows, n_in, svn, svd, svs, D, BLOCK_N, BLOCK_D, GROUP)
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
-        acc = acc * alpha[:, None] + pv
+            v = _unpack4(V, VScale, VLow, rows, n_in, svn, svd, svs, D, BLOCK_N, BLOCK_D, GROUP).to(q.dtype)
+            pw = p.to(q.dtype)
+        if SLOTS_M:
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), tl.trans(pw), input_precision=DOT_PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pw, v, input_precision=DOT_PREC)
         m_i = m_new
+    if SLOTS_M:
+        acc = tl.trans(acc)
     mask = g_ok[:, None] & d_ok[None, :]
     if ONE_SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -192,11 +211,11 @@ def splits(B: int, H: int, S: int, sms: int, block_n: int) -> int:
     return max(1, min(want, S // (2 * block_n)))
 
 
-#: (slot bits, head_dim <= 128) -> (BLOCK_N, num_warps, num_stages) of the decode kernel on CUDA; others take
+#: (slot bits, head_dim <= 128) -> (BLOCK_N, num_warps, num_stages[, SLOTS_M]) of the decode kernel on CUDA; others take
 #: (64 slots, or 32 past 128 channels; 4 warps; 3 stages). The fastest of 24 tiles each on an H200 (Mistral-7B
 #: shapes, B = 256 and 512, 820 slots a head: benchmarks/decode_tiles.py, docs/benchmarks/kv-bits/): 16 bits read at
 #: 4.2 TB/s (SDPA's speed), 8 bits at 2.0-2.2 TB/s, 4 bits at 0.6 TB/s (bound by the unpacking, not the bytes).
-TILES: dict[tuple[int, bool], tuple[int, int, int]] = {
+TILES: dict[tuple[int, bool], tuple[int, ...]] = {
     (16, True): (64, 4, 2),
     (8, True): (128, 4, 3),
     (4, True): (32, 4, 2),
@@ -222,7 +241,7 @@ def pooled_decode_attention(
     valid: torch.Tensor,
     scaling: float,
     codec: SlotCodec | None = None,
-    tile: tuple[int, int, int] | None = None,
+    tile: tuple[int, ...] | None = None,
 ) -> torch.Tensor | None:
     """Decode attention over a layer's keys and values as rows (squeezekit.layers.SlotRows: a pool of per-head
     segments, or quantized slots): query (B, Hq, 1, D); key_parts/value_parts: (N, D) rows in the query's dtype, or
@@ -247,7 +266,7 @@ def _launch(
     valid: torch.Tensor | None,
     lengths: torch.Tensor | None = None,
     codec: SlotCodec | None = None,
-    tile: tuple[int, int, int] | None = None,
+    tile: tuple[int, ...] | None = None,
 ) -> torch.Tensor | None:
     B, Hq, _, D = query.shape
     key, value = key_parts[0], value_parts[0]
@@ -277,7 +296,8 @@ def _launch(
 
     def run() -> torch.Tensor:
         split, merge = _kernels()
-        block_n, warps, stages = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
+        block_n, warps, stages, *orient = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
+        slots_m = bool(orient and orient[0])
         if interpret:
             block_n = 16
         block_g = max(16, triton.next_power_of_2(G))
@@ -300,7 +320,7 @@ def _launch(
             out.stride(0), out.stride(2), out.stride(3), *map_strides, k_scale.stride(0), v_scale.stride(0),
             H, G, S, D, per_split, float(scaling) * LOG2E,
             ONE_SPLIT=nsplit == 1, POOLED=pooled, DOT_PREC=prec, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-            QBITS=bits, GROUP=group, **extra,
+            QBITS=bits, GROUP=group, SLOTS_M=slots_m, **extra,
         )  # fmt: skip
         if nsplit > 1:
             merge[(B * Hq,)](
