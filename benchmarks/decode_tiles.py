@@ -56,6 +56,11 @@ def main(argv=None) -> int:
         help="0: query heads on the dots' M axis (the key/value tiles as their second operand); 1: the slots "
         "(``SLOTS_M``: the converted key/value tiles as the first operand, from registers)",
     )
+    p.add_argument(
+        "--fp16-codes",
+        default="0,1",
+        help="quantized slots: 1, the codes enter fp16 dots through an integer trick (``FP16_CODES``); 0, converted",
+    )
     a = p.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     B, H, G, D, S = a.batch, 8, 4, 128, a.slots
@@ -88,9 +93,9 @@ def main(argv=None) -> int:
         v32 = codec.decode(tuple(rect[n] for n in vn), torch.float32) if codec else v.float()
         ref = sdpa(qf.float(), k32, v32, scale=0.1).reshape(B, 1, H * G, D)
         del rect, k32, v32
-        grid = itertools.product(ints(a.block_n), ints(a.warps), ints(a.stages), ints(a.orientations))
-        for block_n, warps, stages, slots_m in grid:
-            tile = (block_n, warps, stages, slots_m)
+        fp16 = ints(a.fp16_codes) if bits < 16 else [0]
+        grid = itertools.product(ints(a.block_n), ints(a.warps), ints(a.stages), ints(a.orientations), fp16)
+        for tile in grid:
             args = (q, keys, values, pool.offsets, pool.lengths, valid, 0.1, codec, tile)
             call = functools.partial(decode.pooled_decode_attention, *args)
             with kernels.configured(), warnings.catch_warnings():
@@ -107,9 +112,9 @@ def main(argv=None) -> int:
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
         done = [r for r in res["rows"] if r["bits"] == bits and "us" in r]
-        for slots_m in ints(a.orientations):
-            best = min((r for r in done if r["tile"][3] == slots_m), key=lambda r: r["us"])
-            res[f"best_{bits}_slots_m{slots_m}"] = best
+        for slots_m, codes16 in itertools.product(ints(a.orientations), fp16):
+            best = min((r for r in done if r["tile"][3:] == [slots_m, codes16]), key=lambda r: r["us"])
+            res[f"best_{bits}_slots_m{slots_m}_fp16_codes{codes16}"] = best
             print("best", json.dumps(best), "sdpa", round(res["sdpa_bf16_us"], 1), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "decode_tiles.json").write_text(json.dumps(res, indent=1))

@@ -6,6 +6,7 @@ Exit 0: every configuration compiled and fits in shared memory; 3: this Triton c
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
 
 
@@ -126,19 +127,20 @@ def main() -> int:
     for one in (True, False):
         for pooled in (False, True):
             consts = dict(ONE_SPLIT=one, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
-                          QBITS=16, GROUP=1, SLOTS_M=False)  # fmt: skip
+                          QBITS=16, GROUP=1, SLOTS_M=False, FP16_CODES=False)  # fmt: skip
             check(kd._split, parts, consts, 4, 3)
     for pooled in (False, True):
         consts = dict(ONE_SPLIT=True, POOLED=pooled, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=32, BLOCK_D=256,
-                      QBITS=16, GROUP=1, SLOTS_M=False)  # fmt: skip
+                      QBITS=16, GROUP=1, SLOTS_M=False, FP16_CODES=False)  # fmt: skip
         check(kd._split, parts, consts, 4, 3)
     # quantized slots, read as rows: 8 bits; 4 bits in two groups (D = 128) and in one (D = 64)
     # in both orientations of the dots (SLOTS_M: the slots on their M axis)
     reads = ((8, "*i8", 1, 128), (4, "*u8", 64, 128), (4, "*u8", 1 << 30, 64), (16, "*bf16", 1, 128))
     for bits, code, group, d in reads:
-        for one, slots_m in ((True, False), (False, False), (True, True), (False, True)):
+        codes16 = (False, True) if bits < 16 else (False,)  # FP16_CODES: quantized slots only
+        for one, slots_m, fp16 in itertools.product((True, False), (False, True), codes16):
             consts = dict(ONE_SPLIT=one, POOLED=True, DOT_PREC="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=d,
-                          QBITS=bits, GROUP=group, SLOTS_M=slots_m)  # fmt: skip
+                          QBITS=bits, GROUP=group, SLOTS_M=slots_m, FP16_CODES=fp16)  # fmt: skip
             check(kd._split, {**parts, "K": code, "V": code}, consts, 4, 3)
     check(kd._merge, parts, dict(BLOCK_D=128, BLOCK_G=16), 4, 1)
     print(f"compiled {n} kernel configurations for sm_90")

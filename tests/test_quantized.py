@@ -229,6 +229,49 @@ def test_the_decode_kernel_on_quantized_rows_equals_dequantize_then_attend_in_fp
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots_m", [False, True], ids=["heads-on-M", "slots-on-M"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("B,H,G,D,v_scale", [(2, 2, 4, 16, 1.0), (3, 2, 2, 24, 1e-3), (2, 2, 4, 128, 30.0)])
+def test_codes_in_fp16_dots_equal_dequantize_then_attend_to_fp16s_precision(B, H, G, D, v_scale, bits, slots_m):
+    """With a 16-bit query, 8- and 4-bit codes may enter fp16 dots through an integer trick (`FP16_CODES`, no
+    conversion instructions), the query and each 8-bit tile's weights rescaled by powers of two into fp16's range:
+    the output is the fp32 reference's to fp16's precision, for values far from 1 too (the weights of tiny values
+    would be subnormal in fp16 without the rescaling)."""
+    pytest.importorskip("triton")
+    import numpy as np
+
+    from squeezekit import kernels
+    from squeezekit.attention import _fold, _unfold
+    from squeezekit.kernels import decode
+    from squeezekit.layers import HeadPool
+
+    g = torch.Generator().manual_seed(B * 7 + H + D)
+    codec = SlotCodec(bits, D)
+    caps = np.random.default_rng(B + H + D).integers(3, 40, size=(B, H))
+    k, v = torch.randn(B, H, int(caps.max()), D, generator=g) * 2, torch.randn(B, H, int(caps.max()), D, generator=g)
+    parts = dict(zip(codec.names("k"), codec.encode(k), strict=True))
+    parts.update(zip(codec.names("v"), codec.encode(v * v_scale), strict=True))
+    pool = HeadPool.pack(parts, caps)
+    valid = pool.mapped() & (torch.rand(pool.slot_map.shape, generator=g) > 0.2)
+    valid[..., 0] = True
+    query = (torch.randn(B, H * G, 1, D, generator=g) * 30).half()
+    rect = pool.rect()
+    # 8-bit codes are exact in fp16 (their scales apply in fp32); 4-bit slots are dequantized into fp16, as the torch
+    # path dequantizes into the model's dtype: rounded once
+    dtype = torch.float32 if bits == 8 else torch.float16
+    k_ref, v_ref = (codec.decode(tuple(rect[n] for n in codec.names(w)), dtype).float() for w in "kv")
+    C = valid.shape[-1]
+    mask = valid[:, :, None, :].expand(B, H, G, C).reshape(B, H, G, C)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref = _unfold(sdpa(_fold(query.float(), H), k_ref, v_ref, attn_mask=mask, scale=0.1), H * G, 1)
+    keys, values = (tuple(pool.parts[n] for n in codec.names(w)) for w in "kv")
+    with kernels.configured("pooled", interpret=True):
+        tile = (64, 4, 2, slots_m, True)
+        out = decode.pooled_decode_attention(query, keys, values, pool.offsets, pool.lengths, valid, 0.1, codec, tile)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("heads", ["uniform", "adaptive"])
 def test_decode_reads_quantized_slots_in_the_fused_kernel_with_generate_s_tokens(heads, monkeypatch):
     """Decode steps read the quantized slots in the fused kernel (Triton's interpreter here), never dequantizing

@@ -18,6 +18,14 @@ The dots run with the G query heads on their M axis, or (``SLOTS_M``) with the t
 ``K @ Q^T`` and the output as ``V^T @ P^T``, so that the key and value tiles are the dots' first operand, which
 Hopper's tensor cores take from registers (where a quantized tile is converted) rather than from shared memory.
 The same products in either orientation; `TILES` picks the orientation with the tile (benchmarks/decode_tiles.py).
+
+With a 16-bit query, quantized tiles may enter fp16 dots with no conversion instruction (``FP16_CODES``; those run
+at a quarter of the integer and fp16 rate on Hopper and bound a quantized tile's conversion): an 8-bit code c is
+the mantissa of the fp16 1024 + (c + 128), minus 1152 (exact); a 4-bit nibble n that of 1024 + n, times its fp16
+scale plus its fp16 low in one fused multiply-add (rounded once, as the torch path's fp32 dequantization rounded to
+fp16). The query goes into fp16 with each row scaled by a power of two into [1, 2), and an 8-bit tile's weights
+(probability times the slot's scale) by a power of two to at most 2, both undone in fp32: exact rescalings, so
+the products keep fp16's 11 bits where bf16 keeps 8, and no weight of a tiny value falls into fp16's subnormals.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     ONE_SPLIT: tl.constexpr, POOLED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     QBITS: tl.constexpr = 16, GROUP: tl.constexpr = 1, SLOTS_M: tl.constexpr = False,
+    FP16_CODES: tl.constexpr = False,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,8 +75,13 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
     q = tl.load(Q + b * sqb + hq[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if FP16_CODES:  # the query in fp16, each row scaled by a power of two into [1, 2) (exact); see _codes16
+        q_inv, q_back = _pow2(tl.max(tl.abs(q.to(tl.float32)), 1))
+        q_dot = (q.to(tl.float32) * q_inv[:, None]).to(tl.float16)
+    else:
+        q_dot = q
     if SLOTS_M:  # the slots on the dots' M axis: the key and value tiles are their first operand, in registers
-        q_t = tl.trans(q)
+        q_t = tl.trans(q_dot)
         acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)  # transposed
     else:
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -94,18 +108,22 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         if QBITS == 16:
             k = tl.load(k_ptr, mask=kv_ok, other=0.0)
         elif QBITS == 8:  # int8 codes (exact in the query's dtype); the slot's scale multiplies its score
-            k = tl.load(k_ptr, mask=kv_ok, other=0).to(q.dtype)
+            codes = tl.load(k_ptr, mask=kv_ok, other=0)
+            k = _codes16(codes) if FP16_CODES else codes.to(q.dtype)
         else:  # 4 bits: a slot's bytes, two channels each (even channel low); code * scale + low per group
-            k = _unpack4(K, KScale, KLow, rows, n_in, skn, skd, sks, D, BLOCK_N, BLOCK_D, GROUP).to(q.dtype)
+            k = _unpack4(K, KScale, KLow, rows, n_in, skn, skd, sks, D, BLOCK_N, BLOCK_D, GROUP, FP16_CODES)
+            k = k if FP16_CODES else k.to(q.dtype)
         if SLOTS_M:
             s = tl.trans(tl.dot(k, q_t, input_precision=DOT_PREC))
         else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PREC)
         if QBITS == 8:
             k_s = tl.load(KScale + rows * sks, mask=n_in, other=0.0).to(tl.float32)
             s = s * (k_s * scale_log2)[None, :]
         else:
             s = s * scale_log2
+        if FP16_CODES:
+            s = s * q_back[:, None]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -116,16 +134,30 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
             v = tl.load(v_ptr, mask=kv_ok, other=0.0)
             pw = p.to(q.dtype)
         elif QBITS == 8:  # the slot's scale multiplies its probability
-            v = tl.load(v_ptr, mask=kv_ok, other=0).to(q.dtype)
+            codes = tl.load(v_ptr, mask=kv_ok, other=0)
             v_s = tl.load(VScale + rows * svs, mask=n_in, other=0.0).to(tl.float32)
-            pw = (p * v_s[None, :]).to(q.dtype)
-        else:
-            v = _unpack4(V, VScale, VLow, rows, n_in, svn, svd, svs, D, BLOCK_N, BLOCK_D, GROUP).to(q.dtype)
-            pw = p.to(q.dtype)
+            pw = p * v_s[None, :]
+            if FP16_CODES:  # the tile's weights scaled by a power of two to at most 2, into fp16's range
+                p_inv, p_back = _pow2(tl.max(tl.max(pw, 1), 0))
+                v = _codes16(codes)
+                pw = (pw * p_inv).to(tl.float16)
+            else:
+                v = codes.to(q.dtype)
+                pw = pw.to(q.dtype)
+        else:  # (probabilities are at most 1: in fp16's range as they are)
+            v = _unpack4(V, VScale, VLow, rows, n_in, svn, svd, svs, D, BLOCK_N, BLOCK_D, GROUP, FP16_CODES)
+            v = v if FP16_CODES else v.to(q.dtype)
+            pw = p.to(v.dtype)
         if SLOTS_M:
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), tl.trans(pw), input_precision=DOT_PREC)
+            pv = tl.dot(tl.trans(v), tl.trans(pw), input_precision=DOT_PREC)
         else:
-            acc = acc * alpha[:, None] + tl.dot(pw, v, input_precision=DOT_PREC)
+            pv = tl.dot(pw, v, input_precision=DOT_PREC)
+        if FP16_CODES and QBITS == 8:
+            pv = pv * p_back
+        if SLOTS_M:
+            acc = acc * alpha[None, :] + pv
+        else:
+            acc = acc * alpha[:, None] + pv
         m_i = m_new
     if SLOTS_M:
         acc = tl.trans(acc)
@@ -140,28 +172,52 @@ def _split(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
         tl.store(PartL + row, l_i, mask=g_ok)
 
 
+def _codes16(codes):  # type: ignore[no-untyped-def]  # (a Triton function, called by _split)
+    """int8 codes in [-127, 127] as fp16, exactly, with integer operations and one fp16 subtraction: c + 128 as the
+    mantissa of 1024 + (c + 128), minus 1152. Converting instructions run at a quarter of the integer and fp16
+    rate on Hopper and bound an 8-bit tile's conversion to the query's dtype (``codes.to(q.dtype)``)."""
+    u = (codes.to(tl.uint8, bitcast=True) ^ 128).to(tl.int16)
+    return (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - tl.full((), 1152.0, tl.float16)
+
+
+def _pow2(x):  # type: ignore[no-untyped-def]  # (a Triton function, called by _split)
+    """For x >= 0 (fp32): (2**-e, 2**e) with x * 2**-e in [1, 2) (both 1 for zero or a subnormal x): an exact
+    rescaling into fp16's range and back."""
+    e = (x.to(tl.int32, bitcast=True) >> 23) & 255
+    e = tl.where(e == 0, 127, tl.minimum(e, 253))
+    return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True)
+
+
 def _unpack4(  # type: ignore[no-untyped-def]  # (a Triton function, called by _split)
     Codes, Scale, Low, rows, n_in, scn, scd, ss, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, F16: tl.constexpr = False,
 ):  # fmt: skip
     """(BLOCK_N, BLOCK_D) fp32: the 4-bit slots ``rows`` dequantized (two channels a byte, the even one low; code *
-    scale + low per group of GROUP channels, one group a slot when GROUP >= BLOCK_D)."""
+    scale + low per group of GROUP channels, one group a slot when GROUP >= BLOCK_D). ``F16``: in fp16, with no
+    conversion instruction (a nibble n is the mantissa of 1024 + n; the scales and lows are stored in fp16)."""
     offs_h = tl.arange(0, BLOCK_D // 2)
     h_ok = n_in[:, None] & (offs_h < (D + 1) // 2)[None, :]
     byte = tl.load(Codes + rows[:, None] * scn + offs_h[None, :] * scd, mask=h_ok, other=0)
-    code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)
+    nibbles = tl.interleave(byte & 15, byte >> 4)
+    if F16:
+        one = (nibbles.to(tl.int16) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        code = one - tl.full((), 1024.0, tl.float16)
+        kind = tl.float16
+    else:
+        code = nibbles.to(tl.float32)
+        kind = tl.float32
     if GROUP >= BLOCK_D:
-        scale = tl.load(Scale + rows * ss, mask=n_in, other=0.0).to(tl.float32)
-        low = tl.load(Low + rows * ss, mask=n_in, other=0.0).to(tl.float32)
-        x = code * scale[:, None] + low[:, None]
+        scale = tl.load(Scale + rows * ss, mask=n_in, other=0.0).to(kind)
+        low = tl.load(Low + rows * ss, mask=n_in, other=0.0).to(kind)
+        x = tl.fma(code, scale[:, None], low[:, None])  # (in fp16: rounded once, as torch's fp32 then fp16)
     else:
         offs_gr = tl.arange(0, BLOCK_D // GROUP)
         g_ptr = rows[:, None] * ss + offs_gr[None, :]
         g_ok = n_in[:, None] & (offs_gr < (D + GROUP - 1) // GROUP)[None, :]
-        scale = tl.load(Scale + g_ptr, mask=g_ok, other=0.0).to(tl.float32)
-        low = tl.load(Low + g_ptr, mask=g_ok, other=0.0).to(tl.float32)
+        scale = tl.load(Scale + g_ptr, mask=g_ok, other=0.0).to(kind)
+        low = tl.load(Low + g_ptr, mask=g_ok, other=0.0).to(kind)
         code3 = tl.reshape(code, [BLOCK_N, BLOCK_D // GROUP, GROUP])
-        x = tl.reshape(code3 * scale[:, :, None] + low[:, :, None], [BLOCK_N, BLOCK_D])
+        x = tl.reshape(tl.fma(code3, scale[:, :, None], low[:, :, None]), [BLOCK_N, BLOCK_D])
     return x
 
 
@@ -195,11 +251,12 @@ def _merge(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads annota
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> tuple[KernelInterface, KernelInterface]:
-    global triton, tl, _unpack4
+    global triton, tl, _unpack4, _codes16, _pow2
     import triton
     import triton.language as tl
 
-    _unpack4 = triton.jit(_unpack4)  # (the kernel finds it among its globals when it compiles)
+    # (the kernel finds its functions among its globals when it compiles)
+    _unpack4, _codes16, _pow2 = triton.jit(_unpack4), triton.jit(_codes16), triton.jit(_pow2)
     return triton.jit(_split), triton.jit(_merge)
 
 
@@ -296,8 +353,10 @@ def _launch(
 
     def run() -> torch.Tensor:
         split, merge = _kernels()
-        block_n, warps, stages, *orient = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
-        slots_m = bool(orient and orient[0])
+        block_n, warps, stages, *variant = tile or TILES.get((bits, D <= 128), (64 if D <= 128 else 32, 4, 3))
+        slots_m = bool(variant and variant[0])
+        # 8-bit codes into fp16 dots (_codes16) for 16-bit queries; an fp32 query keeps its exact fp32 products
+        fp16_codes = bits < 16 and query.dtype != torch.float32 and len(variant) > 1 and bool(variant[1])
         if interpret:
             block_n = 16
         block_g = max(16, triton.next_power_of_2(G))
@@ -320,7 +379,7 @@ def _launch(
             out.stride(0), out.stride(2), out.stride(3), *map_strides, k_scale.stride(0), v_scale.stride(0),
             H, G, S, D, per_split, float(scaling) * LOG2E,
             ONE_SPLIT=nsplit == 1, POOLED=pooled, DOT_PREC=prec, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-            QBITS=bits, GROUP=group, SLOTS_M=slots_m, **extra,
+            QBITS=bits, GROUP=group, SLOTS_M=slots_m, FP16_CODES=fp16_codes, **extra,
         )  # fmt: skip
         if nsplit > 1:
             merge[(B * Hq,)](
