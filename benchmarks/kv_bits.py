@@ -10,7 +10,8 @@ the measured copy bandwidth. Also checked: the fused decode kernel on quantized 
 dequantize-then-attend reference in fp32, and the serving path's tokens against ``model.generate``'s.
 
     python benchmarks/kv_bits.py --out DIR
-    python benchmarks/kv_bits.py --out DIR --device cpu --config tiny --prompt-len 256 --ladder 2,4 --steps 3
+    python benchmarks/kv_bits.py --out DIR --device cpu --config tiny --prompt-len 256 --ladder 2,4 --steps 3 \
+        --micro-batch 2
 """
 
 from __future__ import annotations
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="", help="comma-separated methods to profile (eager steps) first")
     p.add_argument("--profile-batch", type=int, default=256)
     a = p.parse_args(argv)
+    bad = [b for b in a.ladder.split(",") if not b.isdigit() or int(b) < a.micro_batch or int(b) % a.micro_batch]
+    if bad:  # each batch repeats one prefilled micro-batch
+        p.error(f"--ladder {','.join(bad)}: each batch must be a multiple of --micro-batch ({a.micro_batch})")
     t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
