@@ -551,6 +551,8 @@ class BudgetedLayer(WindowLayer):
         self.holes = False
         #: how kept slots are stored below 16 bits (None: in the model's dtype), set with the head dimension
         self.codec: SlotCodec | None = None
+        #: (shape key, offsets, lengths) of `_buffer_rows`
+        self._rows_of: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     # -- where the keys and values live -------------------------------------------------------------------------
     # Three places, one at a time: rectangular buffers in the model's dtype (``_keys``/``_values``), their quantized
@@ -758,15 +760,23 @@ class BudgetedLayer(WindowLayer):
             parts, offsets, lengths = self.pool.parts, self.pool.offsets, self.pool.lengths
         else:
             assert self.quant is not None
-            B, H, C = self.valid.shape
             parts = {name: t.reshape(-1, t.shape[-1]) for name, t in self.quant.items()}
-            offsets = (torch.arange(B * H, device=self.device, dtype=torch.int64) * C).view(B, H)
-            lengths = torch.full((B, H), C, dtype=torch.int32, device=self.device)
+            offsets, lengths = self._buffer_rows(*self.valid.shape)
         codec = self.codec if self.quantized else None
         names_k, names_v = (codec.names("k"), codec.names("v")) if codec is not None else (("keys",), ("values",))
         return SlotRows(
             tuple(parts[n] for n in names_k), tuple(parts[n] for n in names_v), offsets, lengths, self.valid, codec,
         )  # fmt: skip
+
+    def _buffer_rows(self, B: int, H: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectangular (B, H, C) slot buffers read as rows: each head's first row and its length (made once per
+        shape, not at every decode step: two kernels a layer and step fewer inside the replayed graph)."""
+        key = (B, H, C, self.device)
+        if self._rows_of is None or self._rows_of[0] != key:
+            offsets = (torch.arange(B * H, device=self.device, dtype=torch.int64) * C).view(B, H)
+            lengths = torch.full((B, H), C, dtype=torch.int32, device=self.device)
+            self._rows_of = (key, offsets, lengths)
+        return self._rows_of[1], self._rows_of[2]
 
     def attended(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What `write` returns for the attention: for the fused decode kernel (`decode_rows`), the first parts of
