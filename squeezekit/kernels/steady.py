@@ -208,7 +208,8 @@ def steady_write(
     offsets: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Replace each row's victim slot by the new token, in place; returns the victims (B, H, 1) long, or None when
-    the kernel is off for this device (or failed before: the caller then runs its plain path).
+    the kernel is off for this device (or failed before, or the scales and lows are laid out unlike each other:
+    the caller then runs its plain path).
 
     score/valid/positions (B, H, S); keys/values: the parts the layer stores them in, (keys,) / (values,) in the
     model's dtype or with ``codec`` its parts (codes, scale[, low]: squeezekit.quantized), each (B, H, C, n), or
@@ -230,8 +231,9 @@ def steady_write(
     k_codes, v_codes = keys[0], values[0]
     k_scale, k_low = (keys[1], keys[-1]) if codec is not None else (k_codes, k_codes)
     v_scale, v_low = (values[1], values[-1]) if codec is not None else (v_codes, v_codes)
-    scale_strides = strides(k_scale)
-    assert all(strides(t) == scale_strides for t in (k_low, v_scale, v_low)), "scales and lows share one layout"
+    scale_strides = strides(k_scale) if codec is not None else (0, 0, 0, 0)  # (unused at 16 bits)
+    if codec is not None and any(strides(t) != scale_strides for t in (k_low, v_scale, v_low)):
+        return None  # the kernel takes one layout for the scales and lows (they are made alike): the plain path
     assert offsets is None or (offsets.is_contiguous() and offsets.dtype == torch.int64 and offsets.shape == (B, H))
     group = D if codec is None else codec.group
 
