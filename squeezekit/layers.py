@@ -859,9 +859,9 @@ class BudgetedLayer(WindowLayer):
         runner, step = cache.runner, cache.step
         view_of = lambda: self.view("decode")  # noqa: E731
         victim = None
-        # one fused kernel selects, quantizes and writes (rectangular buffers with free slots take the plain path:
-        # it writes into the first free slot, not the victim's)
-        if (self.pool is not None or not self.holes) and runner.scores_only:
+        # one fused kernel selects, quantizes and writes (with free slots in rectangular buffers, into the first
+        # free one once the victim's is freed, as the plain path below)
+        if runner.scores_only:
             score = runner.kernel_scores(view_of) if steady_kernel.available(k) else None
             if score is not None:
                 # the kernel resets the first per-slot statistic of the victim's slot, `reset_stats` any others
@@ -873,6 +873,7 @@ class BudgetedLayer(WindowLayer):
                     score, self.valid, self.positions, tuple(parts[n] for n in names_k),
                     tuple(parts[n] for n in names_v), stat, fill, k, v, step.new_pos.to(k.device),
                     runner.nan_flag(score.device), codec, None if self.pool is None else self.pool.offsets,
+                    holes=self.holes,
                 )  # fmt: skip
                 if victim is not None:
                     self.reset_stats(victim, skip=1)

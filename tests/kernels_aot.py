@@ -100,8 +100,8 @@ def main() -> int:
     writes = ((16, "*bf16", 128, 128), (8, "*i8", 128, 128), (4, "*u8", 64, 128), (4, "*u8", 64, 64))
     for bits, code, group, d in writes:
         for pooled in (False, True):
-            consts = dict(HAS_STAT=True, POOLED=pooled, QBITS=bits, GROUP=group, BLOCK_S=1024, BLOCK_D=d,
-                          BLOCK_GR=max(2, d // group))  # fmt: skip
+            consts = dict(HAS_STAT=True, POOLED=pooled, HOLES=not pooled, QBITS=bits, GROUP=group, BLOCK_S=1024,
+                          BLOCK_D=d, BLOCK_GR=max(2, d // group))  # fmt: skip
             check(ks._steady_write, {**kv, "KCodes": code, "VCodes": code}, consts, 4, 3, enable_fp_fusion=False)
     ranked = {"Score": "*fp32", "Pos": "*i32", "Valid": "*i8", "Keep": "*i64", "Kept": "*i8", "NanFlag": "*u8"}
     for block in (16, 2048, ke.MAX_SLOTS):

@@ -159,7 +159,9 @@ def test_kernels_off_and_failure_fall_back_to_the_plain_path(monkeypatch):
     before = _spy()
     with kernels.configured("steady", interpret=True):  # attention kernel not chosen
         got = _h2o_run(model, ids, mask, steps=3)
-    assert _spy() == before and torch.equal(got[2], ref[2])
+    after = _spy()
+    assert {k: n for k, n in after.items() if k != "steady"} == {k: n for k, n in before.items() if k != "steady"}
+    assert after["steady"] > before["steady"] and torch.equal(got[2], ref[2])  # (padded rows: free slots)
     from squeezekit.kernels import attention as ka
 
     def broken(*args, **kwargs):
@@ -228,6 +230,41 @@ def test_steady_write_matches_victim_slots_and_the_scatters():
     with kernels.configured(interpret=True):
         steady_write(score, valid, positions, (keys,), (values,), None, 0.0, k, v, new_pos, flag)
     assert not bool(flag)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), S=st.integers(2, 40), free=st.floats(0.0, 0.6))
+def test_steady_write_with_free_slots_writes_where_the_plain_path_does(seed, S, free):
+    """Rows with free slots anywhere (an eviction that did not compact): the victim's slot is freed and the new
+    token takes the first free slot, `valid` updated, as BudgetedLayer's plain steady path does."""
+    from squeezekit.kernels.steady import steady_write
+    from squeezekit.policies import LayerView
+    from squeezekit.selection import victim_slots
+
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 3, 2, 16
+    valid = torch.rand(B, H, S, generator=g) >= free
+    valid[..., 0] = True  # every row holds a token
+    valid[0, 0] = True  # and one row has no free slot
+    score = torch.randint(0, 5, (B, H, S), generator=g).float()
+    positions = torch.stack([torch.randperm(100, generator=g)[:S] for _ in range(B * H)]).view(B, H, S).to(torch.int32)
+    keys, values = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+    new_pos = torch.tensor([[100], [101], [102]])
+    view = LayerView(keys, values, valid, positions, new_pos.view(-1) + 1, valid.sum(-1)[:, 0], 0, 1, "decode")
+    victim = victim_slots(score, view, protect_newest=False)
+    want_valid = valid.clone().scatter_(2, victim, False)
+    slot = (~want_valid).to(torch.int8).argmax(-1, keepdim=True)
+    want_valid.scatter_(2, slot, True)
+    want = [t.clone() for t in (keys, values, positions)]
+    want[0].scatter_(2, slot[..., None].expand(B, H, 1, D), k)
+    want[1].scatter_(2, slot[..., None].expand(B, H, 1, D), v)
+    want[2].scatter_(2, slot, new_pos.to(torch.int32)[:, None, :].expand(B, H, 1))
+    flag = torch.zeros((), dtype=torch.bool)
+    with kernels.configured(interpret=True):
+        got = steady_write(score, valid, positions, (keys,), (values,), None, 0.0, k, v, new_pos, flag, holes=True)
+    assert torch.equal(got, slot) and torch.equal(valid, want_valid)
+    assert all(torch.equal(a, b) for a, b in zip((keys, values, positions), want, strict=True))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

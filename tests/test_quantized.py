@@ -368,28 +368,35 @@ def test_the_steady_kernel_writes_the_codecs_bytes_into_the_victims_slot(bits, D
         assert torch.equal(t, expect), (name, int((t != expect).sum()))
 
 
-@pytest.mark.parametrize("config", [dict(kv_bits=8), dict(kv_bits=4), dict(kv_bits=8, heads="adaptive"),
-                                    dict(heads="adaptive")], ids=lambda c: "-".join(map(str, c.values())))  # fmt: skip
-def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens_and_cache(config):
-    """Quantized and pooled layers take the fused steady write too (one kernel a layer and step): the tokens, the
-    logits and every part of the cache as the torch path keeps them."""
+STEADY_CONFIGS = [dict(kv_bits=8), dict(kv_bits=4), dict(kv_bits=8, heads="adaptive"), dict(heads="adaptive"),
+                  dict(allocator="lost_attention"), dict(allocator="lost_attention", kv_bits=8)]  # fmt: skip
+
+
+@pytest.mark.parametrize("pad", [0, 9])
+@pytest.mark.parametrize("config", STEADY_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens_and_cache(config, pad):
+    """Quantized and pooled layers take the fused steady write too (one kernel a layer and step), and so do rows
+    of unequal budgets (padded rows, lost_attention's per-prompt budgets: free slots in the smaller rows, written
+    first-free as the torch path does): the tokens, the logits and every part of the cache as the torch path keeps
+    them."""
     pytest.importorskip("triton")
     from squeezekit import kernels
 
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
-    ids, _ = batch(2, 64)
+    ids, mask = batch(2, 64, pad=pad)
 
     def run():
         with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4, **config) as c:
-            cache, logits = prefill(model, c, ids, None, micro_batch=1)
+            cache, logits = prefill(model, c, ids, mask, micro_batch=1)
             assert all(layer.steady for layer in cache.layers)
+            holes = sum(layer.holes and layer.pool is None for layer in cache.layers)
             tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
             held = [
                 (dict(layer.pool.parts if layer.pool is not None else layer._rect_parts()), layer.positions.clone(),
-                 layer.stats.get("attention"))
+                 layer.stats.get("attention"), layer.valid.clone())
                 for layer in cache.layers
             ]  # fmt: skip
-            return tokens, held
+            return tokens, held, holes
 
     with kernels.configured("off"):
         ref = run()
@@ -399,10 +406,15 @@ def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens
         assert kernels.settings.failed == {}
     assert kernels.settings.calls["steady"] == before + len(got[1]) * 6  # every layer, every decode step
     assert torch.equal(got[0], ref[0])
-    for (parts, pos, att), (parts_ref, pos_ref, att_ref) in zip(got[1], ref[1], strict=True):
+    assert got[2] == ref[2]
+    if pad or "allocator" in config:  # rows of unequal budgets leave free slots in the smaller ones
+        assert got[2] > 0
+    else:
+        assert got[2] == 0
+    for (parts, pos, att, valid), (parts_ref, pos_ref, att_ref, valid_ref) in zip(got[1], ref[1], strict=True):
         assert parts.keys() == parts_ref.keys()
         assert all(torch.equal(parts[n], parts_ref[n]) for n in parts), config
-        assert torch.equal(pos, pos_ref) and torch.equal(att, att_ref)
+        assert torch.equal(pos, pos_ref) and torch.equal(att, att_ref) and torch.equal(valid, valid_ref)
 
 
 def test_reordering_or_repeating_rows_keeps_a_quantized_layer_quantized():

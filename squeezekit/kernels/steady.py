@@ -10,10 +10,12 @@ score is NaN (what `SqueezeCache.check_nan_later` records).
 
 Where it writes: a layer's rectangular slot buffers (B, H, C, n), or a pool of per-head segments (rows (N, n),
 squeezekit.layers.HeadPool: logical slot i of head (b, h) is row ``offsets[b, h] + i``; slots past a segment are
-invalid, so never the victim). What it writes: the new key and value in the model's dtype, or their 8-bit or 4-bit
-codes and scales, bit for bit what `SlotCodec.encode` gives: the same fp32 operations in the same order, IEEE
-division (``div_rn``), round-to-nearest-even conversions and roundings, and no fused multiply-adds
-(``enable_fp_fusion=False``), so that the kernel and the torch path keep identical caches (tests).
+invalid, so never the victim); in buffers with free slots (rows of unequal budgets), the victim's slot is freed
+and the new token takes the first free one, as the plain path does. What it writes: the new key and value in the
+model's dtype, or their 8-bit or 4-bit codes and scales, bit for bit what `SlotCodec.encode` gives: the same fp32
+operations in the same order, IEEE division (``div_rn``), round-to-nearest-even conversions and roundings, and no
+fused multiply-adds (``enable_fp_fusion=False``), so that the kernel and the torch path keep identical caches
+(tests).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _steady_write(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads
     vcb, vch, vcs, vcd,
     xsb, xsh, xss, xsg,
     H, S, D,
-    HAS_STAT: tl.constexpr, POOLED: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_STAT: tl.constexpr, POOLED: tl.constexpr, HOLES: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_GR: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -58,6 +60,7 @@ def _steady_write(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads
     best_pos = tl.full([], 2147483647, tl.int32)
     best_slot = tl.full([], 2147483647, tl.int32)
     any_nan = tl.full([], 0, tl.int32)
+    first_free = tl.full([], 2147483647, tl.int32)
     for start in range(0, S, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         ok = offs < S
@@ -66,6 +69,8 @@ def _steady_write(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads
         pos = tl.load(Pos + b * spb + h * sph + offs * sps, mask=ok, other=0)
         nan = score != score
         any_nan = tl.maximum(any_nan, tl.max((nan & ok).to(tl.int32), 0))
+        if HOLES:
+            first_free = tl.minimum(first_free, tl.min(tl.where(ok & ~valid, offs, 2147483647), 0))
         key = tl.where(nan, float("-inf"), score)
         key = tl.where(valid & ok, key, float("inf"))
         kmin = tl.min(key, 0)
@@ -77,6 +82,10 @@ def _steady_write(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads
         best_pos = tl.where(better, pmin, best_pos)
         best_slot = tl.where(better, smin, best_slot)
     victim = best_slot
+    if HOLES:  # free the victim's slot, write into the first free one (the general path's _make_room + _append)
+        tl.store(Valid + b * svb + h * svh + victim * svs, 0)
+        victim = tl.minimum(victim, first_free)
+        tl.store(Valid + b * svb + h * svh + victim * svs, 1)
     tl.store(Victim + pid, victim.to(tl.int64))
     if any_nan > 0:
         tl.store(NanFlag, 1)
@@ -206,6 +215,7 @@ def steady_write(
     nan_flag: torch.Tensor,
     codec: SlotCodec | None = None,
     offsets: torch.Tensor | None = None,
+    holes: bool = False,
 ) -> torch.Tensor | None:
     """Replace each row's victim slot by the new token, in place; returns the victims (B, H, 1) long, or None when
     the kernel is off for this device (or failed before, or the scales and lows are laid out unlike each other:
@@ -215,7 +225,9 @@ def steady_write(
     model's dtype or with ``codec`` its parts (codes, scale[, low]: squeezekit.quantized), each (B, H, C, n), or
     (N, n) rows of a pool with ``offsets`` (B, H) int64 contiguous, each head's first row; stat (B, H, S) fp32 or
     None: a per-slot statistic whose victim slot is reset to ``fill``; k/v (B, H, 1, D); new_pos (B, 1) long;
-    nan_flag: a bool scalar tensor set to True when a score is NaN.
+    nan_flag: a bool scalar tensor set to True when a score is NaN. ``holes`` (buffers only): some slots are free;
+    the victim's slot is freed and the new token goes into the first free slot (``valid`` is updated), which the
+    returned slots then name.
     """
     if not use("steady", k):
         return None
@@ -253,7 +265,7 @@ def steady_write(
             *score.stride(), *valid8.stride(), *positions.stride(), *stat_.stride(),
             k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
             *strides(k_codes), *strides(v_codes), *scale_strides,
-            H, S, D, HAS_STAT=stat is not None, POOLED=pooled, QBITS=bits, GROUP=group,
+            H, S, D, HAS_STAT=stat is not None, POOLED=pooled, HOLES=holes and not pooled, QBITS=bits, GROUP=group,
             BLOCK_S=16 if interpreting() else block_s, BLOCK_D=block_d,
             BLOCK_GR=max(2, triton.next_power_of_2(-(-D // group))), num_warps=4, **extra,
         )  # fmt: skip
