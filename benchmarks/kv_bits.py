@@ -144,6 +144,22 @@ def decode_run(model, ids, method: str, B: int, steps: int, device: str) -> dict
                 cuda_graph=graph)  # fmt: skip
 
 
+def use_tiles(path: str) -> dict:
+    """Set kernels/decode.py's TILES to the fastest tile of each quantized precision timed in ``path`` (a
+    decode_tiles.py JSON); returns what was set."""
+    from squeezekit.kernels import decode
+
+    rows = json.loads(Path(path).read_text())["rows"]
+    chosen = {}
+    for bits in (8, 4):
+        done = [r for r in rows if r["bits"] == bits and "us" in r]
+        if done:
+            best = min(done, key=lambda r: r["us"])
+            decode.TILES[(bits, True)] = tuple(best["tile"])
+            chosen[bits] = best
+    return chosen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/kv_bits.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -158,6 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-s", type=float, default=480)
     p.add_argument("--profile", default="", help="comma-separated methods to profile (eager steps) first")
     p.add_argument("--profile-batch", type=int, default=256)
+    p.add_argument(
+        "--tiles",
+        metavar="FILE",
+        help="a benchmarks/decode_tiles.py JSON: decode with the fastest tile of each quantized precision in it "
+        "instead of kernels/decode.py's TILES (written into the output)",
+    )
     a = p.parse_args(argv)
     bad = [b for b in a.ladder.split(",") if not b.isdigit() or int(b) < a.micro_batch or int(b) % a.micro_batch]
     if bad:  # each batch repeats one prefilled micro-batch
@@ -166,6 +188,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"args": vars(a), "runs": [], "checks": {}}
+    if a.tiles:
+        res["tiles"] = use_tiles(a.tiles)
+        print("tiles", json.dumps(res["tiles"]), flush=True)
 
     def write():
         (out / "kv_bits.json").write_text(json.dumps(res, indent=1, default=str))

@@ -136,6 +136,25 @@ def test_the_kv_bits_script_runs_on_cpu_and_counts_the_quantized_bytes(tmp_path)
     assert 0.2 < q8["kv_bytes"] / full["kv_bytes"] < 0.3
 
 
+def test_the_kv_bits_script_decodes_with_the_fastest_tiles_of_a_decode_tiles_run(tmp_path, monkeypatch):
+    """`--tiles FILE` sets the decode kernel's tile of each quantized precision to the fastest one timed there."""
+    from squeezekit.kernels import decode
+
+    kv_bits = load("kv_bits")
+    rows = [dict(bits=8, tile=[64, 4, 2, 0, 1], us=9.0), dict(bits=8, tile=[128, 4, 3, 1, 0], us=7.5),
+            dict(bits=8, tile=[32, 8, 2, 0, 0], error="out of resources"),
+            dict(bits=4, tile=[32, 4, 2, 1, 1], us=20.0)]  # fmt: skip
+    (tmp_path / "tiles.json").write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(decode, "TILES", dict(decode.TILES))  # (restored after the test)
+    argv = ["--out", str(tmp_path / "out"), "--device", "cpu", "--config", "tiny", "--prompt-len", "128",
+            "--ladder", "2", "--steps", "2", "--micro-batch", "2", "--check-tokens", "2",
+            "--methods", "uniform+streaming@0.2/kv_bits=8", "--tiles", str(tmp_path / "tiles.json")]  # fmt: skip
+    assert kv_bits.main(argv) == 0
+    assert decode.TILES[(8, True)] == (128, 4, 3, 1, 0) and decode.TILES[(4, True)] == (32, 4, 2, 1, 1)
+    res = json.loads((tmp_path / "out" / "kv_bits.json").read_text())
+    assert res["tiles"]["8"]["us"] == 7.5
+
+
 def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_path):
     """benchmarks/policy_share.py (issue 24 part 4 on the GPU) at toy sizes: every kernel setting and method is
     timed, the three policy pieces and their share of the prefill are reported, and the importance micro-benchmark
