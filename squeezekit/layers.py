@@ -762,11 +762,17 @@ class BudgetedLayer(WindowLayer):
             assert self.quant is not None
             parts = {name: t.reshape(-1, t.shape[-1]) for name, t in self.quant.items()}
             offsets, lengths = self._buffer_rows(*self.valid.shape)
-        codec = self.codec if self.quantized else None
-        names_k, names_v = (codec.names("k"), codec.names("v")) if codec is not None else (("keys",), ("values",))
+        codec, names_k, names_v = self._part_names()
         return SlotRows(
             tuple(parts[n] for n in names_k), tuple(parts[n] for n in names_v), offsets, lengths, self.valid, codec,
         )  # fmt: skip
+
+    def _part_names(self) -> tuple[SlotCodec | None, tuple[str, ...], tuple[str, ...]]:
+        """The codec the keys and values are stored with now (None: the model's dtype) and their parts' names."""
+        codec = self.codec if self.quantized else None
+        if codec is None:
+            return None, ("keys",), ("values",)
+        return codec, codec.names("k"), codec.names("v")
 
     def _buffer_rows(self, B: int, H: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rectangular (B, H, C) slot buffers read as rows: each head's first row and its length (made once per
@@ -866,8 +872,7 @@ class BudgetedLayer(WindowLayer):
             if score is not None:
                 # the kernel resets the first per-slot statistic of the victim's slot, `reset_stats` any others
                 stat, fill = next(((self.stats[name], fill) for name, fill in runner.slot_fields), (None, 0.0))
-                codec = self.codec if self.quantized else None
-                names_k, names_v = (codec.names("k"), codec.names("v")) if codec else (("keys",), ("values",))
+                codec, names_k, names_v = self._part_names()
                 parts = self.pool.parts if self.pool is not None else self._rect_parts()
                 victim = steady_kernel.steady_write(
                     score, self.valid, self.positions, tuple(parts[n] for n in names_k),
