@@ -491,6 +491,7 @@ class SqueezekitLM(HFLM):
                 micro_batch=self.micro_batch or B,
                 logits_to_keep=keep,
                 on_logits=lambda sl, lg: scores.add(lg, prompt[sl] - keep, sl),
+                pool_rows=False,  # (the extend steps below grow the layers: rectangular buffers)
             )
             self._record(compressor)
             C = self.extend_chunk

@@ -31,6 +31,7 @@ def prefill(
     chunk: int | None = None,
     logits_to_keep: int = 1,
     on_logits: Callable[[slice, torch.Tensor], None] | None = None,
+    pool_rows: bool = True,
 ) -> tuple[SqueezeCache, torch.Tensor]:
     """Prefill ``input_ids`` (B, T) in micro-batches inside ``compressor``'s active ``compress`` block on ``model``
     (what ``with squeezekit.compress(model, ...) as compressor`` gives).
@@ -50,6 +51,11 @@ def prefill(
     ``on_logits(rows, logits)``, if given, is called once per micro-batch, as it comes, with its rows (a slice of the
     batch) and the logits of their last ``logits_to_keep`` input positions, (rows, logits_to_keep, vocab) (scoring
     prompts needs more than the last one; ``chunk`` keeps only the last).
+
+    ``pool_rows``: a layer whose rows got unequal budgets (a per-prompt allocator, prompts of different lengths)
+    moves into a pool of per-(row, head) segments, so it holds the sum of the rows' budgets rather than the longest
+    row's for every row (`squeezekit.layers.BudgetedLayer.pack`). False for a cache that multi-token steps extend
+    next (scoring), which would take it back to rectangular buffers at once.
 
     Returns ``(cache, last_logits)``: one `SqueezeCache` for the whole batch and the (B, vocab) logits of each
     sequence's last prompt token.
@@ -87,11 +93,13 @@ def prefill(
         _copy_rows(cache, part, rows)
         del part
     assert cache is not None
+    for layer in cache.layers:  # unequal budgets: into their pool (the batch was assembled rectangular, see below)
+        if isinstance(layer, BudgetedLayer):
+            layer.pack(rows=pool_rows)
+            layer.update_steady()
     if batch > micro_batch:
-        for layer in cache.layers:  # heads of unequal budgets: into their pool (assembled rectangular, see below)
-            if isinstance(layer, BudgetedLayer):
-                layer.pack()
         cache.peak_kv_bytes_prefill = max(peak, cache.kv_nbytes())
+    cache.kv_bytes_prefill = cache.kv_nbytes()
     compressor.last_cache = cache
     return cache, torch.cat(logits)
 
@@ -111,6 +119,7 @@ def _prefill_one(
     positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp_min(0)
     if not chunk or chunk >= T:
         cache = compressor.new_cache(shared=shared)
+        cache.pool_rows = False  # (pooled once the batch is assembled: `prefill`)
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -125,6 +134,7 @@ def _prefill_one(
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     assert positions is not None  # from the given mask, or from the all-ones one
     cache = compressor.new_cache(shared=shared, expected_prompt_len=mask.sum(-1))
+    cache.pool_rows = False
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         out = model(

@@ -29,7 +29,7 @@ from .allocation import BatchAllocation, plan_budgets
 from .attention import plan_layer
 from .errors import InputError
 from .kernels import evict
-from .layers import SlotLayer, layer_kinds
+from .layers import BudgetedLayer, SlotLayer, layer_kinds
 from .policies import LayerView
 from .runner import PolicyRunner
 from .selection import Ranking, kept_together
@@ -108,6 +108,9 @@ class SqueezeCache(Cache):
         self.kv_bytes_prefill = 0  # keys + values kept at the end of prefill
         self.peak_kv_bytes_prefill = 0  # the most keys + values allocated at any point of the prefill
         self.host_seen_max = 0  # host-side copy of seen.max(), so that hot paths never sync
+        #: at the end of prefill, a layer whose rows hold unequal budgets goes into a pool (`BudgetedLayer.pack`);
+        #: False for a micro-batch's cache (`squeezekit.batching` pools the assembled batch's)
+        self.pool_rows = True
         self.timings: dict[str, float] = {"importance": 0.0, "allocation": 0.0, "eviction": 0.0}
 
     # -- transformers' cache API ---------------------------------------------------------------------------------
@@ -165,6 +168,9 @@ class SqueezeCache(Cache):
             for layer in self.layers:
                 if layer.budgeted:
                     layer.make_plain()
+                if self.pool_rows and isinstance(layer, BudgetedLayer):
+                    layer.pack(rows=True)
+                    layer.update_steady()
             self.timings["eviction"] += self.clock() - t0
             self.kv_bytes_prefill = self.kv_nbytes()
         for layer in self.layers:

@@ -31,9 +31,12 @@ every head. Once the heads of a budgeted layer hold different budgets, its keys 
 row of each logical slot (-1 past the segment), so the bytes held are the sum of the heads' budgets. Why packed
 segments rather than pages: after prefill a head never grows (at steady state each decode token replaces one), so
 segments need no allocator and waste nothing; a multi-token step that must grow (scoring's extend steps) unpacks the
-layer and the next settle packs it again. The small per-slot tensors (validity, positions, statistics: a few bytes a
-slot, against 2 x head_dim x 2 for bf16 K/V) stay rectangular, so every policy still sees (B, H, C) tensors; the
-keys and values a view or the attention reads are gathered from the pool (the CPU path; on CUDA too, for now).
+layer and the next settle packs it again. Rows whose heads hold equal budgets but whose budgets differ from row to
+row (a per-prompt allocator such as lost_attention, prompts of different lengths) go into a pool too, once the
+batch's prefill is done, where the pool holds at most `ROW_POOL_SHARE` of the rectangular buffer's slots. The small
+per-slot tensors (validity, positions, statistics: a few bytes a slot, against 2 x head_dim x 2 for bf16 K/V) stay
+rectangular, so every policy still sees (B, H, C) tensors; the keys and values a view reads are gathered from the
+pool, and on CUDA the decode attention reads the pool in place (the ``pooled`` kernel, squeezekit.kernels).
 
 **Quantized slots.** With ``kv_bits`` 8 or 4 (squeezekit.quantized) a budgeted layer stores what it keeps, from
 the end of prefill on, as quantized parts instead of ``keys``/``values`` (``quant``: ``k_codes``, ``k_scale``, ...,
@@ -446,6 +449,11 @@ class WindowLayer(SlotLayer):
             self.heads_differ = differ  # (dropped by position: the KV heads of a row still hold the same tokens)
 
 
+#: rows of equal head budgets go into a pool (`BudgetedLayer.pack`) when it holds at most this share of the slots of
+#: their rectangular buffer (as long as its longest row): below it, the bytes saved pay for the pooled reads
+ROW_POOL_SHARE = 0.9
+
+
 class HeadPool:
     """The keys and values of a budgeted layer whose KV heads hold different budgets (see the module docstring):
     ``parts``, each (N, n) with N the sum of the heads' capacities ``caps`` (B, H): ``keys``/``values`` (N, D), or
@@ -652,15 +660,19 @@ class BudgetedLayer(WindowLayer):
         else:
             self.quant = parts
 
-    def pack(self) -> None:
+    def pack(self, rows: bool = False) -> None:
         """After a settle: the heads' budgets differ, so their keys and values move into a pool of segments of
-        exactly each head's budget (the buffers were compacted to the largest)."""
+        exactly each head's budget (the buffers were compacted to the largest). ``rows`` (once the batch's prefill
+        is done): also when only the rows' budgets differ (per-prompt allocators such as lost_attention, prompts of
+        different lengths), if the pool holds at most `ROW_POOL_SHARE` of the rectangular buffer's slots."""
         hb = self.head_budget_host
-        if self.pool is not None or hb is None or self.empty or bool((hb == hb[:, :1]).all()):
+        if self.pool is not None or hb is None or self.empty:
             return
         caps = np.maximum(hb, self.held if self.held is not None else hb)
         if int(caps.max()) < self.capacity:
             return  # (a rare wider buffer, e.g. a merged micro-batch: stay rectangular)
+        if bool((hb == hb[:, :1]).all()) and not (rows and int(caps.sum()) <= ROW_POOL_SHARE * caps.size * caps.max()):
+            return
         pool = HeadPool.pack(self._rect_parts(), caps)
         C = pool.slot_map.shape[2]
         with _plain:

@@ -3,6 +3,8 @@ with unequal head budgets (each head kept within its own budget at every step, t
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -203,3 +205,81 @@ def test_decode_reads_the_pool_in_the_fused_kernel_with_snapkv(monkeypatch):
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.scores, out.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---- rows of unequal budgets (a per-prompt allocator) ----------------------------------------------------------------
+def _pooled_layers(cache) -> list[BudgetedLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, BudgetedLayer) and layer.pool is not None]
+
+
+def _slot_bytes(layer: BudgetedLayer) -> int:
+    return 2 * layer.head_dim * layer.dtype.itemsize
+
+
+@pytest.mark.parametrize("micro_batch", [3, 1], ids=["one-batch", "assembled"])
+def test_rows_of_unequal_budgets_hold_their_sum_with_the_rectangular_buffers_tokens(micro_batch, monkeypatch):
+    """Prompts of different lengths (and lost_attention, which gives each prompt its own layer budgets): a layer
+    whose rows' budgets differ enough holds their sum (a pool of per-row segments), not the longest row's for every
+    row, through the serving path (micro-batched or not) and through model.generate, with the tokens and logits of
+    rectangular buffers, and with the GPU's kernels (under Triton's interpreter)."""
+    from squeezekit import layers as layers_module
+    from squeezekit.batching import prefill
+    from squeezekit.decoding import GreedyDecoder
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    ids, mask = batch(3, 96, pad=30)  # prompts of 96, 66 and 36 tokens
+    config = dict(allocator="lost_attention", evictor="streaming", budget=0.2)
+
+    def serve():
+        with torch.inference_mode(), squeezekit.compress(model, **config) as c:
+            cache, logits = prefill(model, c, ids, mask, micro_batch=micro_batch)
+            held = [(layer.kv_nbytes(), layer) for layer in cache.layers if isinstance(layer, BudgetedLayer)]
+            pooled = _pooled_layers(cache)
+            for layer in pooled:  # exactly the rows' budgets (every head of a row at its budget after prefill)
+                assert layer.kv_nbytes() == int(layer.pool.caps.sum()) * _slot_bytes(layer)
+                assert bool((layer.pool.caps == layer.head_budget_host).all())
+            reported = cache.kv_bytes_prefill
+            assert reported == cache.kv_nbytes()  # what is reported is what the buffers hold
+            tokens = GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(6)
+            for layer in pooled:  # decoding stayed in the pool, each head within its budget
+                assert layer.pool is not None
+                assert bool((layer.counts().cpu() <= torch.from_numpy(layer.head_budget_host)).all())
+            return tokens, reported, len(pooled), sum(n for n, _ in held)
+
+    tokens, reported, n_pooled, _ = serve()
+    ref, generate_summary, _ = _generate(model, ids, mask, new=7, **config)
+    monkeypatch.setattr(layers_module, "ROW_POOL_SHARE", 0.0)  # rectangular buffers, as before the pool
+    rect_tokens, rect_reported, rect_pooled, _ = serve()
+    rect, rect_summary, _ = _generate(model, ids, mask, new=7, **config)
+    assert n_pooled > 0 and rect_pooled == 0
+    assert reported < 0.9 * rect_reported
+    assert generate_summary["kv_bytes_kept"] < 0.9 * rect_summary["kv_bytes_kept"]
+    assert torch.equal(tokens, rect_tokens)
+    assert torch.equal(ref.sequences, rect.sequences)
+    if micro_batch == 1 and importlib.util.find_spec("triton") is not None:  # the GPU's kernels on the pool
+        from squeezekit import kernels
+
+        monkeypatch.setattr(layers_module, "ROW_POOL_SHARE", 0.9)
+        before = dict(kernels.settings.calls)
+        with kernels.configured("steady,pooled", interpret=True):
+            fused_tokens, _, _, _ = serve()
+            assert kernels.settings.failed == {}
+        assert all(kernels.settings.calls[k] > before[k] for k in ("pooled", "steady"))
+        assert torch.equal(fused_tokens, tokens)
+    assert torch.equal(ref.sequences[:, ids.shape[1] + 1 :], tokens)  # the serving path is model.generate
+    for a, b in zip(ref.scores, rect.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_whose_budgets_differ_little_stay_rectangular():
+    """Prompts a few tokens apart get budgets a token or two apart: a pool would save little, the rows stay in
+    rectangular buffers (the steady decode path of equal rows)."""
+    model = tiny_model("llama")
+    ids, mask = batch(3, 96, pad=1)
+    with torch.inference_mode(), squeezekit.compress(model, evictor="streaming", budget=0.25) as c:
+        from squeezekit.batching import prefill
+
+        cache, _ = prefill(model, c, ids, mask, micro_batch=3)
+        hb = [layer.head_budget_host for layer in cache.layers if isinstance(layer, BudgetedLayer)]
+        assert any(bool((h != h.flat[0]).any()) for h in hb)  # the rows' budgets do differ
+        assert not _pooled_layers(cache)
