@@ -51,6 +51,7 @@ runner's version counters can tell when a plugin writes into them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -115,7 +116,10 @@ class SlotLayer(CacheLayerMixin):
 
     def __init__(self, cache: SqueezeCache, layer_idx: int, geometry: Geometry):
         super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
+        # the cache owns its layers: a weak reference back, so that no cycle keeps a cache's GPU memory alive once
+        # its user lets go of it (until Python's cyclic collector ran, which may be many generations later)
+        self._cache = weakref.ref(cache)
+        self.layer_idx = layer_idx
         self.window, self.scaling, self.softcap = geometry.window, geometry.scaling, geometry.softcap
         self.keys = self.values = self.valid = self.positions = None  # type: ignore[assignment]
         #: the statistics the policies need (squeezekit.statistics), by field: per-slot ones are part of the slot
@@ -132,6 +136,13 @@ class SlotLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = int(key_states.shape[-1])
         self.is_initialized = True
+
+    @property
+    def cache(self) -> SqueezeCache:
+        """The cache this layer belongs to."""
+        cache = self._cache()
+        assert cache is not None, "a layer outlived its cache"
+        return cache
 
     def initialize_like(self, other: SlotLayer) -> None:
         """Take ``other``'s dtype, device and head size (a cache assembled from another's rows)."""

@@ -17,7 +17,9 @@ per step, the lm-eval adapter's scoring against a compressed cache).
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -34,11 +36,22 @@ class StepGraph:
     be (see the module docstring). ``tokens``: the tokens one step adds to each row."""
 
     def __init__(self, cache: SqueezeCache, step: Callable[[], Any], tokens: int, enabled: bool) -> None:
-        self.cache, self.step, self.tokens, self.enabled = cache, step, tokens, enabled
+        self.cache, self.tokens, self.enabled = cache, tokens, enabled
+        # a bound method (the decoder's own step) by a weak reference: the decoder holds this object, and a cycle
+        # between them would keep the cache's GPU memory alive until Python's cyclic collector ran
+        self._step: Callable[[], Callable[[], Any] | None] = (
+            weakref.WeakMethod(step) if inspect.ismethod(step) else (lambda: step)
+        )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None  #: the captured step's output (static: read it before the next call)
         self.failure: str | None = None  #: why the step could not be captured, once it could not
         self._fixed = 0  # eager fixed-point steps in a row
+
+    def step(self) -> Any:
+        """One eager call of the step function."""
+        fn = self._step()
+        assert fn is not None, "the decoder that owns this step is gone"
+        return fn()
 
     def __call__(self) -> Any:
         if self.graph is not None:
