@@ -26,7 +26,7 @@ Correctness first, then the measurements; every target is printed and written as
    JSON; the output names the file, its setting and the rows taken; without it these targets are not judged).
 
 Each decode and large-batch row says what its decode-step kernels did (``kernels``: ran, fell back, did not run), and
-so does one layer's decode attention (``triton``): the opt-in kernels return None when they are off or fail, and the
+so does one layer's decode attention (``triton``): the kernels return None when they are off or fail, and the
 plain path is timed in their place.
 
 Mistral-7B shapes, random bf16 weights, 4096-token prompts (bench's model and protocol). The stages run in that order
@@ -315,6 +315,12 @@ def _serve(model, ids, method: str, steps: int, micro_batch: int, compile: bool 
     return torch.cat([first[:, None], rest], dim=1), logits.float()
 
 
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The mean over rows of the first step whose greedy token differs (the row's length where none does)."""
+    same = (a == b).long().cumprod(dim=1)
+    return float(same.sum(dim=1).float().mean())
+
+
 def check_served_tokens(r: Runner, model, small_model) -> None:
     """Greedy tokens of the served path with the kernels on and off. Exact where the kernels change nothing (the
     steady write only selects and copies) or in fp32 (a 4-layer model of the same shapes); in bf16 the attention
@@ -364,6 +370,13 @@ def check_served_tokens(r: Runner, model, small_model) -> None:
             used = kernels_used(settings, "decode", before)["decode"]
         r.check("decode kernel vs SDPA (bf16 full model; informational)", True, decode_kernel=used,
                 agreement=agree(fast, plain))  # fmt: skip
+        # the default since 2026-12-07 (decode kernel + compiled layers) against the previous default
+        with _kernels("attention,steady,evict,importance,window,pooled"):
+            before, _ = _serve(model, ids, "squeeze+streaming@0.2", steps, a.check_batch, compile=None)
+        with _kernels("auto"):
+            default, _ = _serve(model, ids, "squeeze+streaming@0.2", steps, a.check_batch, compile=None)
+        r.check("default kernels (decode + compile) vs the previous default (bf16 full model; informational)", True,
+                agreement=agree(default, before), first_difference=_first_difference(default, before))  # fmt: skip
     if small_model is None:
         return
     # fp32, 4 layers of the same shapes: the kernels against the plain paths, exactly (tokens) and closely (logits)

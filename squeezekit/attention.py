@@ -11,7 +11,7 @@ only dispatches to one of six small paths:
 
 - ``causal``: a fresh prefill without padding or a window inside the step: SDPA ``is_causal``, no mask;
 - ``full``: a one-token step over a buffer whose every slot holds a real token (a steady layer without free slots):
-  no mask, no repeated K/V (SDPA with the group folded into the query axis, or the opt-in Triton decode kernel);
+  no mask, no repeated K/V (SDPA with the group folded into the query axis, or the Triton decode kernel);
 - ``masked``: SDPA with the layer's slot mask (padding, free slots, a window; shared by the fresh layers of a step);
 - ``fused``: a multi-token step through the fused Triton kernel (squeezekit.kernels.attention), which builds the
   slot mask on the fly and also sums the attention per slot for the statistics that take it; where the kernel is
@@ -285,7 +285,7 @@ def _full(
     value: torch.Tensor,
 ) -> tuple[torch.Tensor, None]:
     """One query per sequence over a buffer of real tokens: the group folded into the query axis, no mask."""
-    out = decode_kernel.decode_attention(query, key, value, plan.scaling)  # opt-in Triton kernel (CUDA), else None
+    out = decode_kernel.decode_attention(query, key, value, plan.scaling)  # Triton (CUDA, when chosen), else None
     if out is not None:
         return out, None
     B, Hq, q, D = query.shape

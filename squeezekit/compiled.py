@@ -11,8 +11,12 @@ captures the whole step itself, compiled kernels included, after its eager warm-
 
 Numerics: the fused kernels round differently from the eager ones (fp32 reductions in another order), so bf16
 logits differ in the last bit and greedy tokens of near-tied logits can differ; in fp32 the tokens are the same
-(tests/test_compiled.py). That is why it is opt-in: ``GreedyDecoder(..., compile=True)``, or ``compile`` in
-``SQUEEZEKIT_KERNELS`` (squeezekit.kernels).
+(tests/test_compiled.py). On CUDA it is on by default (``compile`` in ``SQUEEZEKIT_KERNELS``' ``auto``,
+squeezekit.kernels; ``GreedyDecoder(..., compile=False)`` or a kernel list without it turns it off).
+
+A layer that cannot be compiled (no working compiler for Inductor, an operation Dynamo cannot trace) runs eagerly,
+with a warning from torch: the compilation runs with Dynamo's ``suppress_errors``, which falls back to the eager
+frame before any of its work ran, so the step's results are those of the eager path.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def chosen_mode() -> str:
                           "must stay off: squeezekit captures its own)", "environment")  # fmt: skip
     return value
 
+
+#: torch.compile's backend (tests replace it with one that fails)
+BACKEND: str | object = "inductor"
 
 #: torch.compile's ``dynamic``: True compiles the batch dimension symbolically, so one compilation serves every
 #: batch size of 2 or more (the other sizes specialise against the weights' static shapes)
@@ -80,11 +87,13 @@ def compiled_layers(
     # cache): Dynamo would specialise on it, compiling one code per layer until its recompile limit (8), the layers
     # after that running uncompiled. As an unspecialised int, one compilation serves every layer. (A torch._dynamo
     # setting: torch 2.11 to 2.15, squeezekit's tested range, have it; tests/test_compiled.py checks the effect.)
-    unspecialised = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+    # (suppress_errors: a frame that fails to compile runs eagerly; see the module docstring)
+    unspecialised = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, suppress_errors=True)
     try:
         with unspecialised:
             for layer in layers:
-                layer.compile(mode=None if mode == "default" else mode, fullgraph=False, dynamic=DYNAMIC)
+                tuned = None if mode == "default" or BACKEND != "inductor" else mode  # (modes are Inductor's)
+                layer.compile(backend=BACKEND, mode=tuned, fullgraph=False, dynamic=DYNAMIC)
             yield layers
     finally:
         for layer in layers:

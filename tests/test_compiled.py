@@ -35,9 +35,35 @@ def test_compiled_layers_give_the_same_tokens_and_are_removed_after():
     assert SqueezeCache.__dict__["update"] is update  # the opaque wrapper is gone
 
 
-def test_compile_is_opt_in_and_checks_its_mode():
+def test_a_layer_that_fails_to_compile_runs_eagerly_with_the_eager_tokens(monkeypatch):
+    """No working compiler (a backend that raises): every layer falls back to its eager frame before running any of
+    its work, so the decode gives the eager tokens, and the next decode compiles normally again."""
+    model = tiny_model("llama")
+    ids, _ = batch(2, 40)
+    calls = []
+
+    def broken(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no C compiler")
+
+    def run(compile):
+        with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4) as c:
+            cache, logits = prefill(model, c, ids, None, micro_batch=2)
+            return GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False, compile=compile).run(4)
+
+    ref = run(False)
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    got = run(True)
+    assert calls  # it did try
+    assert torch.equal(got, ref)
+    torch._dynamo.reset()
+
+
+def test_compile_is_on_by_default_on_cuda_only_and_checks_its_mode():
     ids = torch.zeros(2, dtype=torch.long)
-    assert compiled.wanted(None, ids) is False  # CPU, and not among the default kernels anyway
+    assert compiled.wanted(None, ids) is False  # CPU: eager
+    assert compiled.wanted(None, torch.device("cuda")) is True  # (the default kernels, where a GPU would be)
     assert compiled.wanted(True, ids) is True
     with pytest.raises(ValueError, match="Inductor's CUDA graphs must stay off"):
         with compiled.compiled_layers(tiny_model("llama"), mode="reduce-overhead"):

@@ -18,13 +18,13 @@
   of per-head segments (``decode.pooled_decode_attention``; squeezekit.layers.HeadPool), so no rectangular copy is
   gathered. On by default: it is the only path that reads such a layer without a gather.
 - ``decode``: the steady decode step's attention over a full slot buffer, split-KV with the query heads of a KV
-  head together, written in transformers' layout (``decode.decode_attention``). Opt-in: it rounds differently
-  from SDPA's kernels.
+  head together, written in transformers' layout (``decode.decode_attention``). It rounds differently from SDPA's
+  kernels in bf16 (the same tokens in fp32).
 - ``compile``: torch.compile of the decoder layers inside `squeezekit.decoding.GreedyDecoder`'s CUDA graph
   (squeezekit.compiled).
 
-Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: ``attention``, ``steady``, ``evict``, ``importance``,
-``window`` and ``pooled``, on CUDA tensors, when Triton imports), ``all`` (``decode`` and ``compile`` too), ``off``,
+Which run: ``SQUEEZEKIT_KERNELS`` is ``auto`` (default: every kernel, on CUDA tensors, when Triton imports; the
+same as ``all``), ``off``,
 or a comma-separated list of the kernels to use (``steady,compile``). CPU tensors always take the plain torch paths,
 except under `configured(interpret=True)` in a process that set ``TRITON_INTERPRET=1`` before Triton was imported
 (tests: Triton's interpreter then runs the kernels on CPU tensors).
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 KERNELS = ("attention", "steady", "evict", "importance", "window", "pooled", "decode", "compile")
-DEFAULT = ("attention", "steady", "evict", "importance", "window", "pooled")
+DEFAULT = ("attention", "steady", "evict", "importance", "window", "pooled", "decode", "compile")
 ENV = "SQUEEZEKIT_KERNELS"
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def _parse(text: str | None) -> set[str]:
 
     raw = text
     text = (text or "auto").strip().lower()
-    if text == "auto":  # the kernels that keep results as they are (decode and compile change bf16 rounding: opt-in)
+    if text == "auto":  # (decode and compile round bf16 differently from the plain path; fp32 tokens are the same)
         return set(DEFAULT)
     if text in ("all", "on", "1"):
         return set(KERNELS)

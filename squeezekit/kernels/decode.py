@@ -272,10 +272,13 @@ def splits(B: int, H: int, S: int, sms: int, block_n: int) -> int:
 #: (64 slots, or 32 past 128 channels; 4 warps; 3 stages). The fastest of 24 tiles each on an H200 (Mistral-7B
 #: shapes, B = 256 and 512, 820 slots a head: benchmarks/decode_tiles.py, docs/benchmarks/kv-bits/): 16 bits read at
 #: 4.2 TB/s (SDPA's speed), 8 bits at 2.0-2.2 TB/s, 4 bits at 0.6 TB/s (bound by the unpacking, not the bytes).
+#: 4 bits since 2026-12-07: slots on the M axis with the nibbles entered into fp16 dots (SLOTS_M, FP16_CODES), 370 us
+#: against 410 us for (32, 4, 2) on an H100 at B = 256, and closer to fp32 (max error 0.0021 against 0.0039); for 8
+#: bits neither option paid there (docs/benchmarks/kv-bits/).
 TILES: dict[tuple[int, bool], tuple[int, ...]] = {
     (16, True): (64, 4, 2),
     (8, True): (128, 4, 3),
-    (4, True): (32, 4, 2),
+    (4, True): (64, 4, 2, 1, 1),
 }
 
 
