@@ -9,7 +9,7 @@ one layer's importance on a micro-batch of activations, the plain torch path aga
 call, largest difference of the importance), and lost_attention's allocation over all layers from random keys,
 values and window queries of the model's shapes, the plain window outputs against the fused ``window`` kernel,
 with each rule (time per call, whether the budgets are the same). ``--profile``: one micro-batch's prefill of the
-first method under torch.profiler, the kernels that took the most device time.
+first method, and one fused lost_attention allocation (``sqrt``), under torch.profiler: what took the most time.
 
     python benchmarks/policy_share.py --out DIR
     python benchmarks/policy_share.py --out DIR --device cpu --config tiny --batch 4 --prompt-len 256 --micro-batch 2
@@ -70,9 +70,10 @@ def importance_micro(model, micro_batch: int, prompt_len: int, device: str, reps
 
 
 @torch.inference_mode()
-def window_micro(model, micro_batch: int, prompt_len: int, device: str, reps: int) -> dict:
+def window_micro(model, micro_batch: int, prompt_len: int, device: str, reps: int, profile: bool = False) -> dict:
     """lost_attention's allocation over every layer of (micro_batch, prompt_len) random slots and window queries in
-    the model's shapes (streaming at a fifth of the prompt), each rule: the plain window outputs vs the kernel."""
+    the model's shapes (streaming at a fifth of the prompt), each rule: the plain window outputs vs the kernel.
+    ``profile``: also one fused ``sqrt`` call under torch.profiler (host and device time by operation)."""
     import squeezekit
     from squeezekit import AllocationRequest, LayerView, kernels
 
@@ -113,6 +114,9 @@ def window_micro(model, micro_batch: int, prompt_len: int, device: str, reps: in
                 budgets[name] = allocator.allocate(request)
             if name == "fused":
                 row["fused_ran"] = kernels.settings.calls["window"] > calls
+                if profile and rule == "sqrt":
+                    with kernels.configured(setting):
+                        row["profile"] = _profiled(lambda a=allocator: a.allocate(request), device)
         row["same_budgets"] = bool(torch.equal(budgets["plain"], budgets["fused"]))
         row["speedup"] = round(row["plain_ms"] / max(row["fused_ms"], 1e-9), 2)
         out[rule] = row
@@ -141,6 +145,19 @@ def prefill_once(model, config, ids: torch.Tensor, micro_batch: int, device: str
         policy_share=round(policy / seconds, 4),
         fused=sorted(k for k, n in kernels.settings.calls.items() if n > before.get(k, 0)),  # the kernels that ran
     )  # fmt: skip
+
+
+def _profiled(fn, device: str, rows: int = 22) -> str:
+    """One call of ``fn`` under torch.profiler: the operations that took the most time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        bench.sync(device)
+    sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 def profile(model, config, ids: torch.Tensor, device: str, rows: int = 25) -> str:
@@ -199,6 +216,10 @@ def table(result: dict) -> str:
         )
     if result.get("profile"):
         lines += ["", "One micro-batch's prefill under torch.profiler:", "", "```", result["profile"], "```"]
+    window_profile = result.get("window_micro", {}).get("sqrt", {}).get("profile")
+    if window_profile:
+        lines += ["", "lost_attention's allocation (fused, `sqrt`) under torch.profiler:", "", "```", window_profile,
+                  "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--window-reps", type=int, default=3, help="calls timed in the window micro-benchmark (0: skip it)"
     )
-    parser.add_argument("--profile", action="store_true", help="also profile one micro-batch's prefill")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one micro-batch's prefill and one fused lost_attention allocation",
+    )
     args = parser.parse_args(argv)
     import transformers
 
@@ -237,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     result["importance_micro"] = importance_micro(model, args.micro_batch, args.prompt_len, args.device, args.reps)
     if args.window_reps:
-        result["window_micro"] = window_micro(model, args.micro_batch, args.prompt_len, args.device, args.window_reps)
+        result["window_micro"] = window_micro(model, args.micro_batch, args.prompt_len, args.device, args.window_reps,
+                                              args.profile)  # fmt: skip
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     for label in labels:  # warm-up (first uses: CUDA kernels, Triton compiles, imports), not timed
         prefill_once(model, Config.from_label(label, source="--methods"), ids[: args.micro_batch], args.micro_batch,

@@ -163,7 +163,7 @@ def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_pat
     policy_share = load("policy_share")
     methods = "uniform+streaming@0.2,squeeze+h2o@0.3"
     argv = ["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--batch", "4", "--prompt-len", "128",
-            "--micro-batch", "2", "--repeats", "1", "--reps", "1", "--methods", methods]  # fmt: skip
+            "--micro-batch", "2", "--repeats", "1", "--reps", "1", "--methods", methods, "--profile"]  # fmt: skip
     assert policy_share.main(argv) == 0
     res = json.loads((tmp_path / "policy_share.json").read_text())
     runs = {(r["kernels"], r["method"]) for r in res["runs"]}
@@ -177,4 +177,6 @@ def test_the_policy_share_script_runs_on_cpu_and_times_each_policy_piece(tmp_pat
     window = res["window_micro"]  # lost_attention's allocation, both rules (the plain path twice on the CPU)
     assert window["shape"][1:4] == [2, 2, 128] and all(window[r]["same_budgets"] for r in ("sqrt", "greedy"))
     assert all(window[r]["plain_ms"] > 0 and window[r]["fused_ran"] is False for r in ("sqrt", "greedy"))
-    assert "| policy % of prefill | fused kernels that ran |" in (tmp_path / "policy_share.md").read_text()
+    md = (tmp_path / "policy_share.md").read_text()
+    assert "| policy % of prefill | fused kernels that ran |" in md
+    assert "lost_attention's allocation (fused, `sqrt`) under torch.profiler" in md and "aten::" in md
