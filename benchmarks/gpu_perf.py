@@ -254,7 +254,18 @@ def check_steady_kernel(r: Runner) -> None:
 def check_quantized_steady_write(r: Runner, score, valid, positions, k, v, new_pos) -> None:
     """The steady kernel's quantized write (8 and 4 bits, rectangular buffers and a pool's rows) against
     `SlotCodec.encode` of the new token at the victim's slot: bit for bit (the GPU's division, conversions and no
-    fused multiply-adds)."""
+    fused multiply-adds). 4-bit slots take the plain path by default (`steady.FUSED_BITS`); the kernel is checked
+    here all the same."""
+    from squeezekit.kernels import steady
+
+    fused, steady.FUSED_BITS = steady.FUSED_BITS, (16, 8, 4)  # (4 bits take the plain path by default: test it)
+    try:
+        _quantized_steady_writes(r, score, valid, positions, k, v, new_pos)
+    finally:
+        steady.FUSED_BITS = fused
+
+
+def _quantized_steady_writes(r: Runner, score, valid, positions, k, v, new_pos) -> None:
     import numpy as np
 
     from squeezekit.kernels.steady import steady_write
@@ -286,7 +297,7 @@ def check_quantized_steady_write(r: Runner, score, valid, positions, k, v, new_p
                 tuple(store[n] for n in codec.names("v")), None, 0.0, nk, nv, new_pos, flag, codec,
                 None if pool is None else pool.offsets,
             )  # fmt: skip
-            same = victim is not None
+            same, differ = victim is not None, {}
             if same:
                 want = dict(zip(codec.names("k"), codec.encode(nk), strict=True))
                 want.update(zip(codec.names("v"), codec.encode(nv), strict=True))
@@ -296,8 +307,13 @@ def check_quantized_steady_write(r: Runner, score, valid, positions, k, v, new_p
                         expect[(pool.offsets[..., None] + victim).reshape(-1)] = want[name].reshape(-1, t.shape[-1])
                     else:
                         expect.scatter_(2, victim[..., None].expand(B, H, 1, t.shape[-1]), want[name])
-                    same = same and torch.equal(t, expect)
-            r.check(f"steady write kernel, {bits}-bit {'pool' if pooled else 'buffers'}: the codec's bytes", same)
+                    if not torch.equal(t, expect):  # (for whoever mends it: how many, and by how much)
+                        wrong = t != expect
+                        gap = (t.float() - expect.float()).abs()[wrong]
+                        differ[name] = dict(elements=int(wrong.sum()), of=int(t.numel()), largest=float(gap.max()))
+                    same = same and not differ
+            r.check(f"steady write kernel, {bits}-bit {'pool' if pooled else 'buffers'}: the codec's bytes", same,
+                    **({"differ": differ} if differ else {}))  # fmt: skip
 
 
 def _serve(model, ids, method: str, steps: int, micro_batch: int, compile: bool | None = False, mask=None):

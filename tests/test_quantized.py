@@ -323,10 +323,14 @@ def _hard_slots(g: torch.Generator, n: int, D: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("D", [16, 24, 64, 80, 128])
 @pytest.mark.parametrize("pooled", [False, True])
-def test_the_steady_kernel_writes_the_codecs_bytes_into_the_victims_slot(bits, D, pooled):
+def test_the_steady_kernel_writes_the_codecs_bytes_into_the_victims_slot(bits, D, pooled, monkeypatch):
     """The fused steady write quantizes the new token itself: its codes, scales (and lows) at the victim's slot are
-    bit for bit what `SlotCodec.encode` gives, into rectangular buffers or a pool's rows; nothing else moves."""
+    bit for bit what `SlotCodec.encode` gives, into rectangular buffers or a pool's rows; nothing else moves. (4-bit
+    slots take the plain path by default, `steady.FUSED_BITS`: the kernel is tested here all the same.)"""
     pytest.importorskip("triton")
+    from squeezekit.kernels import steady
+
+    monkeypatch.setattr(steady, "FUSED_BITS", (16, 8, 4))
     import numpy as np
 
     from squeezekit import kernels
@@ -374,14 +378,16 @@ STEADY_CONFIGS = [dict(kv_bits=8), dict(kv_bits=4), dict(kv_bits=8, heads="adapt
 
 @pytest.mark.parametrize("pad", [0, 9])
 @pytest.mark.parametrize("config", STEADY_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
-def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens_and_cache(config, pad):
+def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens_and_cache(config, pad, monkeypatch):
     """Quantized and pooled layers take the fused steady write too (one kernel a layer and step), and so do rows
     of unequal budgets (padded rows, lost_attention's per-prompt budgets: free slots in the smaller rows, written
     first-free as the torch path does): the tokens, the logits and every part of the cache as the torch path keeps
-    them."""
+    them. (4-bit slots take the plain path by default, `steady.FUSED_BITS`: the kernel is tested all the same.)"""
     pytest.importorskip("triton")
     from squeezekit import kernels
+    from squeezekit.kernels import steady
 
+    monkeypatch.setattr(steady, "FUSED_BITS", (16, 8, 4))
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
     ids, mask = batch(2, 64, pad=pad)
 
@@ -415,6 +421,29 @@ def test_steady_decode_quantizes_in_the_fused_kernel_with_the_torch_paths_tokens
         assert parts.keys() == parts_ref.keys()
         assert all(torch.equal(parts[n], parts_ref[n]) for n in parts), config
         assert torch.equal(pos, pos_ref) and torch.equal(att, att_ref) and torch.equal(valid, valid_ref)
+
+
+def test_four_bit_slots_take_the_plain_steady_write_by_default():
+    """The fused write's 4-bit bytes differed from `SlotCodec.encode` on an H100: by default 4-bit layers decode
+    through the torch path (the kernel is not called), with the same tokens as with every kernel off."""
+    pytest.importorskip("triton")
+    from squeezekit import kernels
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    ids, mask = batch(2, 64)
+
+    def run():
+        with squeezekit.compress(model, evictor="h2o", budget=0.3, window=4, kv_bits=4) as c:
+            cache, logits = prefill(model, c, ids, mask, micro_batch=2)
+            return GreedyDecoder(model, cache, logits.argmax(-1), cuda_graph=False).run(4)
+
+    with kernels.configured("off"):
+        ref = run()
+    before = kernels.settings.calls["steady"]
+    with kernels.configured("steady", interpret=True):
+        got = run()
+    assert kernels.settings.calls["steady"] == before
+    assert torch.equal(got, ref)
 
 
 def test_reordering_or_repeating_rows_keeps_a_quantized_layer_quantized():
