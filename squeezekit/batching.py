@@ -95,8 +95,7 @@ def prefill(
     assert cache is not None
     for layer in cache.layers:  # unequal budgets: into their pool (the batch was assembled rectangular, see below)
         if isinstance(layer, BudgetedLayer):
-            layer.pack(rows=pool_rows)
-            layer.update_steady()
+            layer.pool_if_unequal(rows=pool_rows)
     if batch > micro_batch:
         cache.peak_kv_bytes_prefill = max(peak, cache.kv_nbytes())
     cache.kv_bytes_prefill = cache.kv_nbytes()

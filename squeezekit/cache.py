@@ -169,8 +169,7 @@ class SqueezeCache(Cache):
                 if layer.budgeted:
                     layer.make_plain()
                 if self.pool_rows and isinstance(layer, BudgetedLayer):
-                    layer.pack(rows=True)
-                    layer.update_steady()
+                    layer.pool_if_unequal(rows=True)
             self.timings["eviction"] += self.clock() - t0
             self.kv_bytes_prefill = self.kv_nbytes()
         for layer in self.layers:

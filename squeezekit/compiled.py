@@ -89,10 +89,10 @@ def compiled_layers(
     # setting: torch 2.11 to 2.15, squeezekit's tested range, have it; tests/test_compiled.py checks the effect.)
     # (suppress_errors: a frame that fails to compile runs eagerly; see the module docstring)
     unspecialised = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, suppress_errors=True)
+    tuned = None if mode == "default" or BACKEND != "inductor" else mode  # (modes are Inductor's)
     try:
         with unspecialised:
             for layer in layers:
-                tuned = None if mode == "default" or BACKEND != "inductor" else mode  # (modes are Inductor's)
                 layer.compile(backend=BACKEND, mode=tuned, fullgraph=False, dynamic=DYNAMIC)
             yield layers
     finally:

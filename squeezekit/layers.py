@@ -671,6 +671,11 @@ class BudgetedLayer(WindowLayer):
         else:
             self.quant = parts
 
+    def pool_if_unequal(self, rows: bool) -> None:
+        """`pack` at the end of a batch's prefill (``rows``: rows of unequal budgets too), then the steady flags."""
+        self.pack(rows=rows)
+        self.update_steady()
+
     def pack(self, rows: bool = False) -> None:
         """After a settle: the heads' budgets differ, so their keys and values move into a pool of segments of
         exactly each head's budget (the buffers were compacted to the largest). ``rows`` (once the batch's prefill
@@ -890,12 +895,12 @@ class BudgetedLayer(WindowLayer):
         victim = None
         # one fused kernel selects, quantizes and writes (with free slots in rectangular buffers, into the first
         # free one once the victim's is freed, as the plain path below)
+        codec, names_k, names_v = self._part_names()
         if runner.scores_only:
-            score = runner.kernel_scores(view_of) if steady_kernel.available(k) else None
+            score = runner.kernel_scores(view_of) if steady_kernel.available(k, codec) else None
             if score is not None:
                 # the kernel resets the first per-slot statistic of the victim's slot, `reset_stats` any others
                 stat, fill = next(((self.stats[name], fill) for name, fill in runner.slot_fields), (None, 0.0))
-                codec, names_k, names_v = self._part_names()
                 parts = self.pool.parts if self.pool is not None else self._rect_parts()
                 victim = steady_kernel.steady_write(
                     score, self.valid, self.positions, tuple(parts[n] for n in names_k),

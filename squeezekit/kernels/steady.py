@@ -197,9 +197,10 @@ def _kernel() -> KernelInterface:
     return triton.jit(_steady_write)
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernel serves tensors on ``tensor``'s device now (on, not failed before)."""
-    return use("steady", tensor)
+def available(tensor: torch.Tensor, codec: SlotCodec | None = None) -> bool:
+    """Whether the kernel serves tensors on ``tensor``'s device now (on, not failed before), for slots stored
+    with ``codec`` (None: the model's dtype; see `FUSED_BITS`)."""
+    return use("steady", tensor) and (16 if codec is None else codec.bits) in FUSED_BITS
 
 
 #: the slot precisions the fused write serves. 4-bit slots take the plain path: on an H100 (2026-12-07,
@@ -237,9 +238,9 @@ def steady_write(
     the victim's slot is freed and the new token goes into the first free slot (``valid`` is updated), which the
     returned slots then name.
     """
-    bits = 16 if codec is None else codec.bits
-    if not use("steady", k) or bits not in FUSED_BITS:
+    if not available(k, codec):
         return None
+    bits = 16 if codec is None else codec.bits
     B, H, S = score.shape
     D = k.shape[-1]
     victim = torch.empty(B, H, 1, dtype=torch.long, device=k.device)
