@@ -49,32 +49,42 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         else:
             levels = torch.logspace(-torch.log10(torch.tensor(float(self.points))), 0, self.points, dtype=torch.float64)
             knots = torch.round(levels.view(1, -1) * request.cap.double().view(-1, 1)).long().clamp(1, None)  # (B, K)
-        costs = [self.lost(view, request.evictor, uniform, knots) for view in request.layers]
-        costs = torch.stack([c.to(costs[0].device) for c in costs], dim=1).cpu()  # (one copy: no sync per layer)
+        costs = self.costs(request.layers, request.evictor, uniform, knots)  # (B, L, K) on the CPU
         if self.rule == "sqrt":
             return sqrt_split(costs[..., 0], request.total, request.floor, request.cap)
         return waterfill(costs, knots, request.total, request.floor, request.cap)
 
     @staticmethod
-    def lost(view, evictor, budget, knots):
-        """(B, K): how far the window queries' attention output moves when the layer keeps only ``knots`` tokens
-        (the L2 distance, averaged over the heads and the real window queries)."""
+    def costs(views, evictor, budget, knots):
+        """(B, L, K) on the CPU: how far each layer's window queries' attention output moves when it keeps only
+        ``knots`` (B, K) tokens (the L2 distance, averaged over the heads and the real window queries). All layers
+        at once: their slots ranked in one stack, their outputs in one kernel launch a layer (on CUDA)."""
         import torch
 
-        from squeezekit.selection import slot_order  # (it imports torch)
+        from squeezekit.selection import slot_ranks  # (it imports torch)
 
-        ranked = dataclasses.replace(view, budget=budget.to(view.keys.device))
+        views = list(views)
         # each slot's place in the order the engine keeps the evictor's best in at prefill (the newest token first)
-        order = slot_order(evictor.score(ranked), view)
-        place = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, place)  # (B, H, S)
         B, K = knots.shape
-        kept = rank[None] < knots.to(rank.device).t().reshape(K, B, 1, 1)  # (K, B, H, S)
-        outputs = view.window_output(torch.cat([view.valid[None], kept]))  # (1 + K, B, H, G, W, D): all slots, kept
-        moved = (outputs[1:] - outputs[0]).norm(dim=-1)  # (K, B, H, G, W)
-        real = (view.window_positions >= 0).to(moved.dtype)  # (B, W)
-        H, G = moved.shape[2], moved.shape[3]
-        return ((moved * real.view(1, B, 1, 1, -1)).sum(dim=(2, 3, 4)) / (real.sum(1) * H * G).clamp_min(1)).t()
+        budgets, limits = {}, {}  # (the uniform budget, and the knots as (K, B, 1, 1), copied once per device)
+        for device in {v.keys.device for v in views}:
+            budgets[device], limits[device] = budget.to(device), knots.to(device).t().reshape(K, B, 1, 1)
+        scores = [evictor.score(dataclasses.replace(v, budget=budgets[v.keys.device])) for v in views]
+        kept = [
+            torch.cat([view.valid[None], rank[None] < limits[rank.device]])  # all slots, then the kept ones
+            for view, rank in zip(views, slot_ranks(scores, views), strict=True)
+        ]
+        outputs = squeezekit.LayerView.window_outputs(views, kept)  # (L, 1 + K, B, H, G, W, D)
+        moved = (outputs[:, 1:] - outputs[:, :1]).norm(dim=-1)  # (L, K, B, H, G, W)
+        real = (views[0].window_positions.to(moved.device) >= 0).to(moved.dtype)  # (B, W): the same for every layer
+        H, G = moved.shape[3], moved.shape[4]
+        per = (moved * real.view(1, 1, B, 1, 1, -1)).sum(dim=(3, 4, 5)) / (real.sum(1) * H * G).clamp_min(1)
+        return per.permute(2, 0, 1).cpu()  # (one copy: no sync per layer)
+
+    @staticmethod
+    def lost(view, evictor, budget, knots):
+        """(B, K): `costs` of one layer."""
+        return LostAttention.costs([view], evictor, budget, knots)[:, 0]
 
 
 @squeezekit.hookimpl

@@ -158,18 +158,43 @@ class LayerView:
         """(B, H, G, W, D) float32: the attention output of the window queries over this layer's slots (masked as
         `window_attention`), or over the ``kept`` slots alone ((B, H, S) bool; (K, B, H, S) for K subsets at once,
         giving (K, B, H, G, W, D)), as if the layer held those only. 0 for a padded query or one that sees no slot.
-        On CUDA one Triton kernel (`squeezekit.kernels.window`) reads the keys and values once per subset and writes
-        no probabilities."""
+        On CUDA one Triton kernel (`squeezekit.kernels.window`) reads the keys and values once per two subsets and
+        writes no probabilities. Many layers at once: `window_outputs`."""
+        masks = self.valid[None] if kept is None else (kept if kept.dim() == 4 else kept[None])
+        out = LayerView.window_outputs([self], [masks])[0]
+        return out if kept is not None and kept.dim() == 4 else out[0]
+
+    @staticmethod
+    def window_outputs(views: Sequence[LayerView], kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(L, K, B, H, G, W, D) float32: each of ``L`` views' `window_output` over its ``kept`` masks ((K, B, H, S)
+        bool, the same K for every layer), on the first view's device. On CUDA one kernel launch a layer and one
+        merge for all the layers of a device (an allocator measuring every layer pays a few launches a layer, not
+        dozens of small operations); elsewhere a layer at a time."""
+        import torch
 
         from .kernels import window as fused
 
-        masks = self.valid[None] if kept is None else (kept if kept.dim() == 4 else kept[None]) & self.valid
-        out = fused.window_output(
-            self.window_queries, self.keys, self.values, masks, self.positions, self.window_positions, self.scaling
-        )
-        if out is None:
-            out = self._plain_window_output(masks)
-        return out if kept is not None and kept.dim() == 4 else out[0]
+        masks = [m & v.valid for v, m in zip(views, kept, strict=True)]
+        groups: dict[Any, list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(v.keys.device, []).append(i)
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        for index in groups.values():
+            layers = [
+                fused.Window(v.window_queries, v.keys, v.values, masks[i], v.positions, v.window_positions, v.scaling)
+                for i, v in ((i, views[i]) for i in index)
+            ]  # fmt: skip
+            out = fused.window_outputs(layers)
+            if out is None:
+                out = torch.stack([views[i]._plain_window_output(masks[i]) for i in index])
+            parts.append((index, out))
+        if len(parts) == 1:
+            return parts[0][1]
+        first = parts[0][1]
+        out = torch.empty((len(views), *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for index, part in parts:
+            out[torch.tensor(index, device=out.device)] = part.to(out.device)
+        return out
 
     def _plain_window_output(self, masks: torch.Tensor) -> torch.Tensor:
         """`window_output` in torch: the probabilities over all slots once; a subset's output is the kept

@@ -53,10 +53,41 @@ def slot_order(score: torch.Tensor, view: LayerView, protect_newest: bool = True
     """(B, H, S) long: each head's slots, best first, as the engine keeps them: by `rank_key` (the newest token
     first when protected, invalid slots last); exact ties (infinite scores, which the tiny recency term cannot
     split) to the more recent token too: sorted by recency first, then stably by key."""
-    key = rank_key(score, view, protect_newest)
-    recent_first = torch.sort(view.positions, dim=-1, descending=True, stable=True).indices
+    return _order(rank_key(score, view, protect_newest), view.positions)
+
+
+def _order(key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    recent_first = torch.sort(positions, dim=-1, descending=True, stable=True).indices
     order = torch.sort(key.gather(-1, recent_first), dim=-1, descending=True, stable=True).indices
     return recent_first.gather(-1, order)
+
+
+#: the most slots `slot_ranks` ranks in one stack (float64 keys and int64 orders: ~40 bytes a slot at the peak)
+STACKED_SLOTS = 1 << 25
+
+
+def slot_ranks(
+    scores: Sequence[torch.Tensor], views: Sequence[LayerView], protect_newest: bool = True
+) -> list[torch.Tensor]:
+    """Each layer's (B, H, S) long place of every slot in `slot_order` (0: kept first), for many layers at once:
+    the layers of one device and shape are stacked and ranked together (a fixed number of kernels for them all,
+    `STACKED_SLOTS` at a time). Every step is per row, so a layer's ranks are those it gets alone."""
+    ranks: list[torch.Tensor] = [None] * len(scores)  # type: ignore[list-item]
+    groups: dict[tuple, list[int]] = {}
+    for i, score in enumerate(scores):
+        groups.setdefault((score.device, *score.shape), []).append(i)
+    for (_, *shape), index in groups.items():
+        step = max(1, STACKED_SLOTS // max(1, math.prod(shape)))
+        for c0 in range(0, len(index), step):
+            chunk = index[c0 : c0 + step]
+            positions = torch.stack([views[i].positions for i in chunk])
+            valid = torch.stack([views[i].valid for i in chunk])
+            key = _key(torch.stack([scores[i] for i in chunk]), positions, valid, protect_newest)
+            order = _order(key, positions)
+            place = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+            for i, rank in zip(chunk, torch.empty_like(order).scatter_(-1, order, place).unbind(0), strict=True):
+                ranks[i] = rank
+    return ranks
 
 
 @dataclass

@@ -403,6 +403,27 @@ def test_the_window_kernel_gives_the_plain_window_outputs(dtype, G, W, S, D, str
     assert float(got[1, 1].abs().max()) == 0.0 and float(got[1, 0, 1].abs().max()) == 0.0  # nothing kept
 
 
+def test_many_layers_window_outputs_in_one_merge_are_each_layers_own(monkeypatch):
+    """`LayerView.window_outputs` over layers of different slot counts, an odd number of masks (the last program
+    reads one mask twice) and merges in chunks (a tiny `PARTIAL_BYTES`): each layer's plain `window_output`, with
+    one counted kernel call per chunk, not per layer."""
+    from squeezekit import LayerView
+    from squeezekit.kernels import window as fused
+
+    views = [_window_view(2, 2, 3, 4, S, 32, torch.float16, seed=S) for S in (40, 70, 40, 55)]
+    g = torch.Generator().manual_seed(3)
+    kept = [torch.rand(3, 2, 2, v.valid.shape[-1], generator=g) < 0.4 for v in views]
+    with kernels.configured("off"):
+        want = torch.stack([v.window_output(k) for v, k in zip(views, kept, strict=True)])
+    for limit, launches in ((fused.PARTIAL_BYTES, 1), (1, len(views))):
+        monkeypatch.setattr(fused, "PARTIAL_BYTES", limit)
+        before = _spy()["window"]
+        with kernels.configured("window", interpret=True):
+            got = LayerView.window_outputs(views, kept)
+        assert _spy()["window"] == before + launches
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
 def test_lost_attention_budgets_with_the_window_kernel_are_the_plain_ones():
     """Through a prefill: lost_attention's budgets (both rules) are the same with the window kernel."""
     model = tiny_model("llama")

@@ -158,6 +158,20 @@ def test_the_cost_is_the_literal_change_of_the_window_output(evictor):
     assert float(cost[0, 2]) < 1e-6  # keeping every slot moves nothing
 
 
+def test_every_layer_costed_at_once_costs_what_it_costs_alone():
+    """`LostAttention.costs` (all layers: one stacked ranking, one merge of the window outputs) gives each layer
+    the cost `lost` gives it alone, for both rules' knots."""
+    cls = squeezekit.registry().get("allocator", "lost_attention").cls
+    layers = views([30, 24], 4, seed=9, H=2, G=2, D=4, W=4)
+    ev = plugin("evictor", "h2o")
+    budget = torch.tensor([6, 6])
+    for knots in (budget.view(-1, 1), torch.tensor([[5, 12, 30], [1, 9, 24]])):
+        together = cls.costs(layers, ev, budget, knots)
+        assert together.shape == (2, 4, knots.shape[1])
+        for i, view in enumerate(layers):
+            torch.testing.assert_close(together[:, i], cls.lost(view, ev, budget, knots), rtol=1e-6, atol=1e-7)
+
+
 def test_a_subset_with_a_tiny_share_of_the_attention_still_gets_its_own_softmax():
     """The plain `window_output` renormalizes the kept probabilities; where the kept slots hold almost none of a
     query's attention (a slot it attends to 120 nats more strongly is dropped: the kept probabilities underflow in

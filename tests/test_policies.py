@@ -503,6 +503,41 @@ def test_ties_go_to_the_more_recent_token_even_between_infinite_scores(case, see
 
 @SETTINGS
 @given(
+    layers=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    protect=st.booleans(),
+    stack=st.integers(1, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_layers_ranked_in_one_stack_get_the_ranks_each_gets_alone(layers, B, H, protect, stack, seed):
+    """`slot_ranks` (lost_attention ranks every layer's slots at once, stacked by shape, `STACKED_SLOTS` at a time)
+    gives each layer the place of every slot in its own `slot_order`: with tied and infinite scores, invalid slots
+    and layers of different slot counts."""
+    from unittest import mock
+
+    from squeezekit import selection
+
+    g = torch.Generator().manual_seed(seed)
+    scores, views = [], []
+    for C in layers:
+        positions = torch.stack([torch.randperm(3 * C, generator=g)[:C] for _ in range(B * H)]).view(B, H, C).int()
+        valid = torch.rand(B, H, C, generator=g) < 0.7
+        positions = positions.masked_fill(~valid, -1)
+        pick = torch.randint(0, 5, (B, H, C), generator=g).float()
+        scores.append(torch.where(pick == 0, float("inf"), torch.where(pick == 1, float("-inf"), pick)))
+        views.append(LayerView(keys=torch.zeros(B, H, C, 1), values=torch.zeros(B, H, C, 1), valid=valid,
+                               positions=positions, seen=torch.zeros(B, dtype=torch.long),
+                               budget=torch.ones(B, dtype=torch.long)))  # fmt: skip
+    with mock.patch.object(selection, "STACKED_SLOTS", stack):
+        ranks = selection.slot_ranks(scores, views, protect)
+    for score, view, rank in zip(scores, views, ranks, strict=True):
+        order = selection.slot_order(score, view, protect)
+        assert torch.equal(rank.gather(-1, order), torch.arange(order.shape[-1]).expand_as(order))
+
+
+@SETTINGS
+@given(
     layers=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     B=st.integers(1, 3),
     H=st.integers(1, 3),

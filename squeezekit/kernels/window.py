@@ -5,13 +5,16 @@ An allocator that measures how much eviction moves a layer's attention output (`
 layer, the output of the last prompt queries over all slots and over the slots each budget keeps. The plain path
 upcasts the keys and values to fp32 copies, writes the (B, H, G, W, S) logits and probabilities, and reads them once
 more per subset: several passes over (B, H, S, D) fp32 tensors a layer. This kernel is flash-style, split over the
-slots: one program per (sequence, KV head, subset, span of slots) holds the ``G x W`` query rows of that KV head
-(the query heads of a GQA group together), streams its span's slots in blocks, reads each block's keys and values
-once in their dtype, and keeps a running max, sum and fp32 accumulator. Each span writes its partial (max, sum,
+slots: one program per (sequence, KV head, pair of subsets, span of slots) holds the ``G x W`` query rows of that KV
+head (the query heads of a GQA group together), streams its span's slots in blocks, reads each block's keys and
+values once in their dtype for both subsets (``rule="sqrt"``'s all slots and kept slots: one read), takes the logits
+once, and keeps each subset's running max, sum and fp32 accumulator. Each span writes its partials (max, sum,
 accumulator); a few torch ops merge the spans (log-sum-exp weights), so only (spans, K, B, H, G, W, D) fp32 partials
-and the outputs are written. The split is what makes it fast: a layer has only B x H x K (sequence, head, subset)
-rows, fewer than a GPU's processors for the one subset of ``rule="sqrt"``, and one program walking all 4096 slots
-of a row serially left most of the GPU idle (measured on an H100: 5-10x slower than the plain path before the split).
+and the outputs are written. `window_outputs` takes many layers: one launch a layer into one set of partials, and
+one merge for them all (the allocator's host time was ~60 small operations a layer, 2026-12-07 on an H100).
+The split over the slots is what makes it fast: a layer has only B x H x K / 2 (sequence, head, pair) rows, fewer
+than a GPU's processors for ``rule="sqrt"``, and one program walking all 4096 slots of a row serially left most of
+the GPU idle (measured on an H100: 5-10x slower than the plain path before the split).
 
 Same masks as the plain path: a query sees a valid slot at or before its position, allowed by the subset's mask; a
 padded query (position -1), or one that sees no slot, gets 0. The logits of 16-bit inputs are taken on the tensor
@@ -23,7 +26,8 @@ in another order, so an output differs from the plain path's by fp32 rounding (t
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -52,11 +56,12 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
     sqpb, sqpw,
     sos, sok, sob, soh, sog, sow, sod,
     sms, smk, smb, smh, smg, smw,
-    H, G, W, S, D, span, scale,
+    Kn, H, G, W, S, D, span, scale,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE_QK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
-    k = tl.program_id(1).to(tl.int64)
+    k0 = tl.program_id(1).to(tl.int64) * 2  # this program's two subsets, k0 and k1 (an odd K's last: k0 twice)
+    k1 = tl.minimum(k0 + 1, Kn - 1)
     part = tl.program_id(2).to(tl.int64)  # the span of slots [part * span, (part + 1) * span)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: large batches of long prompts
     h = (bh % H).to(tl.int64)
@@ -72,9 +77,10 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
     if not NATIVE_QK:
         q = q.to(tl.float32)
     qpos = tl.load(QPos + b * sqpb + w * sqpw, mask=rows, other=-1)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    m0 = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    m1, total1, acc1 = m0, total0, acc0
     end = tl.minimum(S, (part + 1) * span)
     for s0 in range(part * span, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -87,39 +93,69 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
         values = tl.load(
             V + b * svb + h * svh + s[:, None] * svs + d[None, :] * svd, mask=inside[:, None] & dims[None, :], other=0.0
         ).to(tl.float32)
-        allow = tl.load(Allow + k * sak + b * sab + h * sah + s * sas, mask=inside, other=0) != 0
+        at = b * sab + h * sah + s * sas
+        allow0 = tl.load(Allow + k0 * sak + at, mask=inside, other=0) != 0
+        allow1 = tl.load(Allow + k1 * sak + at, mask=inside, other=0) != 0
         pos = tl.load(Pos + b * spb + h * sph + s * sps, mask=inside, other=0)
         if NATIVE_QK:  # 16-bit inputs: exact products, fp32 sums
             logits = tl.dot(q, tl.trans(keys), out_dtype=tl.float32) * scale  # (BLOCK_R, BLOCK_S)
         else:
             logits = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
-        ok = allow[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
-        logits = tl.where(ok, logits, float("-inf"))
-        new = tl.maximum(m, tl.max(logits, 1))
-        base = tl.where(new == float("-inf"), 0.0, new)  # (a row that has seen nothing yet: no inf - inf)
-        p = tl.where(ok, tl.exp(logits - base[:, None]), 0.0)
-        alpha = tl.exp(m - base)  # 0 while m is -inf
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-        m = new
-    at = k * sok + b * sob + h * soh + g[:, None] * sog + w[:, None] * sow + d[None, :] * sod
-    tl.store(Out + part * sos + at, acc, mask=rows[:, None] & dims[None, :])
-    at_row = part * sms + k * smk + b * smb + h * smh + g * smg + w * smw
-    tl.store(M + at_row, m, mask=rows)
-    tl.store(L + at_row, total, mask=rows)
+        causal = (pos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
+        m0, total0, acc0 = _absorb(logits, allow0[None, :] & causal, values, m0, total0, acc0)
+        m1, total1, acc1 = _absorb(logits, allow1[None, :] & causal, values, m1, total1, acc1)
+    at = b * sob + h * soh + g[:, None] * sog + w[:, None] * sow + d[None, :] * sod
+    tl.store(Out + part * sos + k0 * sok + at, acc0, mask=rows[:, None] & dims[None, :])
+    tl.store(Out + part * sos + k1 * sok + at, acc1, mask=rows[:, None] & dims[None, :])
+    at_row = part * sms + b * smb + h * smh + g * smg + w * smw
+    tl.store(M + at_row + k0 * smk, m0, mask=rows)
+    tl.store(L + at_row + k0 * smk, total0, mask=rows)
+    tl.store(M + at_row + k1 * smk, m1, mask=rows)
+    tl.store(L + at_row + k1 * smk, total1, mask=rows)
+
+
+def _absorb(logits, ok, values, m, total, acc):  # type: ignore[no-untyped-def]  # (a Triton function)
+    """One block of slots into a subset's running max ``m``, sum and accumulator (the slots ``ok`` allows)."""
+    logits = tl.where(ok, logits, float("-inf"))
+    new = tl.maximum(m, tl.max(logits, 1))
+    base = tl.where(new == float("-inf"), 0.0, new)  # (a row that has seen nothing yet: no inf - inf)
+    p = tl.where(ok, tl.exp(logits - base[:, None]), 0.0)
+    alpha = tl.exp(m - base)  # 0 while m is -inf
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+    return new, total, acc
 
 
 @functools.lru_cache(maxsize=1)
 def _kernel() -> KernelInterface:
-    global triton, tl
+    global triton, tl, _absorb
     import triton
     import triton.language as tl
 
+    _absorb = triton.jit(_absorb)  # (the kernel finds it among its globals when it compiles)
     return triton.jit(_window_rows)
 
 
 def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())  # (tl.dot wants at least 16 along each side)
+
+
+class Window(NamedTuple):
+    """One layer's inputs to `window_outputs`: ``queries`` (B, H, G, W, D) over ``keys`` / ``values`` (B, H, S, D),
+    once for each of the ``K`` slot masks ``allowed`` (K, B, H, S) bool, causal by ``positions`` (B, H, S) and
+    ``query_positions`` (B, W) (-1: a padded query), softmax scale ``scaling``."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    allowed: torch.Tensor
+    positions: torch.Tensor
+    query_positions: torch.Tensor
+    scaling: float
+
+
+#: the most bytes of span partials one merge takes: layers beyond it are merged in further chunks
+PARTIAL_BYTES = 1 << 28
 
 
 def window_output(
@@ -131,43 +167,66 @@ def window_output(
     query_positions: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor | None:
-    """(K, B, H, G, W, D) float32: the attention output of ``queries`` (B, H, G, W, D) over ``keys`` / ``values``
-    (B, H, S, D), once for each of the ``K`` slot masks ``allowed`` (K, B, H, S) bool, causal by ``positions``
-    (B, H, S) and ``query_positions`` (B, W) (-1: a padded query); None when the kernel is off for this device or
-    failed before, or the inputs are not on one device (the caller then takes the plain path)."""
-    B, H, G, W, D = queries.shape
-    S = keys.shape[2]
-    devices = {t.device for t in (queries, keys, values, allowed, positions, query_positions)}
-    if len(devices) > 1 or not use("window", keys) or G * W > 128:
-        return None
-    Kn = allowed.shape[0]
-    if Kn * B * H * G * W == 0:
-        return torch.zeros((Kn, B, H, G, W, D), dtype=torch.float32, device=keys.device)
-    S_block = 16 if interpreting() else block_s(D)  # (tests: small blocks, several spans a row)
-    parts = spans(B * H * Kn, S, S_block, processors(keys.device))  # (8 processors under the interpreter)
-    span = max(1, _cdiv(_cdiv(S, parts), S_block)) * S_block  # (whole blocks)
-    parts = max(1, _cdiv(S, span))
-    acc = torch.empty((parts, Kn, B, H, G, W, D), dtype=torch.float32, device=keys.device)
-    m = torch.empty((parts, Kn, B, H, G, W), dtype=torch.float32, device=keys.device)
-    total = torch.empty_like(m)
-    allow = allowed.view(torch.uint8)  # (same strides: bool is one byte)
-    qpos = query_positions.to(torch.int64)
-    pos = positions.to(torch.int32)
-    # (Triton's interpreter multiplies bf16 as raw bits: there bf16 takes the fp32 path, fp16 tests the native one)
-    native = keys.dtype == queries.dtype and (
-        queries.dtype == torch.float16 or (queries.dtype == torch.bfloat16 and not interpreting())
-    )
+    """(K, B, H, G, W, D) float32: `window_outputs` of one layer (its `Window`'s fields)."""
+    out = window_outputs([Window(queries, keys, values, allowed, positions, query_positions, scaling)])
+    return None if out is None else out[0]
 
-    def run() -> torch.Tensor:
-        _kernel()[(B * H, Kn, parts)](
-            queries, keys, values, allow, pos, qpos, acc, m, total,
-            *queries.stride(), *keys.stride(), *values.stride(), *allow.stride(), *pos.stride(), *qpos.stride(),
-            *acc.stride(), *m.stride(), H, G, W, S, D, span, float(scaling),
+
+def window_outputs(layers: Sequence[Window]) -> torch.Tensor | None:
+    """(L, K, B, H, G, W, D) float32: the attention output of each of ``L`` layers' window queries over its slots,
+    once for each of its ``K`` masks; the layers share (K, B, H, G, W, D) and a device, not necessarily their slot
+    count. One kernel launch a layer, each program reading a block of keys and values once for two of the masks,
+    and one merge of the spans for all the layers (`PARTIAL_BYTES` at a time). None when the kernel is off for this
+    device or failed before, or the inputs are not on one device (the caller then takes the plain path)."""
+    first = layers[0]
+    B, H, G, W, D = first.queries.shape
+    Kn, device = first.allowed.shape[0], first.keys.device
+    devices = {t.device for x in layers for t in x[:6]}
+    if len(devices) > 1 or not use("window", first.keys) or G * W > 128:
+        return None
+    if Kn * B * H * G * W == 0:
+        return torch.zeros((len(layers), Kn, B, H, G, W, D), dtype=torch.float32, device=device)
+    S = max(x.keys.shape[2] for x in layers)
+    S_block = 16 if interpreting() else block_s(D)  # (tests: small blocks, several spans a row)
+    pairs = _cdiv(Kn, 2)
+    parts = spans(B * H * pairs, S, S_block, processors(device))  # (8 processors under the interpreter)
+    span = max(1, _cdiv(_cdiv(S, parts), S_block)) * S_block  # (whole blocks; a layer of fewer slots: empty spans)
+    parts = max(1, _cdiv(S, span))
+    chunk = max(1, PARTIAL_BYTES // (parts * Kn * B * H * G * W * (D + 2) * 4))
+    outs = []
+    for c0 in range(0, len(layers), chunk):
+        part = layers[c0 : c0 + chunk]
+        out = launch("window", first.keys, functools.partial(_run, part, parts, span, S_block))
+        if out is None:
+            return None
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _run(layers: Sequence[Window], parts: int, span: int, S_block: int) -> torch.Tensor:
+    """Each layer's spans into one (parts, L, K, ...) set of partials, merged once."""
+    B, H, G, W, D = layers[0].queries.shape
+    Kn, device = layers[0].allowed.shape[0], layers[0].keys.device
+    acc = torch.empty((parts, len(layers), Kn, B, H, G, W, D), dtype=torch.float32, device=device)
+    m = torch.empty((parts, len(layers), Kn, B, H, G, W), dtype=torch.float32, device=device)
+    total = torch.empty_like(m)
+    kernel = _kernel()
+    for i, x in enumerate(layers):
+        allow = x.allowed.view(torch.uint8)  # (same strides: bool is one byte)
+        qpos = x.query_positions.to(torch.int64)
+        pos = x.positions.to(torch.int32)
+        # (Triton's interpreter multiplies bf16 as raw bits: there bf16 takes the fp32 path, fp16 tests the native)
+        native = x.keys.dtype == x.queries.dtype and (
+            x.queries.dtype == torch.float16 or (x.queries.dtype == torch.bfloat16 and not interpreting())
+        )
+        acc_i, m_i, total_i = acc[:, i], m[:, i], total[:, i]
+        kernel[(B * H, _cdiv(Kn, 2), parts)](
+            x.queries, x.keys, x.values, allow, pos, qpos, acc_i, m_i, total_i,
+            *x.queries.stride(), *x.keys.stride(), *x.values.stride(), *allow.stride(), *pos.stride(),
+            *qpos.stride(), *acc_i.stride(), *m_i.stride(), Kn, H, G, W, x.keys.shape[2], D, span, float(x.scaling),
             BLOCK_R=_pow2(G * W), BLOCK_S=S_block, BLOCK_D=_pow2(D), NATIVE_QK=native, num_warps=4,
         )  # fmt: skip
-        return merge(acc, m, total)
-
-    return launch("window", keys, run)
+    return merge(acc, m, total)
 
 
 def merge(acc: torch.Tensor, m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
