@@ -20,6 +20,9 @@ from typing import Literal
 import squeezekit
 from squeezekit.budget import sqrt_split, waterfill
 
+#: layers costed together (each prefill view may copy its layer's keys and values: a bounded number at once)
+LAYERS_AT_ONCE = 8
+
 
 @dataclass
 class LostAttention(squeezekit.LayerBudgetAllocator):
@@ -57,19 +60,30 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
     @staticmethod
     def costs(views, evictor, budget, knots):
         """(B, L, K) on the CPU: how far each layer's window queries' attention output moves when it keeps only
-        ``knots`` (B, K) tokens (the L2 distance, averaged over the heads and the real window queries). All layers
-        at once: their slots ranked in one stack, their outputs in one kernel launch a layer (on CUDA)."""
+        ``knots`` (B, K) tokens (the L2 distance, averaged over the heads and the real window queries). Layers
+        ``LAYERS_AT_ONCE`` at a time (a prefill view may hold a copy of its layer's keys and values): their slots
+        ranked in one stack, their outputs in one kernel launch a layer and one merge (on CUDA)."""
+        import torch
+
+        parts = [
+            LostAttention._costs(views[i : i + LAYERS_AT_ONCE], evictor, budget, knots)
+            for i in range(0, len(views), LAYERS_AT_ONCE)
+        ]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _costs(views, evictor, budget, knots):
         import torch
 
         from squeezekit.selection import slot_ranks  # (it imports torch)
 
         views = list(views)
-        # each slot's place in the order the engine keeps the evictor's best in at prefill (the newest token first)
         B, K = knots.shape
         budgets, limits = {}, {}  # (the uniform budget, and the knots as (K, B, 1, 1), copied once per device)
-        for device in {v.keys.device for v in views}:
+        for device in {v.valid.device for v in views}:
             budgets[device], limits[device] = budget.to(device), knots.to(device).t().reshape(K, B, 1, 1)
-        scores = [evictor.score(dataclasses.replace(v, budget=budgets[v.keys.device])) for v in views]
+        # each slot's place in the order the engine keeps the evictor's best in at prefill (the newest token first)
+        scores = [evictor.score(dataclasses.replace(v, budget=budgets[v.valid.device])) for v in views]
         kept = [
             torch.cat([view.valid[None], rank[None] < limits[rank.device]])  # all slots, then the kept ones
             for view, rank in zip(views, slot_ranks(scores, views), strict=True)

@@ -59,7 +59,7 @@ class PrefillViews(Sequence[LayerView]):
             from .parallel import gathered_view
 
             view = gathered_view(view, self._heads)
-        if self._rows is None or self._rows.numel() == view.keys.shape[0]:
+        if self._rows is None or self._rows.numel() == view.valid.shape[0]:
             return view
         return view.rows(self._rows)
 

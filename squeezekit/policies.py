@@ -177,7 +177,7 @@ class LayerView:
         masks = [m & v.valid for v, m in zip(views, kept, strict=True)]
         groups: dict[Any, list[int]] = {}
         for i, v in enumerate(views):
-            groups.setdefault(v.keys.device, []).append(i)
+            groups.setdefault(v.valid.device, []).append(i)
         parts: list[tuple[list[int], torch.Tensor]] = []
         for index in groups.values():
             layers = [

@@ -73,10 +73,26 @@ def _fingerprint(t: Any) -> int | None:
     """A content fingerprint of a tensor (the sum of its bytes read as machine words, in 64 bits): any write changes
     it unless crafted not to. Catches what version counters miss (``.data``, ``.numpy()``); costs one read and a
     host sync, so it is taken only where a call runs once per generation (prefill)."""
-    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
-        return None
-    flat = t.detach().reshape(-1)
-    return int(flat.view(_WORDS[flat.element_size()]).sum(dtype=torch.int64))
+    return _fingerprints([t])[0]
+
+
+def _fingerprints(tensors: list[Any]) -> list[int | None]:
+    """`_fingerprint` of each of ``tensors``, with one host sync for them all (a prefill's plugin call watches a
+    few tensors a layer)."""
+    sums: list[Any] = [None] * len(tensors)
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+            flat = t.detach().reshape(-1)
+            sums[i] = flat.view(_WORDS[flat.element_size()]).sum(dtype=torch.int64)
+    by_device: dict[Any, list[int]] = {}
+    for i, total in enumerate(sums):
+        if total is not None:
+            by_device.setdefault(total.device, []).append(i)
+    out: list[int | None] = [None] * len(tensors)
+    for index in by_device.values():
+        for i, value in zip(index, torch.stack([sums[i] for i in index]).tolist(), strict=True):
+            out[i] = int(value)
+    return out
 
 
 def _copied(call: Observation) -> Observation:
@@ -98,16 +114,15 @@ class _Watch:
     """The tensors a plugin call is handed, noted before the call so that `problem` can tell what it wrote to."""
 
     def __init__(self, named: list[tuple[str, Any]], deep: bool):
-        self.named = [
-            (name, t, _version(t), _fingerprint(t) if deep and not name.endswith(_NOT_FINGERPRINTED) else None)
-            for name, t in named
-            if t is not None
-        ]
+        named = [(name, t) for name, t in named if t is not None]
+        marks = _fingerprints([t if deep and not name.endswith(_NOT_FINGERPRINTED) else None for name, t in named])
+        self.named = [(name, t, _version(t), mark) for (name, t), mark in zip(named, marks, strict=True)]
 
     def problem(self, method: str) -> str | None:
-        for name, tensor, version, fingerprint in self.named:
+        now = _fingerprints([t if mark is not None else None for _, t, _, mark in self.named])
+        for (name, tensor, version, fingerprint), later in zip(self.named, now, strict=True):
             if (version is not None and _version(tensor) != version) or (
-                fingerprint is not None and _fingerprint(tensor) != fingerprint
+                fingerprint is not None and later != fingerprint
             ):
                 return f"{method}() wrote to {name} in place; return new tensors instead"
         return None
