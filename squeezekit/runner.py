@@ -7,7 +7,7 @@ the only code that calls a plugin. Every call is guarded the same way:
   (keys, values, slot validity and positions, accumulated attention) whose in-place writes are detected through
   PyTorch's version counters (free on the hot path). Writes that bypass the version counters (through ``.data``,
   ``.numpy()``, DLPack) are caught where a call runs once per generation: at prefill, the tensors that decide what
-  is kept (slot validity, positions, statistics) are also fingerprinted before and after the call (`_fingerprint`,
+  is kept (slot validity, positions, statistics) are also fingerprinted before and after the call (`_fingerprints`,
   one read of them); keys, values and queries (too large to read again per call) and every tensor at decode are
   not checked that way (docs/plugins.md says so);
 - a statistic (`squeezekit.statistics.Statistic`, bundled or a plugin's) is called through the same guard on every
@@ -69,16 +69,11 @@ def _version(t: torch.Tensor | None) -> int | None:
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _fingerprint(t: Any) -> int | None:
-    """A content fingerprint of a tensor (the sum of its bytes read as machine words, in 64 bits): any write changes
-    it unless crafted not to. Catches what version counters miss (``.data``, ``.numpy()``); costs one read and a
-    host sync, so it is taken only where a call runs once per generation (prefill)."""
-    return _fingerprints([t])[0]
-
-
 def _fingerprints(tensors: list[Any]) -> list[int | None]:
-    """`_fingerprint` of each of ``tensors``, with one host sync for them all (a prefill's plugin call watches a
-    few tensors a layer)."""
+    """A content fingerprint of each of ``tensors`` (the sum of its bytes read as machine words, in 64 bits; None
+    for what is not a tensor with elements): any write changes it unless crafted not to. Catches what version
+    counters miss (``.data``, ``.numpy()``); costs one read of each and one host sync for them all, so it is taken
+    only where a call runs once per generation (prefill)."""
     sums: list[Any] = [None] * len(tensors)
     for i, t in enumerate(tensors):
         if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":

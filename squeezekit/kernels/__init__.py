@@ -12,7 +12,7 @@
 - ``importance``: a layer's importance at prefill (``importance.cosines``): each token's cos(x, x + attention(x))
   from one read of the layer's input and attention output, instead of three norms over them and their sum.
 - ``window``: the window queries' attention output over a layer's slots or subsets of them
-  (``window.window_output``, `squeezekit.policies.LayerView.window_output`: what ``lost_attention`` measures),
+  (``window.window_outputs``, `squeezekit.policies.LayerView.window_output`: what ``lost_attention`` measures),
   flash-style, reading the keys and values once per subset and writing no probabilities.
 - ``pooled``: the decode step's attention over a layer whose KV heads hold different budgets, read from its pool
   of per-head segments (``decode.pooled_decode_attention``; squeezekit.layers.HeadPool), so no rectangular copy is

@@ -158,20 +158,6 @@ class Window(NamedTuple):
 PARTIAL_BYTES = 1 << 28
 
 
-def window_output(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    allowed: torch.Tensor,
-    positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor | None:
-    """(K, B, H, G, W, D) float32: `window_outputs` of one layer (its `Window`'s fields)."""
-    out = window_outputs([Window(queries, keys, values, allowed, positions, query_positions, scaling)])
-    return None if out is None else out[0]
-
-
 def window_outputs(layers: Sequence[Window]) -> torch.Tensor | None:
     """(L, K, B, H, G, W, D) float32: the attention output of each of ``L`` layers' window queries over its slots,
     once for each of its ``K`` masks; the layers share (K, B, H, G, W, D) and a device, not necessarily their slot
