@@ -20,7 +20,7 @@ from squeezekit.progress import progress as progress_of
 
 from .reports import _sd
 from .results import cell_key
-from .suite import Unit, load_unit
+from .suite import Unit, load_unit, samples_fingerprint
 
 
 @contextlib.contextmanager
@@ -68,6 +68,7 @@ class Evaluator:
         self.lm = SqueezekitLM(pretrained=self.model_dir, batch_size=batch_size, budget=1.0, **extra, **model_args)
         self.lm.show_bars = False  # squeezekit's own progress instead (see the module docstring)
         self._loaded: dict[str, dict] = {}
+        self._samples: dict[str, str] = {}  # each loaded unit's samples fingerprint
 
     def run(self, config, unit: Unit, progress: bool = False) -> dict:
         """Evaluate one unit under one config: per-sample scores and their summary. ``progress``: show the unit's
@@ -79,6 +80,7 @@ class Evaluator:
                 if progress:
                     status(f"building the {unit.n} samples of {unit.key}")
                 self._loaded[unit.key] = load_unit(unit, self.model_dir, self.text_file)
+                self._samples[unit.key] = samples_fingerprint(self._loaded[unit.key], unit.n)
             self.lm.squeeze_config = config
             self.lm.kv_bytes = {"kept": 0, "full": 0, "prefills": 0}
             t0 = time.time()
@@ -116,6 +118,7 @@ class Evaluator:
         kv = self.lm.kv_bytes
         result.update(
             n=len(scores),
+            samples=self._samples[unit.key],
             scores=scores,
             seconds=round(seconds, 1),
             kv_fraction=(kv["kept"] / kv["full"]) if kv["full"] else None,

@@ -7,6 +7,9 @@ one line, never mixed. Within it, a cell is a config (its label; ``full`` for th
 allocator and evictor) and a unit is ``TASK@LENGTH:N``, so nothing that decides a score is left out of its key.
 A cell also records a content fingerprint of every file its config names (a calibration ``profile=FILE``): a file
 rewritten at the same path makes the cell's results stale, and the sweep runs its units again (`file_fingerprints`).
+A unit's result records a fingerprint of the samples it was scored on (`squeezekit.evaluators.suite.
+samples_fingerprint`; every process builds the same ones, `suite.seeded`): a unit scored on other samples than the
+store's other cells scored it on is refused in one line, since the reports pair cells sample by sample.
 
 A store is checked whole when it is read: anything but the structure squeezekit writes (a cell without units, a unit
 without scores, a list where a mapping belongs) is refused in one line naming the file and the place, never half
@@ -129,6 +132,8 @@ def _unit_problem(unit: Any) -> tuple[str, str] | None:
         return f"['scores'][{bad}]", f"is {_kind(scores[bad])}, expected a number"
     if unit.get("kv_fraction") is not None and not _number(unit["kv_fraction"]):
         return "['kv_fraction']", f"is {_kind(unit['kv_fraction'])}, expected a number or null"
+    if unit.get("samples") is not None and not isinstance(unit["samples"], str):
+        return "['samples']", f"is {_kind(unit['samples'])}, expected a samples fingerprint (a string) or null"
     return None
 
 
@@ -258,10 +263,10 @@ class ResultStore:
 
     def _merge(self, cells: dict[str, dict], drop: list[str] | tuple[str, ...] = ()) -> dict:
         if self.dir is None:
-            return _merged(self.data, cells, drop)
+            return _merged(self.data, cells, drop, "(in memory)")
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
-            merged = _merged(self._load(), cells, drop)  # another shard may have written since
+            merged = _merged(self._load(), cells, drop, str(self.dir))  # another shard may have written since
             self._write(merged)
         return merged
 
@@ -287,12 +292,32 @@ class ResultStore:
             tmp.unlink(missing_ok=True)
 
 
-def _merged(data: dict, cells: dict[str, dict], drop: list[str] | tuple[str, ...] = ()) -> dict:
+def _other_samples(data: dict, unit: str, samples: str | None) -> str | None:
+    """The samples fingerprint another cell of ``data`` recorded for ``unit`` when it is not ``samples`` (results
+    written before fingerprints were recorded are not compared), else None."""
+    if samples is None:
+        return None
+    for cell in data["cells"].values():
+        theirs = cell["units"].get(unit, {}).get("samples")
+        if theirs is not None and theirs != samples:
+            return str(theirs)
+    return None
+
+
+def _merged(data: dict, cells: dict[str, dict], drop: list[str] | tuple[str, ...] = (), where: str = "") -> dict:
     """``data`` without the cells ``drop`` and with each of ``cells``' units added (a cell not there yet, or there
-    with other file fingerprints, is created anew)."""
+    with other file fingerprints, is created anew). A unit scored on other samples than the store's other cells
+    scored it on is refused (``where``: the store's folder, for the message): the comparisons pair cells by sample."""
     for key in drop:
         data["cells"].pop(key, None)
     for key, cell in cells.items():
+        for unit, result in cell["units"].items():
+            other = _other_samples(data, unit, result.get("samples"))
+            if other:
+                raise ConfigError(
+                    "--out", where, f"holds {unit} scored on other samples (fingerprint {other}, now "
+                    f"{result['samples']}): its cells would not be paired; use another --out", SOURCE,
+                )  # fmt: skip
         into = data["cells"].get(key)
         if into is None or into.get("fingerprints", {}) != cell.get("fingerprints", {}):
             into = data["cells"][key] = {k: v for k, v in cell.items() if k != "units"} | {"units": {}}

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
 import io
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +137,43 @@ def _capped(fn):
 
 
 @contextlib.contextmanager
+def seeded(key: str):
+    """Python's and numpy's global random generators seeded from ``key`` (a unit's ``TASK@LENGTH``: N samples are
+    the first N of any larger unit's) while a unit's samples are built, their states put back after.
+
+    RULER's generators draw needles, keys and haystack positions from the global `random` (lm-eval seeds it in
+    ``simple_evaluate``, which the evaluation here does not call): unseeded, every process built other samples, so
+    the shards of one sweep and a resumed run scored their cells on different samples, and the comparisons across
+    them were not paired."""
+    import numpy as np
+
+    seed = int.from_bytes(hashlib.sha256(f"squeezekit-unit:{key}".encode()).digest()[:4], "little")
+    state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+
+
+def samples_fingerprint(loaded: dict, n: int) -> str:
+    """A fingerprint of the first ``n`` documents of each task in a loaded task dict (`load_unit`): two runs scored
+    the same samples exactly when they agree."""
+    import json
+
+    h = hashlib.sha256()
+    for name, task in sorted(loaded["tasks"].items()):
+        h.update(name.encode())
+        for i, doc in enumerate(task.eval_docs):
+            if i >= n:
+                break
+            h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
 def offline_nltk():
     """RULER's niah module asks NLTK to download ``punkt_tab`` at import when it is missing (used for essay haystacks
     only, not the tasks here): never reach for the network (an offline GPU machine would wait on it). The module is
@@ -158,7 +197,8 @@ def load_unit(
     unit: Unit, model_dir: str | os.PathLike, text_file: str | None = None, max_gen_toks: int | None = None
 ) -> dict:
     """lm-eval's loaded task dict for ``unit`` (prompts sized with ``model_dir``'s tokenizer), zero-shot, with
-    generation cut to what the answers need (``max_gen_toks``, default `MAX_GEN_TOKS`). A TaskManager indexes only
+    generation cut to what the answers need (``max_gen_toks``, default `MAX_GEN_TOKS`); the same samples in every
+    process (`seeded`). A TaskManager indexes only
     RULER's and squeezekit's task folders, with the unit's metadata (TaskManager takes it when it is built)."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
@@ -174,7 +214,8 @@ def load_unit(
         metadata["text_file"] = text_file
     ruler_dir = Path(lm_eval.tasks.__file__).parent / "ruler"
     manager = TaskManager(include_path=[str(TASKS_DIR), str(ruler_dir)], include_defaults=False, metadata=metadata)
-    with offline_nltk(), capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext():
+    capped = capped_ruler_samples(unit.n) if unit.kind == "ruler" else contextlib.nullcontext()
+    with offline_nltk(), capped, seeded(f"{unit.task}@{unit.length}"):
         try:
             loaded = manager.load([unit.task])
         except ValueError as exc:

@@ -414,6 +414,15 @@ CATALOGUE = [
         "test_results_are_never_mixed",
     ),
     Row(
+        "results-samples",
+        "squeezekit eval --out holding a unit scored on other samples than the ones built now (another lm-eval that "
+        "generates RULER's samples otherwise, a results.json written by hand)",
+        "ConfigError",
+        "config error: command line: --out = {out}: holds {unit} scored on other samples (fingerprint {theirs}, now "
+        "{now}): its cells would not be paired; use another --out",
+        "test_results_are_never_mixed",
+    ),
+    Row(
         "out-dir-file",
         "an output folder (squeezekit eval --out, bench --out) that is a file",
         "ConfigError",
@@ -2887,6 +2896,23 @@ def test_results_are_never_mixed(tmp_path):
            problem="'meta' is a list, expected a mapping")  # fmt: skip
     store.write_text(json.dumps({"format": 2, "meta": identity, "cells": {"x": cell}}))
     assert ResultStore(bad, identity).cells == {"x": cell}  # the structure squeezekit writes
+    store.write_text(json.dumps({"format": 2, "meta": identity, "cells": {"x": {**cell, "units": {"u": {**unit,
+                     "samples": 3}}}}}))  # fmt: skip
+    raised("results-malformed", lambda: ResultStore(bad, identity), out=repr(str(bad)),
+           problem="cells['x']['units']['u']['samples'] is a number, expected a samples fingerprint (a string) or "
+           "null")  # fmt: skip
+
+    # a unit scored on other samples than another cell's (a shard or a resumed run that built other ones) is refused
+    paired = tmp_path / "paired"
+    scored = {"value": 1.0, "stderr": 0.0, "scores": [1.0, 1.0], "samples": "aaaa"}
+    ResultStore(paired, identity).put(Config.from_kwargs(budget=0.5), Unit("squeezekit_ppl", 256, 2), scored)
+    later = ResultStore(paired, identity)
+    later.put(Config.from_kwargs(budget=0.2), Unit("squeezekit_ppl", 256, 2), scored)  # the same samples: kept
+    later.put(Config.from_kwargs(budget=0.2), Unit("squeezekit_ppl", 256, 4), {**scored, "samples": "bbbb"})
+    raised("results-samples", lambda: later.put(Config.from_kwargs(budget=0.1), Unit("squeezekit_ppl", 256, 2),
+           {**scored, "samples": "cccc"}), out=repr(str(paired)), unit="squeezekit_ppl@256:2", theirs="aaaa",
+           now="cccc")  # fmt: skip
+    assert len(ResultStore(paired, identity).cells) == 2  # nothing of the refused unit was written
 
 
 def test_plugin_command_that_cannot_build(plugin_site):

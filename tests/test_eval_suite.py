@@ -171,6 +171,38 @@ def test_ruler_units_build_only_their_samples(tiny_dir):
     assert suite._CAP is None
 
 
+def test_every_process_builds_the_same_samples(tiny_dir, text_file):
+    """RULER draws its samples from Python's global random generator: a unit's samples are the same in every process
+    (the shards of a sweep, a resumed run), N of them the first N of a larger unit's, and the caller's random state is
+    left as it was."""
+    import random
+    import subprocess
+    import sys
+
+    def docs(loaded):
+        (task,) = loaded["tasks"].values()
+        return [json.dumps(d, sort_keys=True, default=str) for d in task.eval_docs]
+
+    code = (
+        "import sys, random; from squeezekit.evaluators import suite; random.seed(int(sys.argv[3])); "
+        "u = suite.Unit(sys.argv[1], 512, 3); print(suite.samples_fingerprint(suite.load_unit(u, sys.argv[2], "
+        "sys.argv[4]), 3))"
+    )
+    for task in ("niah_single_1", "ruler_fwe", "squeezekit_passkey"):
+        prints = {
+            subprocess.run([sys.executable, "-c", code, task, tiny_dir, str(seed), text_file], capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in (1, 2)
+        }  # fmt: skip
+        assert len(prints) == 1, (task, prints)
+        state = random.getstate()
+        three = suite.load_unit(suite.Unit(task, 512, 3), tiny_dir, text_file)
+        assert random.getstate() == state
+        assert prints == {suite.samples_fingerprint(three, 3)}
+        two = suite.load_unit(suite.Unit(task, 512, 2), tiny_dir, text_file)
+        assert docs(two) == docs(three)[:2]
+
+
 @pytest.mark.parametrize("blind", [False, True])
 def test_multiquestion_tasks_ask_every_question_after_one_compression(tiny_dir, text_file, blind):
     utils = _task_utils()
