@@ -5,14 +5,16 @@ An allocator that measures how much eviction moves a layer's attention output (`
 layer, the output of the last prompt queries over all slots and over the slots each budget keeps. The plain path
 upcasts the keys and values to fp32 copies, writes the (B, H, G, W, S) logits and probabilities, and reads them once
 more per subset: several passes over (B, H, S, D) fp32 tensors a layer. This kernel is flash-style, split over the
-slots: one program per (sequence, KV head, pair of subsets, span of slots) holds the ``G x W`` query rows of that KV
-head (the query heads of a GQA group together), streams its span's slots in blocks, reads each block's keys and
-values once in their dtype for both subsets (``rule="sqrt"``'s all slots and kept slots: one read), takes the logits
-once, and keeps each subset's running max, sum and fp32 accumulator. Each span writes its partials (max, sum,
+slots: one program per (sequence, KV head, subset, span of slots) holds the ``G x W`` query rows of that KV head
+(the query heads of a GQA group together), streams its span's slots in blocks, reads each block's keys and values
+once in their dtype, and keeps a running max, sum and fp32 accumulator. Each span writes its partial (max, sum,
 accumulator); a few torch ops merge the spans (log-sum-exp weights), so only (spans, K, B, H, G, W, D) fp32 partials
 and the outputs are written. `window_outputs` takes many layers: one launch a layer into one set of partials, and
 one merge for them all (the allocator's host time was ~60 small operations a layer, 2026-12-07 on an H100).
-The split over the slots is what makes it fast: a layer has only B x H x K / 2 (sequence, head, pair) rows, fewer
+A program serving two subsets from one read of the keys and values (two accumulators) was tried and measured 2.8x
+slower a layer on an H100 (1.13 ms against 0.40 ms for `rule="sqrt"`'s two subsets, 2026-12-08): one subset a
+program it is.
+The split over the slots is what makes it fast: a layer has only B x H x K (sequence, head, subset) rows, fewer
 than a GPU's processors for ``rule="sqrt"``, and one program walking all 4096 slots of a row serially left most of
 the GPU idle (measured on an H100: 5-10x slower than the plain path before the split).
 
@@ -60,8 +62,7 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE_QK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
-    k0 = tl.program_id(1).to(tl.int64) * 2  # this program's two subsets, k0 and k1 (an odd K's last: k0 twice)
-    k1 = tl.minimum(k0 + 1, Kn - 1)
+    k = tl.program_id(1).to(tl.int64)  # this program's subset
     part = tl.program_id(2).to(tl.int64)  # the span of slots [part * span, (part + 1) * span)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: large batches of long prompts
     h = (bh % H).to(tl.int64)
@@ -77,10 +78,9 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
     if not NATIVE_QK:
         q = q.to(tl.float32)
     qpos = tl.load(QPos + b * sqpb + w * sqpw, mask=rows, other=-1)
-    m0 = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    total0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    m1, total1, acc1 = m0, total0, acc0
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     end = tl.minimum(S, (part + 1) * span)
     for s0 in range(part * span, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -93,25 +93,19 @@ def _window_rows(  # type: ignore[no-untyped-def]  # (a Triton kernel: it reads 
         values = tl.load(
             V + b * svb + h * svh + s[:, None] * svs + d[None, :] * svd, mask=inside[:, None] & dims[None, :], other=0.0
         ).to(tl.float32)
-        at = b * sab + h * sah + s * sas
-        allow0 = tl.load(Allow + k0 * sak + at, mask=inside, other=0) != 0
-        allow1 = tl.load(Allow + k1 * sak + at, mask=inside, other=0) != 0
+        allow = tl.load(Allow + k * sak + b * sab + h * sah + s * sas, mask=inside, other=0) != 0
         pos = tl.load(Pos + b * spb + h * sph + s * sps, mask=inside, other=0)
         if NATIVE_QK:  # 16-bit inputs: exact products, fp32 sums
             logits = tl.dot(q, tl.trans(keys), out_dtype=tl.float32) * scale  # (BLOCK_R, BLOCK_S)
         else:
             logits = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
         causal = (pos[None, :] <= qpos[:, None]) & (qpos[:, None] >= 0)
-        m0, total0, acc0 = _absorb(logits, allow0[None, :] & causal, values, m0, total0, acc0)
-        m1, total1, acc1 = _absorb(logits, allow1[None, :] & causal, values, m1, total1, acc1)
-    at = b * sob + h * soh + g[:, None] * sog + w[:, None] * sow + d[None, :] * sod
-    tl.store(Out + part * sos + k0 * sok + at, acc0, mask=rows[:, None] & dims[None, :])
-    tl.store(Out + part * sos + k1 * sok + at, acc1, mask=rows[:, None] & dims[None, :])
-    at_row = part * sms + b * smb + h * smh + g * smg + w * smw
-    tl.store(M + at_row + k0 * smk, m0, mask=rows)
-    tl.store(L + at_row + k0 * smk, total0, mask=rows)
-    tl.store(M + at_row + k1 * smk, m1, mask=rows)
-    tl.store(L + at_row + k1 * smk, total1, mask=rows)
+        m, total, acc = _absorb(logits, allow[None, :] & causal, values, m, total, acc)
+    at = k * sok + b * sob + h * soh + g[:, None] * sog + w[:, None] * sow + d[None, :] * sod
+    tl.store(Out + part * sos + at, acc, mask=rows[:, None] & dims[None, :])
+    at_row = part * sms + k * smk + b * smb + h * smh + g * smg + w * smw
+    tl.store(M + at_row, m, mask=rows)
+    tl.store(L + at_row, total, mask=rows)
 
 
 def _absorb(logits, ok, values, m, total, acc):  # type: ignore[no-untyped-def]  # (a Triton function)
@@ -161,9 +155,9 @@ PARTIAL_BYTES = 1 << 28
 def window_outputs(layers: Sequence[Window]) -> torch.Tensor | None:
     """(L, K, B, H, G, W, D) float32: the attention output of each of ``L`` layers' window queries over its slots,
     once for each of its ``K`` masks; the layers share (K, B, H, G, W, D) and a device, not necessarily their slot
-    count. One kernel launch a layer, each program reading a block of keys and values once for two of the masks,
-    and one merge of the spans for all the layers (`PARTIAL_BYTES` at a time). None when the kernel is off for this
-    device or failed before, or the inputs are not on one device (the caller then takes the plain path)."""
+    count. One kernel launch a layer, a program per (sequence, head, mask, span of slots), and one merge of the
+    spans for all the layers (`PARTIAL_BYTES` at a time). None when the kernel is off for this device or failed
+    before, or the inputs are not on one device (the caller then takes the plain path)."""
     first = layers[0]
     B, H, G, W, D = first.queries.shape
     Kn, device = first.allowed.shape[0], first.keys.device
@@ -174,8 +168,7 @@ def window_outputs(layers: Sequence[Window]) -> torch.Tensor | None:
         return torch.zeros((len(layers), Kn, B, H, G, W, D), dtype=torch.float32, device=device)
     S = max(x.keys.shape[2] for x in layers)
     S_block = 16 if interpreting() else block_s(D)  # (tests: small blocks, several spans a row)
-    pairs = _cdiv(Kn, 2)
-    parts = spans(B * H * pairs, S, S_block, processors(device))  # (8 processors under the interpreter)
+    parts = spans(B * H * Kn, S, S_block, processors(device))  # (8 processors under the interpreter)
     span = max(1, _cdiv(_cdiv(S, parts), S_block)) * S_block  # (whole blocks; a layer of fewer slots: empty spans)
     parts = max(1, _cdiv(S, span))
     chunk = max(1, PARTIAL_BYTES // (parts * Kn * B * H * G * W * (D + 2) * 4))
@@ -206,7 +199,7 @@ def _run(layers: Sequence[Window], parts: int, span: int, S_block: int) -> torch
             x.queries.dtype == torch.float16 or (x.queries.dtype == torch.bfloat16 and not interpreting())
         )
         acc_i, m_i, total_i = acc[:, i], m[:, i], total[:, i]
-        kernel[(B * H, _cdiv(Kn, 2), parts)](
+        kernel[(B * H, Kn, parts)](
             x.queries, x.keys, x.values, allow, pos, qpos, acc_i, m_i, total_i,
             *x.queries.stride(), *x.keys.stride(), *x.values.stride(), *allow.stride(), *pos.stride(),
             *qpos.stride(), *acc_i.stride(), *m_i.stride(), Kn, H, G, W, x.keys.shape[2], D, span, float(x.scaling),
