@@ -1,60 +1,66 @@
-"""The pooling table of docs/results/head-split-smollm2-h200/README.md from two sweep stores (snapkv's kernel_size 7
-and 21, uniform and adaptive head splits), paired sample by sample against uniform at kernel_size 7 (the two stores
-hold the same samples: every process builds the same ones).
+"""The pooling figures of docs/results/head-split-smollm2-h200/README.md from sweep stores, paired sample by sample
+(stores of one model and text hold the same samples: every process builds the same ones), with the sweep reports'
+own pairing (`squeezekit.evaluators.reports`: accuracy differences, perplexity as the ratio of the two cells'
+perplexities with the standard error of its log).
 
-    python docs/results/head-split-smollm2-h200/pooling/paired.py K7/results.json K21/results.json 0.2,0.1,0.05
+    python docs/results/head-split-smollm2-h200/pooling/paired.py kernels K7/results.json K21/results.json 0.2,0.1,0.05
+        # the table: each cell of both stores against the uniform split of the first (snapkv's kernel_size 7)
+    python docs/results/head-split-smollm2-h200/pooling/paired.py split STORE/results.json 0.2,0.1,0.05
+        # adaptive against uniform within one store, unit by unit
 """
 
 import json
-import math
 import sys
 
+from squeezekit.evaluators.reports import _paired
 
-def cells(path):
+UNITS = ["niah_single_1@1024:16", "ruler_fwe@1024:16", "squeezekit_passkey@1024:16", "squeezekit_ppl@1024:16"]
+
+
+def cells(path: str) -> dict:
     return json.load(open(path))["cells"]
 
 
-def unit_scores(cell, unit):
-    return cell["units"][unit]["scores"]
+def find(store: dict, budget: float, heads: str) -> dict:
+    """The units of the store's cell at ``budget`` with the head split ``heads``."""
+    for cell in store.values():
+        if cell["config"]["budget"] == budget and cell["config"].get("heads", "uniform") == heads:
+            return cell["units"]
+    raise KeyError((budget, heads))
 
 
-def diff(a, b):
-    """Mean and standard error of the per-sample differences b - a."""
-    n = len(a)
-    d = [y - x for x, y in zip(a, b, strict=True)]
-    m = sum(d) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    return m, sd / math.sqrt(n)
+def against(cell: dict, ref: dict, unit: str) -> str:
+    """``cell``'s score of ``unit`` and its paired difference to ``ref`` (perplexity: the ratio)."""
+    value, (mean, se) = cell[unit]["value"], _paired(cell[unit], ref[unit])
+    if unit.startswith("squeezekit_ppl"):
+        return f"{value:.1f} (x{value / ref[unit]['value']:.3f} ± {se:.3f})"
+    return f"{value:.3f} ({mean:+.3f} ± {se:.3f})"
 
 
-k7, k21 = cells(sys.argv[1]), cells(sys.argv[2])
-units = ["niah_single_1@1024:16", "ruler_fwe@1024:16", "squeezekit_passkey@1024:16", "squeezekit_ppl@1024:16"]
-
-
-def find(c, budget, heads, k):
-    for key, cell in c.items():
-        cfg = cell["config"]
-        if cfg["budget"] == budget and cfg.get("heads", "uniform") == heads:
-            return key, cell
-    raise KeyError((budget, heads, k))
-
-
-print("| budget | split | kernel_size | niah_single_1 | ruler_fwe | pass key | word perplexity |")
-print("|---|---|---|---|---|---|---|")
-for budget in [float(b) for b in sys.argv[3].split(",")]:
-    ref = find(k7, budget, "uniform", 7)[1]
-    for heads, k, store in (("uniform", 7, k7), ("adaptive", 7, k7), ("uniform", 21, k21), ("adaptive", 21, k21)):
-        cell = find(store, budget, heads, k)[1]
-        row = [str(budget), heads, str(k)]
-        for u in units:
-            r = cell["units"][u]
+def kernels(k7_path: str, k21_path: str, budgets: list[float]) -> None:
+    k7, k21 = cells(k7_path), cells(k21_path)
+    print("| budget | split | kernel_size | niah_single_1 | ruler_fwe | pass key | word perplexity |")
+    print("|---|---|---|---|---|---|---|")
+    for budget in budgets:
+        ref = find(k7, budget, "uniform")
+        for heads, k, store in (("uniform", 7, k7), ("adaptive", 7, k7), ("uniform", 21, k21), ("adaptive", 21, k21)):
+            cell = find(store, budget, heads)
             if cell is ref:
-                row.append(f"{r['value']:.3f}" if "ppl" not in u else f"{r['value']:.1f}")
-                continue
-            if "ppl" in u:  # the ratio exp(mean per-document NLL-per-word difference) +- the s.e. of its log
-                m, se = diff(unit_scores(ref, u), unit_scores(cell, u))
-                row.append(f"{r['value']:.1f} (x{math.exp(m):.3f} ± {se:.3f})")
+                scores = [f"{ref[u]['value']:.1f}" if u.startswith("squeezekit_ppl") else f"{ref[u]['value']:.3f}"
+                          for u in UNITS]  # fmt: skip
             else:
-                m, se = diff(unit_scores(ref, u), unit_scores(cell, u))
-                row.append(f"{r['value']:.3f} ({m:+.3f} ± {se:.3f})")
-        print("| " + " | ".join(row) + " |")
+                scores = [against(cell, ref, u) for u in UNITS]
+            print("| " + " | ".join([str(budget), heads, str(k), *scores]) + " |")
+
+
+def split(path: str, budgets: list[float]) -> None:
+    store = cells(path)
+    for budget in budgets:
+        ref, cell = find(store, budget, "uniform"), find(store, budget, "adaptive")
+        print(f"{budget}: " + "; ".join(f"{u.split('@')[0]} {against(cell, ref, u)}" for u in UNITS))
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    budgets = [float(b) for b in args.pop().split(",")]
+    {"kernels": kernels, "split": split}[mode](*args, budgets)
