@@ -208,9 +208,13 @@ def waterfill_row(costs: np.ndarray, knots: np.ndarray, total: int, floor: int, 
             j += 1
         # segments saving as much per token, by layer (a layer's curve may split into collinear segments)
         room_of: dict[int, int] = {}
-        for _, layer, tokens in segments[i:j]:
+        slope_of: dict[int, float] = {}
+        for slope, layer, tokens in segments[i:j]:
             room_of[layer] = room_of.get(layer, 0) + tokens
-        layers = sorted(room_of)
+            slope_of[layer] = min(slope, slope_of.get(layer, slope))
+        # an uneven share's spare tokens go to the layers saving the most, then the lowest index: a layer whose
+        # curve is steeper by a rounding error never keeps fewer than the flatter one
+        layers = sorted(room_of, key=lambda layer: (slope_of[layer], layer))
         room = np.array([room_of[layer] for layer in layers], dtype=np.int64)
         give = room if room.sum() <= left else _even_fill(room, left)
         out[layers] += give

@@ -139,6 +139,17 @@ def test_a_costlier_layer_never_gets_fewer_tokens(rule, scales, data):
             assert budgets[i] >= budgets[j]
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_a_layer_costlier_by_a_rounding_error_still_gets_the_spare_token(rule):
+    """Slopes equal to 1e-16 share their tokens evenly; the one token left over goes to the costlier layer
+    (found by hypothesis: scales 9.999999999999998 and 10.0, floor 1, cap 2, 17 tokens over 16 layers)."""
+    scales = [1.0] * 14 + [9.999999999999998, 10.0]
+    budgets = calibrated([[s * v for v in (1.0, 0.6, 0.25, 0.05)] for s in scales], rule=rule).allocate(
+        request([17], 1, [2], 16)
+    )[0]
+    assert budgets.tolist() == [1] * 15 + [2]
+
+
 def test_sqrt_budgets_follow_the_square_root_of_each_layers_fitted_cost():
     """Curves of the form a (1/f - 1) with a = 4, 1, 0, 0.25: budgets in the ratio 2 : 1 : 0 : 0.5 at every budget
     (the cost-free layer keeps the floor, taken from the others)."""
