@@ -268,6 +268,7 @@ def check_quantized_steady_write(r: Runner, score, valid, positions, k, v, new_p
 def _quantized_steady_writes(r: Runner, score, valid, positions, k, v, new_pos) -> None:
     import numpy as np
 
+    from squeezekit import kernels
     from squeezekit.kernels.steady import steady_write
     from squeezekit.layers import HeadPool
     from squeezekit.quantized import SlotCodec
@@ -298,19 +299,29 @@ def _quantized_steady_writes(r: Runner, score, valid, positions, k, v, new_pos) 
                 None if pool is None else pool.offsets,
             )  # fmt: skip
             same, differ = victim is not None, {}
+            if not same:  # the kernel declined or failed (launch switches it off): say why
+                differ["kernel"] = kernels.settings.failed.pop("steady", "declined (no error)")
             if same:
                 want = dict(zip(codec.names("k"), codec.encode(nk), strict=True))
                 want.update(zip(codec.names("v"), codec.encode(nv), strict=True))
+                on_cpu = dict(zip(codec.names("k"), codec.encode(nk.cpu()), strict=True))
+                on_cpu.update(zip(codec.names("v"), codec.encode(nv.cpu()), strict=True))
+                torch_gpu_vs_cpu = [n for n in want if not torch.equal(want[n].cpu(), on_cpu[n])]
+                if torch_gpu_vs_cpu:  # SlotCodec.encode itself rounds otherwise on the GPU than on the host
+                    differ["encode_gpu_vs_cpu"] = torch_gpu_vs_cpu
                 for name, t in store.items():
                     expect = before[name]
                     if pool is not None:
                         expect[(pool.offsets[..., None] + victim).reshape(-1)] = want[name].reshape(-1, t.shape[-1])
                     else:
                         expect.scatter_(2, victim[..., None].expand(B, H, 1, t.shape[-1]), want[name])
-                    if not torch.equal(t, expect):  # (for whoever mends it: how many, and by how much)
+                    if not torch.equal(t, expect):  # (for whoever mends it: how many, by how much, and where)
                         wrong = t != expect
                         gap = (t.float() - expect.float()).abs()[wrong]
-                        differ[name] = dict(elements=int(wrong.sum()), of=int(t.numel()), largest=float(gap.max()))
+                        at = wrong.nonzero()[:4].tolist()
+                        differ[name] = dict(elements=int(wrong.sum()), of=int(t.numel()), largest=float(gap.max()),
+                                            first=at, kernel=[float(t[tuple(i)]) for i in at],
+                                            codec=[float(expect[tuple(i)]) for i in at])  # fmt: skip
                     same = same and not differ
             r.check(f"steady write kernel, {bits}-bit {'pool' if pooled else 'buffers'}: the codec's bytes", same,
                     **({"differ": differ} if differ else {}))  # fmt: skip
