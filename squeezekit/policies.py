@@ -144,8 +144,11 @@ class LayerView:
             object.__setattr__(self, name, value)
 
     def recent(self, n: int | torch.Tensor) -> torch.Tensor:
-        """(B, H, S) bool: the slots holding one of each sequence's ``n`` most recent tokens (``n`` an int, or (B,)
-        one per sequence), the window an evictor protects by scoring it +inf."""
+        """(B, H, S) bool: the slots holding one of each sequence's ``n`` most recent tokens (``n`` an int, (B,) one
+        per sequence, or (B, H) one per KV head, e.g. a share of ``head_budget``), the window an evictor protects by
+        scoring it +inf."""
+        if not isinstance(n, int) and n.dim() == 2:
+            return self.positions >= (self.seen.view(-1, 1) - n.to(self.seen.device)).unsqueeze(-1)
         return self.positions >= (self.seen - n).view(-1, 1, 1)
 
     def window_attention(self) -> torch.Tensor:

@@ -308,6 +308,24 @@ def test_h2o_heavy_hitter_survives_far_from_the_window():
     assert kept_positions(view, idx, 0, 0) == {0, 28, 29, 30, 31}
 
 
+def test_h2o_gives_each_head_its_own_recent_window_under_a_head_split():
+    """With per-head budgets (``heads=adaptive``), a head keeps its own budget's non-heavy share as its recent
+    window: 4 -> 2 recent tokens, 12 -> 6, not half the layer's mean budget for both."""
+    S = 32
+    view = build_view(0, 1, 2, S, layout="ordered")
+    while int(view.valid.sum()) < 2 * S:  # a fully held prompt
+        view = build_view(int(view.seen[0]) + 1000, 1, 2, S, layout="ordered")
+    view.budget = torch.tensor([8])
+    view.head_budget = torch.tensor([[4, 12]])
+    score = evictor("h2o", window=1, heavy_ratio=0.5).score(view)
+    newest = int(view.seen[0]) - 1
+    for h, recent in ((0, 2), (1, 6)):
+        assert set(view.positions[0, h][score[0, h].isinf()].tolist()) == set(range(newest - recent + 1, newest + 1))
+    view.head_budget = None  # no split: half the layer's budget for every head
+    score = evictor("h2o", window=1, heavy_ratio=0.5).score(view)
+    assert score.isinf().sum(-1).tolist() == [[4, 4]]
+
+
 @SETTINGS
 @given(case=cases(phases=("prefill",)), window=st.integers(1, 8))
 def test_snapkv_keeps_its_observation_window(case, window):

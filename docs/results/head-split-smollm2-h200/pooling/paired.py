@@ -5,8 +5,9 @@ perplexities with the standard error of its log).
 
     python docs/results/head-split-smollm2-h200/pooling/paired.py kernels K7/results.json K21/results.json 0.2,0.1,0.05
         # the table: each cell of both stores against the uniform split of the first (snapkv's kernel_size 7)
-    python docs/results/head-split-smollm2-h200/pooling/paired.py split STORE/results.json 0.2,0.1,0.05
-        # adaptive against uniform within one store, unit by unit
+    python docs/results/head-split-smollm2-h200/pooling/paired.py split STORE/results.json 0.2,0.1,0.05 [KEY=VALUE]
+        # adaptive against uniform within one store, unit by unit (the adaptive cells with that setting, e.g.
+        # safeguard=0.5; without one, the cells that set nothing beyond the split)
 """
 
 import json
@@ -21,12 +22,15 @@ def cells(path: str) -> dict:
     return json.load(open(path))["cells"]
 
 
-def find(store: dict, budget: float, heads: str) -> dict:
-    """The units of the store's cell at ``budget`` with the head split ``heads``."""
+def find(store: dict, budget: float, heads: str, setting: tuple[str, float] | None = None) -> dict:
+    """The units of the store's cell at ``budget`` with the head split ``heads`` (and ``setting``, a key and its
+    value; None: the cell with neither ``safeguard`` nor the setting's key set)."""
+    key, value = setting if setting is not None else ("safeguard", None)
     for cell in store.values():
-        if cell["config"]["budget"] == budget and cell["config"].get("heads", "uniform") == heads:
+        config = cell["config"]
+        if config["budget"] == budget and config.get("heads", "uniform") == heads and config.get(key) == value:
             return cell["units"]
-    raise KeyError((budget, heads))
+    raise KeyError((budget, heads, setting))
 
 
 def against(cell: dict, ref: dict, unit: str) -> str:
@@ -53,14 +57,19 @@ def kernels(k7_path: str, k21_path: str, budgets: list[float]) -> None:
             print("| " + " | ".join([str(budget), heads, str(k), *scores]) + " |")
 
 
-def split(path: str, budgets: list[float]) -> None:
+def split(path: str, budgets: list[float], setting: str | None = None) -> None:
     store = cells(path)
+    chosen = None
+    if setting is not None:
+        key, value = setting.split("=")
+        chosen = (key, float(value))
     for budget in budgets:
-        ref, cell = find(store, budget, "uniform"), find(store, budget, "adaptive")
+        ref, cell = find(store, budget, "uniform"), find(store, budget, "adaptive", chosen)
         print(f"{budget}: " + "; ".join(f"{u.split('@')[0]} {against(cell, ref, u)}" for u in UNITS))
 
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
+    setting = [args.pop()] if mode == "split" and "=" in args[-1] else []
     budgets = [float(b) for b in args.pop().split(",")]
-    {"kernels": kernels, "split": split}[mode](*args, budgets)
+    {"kernels": kernels, "split": split}[mode](*args, budgets, *setting)
