@@ -83,7 +83,8 @@ class LostAttention(squeezekit.LayerBudgetAllocator):
         for device in {v.valid.device for v in views}:
             budgets[device], limits[device] = budget.to(device), knots.to(device).t().reshape(K, B, 1, 1)
         # each slot's place in the order the engine keeps the evictor's best in at prefill (the newest token first)
-        scores = [evictor.score(dataclasses.replace(v, budget=budgets[v.valid.device])) for v in views]
+        uniform = [dataclasses.replace(v, budget=budgets[v.valid.device], head_budget=None) for v in views]
+        scores = [evictor.score(view) for view in uniform]  # (every head at the uniform budget)
         kept = [
             torch.cat([view.valid[None], rank[None] < limits[rank.device]])  # all slots, then the kept ones
             for view, rank in zip(views, slot_ranks(scores, views), strict=True)
