@@ -281,6 +281,13 @@ def _quantized_steady_writes(r: Runner, score, valid, positions, k, v, new_pos) 
     nk, nv = (t.to(r.device, torch.bfloat16) for t in new)
     for bits in (8, 4):
         codec = SlotCodec(bits, D)
+        # what the kernel must write for the new token: the codec's parts, and whether the codec gives the same on
+        # the host (once a precision: both layouts compare against them)
+        want = dict(zip(codec.names("k"), codec.encode(nk), strict=True))
+        want.update(zip(codec.names("v"), codec.encode(nv), strict=True))
+        on_cpu = dict(zip(codec.names("k"), codec.encode(nk.cpu()), strict=True))
+        on_cpu.update(zip(codec.names("v"), codec.encode(nv.cpu()), strict=True))
+        torch_gpu_vs_cpu = [n for n in want if not torch.equal(want[n].cpu(), on_cpu[n])]
         for pooled in (False, True):
             parts = dict(zip(codec.names("k"), codec.encode(old), strict=True))
             parts.update(zip(codec.names("v"), codec.encode(old), strict=True))
@@ -299,14 +306,9 @@ def _quantized_steady_writes(r: Runner, score, valid, positions, k, v, new_pos) 
                 None if pool is None else pool.offsets,
             )  # fmt: skip
             same, differ = victim is not None, {}
-            if not same:  # the kernel declined or failed (launch switches it off): say why
+            if not same:  # the kernel declined or failed: say why (and switch it on again for the next check)
                 differ["kernel"] = kernels.settings.failed.pop("steady", "declined (no error)")
             if same:
-                want = dict(zip(codec.names("k"), codec.encode(nk), strict=True))
-                want.update(zip(codec.names("v"), codec.encode(nv), strict=True))
-                on_cpu = dict(zip(codec.names("k"), codec.encode(nk.cpu()), strict=True))
-                on_cpu.update(zip(codec.names("v"), codec.encode(nv.cpu()), strict=True))
-                torch_gpu_vs_cpu = [n for n in want if not torch.equal(want[n].cpu(), on_cpu[n])]
                 if torch_gpu_vs_cpu:  # SlotCodec.encode itself rounds otherwise on the GPU than on the host
                     differ["encode_gpu_vs_cpu"] = torch_gpu_vs_cpu
                 for name, t in store.items():

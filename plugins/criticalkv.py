@@ -80,8 +80,8 @@ class CriticalKV(squeezekit.TokenEvictor):
         critical = (attn * norms).sum(dim=2).masked_fill(~view.valid, float("-inf"))
         attention = attn.sum(dim=2).masked_fill(~view.valid | protected, float("-inf"))
         # stage one: each head's first_stage share of its budget, by attention alone, ranked above the rest
-        budget = view.head_budget if view.head_budget is not None else view.budget.view(-1, 1).expand(B, H)
-        first = (self.first_stage * (budget.to(attention.device) - self.window).clamp_min(0)).floor().long()
+        budget = view.per_head_budget().to(attention.device)
+        first = (self.first_stage * (budget - self.window).clamp_min(0)).floor().long()
         rank = attention.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
         top = (rank < first.unsqueeze(-1)) & attention.isfinite()
         above = critical.masked_fill(~view.valid, float("-inf")).amax(dim=-1, keepdim=True).clamp_min(0) + 1

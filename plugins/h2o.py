@@ -24,9 +24,8 @@ class H2O(squeezekit.TokenEvictor):
         return self.window
 
     def score(self, view):
-        # each head's own budget where the head split gave them different ones: a head keeps its heavy_ratio share of
-        # what it holds for heavy hitters, the rest for its recent window
-        budget = view.budget.view(-1, 1) if view.head_budget is None else view.head_budget.to(view.budget.device)
+        # a head keeps its heavy_ratio share of its own budget for heavy hitters, the rest for its recent window
+        budget = view.per_head_budget()
         recent = (budget - (self.heavy_ratio * budget).round().long()).clamp(min=self.window)
         protected = view.recent(recent)
         return view.attention.float().masked_fill(protected, float("inf"))

@@ -143,6 +143,14 @@ class LayerView:
             self.__dict__.get("_lazy", {}).pop(name, None)
             object.__setattr__(self, name, value)
 
+    def per_head_budget(self) -> torch.Tensor:
+        """(B, H) long on the slots' device: the most tokens each KV head may hold, ``head_budget`` where a head
+        split gave the heads their own, else ``budget`` for every head. What a window sized as a share of the
+        budget is a share of."""
+        if self.head_budget is not None:
+            return self.head_budget.to(self.valid.device)
+        return self.budget.to(self.valid.device).view(-1, 1).expand(-1, self.valid.shape[1])
+
     def recent(self, n: int | torch.Tensor) -> torch.Tensor:
         """(B, H, S) bool: the slots holding one of each sequence's ``n`` most recent tokens (``n`` an int, (B,) one
         per sequence, or (B, H) one per KV head, e.g. a share of ``head_budget``), the window an evictor protects by
